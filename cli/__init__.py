@@ -1,0 +1,1 @@
+"""The ``flexgr`` command line (installed as ``flexgr.cli``)."""

@@ -1,0 +1,41 @@
+"""``flexgr`` command line entry point."""
+
+from __future__ import annotations
+
+import typer
+
+import flexgr
+
+app = typer.Typer(
+    name="flexgr",
+    help="HSTU generative recommenders: prepare data, train, evaluate, export, recommend.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flexgr {flexgr.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """flexgr command line."""
+
+
+@app.command()
+def env() -> None:
+    """Print torch, device and the attention backend flexgr would pick."""
+    import torch
+
+    from flexgr.ops import default_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    typer.echo(f"flexgr {flexgr.__version__}, torch {torch.__version__}, device {device}")
+    typer.echo(f"attention backend (auto): {default_backend(device)}")

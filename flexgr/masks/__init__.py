@@ -1,0 +1,49 @@
+"""HSTU masks as FlexAttention mask_mods over packed sequences, and the per-batch BlockMask."""
+
+from flexgr.masks.block import (
+    BLOCK_SIZE,
+    HSTUMask,
+    MaskSpec,
+    bucket_length,
+    build_custom_mask,
+    build_hstu_mask,
+    padded_length,
+)
+from flexgr.masks.dense import dense_hstu_mask
+from flexgr.masks.layout import PAD_SEQ, JaggedLayout, build_layout
+from flexgr.masks.mods import (
+    MaskMod,
+    and_masks,
+    causal,
+    contextual,
+    hstu_mask,
+    jagged,
+    local_window,
+    or_masks,
+    semi_local,
+    targets,
+)
+
+__all__ = [
+    "BLOCK_SIZE",
+    "HSTUMask",
+    "JaggedLayout",
+    "MaskMod",
+    "MaskSpec",
+    "PAD_SEQ",
+    "and_masks",
+    "bucket_length",
+    "build_custom_mask",
+    "build_hstu_mask",
+    "build_layout",
+    "causal",
+    "contextual",
+    "dense_hstu_mask",
+    "hstu_mask",
+    "jagged",
+    "local_window",
+    "or_masks",
+    "padded_length",
+    "semi_local",
+    "targets",
+]

@@ -1,0 +1,147 @@
+"""One BlockMask per packed batch.
+
+On CUDA the block mask is built by a compiled ``create_block_mask`` (eager needs O(T^2) memory:
+about 100 GiB at T = 73k). Compiled with ``dynamic=False`` it recompiles for every new length, so
+the packed length is rounded up to a few buckets per octave; padding tokens belong to no sequence,
+so their blocks are empty and cost no attention work.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from flexgr.masks.layout import JaggedLayout, build_layout
+from flexgr.masks.mods import MaskMod, hstu_mask
+
+BLOCK_SIZE = 128
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """The built-in HSTU rule, in a form a kernel can evaluate inline."""
+
+    contextual_len: int = 0
+    max_attn_len: int = 0
+    full_attn_tail: int = 0
+    has_targets: bool = False
+
+
+@dataclass(frozen=True)
+class HSTUMask:
+    """A batch's mask: the BlockMask plus what produced it.
+
+    ``spec`` is None for arbitrary user mask_mods; kernels that evaluate the rule inline need it.
+    """
+
+    block_mask: BlockMask
+    mask_mod: MaskMod
+    layout: JaggedLayout
+    spec: MaskSpec | None
+
+    @property
+    def total_len(self) -> int:
+        return self.layout.total_len
+
+    @property
+    def padded_len(self) -> int:
+        return self.layout.padded_len
+
+
+def bucket_length(total_len: int, block_size: int = BLOCK_SIZE) -> int:
+    """Round up to a multiple of ``block_size``, then to one of four sizes per octave."""
+    blocks = max(1, -(-total_len // block_size))
+    if blocks > 8:
+        step = 1 << (blocks.bit_length() - 3)
+        blocks = -(-blocks // step) * step
+    return blocks * block_size
+
+
+def padded_length(total_len: int, device: torch.device, block_size: int = BLOCK_SIZE) -> int:
+    if device.type == "cuda":
+        return bucket_length(total_len, block_size)
+    return max(1, -(-total_len // block_size)) * block_size
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    # Distinct buckets and mask options each compile once; allow more than the default 8.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+def block_mask_from_mod(
+    mask_mod: MaskMod, padded_len: int, device: torch.device, block_size: int = BLOCK_SIZE
+) -> BlockMask:
+    if device.type == "cuda":
+        build = _compiled_create_block_mask()
+    else:
+        build = create_block_mask
+    return build(mask_mod, 1, None, padded_len, padded_len, device=device, BLOCK_SIZE=block_size)
+
+
+def build_hstu_mask(
+    offsets: Tensor,
+    *,
+    num_targets: Tensor | None = None,
+    contextual_len: int = 0,
+    max_attn_len: int = 0,
+    full_attn_tail: int = 0,
+    total_len: int | None = None,
+    padded_len: int | None = None,
+    block_size: int = BLOCK_SIZE,
+) -> HSTUMask:
+    """Build the HSTU mask of one packed batch (see :func:`hstu_mask` for the rule)."""
+    device = offsets.device
+    if total_len is None:
+        total_len = int(offsets[-1])
+    if padded_len is None:
+        padded_len = padded_length(total_len, device, block_size)
+    layout = build_layout(
+        offsets,
+        num_targets=num_targets,
+        contextual_len=contextual_len,
+        total_len=total_len,
+        padded_len=padded_len,
+    )
+    mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)
+    spec = MaskSpec(
+        contextual_len=contextual_len,
+        max_attn_len=max_attn_len,
+        full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
+        has_targets=num_targets is not None,
+    )
+    block_mask = block_mask_from_mod(mod, padded_len, device, block_size)
+    return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec)
+
+
+def build_custom_mask(
+    mask_mod: MaskMod,
+    offsets: Tensor,
+    *,
+    total_len: int | None = None,
+    padded_len: int | None = None,
+    block_size: int = BLOCK_SIZE,
+) -> HSTUMask:
+    """Wrap any mask_mod over global token indices of the unpadded batch, for example
+    ``and_masks(jagged(offsets), semi_local(offsets, 64, 8))``. Padding tokens are masked out and
+    indices are clamped, so the mask_mod's tables need not cover the padding."""
+    device = offsets.device
+    if total_len is None:
+        total_len = int(offsets[-1])
+    if padded_len is None:
+        padded_len = padded_length(total_len, device, block_size)
+    last = total_len - 1
+
+    def padded_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        inside = (q <= last) & (kv <= last)
+        return inside & mask_mod(b, h, q.clamp(max=last), kv.clamp(max=last))
+
+    padded_mod.__name__ = getattr(mask_mod, "__name__", "custom")
+    layout = build_layout(offsets, total_len=total_len, padded_len=padded_len)
+    block_mask = block_mask_from_mod(padded_mod, padded_len, device, block_size)
+    return HSTUMask(block_mask=block_mask, mask_mod=padded_mod, layout=layout, spec=None)
