@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexgr.masks.layout import seq_ids_and_local
-
 
 class ItemEmbedding(nn.Module):
     """Item table; id 0 is padding. Truncated normal init (std 0.02) as in the reference."""
@@ -37,9 +35,8 @@ class SequenceInput(nn.Module):
         nn.init.xavier_normal_(self.pos)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, item_emb_TD: Tensor, offsets: Tensor) -> Tensor:
-        _, local = seq_ids_and_local(offsets, item_emb_TD.shape[0])
-        x = item_emb_TD * math.sqrt(self.dim) + self.pos[local.long()]
+    def forward(self, item_emb_TD: Tensor, positions_T: Tensor) -> Tensor:
+        x = item_emb_TD * math.sqrt(self.dim) + self.pos[positions_T]
         return self.dropout(x)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexgr.masks.block import HSTUMask, build_hstu_mask
+from flexgr.masks.layout import build_layout
 from flexgr.model.embedding import ItemEmbedding, SequenceInput, l2_normalize
 from flexgr.ops.attention import default_backend, hstu_attention
 from flexgr.ops.rab import RelativeBias, next_timestamps
@@ -49,8 +50,8 @@ class RelativePositionTimeBias(nn.Module):
         self.pos_w = nn.Parameter(torch.empty(2 * max_len - 1).normal_(0, 0.02))
         self.ts_w = nn.Parameter(torch.empty(num_buckets + 1).normal_(0, 0.02))
 
-    def forward(self, timestamps: Tensor, next_ts: Tensor) -> RelativeBias:
-        return RelativeBias(self.pos_w, self.ts_w, timestamps, next_ts)
+    def forward(self, timestamps: Tensor, next_ts: Tensor, positions: Tensor) -> RelativeBias:
+        return RelativeBias(self.pos_w, self.ts_w, timestamps, next_ts, positions)
 
 
 class HSTULayer(nn.Module):
@@ -74,6 +75,7 @@ class HSTULayer(nn.Module):
         *,
         timestamps: Tensor,
         next_ts: Tensor,
+        positions: Tensor,
         num_targets: Tensor | None,
         mask: HSTUMask | None,
         backend: str,
@@ -81,7 +83,7 @@ class HSTULayer(nn.Module):
         cfg = self.cfg
         T, H = x_TD.shape[0], cfg.num_heads
         u, v, q, k = torch.split(F.silu(self.input_norm(x_TD) @ self.uvqk), self.splits, dim=-1)
-        rab = self.rab(timestamps, next_ts) if self.rab is not None else None
+        rab = self.rab(timestamps, next_ts, positions) if self.rab is not None else None
         attn_THD = hstu_attention(
             q.reshape(T, H, cfg.dqk),
             k.reshape(T, H, cfg.dqk),
@@ -125,15 +127,21 @@ class HSTU(nn.Module):
         if backend == "auto":
             backend = default_backend(item_ids.device)
         mask = None
-        if backend != "reference":
+        if backend == "reference":
+            layout = build_layout(offsets, num_targets=num_targets, total_len=T)
+        else:
             mask = build_hstu_mask(offsets, num_targets=num_targets, total_len=T)
+            layout = mask.layout
+        # HSTU position ids: equal to the in-sequence index, except that all candidates share the
+        # first candidate's position (so they are interchangeable).
+        positions = layout.pos_id[:T].long()
         if timestamps is None:
             timestamps = torch.zeros(T, dtype=torch.int64, device=item_ids.device)
         next_ts = next_timestamps(timestamps, offsets, query_time)
-        x = self.input(self.item_emb(item_ids), offsets)
+        x = self.input(self.item_emb(item_ids), positions)
         for layer in self.layers:
             x = layer(
-                x, offsets, timestamps=timestamps, next_ts=next_ts,
+                x, offsets, timestamps=timestamps, next_ts=next_ts, positions=positions,
                 num_targets=num_targets, mask=mask, backend=backend,
             )
         return l2_normalize(x)

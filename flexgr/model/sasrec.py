@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexgr.masks.layout import seq_ids_and_local
 from flexgr.model.embedding import ItemEmbedding, SequenceInput, l2_normalize
 from flexgr.ops.jagged import lengths_of, to_jagged, to_padded
 
@@ -81,7 +82,8 @@ class SASRec(nn.Module):
         if num_targets is not None:
             raise ValueError("SASRec does not support num_targets (target-aware masks are HSTU's)")
         max_len = int(lengths_of(offsets).max())
-        x = self.input(self.item_emb(item_ids), offsets)
+        _, positions = seq_ids_and_local(offsets, item_ids.shape[0])
+        x = self.input(self.item_emb(item_ids), positions.long())
         for layer in self.layers:
             x = layer(x, offsets, max_len)
         return l2_normalize(self.final_norm(x))

@@ -70,7 +70,10 @@ def _bias_fn(rab: RelativeBias | None, mask: HSTUMask) -> Callable[[Tensor, Tens
     if rab is None:
         return lambda s, q, kv: s
     P, T = mask.padded_len, mask.total_len
-    local = mask.layout.local
+    if rab.positions is not None:
+        local = F.pad(rab.positions.to(torch.int64), (0, P - T))
+    else:
+        local = mask.layout.local
     ts = F.pad(rab.timestamps.to(torch.int64), (0, P - T))
     nxt = F.pad(rab.next_timestamps.to(torch.int64), (0, P - T))
     pos_w, ts_w = rab.pos_w, rab.ts_w

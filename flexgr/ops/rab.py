@@ -1,11 +1,12 @@
 """HSTU's relative attention bias, kept factorised (two small tables and per-token timestamps) so
 that the dense reference, a FlexAttention score_mod and a Triton kernel can all gather it inline.
 
-bias(i, j) = pos_w[N - 1 + j - i] + ts_w[bucket(next_ts[i] - ts[j])]
+bias(i, j) = pos_w[N - 1 + pos[j] - pos[i]] + ts_w[bucket(next_ts[i] - ts[j])]
 bucket(dt) = clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_buckets)
 
-with i, j indices inside one sequence, and next_ts[i] the timestamp of token i + 1 (for the last
-token: the query time, or its own timestamp when none is given), as in the reference HSTU.
+with pos the token's index inside its sequence (or, when ``positions`` is given, its HSTU position
+id, so that candidates share one position), and next_ts[i] the timestamp of token i + 1 (for the
+last token: the query time, or its own timestamp when none is given), as in the reference HSTU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class RelativeBias:
     ts_w: Tensor  # [num_buckets + 1]
     timestamps: Tensor  # [T] int64
     next_timestamps: Tensor  # [T] int64
+    positions: Tensor | None = None  # [T] int; None: index inside the sequence
     bucket_divisor: float = BUCKET_DIVISOR
 
     @property
@@ -43,8 +45,16 @@ class RelativeBias:
         timestamps: Tensor,
         offsets: Tensor,
         query_time: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> "RelativeBias":
-        return RelativeBias(pos_w, ts_w, timestamps, next_timestamps(timestamps, offsets, query_time))
+        nxt = next_timestamps(timestamps, offsets, query_time)
+        return RelativeBias(pos_w, ts_w, timestamps, nxt, positions)
+
+    def token_positions(self, offsets: Tensor) -> Tensor:
+        """[T] position of every token used by the positional part."""
+        if self.positions is not None:
+            return self.positions.long()
+        return seq_ids_and_local(offsets, self.timestamps.shape[0])[1].long()
 
 
 def next_timestamps(timestamps: Tensor, offsets: Tensor, query_time: Tensor | None = None) -> Tensor:
@@ -70,13 +80,13 @@ def dense_bias(rab: RelativeBias, offsets: Tensor, max_len: int) -> Tensor:
     B = offsets.numel() - 1
     T = rab.timestamps.shape[0]
     seq, local = seq_ids_and_local(offsets, T)
-    ts = rab.timestamps.new_zeros(B, max_len).index_put((seq.long(), local.long()), rab.timestamps.long())
-    nxt = rab.next_timestamps.new_zeros(B, max_len).index_put(
-        (seq.long(), local.long()), rab.next_timestamps.long()
-    )
+    where = (seq.long(), local.long())
+    ts = rab.timestamps.new_zeros(B, max_len).index_put(where, rab.timestamps.long())
+    nxt = rab.next_timestamps.new_zeros(B, max_len).index_put(where, rab.next_timestamps.long())
+    positions = rab.token_positions(offsets)
+    pos_BN = positions.new_zeros(B, max_len).index_put(where, positions)
     N = rab.max_len
-    i = torch.arange(max_len, device=offsets.device)
-    rel = (N - 1 + i.view(1, -1) - i.view(-1, 1)).clamp(0, 2 * N - 2)
-    pos = rab.pos_w[rel].unsqueeze(0)
+    rel = (N - 1 + pos_BN.unsqueeze(1) - pos_BN.unsqueeze(2)).clamp(0, 2 * N - 2)
+    pos = rab.pos_w[rel]
     buckets = time_bucket(nxt.unsqueeze(2) - ts.unsqueeze(1), rab.num_buckets, rab.bucket_divisor)
     return pos + rab.ts_w[buckets]

@@ -69,8 +69,7 @@ def hstu_attention_custom_mask(
     keep_TT = create_mask(mask.mask_mod, 1, 1, P, P, device=q.device)[0, 0, :T, :T]
     s_HTT = torch.einsum("nhd,mhd->hnm", q, k) * alpha
     if rab is not None:
-        lay = mask.layout
-        local = lay.local[:T].long()
+        local = rab.positions.long() if rab.positions is not None else mask.layout.local[:T].long()
         N = rab.max_len
         rel = (N - 1 + local.view(1, -1) - local.view(-1, 1)).clamp(0, 2 * N - 2)
         dt = rab.next_timestamps.long().view(-1, 1) - rab.timestamps.long().view(1, -1)
