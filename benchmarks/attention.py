@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import time
 from typing import Callable
 
 import torch
@@ -26,10 +28,17 @@ H, D = 4, 128
 SHAPES = [(64, 1024), (16, 4096), (8, 8192)]
 
 
+_START = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - _START:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
 def bench(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def jagged_lengths(B: int, N: int, gen: torch.Generator) -> list[int]:
@@ -81,6 +90,7 @@ def speed_table(methods: list[str]) -> None:
                     q, k, v, offsets, max_seq_len=max_seq_len, alpha=1.0 / math.sqrt(D), backend=m,
                     mask=mask, validate=False,
                 )
+            log(f"{B}x{N} {m}")
             try:
                 times[m] = (bench(fn), bench(fwd_bwd(fn, [q, k, v])))
             except torch.OutOfMemoryError:
@@ -132,6 +142,7 @@ def accuracy_table(methods: list[str]) -> None:
     for m in methods:
         if not m.startswith("flex"):
             continue
+        log(f"accuracy {m}")
         e = errs(run(torch.bfloat16, m))
         ok = e[0] <= 2 * eager[0] and all(a <= 5 * b for a, b in zip(e[1:], eager[1:]))
         ratios = "/".join(f"{a / b:.2f}" for a, b in zip(e, eager))
@@ -145,9 +156,9 @@ def main() -> None:
     args = parser.parse_args()
     methods = args.methods.split(",")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    speed_table(methods)
     if not args.skip_accuracy:
         accuracy_table(methods)
-    speed_table(methods)
 
 
 if __name__ == "__main__":
