@@ -76,7 +76,8 @@ def _bias_fn(rab: RelativeBias | None, mask: HSTUMask) -> Callable[[Tensor, Tens
         local = mask.layout.local
     ts = F.pad(rab.timestamps.to(torch.int64), (0, P - T))
     nxt = F.pad(rab.next_timestamps.to(torch.int64), (0, P - T))
-    pos_w, ts_w = rab.pos_w, rab.ts_w
+    # fp32 tables: their gradients are sums over many pairs (atomics in flex's backward).
+    pos_w, ts_w = rab.pos_w.float(), rab.ts_w.float()
     N, nb, div = rab.max_len, rab.num_buckets, rab.bucket_divisor
 
     def add_bias(s: Tensor, q: Tensor, kv: Tensor) -> Tensor:
@@ -119,7 +120,7 @@ def hstu_attention_flex(
     max_seq_len: int,
     alpha: float,
     rab: RelativeBias | None = None,
-    method: str = "split",
+    method: str = "shift",
 ) -> Tensor:
     T, H, _ = q.shape
     P = mask.padded_len

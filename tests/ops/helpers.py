@@ -82,14 +82,19 @@ def random_problem(
 
 
 def cast(p: Problem, dtype: torch.dtype, requires_grad: bool = True) -> Problem:
-    """Detached copy in another dtype (leaves require grad)."""
+    """Detached copy in another dtype (leaves require grad). Bias tables stay at least fp32, as
+    model parameters do under autocast."""
 
-    def c(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(dtype).requires_grad_(requires_grad)
+    def c(x: torch.Tensor, dt: torch.dtype = dtype) -> torch.Tensor:
+        return x.detach().to(dt).requires_grad_(requires_grad)
 
     rab = None
     if p.rab is not None:
-        rab = RelativeBias(c(p.rab.pos_w), c(p.rab.ts_w), p.rab.timestamps, p.rab.next_timestamps)
+        tdt = torch.promote_types(dtype, torch.float32)
+        rab = RelativeBias(
+            c(p.rab.pos_w, tdt), c(p.rab.ts_w, tdt), p.rab.timestamps, p.rab.next_timestamps,
+            p.rab.positions,
+        )
     return Problem(
         c(p.q), c(p.k), c(p.v), p.offsets, p.num_targets, p.contextual_len, p.max_attn_len,
         p.full_attn_tail, rab, p.max_seq_len, p.alpha,
