@@ -42,6 +42,7 @@ class HSTUMask:
     mask_mod: MaskMod
     layout: JaggedLayout
     spec: MaskSpec | None
+    offsets: Tensor
 
     @property
     def total_len(self) -> int:
@@ -116,7 +117,7 @@ def build_hstu_mask(
         has_targets=num_targets is not None,
     )
     block_mask = block_mask_from_mod(mod, padded_len, device, block_size)
-    return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec)
+    return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 
 
 def build_custom_mask(
@@ -144,4 +145,6 @@ def build_custom_mask(
     padded_mod.__name__ = getattr(mask_mod, "__name__", "custom")
     layout = build_layout(offsets, total_len=total_len, padded_len=padded_len)
     block_mask = block_mask_from_mod(padded_mod, padded_len, device, block_size)
-    return HSTUMask(block_mask=block_mask, mask_mod=padded_mod, layout=layout, spec=None)
+    return HSTUMask(
+        block_mask=block_mask, mask_mod=padded_mod, layout=layout, spec=None, offsets=offsets
+    )

@@ -27,6 +27,7 @@ from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from flexgr.masks.block import HSTUMask
 from flexgr.ops.rab import RelativeBias
+from flexgr.ops.rab_grad import with_table_grads
 
 SHIFT_C = 0.3
 _TINY = 1e-20
@@ -76,8 +77,9 @@ def _bias_fn(rab: RelativeBias | None, mask: HSTUMask) -> Callable[[Tensor, Tens
         local = mask.layout.local
     ts = F.pad(rab.timestamps.to(torch.int64), (0, P - T))
     nxt = F.pad(rab.next_timestamps.to(torch.int64), (0, P - T))
-    # fp32 tables: their gradients are sums over many pairs (atomics in flex's backward).
-    pos_w, ts_w = rab.pos_w.float(), rab.ts_w.float()
+    # Detached: flex's own captured-buffer backward does not compile for these gathers on
+    # torch 2.11; rab_grad.with_table_grads supplies the table gradients instead.
+    pos_w, ts_w = rab.pos_w.detach().float(), rab.ts_w.detach().float()
     N, nb, div = rab.max_len, rab.num_buckets, rab.bucket_divisor
 
     def add_bias(s: Tensor, q: Tensor, kv: Tensor) -> Tensor:
@@ -102,11 +104,12 @@ def _negative_log(x: Tensor) -> Tensor:
 
 
 def _unnormalised(
-    q4: Tensor, k4: Tensor, v4: Tensor, score_mod: ScoreMod, mask: HSTUMask, alpha: float
+    q4: Tensor, k4: Tensor, v4: Tensor, score_mod: ScoreMod, mask: HSTUMask, alpha: float,
+    kernel_options: dict | None = None,
 ) -> Tensor:
     out, aux = _flex(q4.device)(
         q4, k4, v4, score_mod=score_mod, block_mask=mask.block_mask, scale=alpha,
-        return_aux=AuxRequest(lse=True),
+        return_aux=AuxRequest(lse=True), kernel_options=kernel_options,
     )
     return out.float() * aux.lse.exp().unsqueeze(-1)
 
@@ -130,6 +133,8 @@ def hstu_attention_flex(
 
     q4, k4, v4 = to_flex(q), to_flex(k), to_flex(v)
     add_bias = _bias_fn(rab, mask)
+    # With bias tables captured, the default 16-bit tile configs can exceed shared memory.
+    opts = {"BLOCK_M": 64, "BLOCK_N": 64} if rab is not None and q.device.type == "cuda" else None
 
     if method == "split":
 
@@ -139,8 +144,8 @@ def hstu_attention_flex(
         def neg_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
             return _negative_log(add_bias(s, qi, kv))
 
-        acc = _unnormalised(q4, k4, v4, pos_mod, mask, alpha)
-        acc = acc - _unnormalised(q4, k4, v4, neg_mod, mask, alpha)
+        acc = _unnormalised(q4, k4, v4, pos_mod, mask, alpha, opts)
+        acc = acc - _unnormalised(q4, k4, v4, neg_mod, mask, alpha, opts)
     elif method == "shift":
 
         def shift_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
@@ -150,11 +155,15 @@ def hstu_attention_flex(
         def uniform_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
             return s * 0.0
 
-        acc = _unnormalised(q4, k4, v4, shift_mod, mask, alpha)
+        acc = _unnormalised(q4, k4, v4, shift_mod, mask, alpha, opts)
         # Scores do not matter in the uniform call: keep q/k out of its backward.
         vsum = _unnormalised(q4.detach(), k4.detach(), v4, uniform_mod, mask, alpha)
         acc = acc - SHIFT_C * vsum
     else:
         raise ValueError(f"method must be 'split' or 'shift', got {method!r}")
-    out_THD = acc[0].transpose(0, 1)[:T] / max_seq_len
-    return out_THD.to(v.dtype)
+    out_THD = (acc[0].transpose(0, 1)[:T] / max_seq_len).to(v.dtype)
+    if rab is not None:
+        out_THD = with_table_grads(
+            out_THD, q, k, v, rab, mask, mask.offsets, alpha=alpha, max_seq_len=max_seq_len
+        )
+    return out_THD
