@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flexgr.data import BUILTINS, DataError, DatasetMeta, prepare as prepare_dataset, read_meta
+from flexgr.data import BUILTINS, DataError, DatasetMeta, read_meta
+from flexgr.data import prepare as prepare_dataset
 from flexgr.data.prepare import data_home
 
 app = typer.Typer(
@@ -37,7 +38,9 @@ def prepare(
         str | None,
         typer.Argument(help=f"Built-in dataset: {', '.join(BUILTINS)}. Omit when using --path."),
     ] = None,
-    path: Annotated[Path | None, typer.Option("--path", help="Interaction file to prepare.")] = None,
+    path: Annotated[
+        Path | None, typer.Option("--path", help="Interaction file to prepare.")
+    ] = None,
     fmt: Annotated[
         Format | None,
         typer.Option("--format", help="Format of --path (inferred from .dat/.inter/.parquet)."),
@@ -54,7 +57,9 @@ def prepare(
     sep: Annotated[str | None, typer.Option(help="csv: field separator (default ',').")] = None,
     data_dir: Annotated[
         Path | None,
-        typer.Option("--data-dir", help="Where datasets live (default $FLEXGR_HOME or ~/.cache/flexgr)."),
+        typer.Option(
+            "--data-dir", help="Where datasets live (default $FLEXGR_HOME or ~/.cache/flexgr)."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print meta.json to stdout.")] = False,
@@ -66,21 +71,35 @@ def prepare(
     """
     if (dataset is None) == (path is None):
         _fail("give either a built-in dataset name or --path FILE (not both)")
-    colmap = {"user_col": user_col, "item_col": item_col, "time_col": time_col,
-              "rating_col": rating_col, "sep": sep}
+    colmap = {
+        "user_col": user_col,
+        "item_col": item_col,
+        "time_col": time_col,
+        "rating_col": rating_col,
+        "sep": sep,
+    }
     try:
         if dataset is not None:
             if dataset not in BUILTINS:
-                _fail(f"unknown built-in dataset {dataset!r} (built-ins: {', '.join(BUILTINS)}); "
-                      "for a file use --path FILE --format FORMAT")
+                _fail(
+                    f"unknown built-in dataset {dataset!r} (built-ins: {', '.join(BUILTINS)}); "
+                    "for a file use --path FILE --format FORMAT"
+                )
             if fmt is not None or any(v is not None for v in colmap.values()):
                 _fail("--format and column options apply to --path, not to built-in datasets")
             directory = prepare_dataset(dataset, name=name, data_dir=data_dir, force=force)
         else:
-            given = {k: v for k, v in colmap.items() if v is not None}
             directory = prepare_dataset(
-                str(path), fmt=fmt.value if fmt else None, name=name, data_dir=data_dir,
-                force=force, **given,
+                str(path),
+                fmt=fmt.value if fmt else None,
+                name=name,
+                data_dir=data_dir,
+                force=force,
+                user_col=user_col,
+                item_col=item_col,
+                time_col=time_col,
+                rating_col=rating_col,
+                sep=sep,
             )
         meta = read_meta(directory)
     except DataError as err:
@@ -97,7 +116,9 @@ def prepare(
 
 @app.command("list")
 def list_datasets(
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Where datasets live.")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Where datasets live.")
+    ] = None,
 ) -> None:
     """List the prepared datasets in the data dir."""
     home = data_home(data_dir)
@@ -117,12 +138,18 @@ def list_datasets(
 def _summary_table(rows: list[tuple[Path, DatasetMeta]], title: str) -> Table:
     table = Table(title=title)
     for column in ("dataset", "users", "items", "events", "source", "path"):
-        justify = "right" if column in ("users", "items", "events") else "left"
-        table.add_column(column, justify=justify)
+        numeric = column in ("users", "items", "events")
+        table.add_column(column, justify="right" if numeric else "left")
     for directory, meta in rows:
         source = meta.source.location + (f" ({meta.source.kind})" if meta.source.builtin else "")
-        table.add_row(meta.name, f"{meta.counts.users:,}", f"{meta.counts.items:,}",
-                      f"{meta.counts.events:,}", source, str(directory))
+        table.add_row(
+            meta.name,
+            f"{meta.counts.users:,}",
+            f"{meta.counts.items:,}",
+            f"{meta.counts.events:,}",
+            source,
+            str(directory),
+        )
     return table
 
 

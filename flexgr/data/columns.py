@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -127,7 +128,9 @@ def ids_from_typed(column: pa.Array, what: str) -> pa.Array:
     if pa.types.is_dictionary(kind):
         column = column.dictionary_decode()
         kind = column.type
-    if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not (
+        pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    ):
         raise ColumnProblem(0, f"{what} id column has unsupported type {kind}", str(column[0]))
     return ids_from_text(pc.cast(column, pa.string()), what)
 

@@ -35,7 +35,9 @@ class InteractionData:
             raise ValueError("items, timestamps and ratings must have equal length")
         if len(self.item_ids) != self.num_items:
             raise ValueError("item_ids must have num_items entries")
-        if len(self.user_offsets) and (self.user_offsets[0] != 0 or self.user_offsets[-1] != events):
+        if len(self.user_offsets) and (
+            self.user_offsets[0] != 0 or self.user_offsets[-1] != events
+        ):
             raise ValueError("user_offsets must start at 0 and end at the number of events")
 
     @property

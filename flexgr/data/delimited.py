@@ -36,6 +36,16 @@ class Fields:
 
 
 @dataclass(frozen=True)
+class Positions:
+    """0-based field positions, resolved against the header where there is one."""
+
+    user: int
+    item: int
+    time: int
+    rating: int | None
+
+
+@dataclass(frozen=True)
 class TextLayout:
     sep: str
     has_header: bool
@@ -52,8 +62,9 @@ def read_delimited(data: bytes, layout: TextLayout, display: str) -> RawEvents:
     if not data.strip():
         raise DataError("empty file, no data rows", path=display, line=1)
     if layout.quoted and len(layout.sep) != 1:
-        raise DataError(f"a quoted format needs a one-character separator, got {layout.sep!r}",
-                        path=display)
+        raise DataError(
+            f"a quoted format needs a one-character separator, got {layout.sep!r}", path=display
+        )
     positions, field_count = _resolve_positions(data, layout, display)
     try:
         table = _parse_fast(data, layout, positions, field_count)
@@ -67,24 +78,23 @@ def read_delimited(data: bytes, layout: TextLayout, display: str) -> RawEvents:
         raise DataError(f"could not parse: {_first_line(fast_error)}", path=display) from None
 
 
-def _resolve_positions(data: bytes, layout: TextLayout, display: str) -> tuple[Fields, int]:
+def _resolve_positions(data: bytes, layout: TextLayout, display: str) -> tuple[Positions, int]:
     """Map field names to 0-based positions using the header line, if the layout has one."""
+    fields = layout.fields
     if not layout.has_header:
-        assert layout.field_count is not None
-        return layout.fields, layout.field_count
+        if layout.field_count is None:
+            raise ValueError("a headerless layout needs field_count")
+        positions = Positions(
+            user=_as_position(fields.user),
+            item=_as_position(fields.item),
+            time=_as_position(fields.time),
+            rating=None if fields.rating is None else _as_position(fields.rating),
+        )
+        return positions, layout.field_count
     header_text = _decode_line(_first_raw_line(data), 1, display)
     names = [layout.header_name(cell) for cell in _split(header_text, layout)]
-    wanted = [
-        ("user", layout.fields.user),
-        ("item", layout.fields.item),
-        ("time", layout.fields.time),
-        ("rating", layout.fields.rating),
-    ]
-    found: dict[str, int | None] = {}
-    for role, name in wanted:
-        if name is None or (role == "rating" and layout.rating_optional and name not in names):
-            found[role] = None
-            continue
+
+    def position(name: str | int) -> int:
         if name not in names:
             raise DataError(
                 f"header lacks column {name!r} (has {', '.join(map(repr, names))})",
@@ -92,12 +102,27 @@ def _resolve_positions(data: bytes, layout: TextLayout, display: str) -> tuple[F
                 line=1,
                 text=header_text,
             )
-        found[role] = names.index(name)
-    positions = Fields(found["user"], found["item"], found["time"], found["rating"])  # type: ignore[arg-type]
+        return names.index(name)  # type: ignore[arg-type]
+
+    rating_absent = fields.rating is None or (layout.rating_optional and fields.rating not in names)
+    positions = Positions(
+        user=position(fields.user),
+        item=position(fields.item),
+        time=position(fields.time),
+        rating=None if rating_absent else position(fields.rating),  # type: ignore[arg-type]
+    )
     return positions, len(names)
 
 
-def _parse_fast(data: bytes, layout: TextLayout, positions: Fields, field_count: int) -> pa.Table:
+def _as_position(field: str | int) -> int:
+    if not isinstance(field, int):
+        raise TypeError("a headerless layout names fields by position")
+    return field
+
+
+def _parse_fast(
+    data: bytes, layout: TextLayout, positions: Positions, field_count: int
+) -> pa.Table:
     sep = layout.sep.encode()
     if len(sep) != 1:
         stand_in = next((b for b in _STAND_IN_SEPARATORS if b not in data), None)
@@ -105,8 +130,11 @@ def _parse_fast(data: bytes, layout: TextLayout, positions: Fields, field_count:
             raise pa.ArrowInvalid("no free byte to stand in for the separator")
         data, sep = data.replace(sep, stand_in), stand_in
     names = [f"f{i}" for i in range(field_count)]
-    wanted = [n for n in (positions.user, positions.item, positions.time, positions.rating)
-              if n is not None]
+    wanted = [
+        n
+        for n in (positions.user, positions.item, positions.time, positions.rating)
+        if n is not None
+    ]
     return pacsv.read_csv(
         pa.BufferReader(data),
         read_options=pacsv.ReadOptions(
@@ -144,7 +172,7 @@ def _events_from_table(table: pa.Table) -> RawEvents:
 
 
 def _locate_first_problem(
-    data: bytes, layout: TextLayout, positions: Fields, field_count: int, display: str
+    data: bytes, layout: TextLayout, positions: Positions, field_count: int, display: str
 ) -> None:
     """Walk the rows and raise a DataError for the first one the rules reject."""
     for line_number, raw_line, cells in _rows(data, layout, display):
@@ -155,7 +183,7 @@ def _locate_first_problem(
                 line=line_number,
                 text=raw_line,
             )
-        checks: list[tuple[int | None, Callable[[str], object]]] = [
+        checks: list[tuple[int | None, Callable[[str], object]]] = [  # same rules as the fast path
             (positions.user, lambda v: columns.check_id(v, "user")),
             (positions.item, lambda v: columns.check_id(v, "item")),
             (positions.time, columns.parse_timestamp),
@@ -193,8 +221,12 @@ def _rows(data: bytes, layout: TextLayout, display: str) -> Iterator[tuple[int, 
             return
         except csv.Error as err:
             number = first + reader.line_num - 1
-            raise DataError(f"bad quoting ({err})", path=display, line=number,
-                            text=_decode_line(lines[number - 1], number, display)) from None
+            raise DataError(
+                f"bad quoting ({err})",
+                path=display,
+                line=number,
+                text=_decode_line(lines[number - 1], number, display),
+            ) from None
         number = first + start - 1
         start = reader.line_num + 1
         if cells:  # the csv module gives [] for an empty line

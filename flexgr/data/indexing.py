@@ -56,4 +56,6 @@ def natural_order(ids: pa.Array) -> np.ndarray:
         return pc.sort_indices(ids).to_numpy()
     # The string breaks ties such as "7" vs "007", keeping the order total.
     keyed = pa.table({"number": as_int, "text": ids})
-    return pc.sort_indices(keyed, sort_keys=[("number", "ascending"), ("text", "ascending")]).to_numpy()
+    return pc.sort_indices(
+        keyed, sort_keys=[("number", "ascending"), ("text", "ascending")]
+    ).to_numpy()

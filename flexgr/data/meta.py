@@ -74,4 +74,6 @@ class DatasetMeta:
         except FileNotFoundError:
             raise DataError("not a prepared dataset (no meta.json)", path=directory) from None
         except (ValueError, KeyError, TypeError) as err:
-            raise DataError(f"unreadable meta.json ({type(err).__name__}: {err})", path=path) from None
+            raise DataError(
+                f"unreadable meta.json ({type(err).__name__}: {err})", path=path
+            ) from None

@@ -65,6 +65,7 @@ def prepare(
     for the ``csv`` and ``parquet`` formats. ``progress=None`` shows progress bars only on a
     terminal. Raises :class:`DataError` for bad input and FileNotFoundError for a missing file.
     """
+    colmap = {key: value for key, value in colmap.items() if value is not None}
     if fmt is None and not colmap and isinstance(name_or_path, str) and name_or_path in BUILTINS:
         return _prepare_builtin(BUILTINS[name_or_path], name, data_dir, force, progress)
     return _prepare_file(Path(name_or_path), fmt, name, data_dir, force, progress, colmap)
@@ -89,22 +90,24 @@ def _resolve_prepared(path: PathLike, data_dir: PathLike | None) -> Path:
     if not directory.is_dir() and isinstance(path, str) and _NAME_RE.match(path):
         directory = dataset_dir(path, data_dir)
     if not directory.is_dir():
-        raise DataError(
-            f"no prepared dataset at {directory} (run: flexgr data prepare ...)"
-        )
+        raise DataError(f"no prepared dataset at {directory} (run: flexgr data prepare ...)")
     return directory
 
 
 def _prepare_builtin(
-    spec: BuiltinDataset, name: str | None, data_dir: PathLike | None, force: bool,
+    spec: BuiltinDataset,
+    name: str | None,
+    data_dir: PathLike | None,
+    force: bool,
     progress: bool | None,
 ) -> Path:
     target = dataset_dir(name or spec.name, data_dir)
     existing = _existing_meta(target)
     if not force and _is_current(existing) and _same_builtin(existing.source, spec):
         return target
-    _refuse_to_clobber(target, existing, force, f"built-in {spec.name}",
-                       lambda s: s.builtin == spec.name)
+    _refuse_to_clobber(
+        target, existing, force, f"built-in {spec.name}", lambda s: s.builtin == spec.name
+    )
     with reporter(progress) as report:
         fetched = fetch_builtin(spec, data_home(data_dir), report)
         data = _build(target.name, fetched.events, report)
@@ -114,8 +117,13 @@ def _prepare_builtin(
 
 
 def _prepare_file(
-    path: Path, fmt: str | None, name: str | None, data_dir: PathLike | None, force: bool,
-    progress: bool | None, colmap: dict[str, Any],
+    path: Path,
+    fmt: str | None,
+    name: str | None,
+    data_dir: PathLike | None,
+    force: bool,
+    progress: bool | None,
+    colmap: dict[str, Any],
 ) -> Path:
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
@@ -130,8 +138,7 @@ def _prepare_file(
     location = str(path.resolve())
     digest = sha256_of(path)
     existing = _existing_meta(target)
-    source = SourceInfo(kind="file", location=location, sha256=digest, format=fmt,
-                        options=options)
+    source = SourceInfo(kind="file", location=location, sha256=digest, format=fmt, options=options)
     if not force and _is_current(existing) and existing.source == source:
         return target
     _refuse_to_clobber(target, existing, force, location, lambda s: s.location == location)
@@ -190,7 +197,10 @@ def _same_builtin(source: SourceInfo, spec: BuiltinDataset) -> bool:
 
 
 def _refuse_to_clobber(
-    target: Path, existing: DatasetMeta | None, force: bool, new_source: str,
+    target: Path,
+    existing: DatasetMeta | None,
+    force: bool,
+    new_source: str,
     same_origin: Callable[[SourceInfo], bool],
 ) -> None:
     """Rebuilding over the same origin (the file changed) is fine; anything else needs force."""

@@ -84,8 +84,13 @@ def read_csv(
     sep: str = ",",
 ) -> RawEvents:
     return read_events(
-        path, "csv", user_col=user_col, item_col=item_col, time_col=time_col,
-        rating_col=rating_col, sep=sep,
+        path,
+        "csv",
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+        sep=sep,
     )
 
 
@@ -93,7 +98,11 @@ def read_parquet(
     path: PathLike, *, user_col: str, item_col: str, time_col: str, rating_col: str | None = None
 ) -> RawEvents:
     return read_events(
-        path, "parquet", user_col=user_col, item_col=item_col, time_col=time_col,
+        path,
+        "parquet",
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
         rating_col=rating_col,
     )
 
@@ -161,7 +170,9 @@ def _layout(fmt: str, colmap: dict[str, Any]) -> TextLayout:
         sep,
         True,
         len(sep) == 1,  # the csv quoting rules only exist for one-character separators
-        Fields(colmap["user_col"], colmap["item_col"], colmap["time_col"], colmap.get("rating_col")),
+        Fields(
+            colmap["user_col"], colmap["item_col"], colmap["time_col"], colmap.get("rating_col")
+        ),
     )
 
 

@@ -64,8 +64,12 @@ def make_split(data: InteractionData, protocol: str = "loo-val") -> Split:
         test_pos = np.where(lengths >= 2, ends - 1, -1)
         val_pos = np.where(lengths >= 3, ends - 2, -1)
         train_end = np.where(lengths >= 3, ends - 2, np.where(lengths == 2, ends - 1, ends))
-        return Split(protocol, train_end.astype(np.int64), val_pos.astype(np.int64),
-                     test_pos.astype(np.int64))
+        return Split(
+            protocol,
+            train_end.astype(np.int64),
+            val_pos.astype(np.int64),
+            test_pos.astype(np.int64),
+        )
     if protocol == "gr-compatible":
         test_pos = np.where(lengths >= 2, ends - 1, -1)
         train_end = np.where(lengths >= 2, ends - 1, ends)

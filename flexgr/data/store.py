@@ -50,13 +50,17 @@ def write_dataset(data: InteractionData, meta: DatasetMeta, target: Path) -> Non
         )
         pq.write_table(events, directory / EVENTS_FILE)
         users = pa.table(
-            {"user": pa.array(np.arange(data.num_users), pa.int32()),
-             "raw_id": pa.array(data.user_ids, pa.string())}
+            {
+                "user": pa.array(np.arange(data.num_users), pa.int32()),
+                "raw_id": pa.array(data.user_ids, pa.string()),
+            }
         )
         pq.write_table(users, directory / USERS_FILE)
         items = pa.table(
-            {"item": pa.array(np.arange(1, data.num_items + 1), pa.int32()),
-             "raw_id": pa.array(data.item_ids, pa.string())}
+            {
+                "item": pa.array(np.arange(1, data.num_items + 1), pa.int32()),
+                "raw_id": pa.array(data.item_ids, pa.string()),
+            }
         )
         pq.write_table(items, directory / ITEMS_FILE)
         meta.write(directory)  # last: its presence says the rest is there
@@ -67,8 +71,9 @@ def write_dataset(data: InteractionData, meta: DatasetMeta, target: Path) -> Non
 def replace_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX,
-                                     dir=target.parent))
+    building = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_TEMP_SUFFIX, dir=target.parent)
+    )
     try:
         write(building)
         _fsync_directory_files(building)
@@ -148,8 +153,9 @@ def _raw_ids_in_order(table: pa.Table, key: str, base: int, directory: Path) -> 
 
 
 def _offsets(user_column: np.ndarray, num_users: int, directory: Path) -> np.ndarray:
-    if len(user_column) and (np.any(np.diff(user_column) < 0) or user_column[-1] >= num_users
-                             or user_column[0] < 0):
+    if len(user_column) and (
+        np.any(np.diff(user_column) < 0) or user_column[-1] >= num_users or user_column[0] < 0
+    ):
         raise DataError("damaged prepared dataset (events not grouped by user)", path=directory)
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(user_column, minlength=num_users), out=offsets[1:])
@@ -158,8 +164,11 @@ def _offsets(user_column: np.ndarray, num_users: int, directory: Path) -> np.nda
 
 def _check_consistent(data: InteractionData, meta: DatasetMeta, directory: Path) -> None:
     counts = meta.counts
-    if (data.num_users, data.num_items, data.num_events) != (counts.users, counts.items,
-                                                             counts.events):
+    if (data.num_users, data.num_items, data.num_events) != (
+        counts.users,
+        counts.items,
+        counts.events,
+    ):
         raise DataError("damaged prepared dataset (counts differ from meta.json)", path=directory)
     if data.num_events and (data.items.min() < 1 or data.items.max() > data.num_items):
         raise DataError("damaged prepared dataset (item index out of 1..num_items)", path=directory)

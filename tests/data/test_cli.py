@@ -5,19 +5,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from flexgr.cli.main import app
+from typer.testing import CliRunner
 
 WriteFile = Callable[[str, bytes | str], Path]
 runner = CliRunner()
 
 
-def run(*args: str):  # noqa: ANN201 (typer's Result type is not public)
+def run(*args: str):
     return runner.invoke(app, list(args))
 
 
-def assert_one_line_error(result, *fragments: str) -> None:  # noqa: ANN001
+def assert_one_line_error(result, *fragments: str) -> None:
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -37,8 +36,9 @@ def test_help() -> None:
 
 def test_prepare_file_prints_counts(write_file: WriteFile, home: Path) -> None:
     path = write_file("ratings.dat", "1::10::5::3\n1::11::4::1\n2::10::3::2\n")
-    result = run("data", "prepare", "--path", str(path), "--format", "movielens-dat",
-                 "--name", "small")
+    result = run(
+        "data", "prepare", "--path", str(path), "--format", "movielens-dat", "--name", "small"
+    )
     assert result.exit_code == 0, result.output
     assert "small" in result.stdout
     assert "3" in result.stdout and "2" in result.stdout
@@ -47,9 +47,25 @@ def test_prepare_file_prints_counts(write_file: WriteFile, home: Path) -> None:
 
 def test_prepare_json(write_file: WriteFile, tmp_path: Path) -> None:
     path = write_file("log.csv", "who,what,when\na,x,1\nb,y,2\nb,x,3\n")
-    result = run("data", "prepare", "--format", "csv", "--path", str(path), "--name", "log",
-                 "--user-col", "who", "--item-col", "what", "--time-col", "when",
-                 "--data-dir", str(tmp_path / "d"), "--json")
+    result = run(
+        "data",
+        "prepare",
+        "--format",
+        "csv",
+        "--path",
+        str(path),
+        "--name",
+        "log",
+        "--user-col",
+        "who",
+        "--item-col",
+        "what",
+        "--time-col",
+        "when",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     meta = json.loads(result.stdout)
     assert meta["counts"] == {"users": 2, "items": 2, "events": 3}
@@ -87,8 +103,9 @@ def test_missing_file(home: Path, tmp_path: Path) -> None:
         (("--path", "x.csv", "--format", "csv"), "needs the column mapping"),
     ],
 )
-def test_usage_errors(args: tuple[str, ...], fragment: str, home: Path,
-                      write_file: WriteFile) -> None:
+def test_usage_errors(
+    args: tuple[str, ...], fragment: str, home: Path, write_file: WriteFile
+) -> None:
     write_file("x.csv", "u,i,t\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(home.parent)

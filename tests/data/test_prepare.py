@@ -19,8 +19,8 @@ from flexgr.data import (
     load_prepared,
     prepare,
     read_meta,
+    store,
 )
-from flexgr.data import store
 
 # flexgr.data.prepare is both a module and the function the package exports under that name.
 prepare_module = importlib.import_module("flexgr.data.prepare")
@@ -61,7 +61,9 @@ def test_build_interactions_orders_by_user_time_then_row() -> None:
 
 
 def test_numeric_ids_sort_numerically() -> None:
-    data = build_interactions("t", RawEvents.from_lists(["10", "9", "100"], ["2", "10", "1"], [1, 1, 1]))
+    data = build_interactions(
+        "t", RawEvents.from_lists(["10", "9", "100"], ["2", "10", "1"], [1, 1, 1])
+    )
     assert data.user_ids == ["9", "10", "100"]
     assert data.item_ids == ["1", "2", "10"]
 
@@ -70,7 +72,10 @@ def test_prepare_writes_the_documented_layout(ratings: Path, home: Path) -> None
     directory = prepare(ratings, name="tiny", progress=False)
     assert directory == home / "tiny" == dataset_dir("tiny")
     assert sorted(p.name for p in directory.iterdir()) == [
-        "events.parquet", "items.parquet", "meta.json", "users.parquet"
+        "events.parquet",
+        "items.parquet",
+        "meta.json",
+        "users.parquet",
     ]
     events = pq.read_table(directory / "events.parquet")
     assert events.schema.names == ["user", "item", "rating", "timestamp"]
@@ -164,7 +169,9 @@ def test_changed_column_mapping_rebuilds(write_file: WriteFile, home: Path) -> N
     assert load_prepared("log").items.tolist() == [2, 1]
 
 
-def test_refuses_to_replace_another_source(ratings: Path, write_file: WriteFile, home: Path) -> None:
+def test_refuses_to_replace_another_source(
+    ratings: Path, write_file: WriteFile, home: Path
+) -> None:
     prepare(ratings, name="tiny", progress=False)
     other = write_file("other.dat", "1::1::1::1\n")
     with pytest.raises(DataError, match="already exists from"):
@@ -185,8 +192,9 @@ def _leftovers(home: Path) -> list[str]:
     return [p.name for p in home.iterdir() if p.name.startswith(".")] if home.exists() else []
 
 
-def test_crash_while_writing_leaves_nothing(ratings: Path, home: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_while_writing_leaves_nothing(
+    ratings: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
     real_write = pq.write_table
 
@@ -204,8 +212,9 @@ def test_crash_while_writing_leaves_nothing(ratings: Path, home: Path,
     assert _leftovers(home) == []
 
 
-def test_crash_while_rebuilding_keeps_the_old_dataset(ratings: Path, home: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_while_rebuilding_keeps_the_old_dataset(
+    ratings: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory = prepare(ratings, name="tiny", progress=False)
     before = read_meta(directory)
 
@@ -220,8 +229,9 @@ def test_crash_while_rebuilding_keeps_the_old_dataset(ratings: Path, home: Path,
     assert _leftovers(home) == []
 
 
-def test_crash_at_the_swap_restores_the_old_dataset(ratings: Path, home: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_at_the_swap_restores_the_old_dataset(
+    ratings: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory = prepare(ratings, name="tiny", progress=False)
     real_rename = os.rename
 
@@ -290,7 +300,8 @@ def test_missing_source_file(home: Path, tmp_path: Path) -> None:
         prepare(tmp_path / "nope.dat", progress=False)
 
 
-def test_progress_output_does_not_break_prepare(ratings: Path, home: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_output_does_not_break_prepare(
+    ratings: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     prepare(ratings, name="tiny", progress=True)
     assert "indexing and sorting 5 events" in capsys.readouterr().err

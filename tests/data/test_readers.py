@@ -36,8 +36,9 @@ def columns_of(events) -> tuple[list[str], list[str], list[float], list[int]]:
     )
 
 
-def assert_one_line_error(err: pytest.ExceptionInfo[DataError], path: Path | str, line: int,
-                          text: str) -> None:
+def assert_one_line_error(
+    err: pytest.ExceptionInfo[DataError], path: Path | str, line: int, text: str
+) -> None:
     message = str(err.value)
     assert "\n" not in message
     assert str(path) in message
@@ -51,7 +52,9 @@ def assert_one_line_error(err: pytest.ExceptionInfo[DataError], path: Path | str
 
 
 def test_movielens_dat(write_file: WriteFile) -> None:
-    path = write_file("ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    path = write_file(
+        "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n"
+    )
     events = read_movielens_dat(path)
     assert columns_of(events) == (
         ["1", "1", "2"],
@@ -64,9 +67,15 @@ def test_movielens_dat(write_file: WriteFile) -> None:
 
 
 def test_movielens_csv(write_file: WriteFile) -> None:
-    path = write_file("ratings.csv", "userId,movieId,rating,timestamp\r\n1,2,3.5,1112486027\r\n1,29,3.5,1112484676\r\n")
+    path = write_file(
+        "ratings.csv",
+        "userId,movieId,rating,timestamp\r\n1,2,3.5,1112486027\r\n1,29,3.5,1112484676\r\n",
+    )
     assert columns_of(read_movielens_csv(path)) == (
-        ["1", "1"], ["2", "29"], [3.5, 3.5], [1112486027, 1112484676]
+        ["1", "1"],
+        ["2", "29"],
+        [3.5, 3.5],
+        [1112486027, 1112484676],
     )
 
 
@@ -78,38 +87,61 @@ def test_movielens_csv_columns_in_other_order(write_file: WriteFile) -> None:
 def test_movielens_100k_u_data(write_file: WriteFile) -> None:
     path = write_file("u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
     assert columns_of(read_movielens_100k(path)) == (
-        ["196", "186"], ["242", "302"], [3.0, 3.0], [881250949, 891717742]
+        ["196", "186"],
+        ["242", "302"],
+        [3.0, 3.0],
+        [881250949, 891717742],
     )
 
 
 def test_amazon_csv_with_quoted_field(write_file: WriteFile) -> None:
-    path = write_file("ratings_Books.csv", 'A2SUAM1J3GNN3B,0000013714,5.0,1400457600\n"A,1",B2,1.0,7\n')
+    path = write_file(
+        "ratings_Books.csv", 'A2SUAM1J3GNN3B,0000013714,5.0,1400457600\n"A,1",B2,1.0,7\n'
+    )
     assert columns_of(read_amazon(path)) == (
-        ["A2SUAM1J3GNN3B", "A,1"], ["0000013714", "B2"], [5.0, 1.0], [1400457600, 7]
+        ["A2SUAM1J3GNN3B", "A,1"],
+        ["0000013714", "B2"],
+        [5.0, 1.0],
+        [1400457600, 7],
     )
 
 
 def test_recbole_inter_with_float_timestamps_and_crlf(write_file: WriteFile) -> None:
-    body = RECBOLE_HEADER.replace("\n", "\r\n") + "1m_1\tOne Flew (1975)\t5\t978300760.0\r\n1m_2\tHeat \"95\"\t3\t978302109\r\n"
+    body = (
+        RECBOLE_HEADER.replace("\n", "\r\n")
+        + '1m_1\tOne Flew (1975)\t5\t978300760.0\r\n1m_2\tHeat "95"\t3\t978302109\r\n'
+    )
     events = read_recbole(write_file("ml.inter", body))
     assert columns_of(events) == (
-        ["1m_1", "1m_2"], ["One Flew (1975)", 'Heat "95"'], [5.0, 3.0], [978300760, 978302109]
+        ["1m_1", "1m_2"],
+        ["One Flew (1975)", 'Heat "95"'],
+        [5.0, 3.0],
+        [978300760, 978302109],
     )
 
 
 def test_recbole_maps_fields_by_name_and_ignores_extra_fields(write_file: WriteFile) -> None:
     body = "timestamp:float\tlabel:float\titem_id:token\tuser_id:token\n5.\t1\ti9\tu1\n"
-    assert columns_of(read_recbole(write_file("x.inter", body))) == (["u1"], ["i9"], [pytest.approx(float("nan"), nan_ok=True)], [5])
+    assert columns_of(read_recbole(write_file("x.inter", body))) == (
+        ["u1"],
+        ["i9"],
+        [pytest.approx(float("nan"), nan_ok=True)],
+        [5],
+    )
 
 
 def test_recbole_without_rating_gives_nan(write_file: WriteFile) -> None:
-    events = read_recbole(write_file("x.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\ti\t3\n"))
+    events = read_recbole(
+        write_file("x.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\ti\t3\n")
+    )
     assert np.isnan(events.ratings).all()
 
 
 def test_generic_csv_with_mapping_and_separator(write_file: WriteFile) -> None:
     path = write_file("log.csv", "ts;who;what;stars;extra\n100;u1;i1;4;x\n90;u2;i2;;y\n")
-    events = read_csv(path, user_col="who", item_col="what", time_col="ts", rating_col="stars", sep=";")
+    events = read_csv(
+        path, user_col="who", item_col="what", time_col="ts", rating_col="stars", sep=";"
+    )
     users, items, ratings, stamps = columns_of(events)
     assert (users, items, stamps) == (["u1", "u2"], ["i1", "i2"], [100, 90])
     assert ratings[0] == 4.0 and np.isnan(ratings[1])
@@ -162,7 +194,10 @@ def test_infer_format(write_file: WriteFile, tmp_path: Path) -> None:
     assert infer_format(tmp_path / "ml-1m.inter") == "recbole"
     assert infer_format(tmp_path / "x.parquet") == "parquet"
     assert infer_format(tmp_path / "u.data") == "movielens-100k"
-    assert infer_format(write_file("ratings.csv", "userId,movieId,rating,timestamp\n")) == "movielens-csv"
+    assert (
+        infer_format(write_file("ratings.csv", "userId,movieId,rating,timestamp\n"))
+        == "movielens-csv"
+    )
     assert infer_format(write_file("other.csv", "a,b,c,d\n")) is None
 
 
@@ -181,8 +216,9 @@ def test_infer_format(write_file: WriteFile, tmp_path: Path) -> None:
         ("movielens-100k", "u.data", "1\t2\t3\t4\n\n1\t2\t3\n", 3, "1\\t2\\t3"),
     ],
 )
-def test_wrong_field_count(write_file: WriteFile, fmt: str, name: str, content: str, line: int,
-                           text: str) -> None:
+def test_wrong_field_count(
+    write_file: WriteFile, fmt: str, name: str, content: str, line: int, text: str
+) -> None:
     path = write_file(name, content)
     with pytest.raises(DataError, match="expected .* fields") as err:
         read_events(path, fmt)
@@ -225,14 +261,27 @@ def test_missing_column_parquet(tmp_path: Path) -> None:
     [
         ("movielens-dat", "a.dat", "1::2::5::100\n1::3::4::abc\n", 2, "abc"),
         ("movielens-dat", "b.dat", "1::2::5::100\n1::3::4::\n", 2, "''"),
-        ("movielens-csv", "c.csv", "userId,movieId,rating,timestamp\n1,2,3,2001-09-09\n", 2, "2001-09-09"),
-        ("recbole", "d.inter", RECBOLE_HEADER + "u\ti\t1\t97830.0\nu\ti\t1\t978300760.5\n", 3, "978300760.5"),
+        (
+            "movielens-csv",
+            "c.csv",
+            "userId,movieId,rating,timestamp\n1,2,3,2001-09-09\n",
+            2,
+            "2001-09-09",
+        ),
+        (
+            "recbole",
+            "d.inter",
+            RECBOLE_HEADER + "u\ti\t1\t97830.0\nu\ti\t1\t978300760.5\n",
+            3,
+            "978300760.5",
+        ),
         ("amazon", "e.csv", "u,i,1,1e9\n", 1, "1e9"),
         ("amazon", "f.csv", "u,i,1,99999999999999999999\n", 1, "99999999999999999999"),
     ],
 )
-def test_non_numeric_timestamp(write_file: WriteFile, fmt: str, name: str, content: str, line: int,
-                               bad: str) -> None:
+def test_non_numeric_timestamp(
+    write_file: WriteFile, fmt: str, name: str, content: str, line: int, bad: str
+) -> None:
     path = write_file(name, content)
     with pytest.raises(DataError, match="timestamp") as err:
         read_events(path, fmt)
@@ -259,8 +308,16 @@ def test_empty_file(write_file: WriteFile, fmt: str, content: str, line: int) ->
 
 def test_empty_parquet(tmp_path: Path) -> None:
     path = tmp_path / "e.parquet"
-    pq.write_table(pa.table({"u": pa.array([], pa.string()), "i": pa.array([], pa.string()),
-                             "t": pa.array([], pa.int64())}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "u": pa.array([], pa.string()),
+                "i": pa.array([], pa.string()),
+                "t": pa.array([], pa.int64()),
+            }
+        ),
+        path,
+    )
     with pytest.raises(DataError, match="no data rows"):
         read_parquet(path, user_col="u", item_col="i", time_col="t")
 

@@ -100,13 +100,16 @@ def assert_no_leakage(data: InteractionData, split: Split) -> None:
             assert split.train_end[user] <= split.val_pos[user]
         # every event is training, a target, or (test-only) history: nothing is dropped silently
         evaluated = {int(p) for p in (split.val_pos[user], split.test_pos[user]) if p >= 0}
-        assert set(range(train.start, train.stop)) | evaluated == set(range(events.start, events.stop))
+        assert set(range(train.start, train.stop)) | evaluated == set(
+            range(events.start, events.stop)
+        )
 
 
 @settings(max_examples=150, deadline=None)
 @given(rows=event_tables, protocol=st.sampled_from(["loo-val", "gr-compatible"]))
-def test_no_training_input_contains_the_target_or_later(rows: list[tuple[int, int, int]],
-                                                        protocol: str) -> None:
+def test_no_training_input_contains_the_target_or_later(
+    rows: list[tuple[int, int, int]], protocol: str
+) -> None:
     raw = RawEvents.from_lists(
         users=[str(u) for u, _, _ in rows],
         items=[str(i) for _, i, _ in rows],
@@ -126,7 +129,9 @@ def test_no_training_input_contains_the_target_or_later(rows: list[tuple[int, in
 
 @settings(max_examples=50, deadline=None)
 @given(rows=event_tables)
-def test_each_user_is_in_time_order_with_ties_in_row_order(rows: list[tuple[int, int, int]]) -> None:
+def test_each_user_is_in_time_order_with_ties_in_row_order(
+    rows: list[tuple[int, int, int]],
+) -> None:
     raw = RawEvents.from_lists(
         users=[str(u) for u, _, _ in rows],
         items=[str(i) for _, i, _ in rows],
