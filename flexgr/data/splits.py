@@ -55,7 +55,11 @@ class Split:
 
 
 def make_split(data: InteractionData, protocol: str = "loo-val") -> Split:
-    """Split every user's events by ``protocol`` (see the module docstring for the rules)."""
+    """Split every user's events by ``protocol``: ``"loo-val"`` or ``"gr-compatible"``.
+
+    Short users (see the module docstring for the full rules): with 2 events, the first trains
+    and the second is the test target (no validation target); with 1 event, training only.
+    """
     starts = data.user_offsets[:-1].astype(np.int64)
     ends = data.user_offsets[1:].astype(np.int64)
     lengths = ends - starts

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import io
+import logging
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 from flexgr.data import DataError, FetchError, fetch, load_prepared, prepare, read_meta
 from flexgr.data.fetch import BUILTINS, BuiltinDataset, SourceUnavailable
 from flexgr.data.meta import Counts
-from flexgr.data.progress import Reporter
+from flexgr.data.progress import Reporter, reporter
 
 QUIET = Reporter(None)
 
@@ -200,6 +201,16 @@ def test_grouplens_download_is_used_and_cached(
     assert requests == ["/tiny.zip"]  # the second fetch used the cached archive
 
 
+def test_download_progress_is_shown_when_asked(
+    local_server: tuple[str, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, _ = local_server
+    with reporter(True) as report:
+        fetch.fetch_builtin(_tiny_builtin(f"{base}/tiny.zip"), tmp_path, report)
+    shown = capsys.readouterr().err
+    assert "downloading" in shown and "tiny.zip" in shown
+
+
 def test_prepare_builtin_from_url_and_expected_counts(
     local_server: tuple[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -258,10 +269,12 @@ def test_hanging_name_lookup_is_abandoned(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_grouplens_failure_falls_back_to_the_wheel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(fetch, "download", _unreachable)
     used = []
     monkeypatch.setattr(fetch, "from_wheel", lambda spec, home, report: used.append(spec.name))
-    fetch.fetch_builtin(BUILTINS["ml-100k"], tmp_path, QUIET)
+    with caplog.at_level(logging.INFO, logger="flexgr.data.fetch"):
+        fetch.fetch_builtin(BUILTINS["ml-100k"], tmp_path, QUIET)
     assert used == ["ml-100k"]
+    assert "using the copy in recbole==1.2.1" in caplog.text
