@@ -54,7 +54,9 @@ def prepare(
     rating_col: Annotated[
         str | None, typer.Option(help="csv/parquet: rating column (optional).")
     ] = None,
-    sep: Annotated[str | None, typer.Option(help="csv: field separator (default ',').")] = None,
+    sep: Annotated[
+        str | None, typer.Option(help="csv: field separator (default ','; '\\t' for a tab).")
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -78,6 +80,8 @@ def prepare(
         "rating_col": rating_col,
         "sep": sep,
     }
+    if sep == "\\t":  # a shell passes the two characters; nobody means a backslash separator
+        sep = "\t"
     try:
         if dataset is not None:
             if dataset not in BUILTINS:

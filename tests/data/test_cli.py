@@ -73,6 +73,29 @@ def test_prepare_json(write_file: WriteFile, tmp_path: Path) -> None:
     assert meta["source"]["options"] == {"user_col": "who", "item_col": "what", "time_col": "when"}
 
 
+def test_tab_separator_escape(write_file: WriteFile, home: Path) -> None:
+    path = write_file("log.tsv", "u\ti\tt\na\tx\t1\n")
+    result = run(
+        "data",
+        "prepare",
+        "--path",
+        str(path),
+        "--format",
+        "csv",
+        "--sep",
+        "\\t",
+        "--user-col",
+        "u",
+        "--item-col",
+        "i",
+        "--time-col",
+        "t",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["events"] == 1
+
+
 def test_prepare_force(write_file: WriteFile, home: Path) -> None:
     path = write_file("r.inter", "user_id:token\titem_id:token\ttimestamp:float\nu\ti\t1.0\n")
     assert run("data", "prepare", "--path", str(path)).exit_code == 0
