@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 import flexgr
+from flexgr.cli.data import app as data_app
 
 app = typer.Typer(
     name="flexgr",
@@ -12,6 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(data_app, name="data")
 
 
 def _version(value: bool) -> None:

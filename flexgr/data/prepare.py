@@ -1,0 +1,233 @@
+"""``prepare``: any supported source to a prepared dataset directory; ``load_prepared`` back.
+
+Preparing is idempotent: a directory whose meta.json records the same source (same file
+contents by sha256, same format and column mapping, or the same built-in dataset) is reused
+as it is. ``force=True`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from flexgr.data.dataset import InteractionData
+from flexgr.data.errors import DataError
+from flexgr.data.events import RawEvents
+from flexgr.data.fetch import BUILTINS, BuiltinDataset, fetch_builtin, sha256_of
+from flexgr.data.indexing import build_interactions
+from flexgr.data.meta import FORMAT_VERSION, Counts, DatasetMeta, SourceInfo
+from flexgr.data.progress import Reporter, reporter
+from flexgr.data.readers import FORMATS, check_format_options, infer_format, read_events
+from flexgr.data.store import read_dataset, write_dataset
+
+HOME_ENV = "FLEXGR_HOME"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The data dir also holds the download caches of the built-in datasets.
+_RESERVED_NAMES = frozenset({"downloads", "wheels"})
+
+PathLike = str | os.PathLike[str]
+
+
+def data_home(data_dir: PathLike | None = None) -> Path:
+    """``data_dir``, else $FLEXGR_HOME, else ~/.cache/flexgr."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "flexgr"
+
+
+def dataset_dir(name: str, data_dir: PathLike | None = None) -> Path:
+    """Where dataset ``name`` lives (whether or not it is prepared yet)."""
+    _check_name(name)
+    return data_home(data_dir) / name
+
+
+def prepare(
+    name_or_path: PathLike,
+    *,
+    fmt: str | None = None,
+    name: str | None = None,
+    data_dir: PathLike | None = None,
+    force: bool = False,
+    progress: bool | None = None,
+    **colmap: Any,
+) -> Path:
+    """Prepare a built-in dataset (``"ml-1m"``, ``"ml-100k"``) or a file; return its directory.
+
+    ``fmt`` is one of :data:`flexgr.data.FORMATS` (inferred from the file name where it can
+    be); ``colmap`` is ``user_col``, ``item_col``, ``time_col``, ``rating_col`` and ``sep``
+    for the ``csv`` and ``parquet`` formats. ``progress=None`` shows progress bars only on a
+    terminal. Raises :class:`DataError` for bad input and FileNotFoundError for a missing file.
+    """
+    colmap = {key: value for key, value in colmap.items() if value is not None}
+    if fmt is None and not colmap and isinstance(name_or_path, str) and name_or_path in BUILTINS:
+        return _prepare_builtin(BUILTINS[name_or_path], name, data_dir, force, progress)
+    return _prepare_file(Path(name_or_path), fmt, name, data_dir, force, progress, colmap)
+
+
+def load_prepared(path: PathLike, *, data_dir: PathLike | None = None) -> InteractionData:
+    """Load a prepared dataset from its directory, or by name from the data dir."""
+    return _load(path, data_dir)[0]
+
+
+def read_meta(path: PathLike, *, data_dir: PathLike | None = None) -> DatasetMeta:
+    """The meta.json of a prepared dataset (directory or name), validated like a load."""
+    return DatasetMeta.read(_resolve_prepared(path, data_dir))
+
+
+def _load(path: PathLike, data_dir: PathLike | None) -> tuple[InteractionData, DatasetMeta]:
+    return read_dataset(_resolve_prepared(path, data_dir))
+
+
+def _resolve_prepared(path: PathLike, data_dir: PathLike | None) -> Path:
+    directory = Path(path)
+    if not directory.is_dir() and isinstance(path, str) and _NAME_RE.match(path):
+        directory = dataset_dir(path, data_dir)
+    if not directory.is_dir():
+        raise DataError(f"no prepared dataset at {directory} (run: flexgr data prepare ...)")
+    return directory
+
+
+def _prepare_builtin(
+    spec: BuiltinDataset,
+    name: str | None,
+    data_dir: PathLike | None,
+    force: bool,
+    progress: bool | None,
+) -> Path:
+    target = dataset_dir(name or spec.name, data_dir)
+    existing = _existing_meta(target)
+    if not force and _is_current(existing) and _same_builtin(existing.source, spec):
+        return target
+    _refuse_to_clobber(
+        target, existing, force, f"built-in {spec.name}", lambda s: s.builtin == spec.name
+    )
+    with reporter(progress) as report:
+        fetched = fetch_builtin(spec, data_home(data_dir), report)
+        data = _build(target.name, fetched.events, report)
+        _check_expected(data, spec, fetched.source)
+        _write(data, fetched.source, target, report)
+    return target
+
+
+def _prepare_file(
+    path: Path,
+    fmt: str | None,
+    name: str | None,
+    data_dir: PathLike | None,
+    force: bool,
+    progress: bool | None,
+    colmap: dict[str, Any],
+) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    fmt = fmt or infer_format(path)
+    if fmt is None:
+        raise DataError(
+            f"cannot tell the format of {path}; pass a format (one of {', '.join(FORMATS)})"
+        )
+    check_format_options(fmt, colmap)
+    options = {key: str(value) for key, value in colmap.items() if value is not None}
+    target = dataset_dir(name or _name_from_file(path), data_dir)
+    location = str(path.resolve())
+    digest = sha256_of(path)
+    existing = _existing_meta(target)
+    source = SourceInfo(kind="file", location=location, sha256=digest, format=fmt, options=options)
+    if not force and _is_current(existing) and existing.source == source:
+        return target
+    _refuse_to_clobber(target, existing, force, location, lambda s: s.location == location)
+    with reporter(progress) as report:
+        with report.step(f"reading {path.name}"):
+            events = read_events(path, fmt, **colmap)
+        data = _build(target.name, events, report)
+        _write(data, source, target, report)
+    return target
+
+
+def _build(name: str, events: RawEvents, report: Reporter) -> InteractionData:
+    with report.step(f"indexing and sorting {len(events):,} events"):
+        return build_interactions(name, events)
+
+
+def _write(data: InteractionData, source: SourceInfo, target: Path, report: Reporter) -> None:
+    import flexgr  # deferred: flexgr/__init__ pulls in the model code
+
+    meta = DatasetMeta(
+        name=target.name,
+        source=source,
+        counts=Counts(users=data.num_users, items=data.num_items, events=data.num_events),
+        created=DatasetMeta.now(),
+        flexgr_version=flexgr.__version__,
+    )
+    with report.step(f"writing {target}"):
+        write_dataset(data, meta, target)
+
+
+def _check_expected(data: InteractionData, spec: BuiltinDataset, source: SourceInfo) -> None:
+    got = Counts(users=data.num_users, items=data.num_items, events=data.num_events)
+    if got != spec.expected:
+        raise DataError(
+            f"{spec.name} from {source.location} holds {got}, expected {spec.expected}; "
+            "refusing a copy that differs from the published dataset"
+        )
+
+
+def _existing_meta(target: Path) -> DatasetMeta | None:
+    try:
+        return DatasetMeta.read(target)
+    except DataError:
+        return None
+
+
+def _is_current(meta: DatasetMeta | None) -> TypeGuard[DatasetMeta]:
+    return meta is not None and meta.format_version == FORMAT_VERSION
+
+
+def _same_builtin(source: SourceInfo, spec: BuiltinDataset) -> bool:
+    # Either source of a built-in is fine to keep; the wheel one must still be the pinned wheel.
+    if source.builtin != spec.name:
+        return False
+    return source.kind == "url" or source.sha256 == spec.wheel.sha256
+
+
+def _refuse_to_clobber(
+    target: Path,
+    existing: DatasetMeta | None,
+    force: bool,
+    new_source: str,
+    same_origin: Callable[[SourceInfo], bool],
+) -> None:
+    """Rebuilding over the same origin (the file changed) is fine; anything else needs force."""
+    if force or not target.exists():
+        return
+    if existing is None:
+        raise DataError(
+            f"{target} exists and is not a prepared dataset; pass force=True (--force) to "
+            "replace it"
+        )
+    if not same_origin(existing.source):
+        raise DataError(
+            f"dataset {target.name!r} already exists from {existing.source.location}, not "
+            f"{new_source}; choose another name or pass force=True (--force)"
+        )
+
+
+def _name_from_file(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "dataset"
+    return stem
+
+
+def _check_name(name: str) -> None:
+    if name in _RESERVED_NAMES:
+        raise DataError(f"dataset name {name!r} is reserved for flexgr's download cache")
+    if not _NAME_RE.match(name):
+        raise DataError(
+            f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )

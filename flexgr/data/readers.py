@@ -1,0 +1,221 @@
+"""Readers for the interaction file formats flexgr understands.
+
+Every reader returns :class:`RawEvents` (raw user id, raw item id, rating or NaN, integer
+timestamp) in the file's row order, and raises :class:`DataError` with a one-line message naming
+the file, the line and the offending text for bad input.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flexgr.data import columns
+from flexgr.data.delimited import Fields, TextLayout, read_delimited
+from flexgr.data.errors import DataError
+from flexgr.data.events import RawEvents
+
+PathLike = str | os.PathLike[str]
+
+
+def _recbole_field_name(cell: str) -> str:
+    # RecBole headers type each field, "user_id:token"; only the name matters for mapping.
+    return cell.strip().split(":", 1)[0]
+
+
+# Built-in layouts, by format name. "csv" and "parquet" take a column mapping instead.
+_LAYOUTS: dict[str, TextLayout] = {
+    # ml-1m / ml-10m ratings.dat: user::item::rating::timestamp, no header, never quoted
+    "movielens-dat": TextLayout("::", False, False, Fields(0, 1, 3, 2), field_count=4),
+    # ml-20m / ml-25m / ml-latest ratings.csv
+    "movielens-csv": TextLayout(
+        ",", True, True, Fields("userId", "movieId", "timestamp", "rating")
+    ),
+    # ml-100k u.data: user<TAB>item<TAB>rating<TAB>timestamp, no header
+    "movielens-100k": TextLayout("\t", False, False, Fields(0, 1, 3, 2), field_count=4),
+    # Amazon "ratings only" CSV: user,item,rating,timestamp, no header
+    "amazon": TextLayout(",", False, True, Fields(0, 1, 3, 2), field_count=4),
+    # RecBole atomic .inter: TSV with typed header; values are never quoted (titles contain ")
+    "recbole": TextLayout(
+        "\t",
+        True,
+        False,
+        Fields("user_id", "item_id", "timestamp", "rating"),
+        header_name=_recbole_field_name,
+        rating_optional=True,
+    ),
+}
+
+FORMATS: tuple[str, ...] = (*_LAYOUTS, "csv", "parquet")
+COLUMN_OPTIONS = ("user_col", "item_col", "time_col", "rating_col", "sep")
+
+
+def read_movielens_dat(path: PathLike) -> RawEvents:
+    return read_events(path, "movielens-dat")
+
+
+def read_movielens_csv(path: PathLike) -> RawEvents:
+    return read_events(path, "movielens-csv")
+
+
+def read_movielens_100k(path: PathLike) -> RawEvents:
+    return read_events(path, "movielens-100k")
+
+
+def read_amazon(path: PathLike) -> RawEvents:
+    return read_events(path, "amazon")
+
+
+def read_recbole(path: PathLike) -> RawEvents:
+    return read_events(path, "recbole")
+
+
+def read_csv(
+    path: PathLike,
+    *,
+    user_col: str,
+    item_col: str,
+    time_col: str,
+    rating_col: str | None = None,
+    sep: str = ",",
+) -> RawEvents:
+    return read_events(
+        path,
+        "csv",
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+        sep=sep,
+    )
+
+
+def read_parquet(
+    path: PathLike, *, user_col: str, item_col: str, time_col: str, rating_col: str | None = None
+) -> RawEvents:
+    return read_events(
+        path,
+        "parquet",
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+    )
+
+
+def read_events(path: PathLike, fmt: str, **colmap: Any) -> RawEvents:
+    """Read ``path`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    check_format_options(fmt, colmap)
+    display = os.fspath(path)
+    if fmt == "parquet":
+        return _read_parquet(Path(path), display, colmap)
+    return read_text_bytes(Path(path).read_bytes(), fmt, display, **colmap)
+
+
+def read_text_bytes(data: bytes, fmt: str, display: str, **colmap: Any) -> RawEvents:
+    """Read a text format from memory (e.g. a zip member); ``display`` names it in errors."""
+    check_format_options(fmt, colmap)
+    if fmt == "parquet":
+        raise ValueError("read_text_bytes reads text formats; use read_events for parquet")
+    return read_delimited(data, _layout(fmt, colmap), display)
+
+
+def check_format_options(fmt: str, colmap: dict[str, Any]) -> None:
+    """Reject unknown formats and options early, before any file is touched."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    unknown = sorted(set(colmap) - set(COLUMN_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected column options: {', '.join(unknown)}")
+    given = {k for k, v in colmap.items() if v is not None}
+    if fmt in ("csv", "parquet"):
+        missing = [k for k in ("user_col", "item_col", "time_col") if k not in given]
+        if missing:
+            options = ", ".join("--" + k.replace("_", "-") for k in missing)
+            raise DataError(f"format {fmt!r} needs the column mapping {options}")
+        if fmt == "parquet" and "sep" in given:
+            raise DataError("--sep does not apply to parquet")
+    elif given:
+        raise DataError(
+            f"format {fmt!r} has a fixed layout; column options apply to 'csv' and 'parquet'"
+        )
+
+
+def infer_format(path: PathLike) -> str | None:
+    """The format implied by the file name or header, or None when it is ambiguous."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    by_suffix = {".dat": "movielens-dat", ".inter": "recbole", ".parquet": "parquet"}
+    if suffix in by_suffix:
+        return by_suffix[suffix]
+    if p.name == "u.data":
+        return "movielens-100k"
+    if suffix == ".csv" and p.is_file():
+        with p.open("rb") as f:
+            head = f.readline().strip().removeprefix(b"\xef\xbb\xbf")
+        if head.split(b",")[:4] == [b"userId", b"movieId", b"rating", b"timestamp"]:
+            return "movielens-csv"
+    return None
+
+
+def _layout(fmt: str, colmap: dict[str, Any]) -> TextLayout:
+    if fmt in _LAYOUTS:
+        return _LAYOUTS[fmt]
+    sep = colmap.get("sep") or ","
+    return TextLayout(
+        sep,
+        True,
+        len(sep) == 1,  # the csv quoting rules only exist for one-character separators
+        Fields(
+            colmap["user_col"], colmap["item_col"], colmap["time_col"], colmap.get("rating_col")
+        ),
+    )
+
+
+def _read_parquet(path: Path, display: str, colmap: dict[str, Any]) -> RawEvents:
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"not a readable Parquet file ({_one_line(err)})", path=display) from None
+    roles = {"user": colmap["user_col"], "item": colmap["item_col"], "time": colmap["time_col"]}
+    if colmap.get("rating_col"):
+        roles["rating"] = colmap["rating_col"]
+    for name in roles.values():
+        if name not in schema.names:
+            raise DataError(
+                f"missing column {name!r} (has {', '.join(map(repr, schema.names))})",
+                path=display,
+            )
+    table = pq.read_table(path, columns=list(dict.fromkeys(roles.values())))
+    if table.num_rows == 0:
+        raise DataError("no data rows", path=display)
+
+    def column(role: str) -> pa.Array:
+        return table.column(roles[role]).combine_chunks()
+
+    try:
+        return RawEvents(
+            users=columns.ids_from_typed(column("user"), "user"),
+            items=columns.ids_from_typed(column("item"), "item"),
+            ratings=(
+                columns.ratings_from_typed(column("rating"))
+                if "rating" in roles
+                else RawEvents.unknown_ratings(table.num_rows)
+            ),
+            timestamps=columns.timestamps_from_typed(column("time")),
+        )
+    except columns.ColumnProblem as problem:
+        raise DataError(
+            problem.problem, path=display, line=problem.row + 1, text=problem.text, where="row"
+        ) from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
