@@ -1,0 +1,149 @@
+"""Bodies of the multi-process tests. Each rank also computes the single-process result itself, so
+the comparison needs no extra communication."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.attention.flex_attention as flex_module
+from torch import Tensor
+
+from flexgr.distributed import (
+    ParallelConfig,
+    ParallelConfigError,
+    build_cp_mask,
+    context_parallel_attention,
+    cp_attention,
+    cp_hstu_attention,
+    init_parallel,
+    shard_tokens,
+)
+from flexgr.masks import and_masks, build_custom_mask, jagged, semi_local
+from flexgr.ops import flex as ops_flex
+from flexgr.ops import hstu_attention
+from tests.ops.helpers import random_problem
+
+TOL = 1e-5
+
+ATTENTION_CASES = [
+    dict(lengths=[37, 1, 64, 9, 3, 2]),
+    dict(lengths=[50, 3, 21], targets=True),
+    dict(lengths=[40, 6, 19], contextual_len=2),
+    dict(lengths=[45, 2, 30], max_attn_len=5),
+    dict(lengths=[45, 4, 30], max_attn_len=5, full_attn_tail=3),
+    dict(lengths=[33, 1, 60], use_rab=True),
+    dict(lengths=[60, 5, 2, 17], targets=True, use_rab=True),
+    dict(
+        lengths=[41, 3, 28],
+        contextual_len=2,
+        targets=True,
+        max_attn_len=4,
+        full_attn_tail=2,
+        use_rab=True,
+    ),
+]
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN"
+    a, b = a.detach().double(), b.detach().double()
+    assert b.norm() > 0, "a zero reference proves nothing"
+    return float((a - b).norm() / b.norm())
+
+
+def check(name: str, got: Tensor, want: Tensor, tol: float = TOL) -> None:
+    err = rel_err(got, want)
+    assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+
+def _attention_case(ctx, spec: dict, seed: int, backend: str) -> None:
+    p = random_problem(dtype=torch.float32, requires_grad=True, seed=seed, **spec)
+    ref = hstu_attention(p.q, p.k, p.v, p.offsets, backend="reference", **p.kwargs())
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grads_ref = torch.autograd.grad(ref, p.leaves(), g)
+
+    shard = shard_tokens(p.offsets, ctx.cp_size, ctx.cp_rank)
+    q, k, v = (shard.take(x.detach()).requires_grad_() for x in (p.q, p.k, p.v))
+    out = cp_hstu_attention(q, k, v, shard, ctx.cp_group, backend=backend, **p.kwargs())
+    tables = [p.rab.pos_w, p.rab.ts_w] if p.rab is not None else []
+    grads = torch.autograd.grad(out, [q, k, v, *tables], shard.take(g))
+    label = f"{backend} {spec}"
+    check(f"{label} out", out, shard.take(ref))
+    for name, got, want in zip("qkv", grads[:3], grads_ref[:3]):
+        check(f"{label} d{name}", got, shard.take(want))
+    for name, got, want in zip(("pos_w", "ts_w"), grads[3:], grads_ref[3:]):
+        # Each rank holds the table gradient of its own queries; the sum is the full gradient.
+        check(f"{label} d{name}", ctx.all_reduce_sum(got, over="cp"), want)
+
+
+def _custom_mask_case(ctx) -> None:
+    """An arbitrary mask_mod over global indices (semi-local attention) keeps its meaning."""
+    p = random_problem([45, 2, 31], dtype=torch.float32, requires_grad=True, seed=7)
+    T = p.q.shape[0]
+    rule = and_masks(jagged(p.offsets), semi_local(p.offsets, 4, 3))
+    single = build_custom_mask(rule, p.offsets)
+    ref = hstu_attention(
+        p.q,
+        p.k,
+        p.v,
+        p.offsets,
+        max_seq_len=p.max_seq_len,
+        alpha=p.alpha,
+        backend="reference",
+        mask=single,
+    )
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(8))
+    grads_ref = torch.autograd.grad(ref, [p.q, p.k, p.v], g)
+    shard = shard_tokens(p.offsets, ctx.cp_size, ctx.cp_rank)
+    mask = build_cp_mask(shard, mask_mod=rule, with_block_mask=False)
+    assert mask.spec is None and T == shard.total_len
+    q, k, v = (shard.take(x.detach()).requires_grad_() for x in (p.q, p.k, p.v))
+    out = context_parallel_attention(
+        q, k, v, mask, ctx.cp_group, max_seq_len=p.max_seq_len, alpha=p.alpha, backend="reference"
+    )
+    grads = torch.autograd.grad(out, [q, k, v], shard.take(g))
+    check("custom mask out", out, shard.take(ref))
+    for name, got, want in zip("qkv", grads, grads_ref):
+        check(f"custom mask d{name}", got, shard.take(want))
+
+
+def cp_attention_reference() -> None:
+    ctx = init_parallel(ParallelConfig(cp=2))
+    assert (ctx.dp_size, ctx.cp_size) == (1, 2)
+    for seed, spec in enumerate(ATTENTION_CASES):
+        _attention_case(ctx, spec, seed, "reference")
+    _custom_mask_case(ctx)
+
+
+def _allow_cpu_flex_backward() -> None:
+    """Eager FlexAttention's math path is differentiable on CPU; torch only refuses it in its
+    argument checks. Lifting that lets CI check the flex paths' gradients (see conftest)."""
+    flex_module._validate_device = lambda *a, **k: None
+    cp_attention.cpu_needs_fallback = lambda *tensors: False
+    ops_flex.cpu_needs_fallback = lambda *tensors: False
+
+
+def cp_attention_flex() -> None:
+    _allow_cpu_flex_backward()
+    ctx = init_parallel(ParallelConfig(cp=2))
+    for seed, spec in enumerate(ATTENTION_CASES):
+        if spec.get("use_rab") or spec.get("targets"):
+            _attention_case(ctx, spec, 100 + seed, "flex")
+    # A tiny budget makes the bias-table gradient split long sequences into blocks of query rows.
+    cp_attention._PAIR_BUDGET = 300
+    _attention_case(ctx, ATTENTION_CASES[-1], 200, "flex")
+
+
+def bad_settings() -> None:
+    """Raised on every rank before any collective, so a bad launch fails fast instead of hanging."""
+    for cfg, words in (
+        (ParallelConfig(cp=3), "does not divide"),
+        (ParallelConfig(dp=2, cp=2), "conflicting"),
+    ):
+        try:
+            init_parallel(cfg)
+        except ParallelConfigError as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(f"{cfg} was accepted on a world of 2")
+    ctx = init_parallel(ParallelConfig())
+    assert (ctx.dp_size, ctx.cp_size) == (2, 1)
