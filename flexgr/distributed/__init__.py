@@ -18,6 +18,14 @@ from flexgr.distributed.cp_attention import (
     resolve_cp_backend,
 )
 from flexgr.distributed.cp_mask import CPMask, build_cp_mask
+from flexgr.distributed.data_parallel import apply_data_parallel, parallelize, unwrap
+from flexgr.distributed.hstu_cp import (
+    ContextParallelHSTU,
+    HSTUShardBatch,
+    apply_context_parallel,
+    gather_tokens,
+    shard_hstu_batch,
+)
 from flexgr.distributed.mesh import (
     ParallelContext,
     destroy_parallel,
@@ -29,22 +37,30 @@ from flexgr.distributed.sharding import TokenShard, shard_tokens, token_owner
 __all__ = [
     "BalanceReport",
     "CPMask",
+    "ContextParallelHSTU",
+    "HSTUShardBatch",
     "ParallelConfig",
     "ParallelConfigError",
     "ParallelContext",
     "TokenShard",
     "all_gather_tokens",
     "all_reduce_sum",
+    "apply_context_parallel",
+    "apply_data_parallel",
     "attend_gathered",
     "balance_report",
     "build_cp_mask",
     "context_parallel_attention",
     "cp_hstu_attention",
     "destroy_parallel",
+    "gather_tokens",
     "init_parallel",
     "pairs_per_query",
+    "parallelize",
     "resolve_cp_backend",
+    "shard_hstu_batch",
     "shard_tokens",
     "single_process",
     "token_owner",
+    "unwrap",
 ]

@@ -14,12 +14,18 @@ from flexgr.distributed import (
     context_parallel_attention,
     cp_attention,
     cp_hstu_attention,
+    gather_tokens,
     init_parallel,
+    parallelize,
+    shard_hstu_batch,
     shard_tokens,
+    unwrap,
 )
 from flexgr.masks import and_masks, build_custom_mask, jagged, semi_local
+from flexgr.model import HSTU, HSTUConfig
 from flexgr.ops import flex as ops_flex
 from flexgr.ops import hstu_attention
+from tests.conftest import make_offsets
 from tests.ops.helpers import random_problem
 
 TOL = 1e-5
@@ -133,6 +139,111 @@ def cp_attention_flex() -> None:
     _attention_case(ctx, ATTENTION_CASES[-1], 200, "flex")
 
 
+# ---------------------------------------------------------------- model level
+
+
+def _hstu_config(backend: str) -> HSTUConfig:
+    return HSTUConfig(
+        num_items=60,
+        d_model=16,
+        num_layers=2,
+        num_heads=2,
+        dqk=8,
+        dv=8,
+        max_seq_len=48,
+        dropout=0.0,
+        input_dropout=0.0,
+        backend=backend,
+    )
+
+
+def _batch(lengths: list[int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    offsets = make_offsets(lengths)
+    T = sum(lengths)
+    ids = torch.randint(1, 61, (T,), generator=g)
+    ts = torch.cumsum(torch.randint(0, 50_000, (T,), generator=g), 0)
+    query = ts[offsets[1:] - 1] + 100
+    nt = torch.tensor([min(2, L - 1) if L > 1 else 0 for L in lengths])
+    return ids, offsets, ts, query, nt
+
+
+def _param_grads(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _train_two_steps(ref: HSTU, net: torch.nn.Module, ctx, global_batches, local_batches) -> None:
+    """Two SGD steps on both; outputs and gradients must agree at every step."""
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for step, ((ids, off, ts, qt, nt), local) in enumerate(zip(global_batches, local_batches)):
+        W = torch.randn(ids.shape[0], 16, generator=torch.Generator().manual_seed(step))
+        opt_ref.zero_grad()
+        out_ref = ref(ids, off, ts, qt, nt)
+        ((out_ref * W).sum() / ids.shape[0]).backward()
+
+        batch, rows = local  # rows: which global rows this rank's batch covers
+        opt.zero_grad()
+        out = net(batch)
+        count = ctx.all_reduce_sum(torch.tensor(float(out.shape[0])))
+        assert int(count) == ids.shape[0], "every token is on exactly one rank"
+        W_local = batch.take(W[rows])
+        ((out * W_local).sum() / count).backward()
+
+        check(f"step {step} output", out, batch.take(out_ref[rows]))
+        want = _param_grads(ref)
+        for name, grad in _param_grads(unwrap(net)).items():
+            check(f"step {step} grad {name}", grad, want[name])
+        if ctx.cp_size > 1:
+            full = gather_tokens(out, batch.shard, ctx.cp_group)
+            check(f"step {step} gathered output", full, out_ref[rows])
+        opt_ref.step()
+        opt.step()
+
+
+def _split_for_dp(lengths: list[int], dp_rank: int, dp_size: int, seed: int):
+    """The global batch and this dp rank's contiguous slice of its sequences."""
+    ids, off, ts, qt, nt = _batch(lengths, seed)
+    B = len(lengths)
+    lo, hi = dp_rank * B // dp_size, (dp_rank + 1) * B // dp_size
+    rows = torch.arange(int(off[lo]), int(off[hi]))
+    sub_off = off[lo : hi + 1] - off[lo]
+    return (ids, off, ts, qt, nt), rows, (ids[rows], sub_off, ts[rows], qt[lo:hi], nt[lo:hi])
+
+
+def model_parallel(dp: int, cp: int, backend: str = "reference") -> None:
+    if backend == "flex":
+        _allow_cpu_flex_backward()
+    ctx = init_parallel(ParallelConfig(dp=dp, cp=cp))
+    assert (ctx.dp_size, ctx.cp_size) == (dp, cp)
+    torch.manual_seed(0)
+    # The oracle runs the same backend: flex vs reference alone differs by up to ~1e-5 in some
+    # fp32 weight gradients (the transform's fp32 LSE), which tests/ops and tests/model cover.
+    ref = HSTU(_hstu_config(backend))
+    # A different init on every rank: DDP must broadcast rank 0's weights.
+    torch.manual_seed(ctx.rank)
+    model = HSTU(_hstu_config(backend))
+    if ctx.rank == 0:
+        model.load_state_dict(ref.state_dict())
+    net = parallelize(model, ctx)
+    lengths = [[1, 7, 40, 3, 25, 2, 11, 30], [48, 2, 5, 9, 1, 33, 4, 20]]
+    global_batches, local_batches = [], []
+    for step, L in enumerate(lengths):
+        glob, rows, (ids, off, ts, qt, nt) = _split_for_dp(L, ctx.dp_rank, ctx.dp_size, seed=step)
+        batch = shard_hstu_batch(
+            ids,
+            off,
+            cp_rank=ctx.cp_rank,
+            cp_size=ctx.cp_size,
+            timestamps=ts,
+            query_time=qt,
+            num_targets=nt,
+        )
+        global_batches.append(glob)
+        local_batches.append((batch, rows))
+    _train_two_steps(ref, net, ctx, global_batches, local_batches)
+
+
 def bad_settings() -> None:
     """Raised on every rank before any collective, so a bad launch fails fast instead of hanging."""
     for cfg, words in (
@@ -147,3 +258,9 @@ def bad_settings() -> None:
             raise AssertionError(f"{cfg} was accepted on a world of 2")
     ctx = init_parallel(ParallelConfig())
     assert (ctx.dp_size, ctx.cp_size) == (2, 1)
+    try:
+        parallelize(torch.nn.Linear(2, 2), init_parallel(ParallelConfig(cp=2)))
+    except TypeError as e:
+        assert "HSTU" in str(e)
+    else:
+        raise AssertionError("cp=2 accepted a model without HSTU attention")
