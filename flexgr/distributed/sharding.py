@@ -90,16 +90,22 @@ def token_owner(
 
 
 def shard_tokens(
-    offsets: Tensor, cp_size: int, cp_rank: int, *, total_len: int | None = None
+    offsets: Tensor,
+    cp_size: int,
+    cp_rank: int,
+    *,
+    total_len: int | None = None,
+    scheme: str = "zigzag",
 ) -> TokenShard:
-    """Head-tail shard of a packed batch for rank ``cp_rank`` of ``cp_size`` (see module doc)."""
+    """Head-tail shard of a packed batch for rank ``cp_rank`` of ``cp_size`` (see module doc).
+    ``scheme="contiguous"`` exists to measure what head-tail buys; results are correct either way."""
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank must be in [0, {cp_size}), got {cp_rank}")
     offsets = offsets.to(torch.int64)
     device = offsets.device
     T = int(offsets[-1]) if total_len is None else total_len
     B = offsets.numel() - 1
-    owner = token_owner(offsets, cp_size, "zigzag", T)
+    owner = token_owner(offsets, cp_size, scheme, T)
     counts = torch.bincount(owner, minlength=cp_size)
     tokens_per_rank = tuple(int(c) for c in counts.tolist())
     # Rounded like a packed length so that the all-gather and compiled kernels see few shapes.

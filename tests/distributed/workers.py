@@ -61,10 +61,12 @@ def check(name: str, got: Tensor, want: Tensor, tol: float = TOL) -> None:
     assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
 
 
-def _attention_case(ctx, spec: dict, seed: int, backend: str) -> None:
-    p = random_problem(dtype=torch.float32, requires_grad=True, seed=seed, **spec)
-    ref = hstu_attention(p.q, p.k, p.v, p.offsets, backend="reference", **p.kwargs())
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1))
+def _attention_case(
+    ctx, spec: dict, seed: int, backend: str, oracle: str = "reference", device: str = "cpu"
+) -> None:
+    p = random_problem(dtype=torch.float32, requires_grad=True, seed=seed, device=device, **spec)
+    ref = hstu_attention(p.q, p.k, p.v, p.offsets, backend=oracle, **p.kwargs())
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     grads_ref = torch.autograd.grad(ref, p.leaves(), g)
 
     shard = shard_tokens(p.offsets, ctx.cp_size, ctx.cp_rank)
@@ -157,7 +159,7 @@ def _hstu_config(backend: str) -> HSTUConfig:
     )
 
 
-def _batch(lengths: list[int], seed: int):
+def _batch(lengths: list[int], seed: int, device: torch.device):
     g = torch.Generator().manual_seed(seed)
     offsets = make_offsets(lengths)
     T = sum(lengths)
@@ -165,7 +167,7 @@ def _batch(lengths: list[int], seed: int):
     ts = torch.cumsum(torch.randint(0, 50_000, (T,), generator=g), 0)
     query = ts[offsets[1:] - 1] + 100
     nt = torch.tensor([min(2, L - 1) if L > 1 else 0 for L in lengths])
-    return ids, offsets, ts, query, nt
+    return tuple(x.to(device) for x in (ids, offsets, ts, query, nt))
 
 
 def _param_grads(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -178,6 +180,7 @@ def _train_two_steps(ref: HSTU, net: torch.nn.Module, ctx, global_batches, local
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     for step, ((ids, off, ts, qt, nt), local) in enumerate(zip(global_batches, local_batches)):
         W = torch.randn(ids.shape[0], 16, generator=torch.Generator().manual_seed(step))
+        W = W.to(ids.device)
         opt_ref.zero_grad()
         out_ref = ref(ids, off, ts, qt, nt)
         ((out_ref * W).sum() / ids.shape[0]).backward()
@@ -185,7 +188,7 @@ def _train_two_steps(ref: HSTU, net: torch.nn.Module, ctx, global_batches, local
         batch, rows = local  # rows: which global rows this rank's batch covers
         opt.zero_grad()
         out = net(batch)
-        count = ctx.all_reduce_sum(torch.tensor(float(out.shape[0])))
+        count = ctx.all_reduce_sum(torch.tensor(float(out.shape[0]), device=out.device))
         assert int(count) == ids.shape[0], "every token is on exactly one rank"
         W_local = batch.take(W[rows])
         ((out * W_local).sum() / count).backward()
@@ -201,35 +204,38 @@ def _train_two_steps(ref: HSTU, net: torch.nn.Module, ctx, global_batches, local
         opt.step()
 
 
-def _split_for_dp(lengths: list[int], dp_rank: int, dp_size: int, seed: int):
+def _split_for_dp(lengths: list[int], dp_rank: int, dp_size: int, seed: int, device):
     """The global batch and this dp rank's contiguous slice of its sequences."""
-    ids, off, ts, qt, nt = _batch(lengths, seed)
+    ids, off, ts, qt, nt = _batch(lengths, seed, device)
     B = len(lengths)
     lo, hi = dp_rank * B // dp_size, (dp_rank + 1) * B // dp_size
-    rows = torch.arange(int(off[lo]), int(off[hi]))
+    rows = torch.arange(int(off[lo]), int(off[hi]), device=device)
     sub_off = off[lo : hi + 1] - off[lo]
     return (ids, off, ts, qt, nt), rows, (ids[rows], sub_off, ts[rows], qt[lo:hi], nt[lo:hi])
 
 
-def model_parallel(dp: int, cp: int, backend: str = "reference") -> None:
-    if backend == "flex":
+def model_parallel(dp: int, cp: int, backend: str = "reference", device: str = "cpu") -> None:
+    if backend == "flex" and device == "cpu":
         _allow_cpu_flex_backward()
     ctx = init_parallel(ParallelConfig(dp=dp, cp=cp))
+    dev = ctx.device
     assert (ctx.dp_size, ctx.cp_size) == (dp, cp)
     torch.manual_seed(0)
     # The oracle runs the same backend: flex vs reference alone differs by up to ~1e-5 in some
     # fp32 weight gradients (the transform's fp32 LSE), which tests/ops and tests/model cover.
-    ref = HSTU(_hstu_config(backend))
+    ref = HSTU(_hstu_config(backend)).to(dev)
     # A different init on every rank: DDP must broadcast rank 0's weights.
     torch.manual_seed(ctx.rank)
-    model = HSTU(_hstu_config(backend))
+    model = HSTU(_hstu_config(backend)).to(dev)
     if ctx.rank == 0:
         model.load_state_dict(ref.state_dict())
     net = parallelize(model, ctx)
     lengths = [[1, 7, 40, 3, 25, 2, 11, 30], [48, 2, 5, 9, 1, 33, 4, 20]]
     global_batches, local_batches = [], []
     for step, L in enumerate(lengths):
-        glob, rows, (ids, off, ts, qt, nt) = _split_for_dp(L, ctx.dp_rank, ctx.dp_size, seed=step)
+        glob, rows, (ids, off, ts, qt, nt) = _split_for_dp(
+            L, ctx.dp_rank, ctx.dp_size, seed=step, device=dev
+        )
         batch = shard_hstu_batch(
             ids,
             off,
@@ -242,6 +248,15 @@ def model_parallel(dp: int, cp: int, backend: str = "reference") -> None:
         global_batches.append(glob)
         local_batches.append((batch, rows))
     _train_two_steps(ref, net, ctx, global_batches, local_batches)
+
+
+def gpu_cp_flex() -> None:
+    """CUDA + NCCL: compiled flex with Q_LEN != KV_LEN against single-GPU flex (fp32)."""
+    ctx = init_parallel(ParallelConfig(cp=2))
+    assert ctx.device.type == "cuda"
+    for seed, spec in enumerate(ATTENTION_CASES):
+        if seed in (0, 6, 7):
+            _attention_case(ctx, spec, 300 + seed, "flex", oracle="flex", device="cuda")
 
 
 def bad_settings() -> None:
