@@ -13,6 +13,7 @@ from flexgr.distributed import (
     build_cp_mask,
     context_parallel_attention,
     cp_attention,
+    cp_flex,
     cp_hstu_attention,
     gather_tokens,
     init_parallel,
@@ -137,7 +138,7 @@ def cp_attention_flex() -> None:
         if spec.get("use_rab") or spec.get("targets"):
             _attention_case(ctx, spec, 100 + seed, "flex")
     # A tiny budget makes the bias-table gradient split long sequences into blocks of query rows.
-    cp_attention._PAIR_BUDGET = 300
+    cp_flex._PAIR_BUDGET = 300
     _attention_case(ctx, ATTENTION_CASES[-1], 200, "flex")
 
 
