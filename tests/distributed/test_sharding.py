@@ -11,6 +11,7 @@ from flexgr.distributed import (
     ParallelConfig,
     ParallelConfigError,
     balance_report,
+    cp_attention,
     pairs_per_query,
     resolve_cp_backend,
     shard_tokens,
@@ -149,6 +150,7 @@ def test_pairs_per_query_counts_the_mask(seed):
 def test_cp_backend_choice_on_cpu():
     x = torch.zeros(1, requires_grad=True)
     assert resolve_cp_backend("auto", torch.device("cpu"), x) == "reference"
+    cp_attention._warn_once.cache_clear()  # warned once per process: make this the first time
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_cp_backend("flex", torch.device("cpu"), x) == "reference"
