@@ -120,6 +120,19 @@ def cp_attention_reference() -> None:
     assert (ctx.dp_size, ctx.cp_size) == (1, 2)
     for seed, spec in enumerate(ATTENTION_CASES):
         _attention_case(ctx, spec, seed, "reference")
+    for seed in range(4):  # random lengths and options, the same draw on every rank
+        g = torch.Generator().manual_seed(500 + seed)
+        spec = {
+            "lengths": torch.randint(
+                1, 70, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g
+            ).tolist(),
+            "targets": bool(seed % 2),
+            "contextual_len": [0, 0, 1, 3][seed],
+            "max_attn_len": [0, 6, 0, 9][seed],
+            "full_attn_tail": [0, 2, 0, 0][seed],
+            "use_rab": seed != 2,
+        }
+        _attention_case(ctx, spec, 500 + seed, "reference")
     _custom_mask_case(ctx)
 
 
