@@ -460,7 +460,7 @@ def main() -> None:
                     f"{tokens:,}",
                     f"max/mean pairs {imbalance:.3f}",
                     "pairs "
-                    + " / ".join(f"{p / 1e6:.1f}M" for p in pairs)
+                    + " / ".join(f"{p:,}" for p in pairs)
                     + "; "
                     + fmt_ranks(times, "ms", 2),
                 )
