@@ -1,0 +1,300 @@
+"""Backward kernels.
+
+s = alpha q.k + bias, p = silu(s) m / N, o = p v; with sg = sigmoid(s):
+  dv_j = sum_i p_ij do_i
+  ds_ij = (do_i . v_j) * sg (1 + s (1 - sg)) m / N
+  dk_j = alpha sum_i ds_ij q_i,  dq_i = alpha sum_j ds_ij k_j,  d bias_ij = ds_ij
+There is no softmax, so no row statistics are saved: both kernels recompute s from q and k.
+
+``hstu_bwd_dkdv_kernel``: one program per (BLOCK_N key tile, head), walking the query blocks of
+its mask column (the BlockMask's transposed q_* lists). With FUSE_DQ it also adds each tile's dq
+contribution into an fp32 buffer with atomics; otherwise ``hstu_bwd_dq_kernel`` (one program per
+query tile, like the forward) computes dq. The bias-table gradients are accumulated in the dk/dv
+kernel with fp32 atomics.
+"""
+
+import triton
+import triton.language as tl
+
+from flexgr.ops.triton_hstu.rules import hstu_valid, rab_index, sigmoid_fast
+
+
+@triton.jit
+def _dkdv_visit(
+    dk, dv, k, v, offs_n, k_seq, k_pos, k_local, k_ts,
+    Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
+    SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
+    block_list, num_blocks, T, alpha, out_scale, dq_scale, window, tail,
+    rab_n, num_buckets, bucket_div,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, IS_FULL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    SUB: tl.constexpr = MASK_BLOCK_Q // BLOCK_M
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(0, num_blocks * SUB):
+        blk = tl.load(block_list + t // SUB)
+        offs_m = blk * MASK_BLOCK_Q + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if IS_FULL:
+            row_ok = offs_m >= 0
+        else:
+            row_ok = offs_m < T
+        q = tl.load(
+            Q + offs_m[:, None] * stride_qt + offs_dk[None, :],
+            mask=row_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+        )
+        do = tl.load(
+            DO + offs_m[:, None] * stride_dot + offs_dv[None, :],
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        # Transposed tiles [keys, queries]: dk and dv then come out of plain dots.
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * alpha
+        if HAS_RAB:
+            q_local = tl.load(Local + offs_m)
+            q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
+            rel, bucket = rab_index(
+                q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, True
+            )
+            sT += tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+        sig = sigmoid_fast(sT)
+        pT = sT * sig
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = dpT * (sig * (1.0 + sT * (1.0 - sig)))
+        if not IS_FULL:
+            q_seq = tl.load(SeqId + offs_m)
+            q_pos = tl.load(PosId + offs_m)
+            q_max = tl.load(MaxId + offs_m)
+            valid = hstu_valid(
+                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, True,
+            )
+            pT = tl.where(valid, pT, 0.0)
+            dsT = tl.where(valid, dsT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        ds_lo = dsT.to(q.dtype)
+        dk = tl.dot(ds_lo, q, dk, input_precision=DOT_PRECISION)
+        if FUSE_DQ:
+            dq_part = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PRECISION) * dq_scale
+            tl.atomic_add(
+                DQacc + offs_m[:, None] * stride_dqt + offs_dk[None, :], dq_part,
+                mask=row_ok[:, None] & (offs_dk[None, :] < DQK), sem="relaxed",
+            )
+        if HAS_RAB:
+            # d bias = ds (with p's 1/N). Masked-off pairs send no atomics at all.
+            g = dsT * out_scale
+            if IS_FULL:
+                tl.atomic_add(DPosW + rel, g, sem="relaxed")
+                tl.atomic_add(DTsW + bucket, g, sem="relaxed")
+            else:
+                tl.atomic_add(DPosW + rel, g, mask=valid, sem="relaxed")
+                tl.atomic_add(DTsW + bucket, g, mask=valid, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def hstu_bwd_dkdv_kernel(
+    Q, K, V, DO, GradK, GradV, DQacc,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+    QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
+    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    mask_col = start_n // MASK_BLOCK_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < T
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    Q += head * stride_qh
+    K += head * stride_kh
+    V += head * stride_vh
+    DO += head * stride_doh
+    GradK += head * stride_dkh
+    GradV += head * stride_dvh
+    DQacc += head * stride_dqh
+    k = tl.load(
+        K + offs_n[:, None] * stride_kt + offs_dk[None, :],
+        mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+    )
+    v = tl.load(
+        V + offs_n[:, None] * stride_vt + offs_dv[None, :],
+        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    k_seq = tl.load(SeqId + offs_n)
+    k_pos = tl.load(PosId + offs_n)
+    if HAS_RAB:
+        k_local = tl.load(Local + offs_n)
+        k_ts = tl.load(Ts + offs_n, mask=col_ok, other=0)
+    else:
+        k_local = k_pos
+        k_ts = k_pos
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dq_scale = alpha * out_scale
+
+    num_partial = tl.load(QNum + mask_col)
+    dk, dv = _dkdv_visit(
+        dk, dv, k, v, offs_n, k_seq, k_pos, k_local, k_ts,
+        Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
+        SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
+        QIdx + mask_col * q_idx_stride, num_partial, T, alpha, out_scale, dq_scale, window, tail,
+        rab_n, num_buckets, bucket_div,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, False,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, DOT_PRECISION,
+    )
+    num_full = tl.load(FullQNum + mask_col)
+    dk, dv = _dkdv_visit(
+        dk, dv, k, v, offs_n, k_seq, k_pos, k_local, k_ts,
+        Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
+        SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
+        FullQIdx + mask_col * q_idx_stride, num_full, T, alpha, out_scale, dq_scale, window, tail,
+        rab_n, num_buckets, bucket_div,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, True,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, DOT_PRECISION,
+    )
+    tl.store(
+        GradK + offs_n[:, None] * stride_dkt + offs_dk[None, :],
+        (dk * dq_scale).to(GradK.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_dk[None, :] < DQK),
+    )
+    tl.store(
+        GradV + offs_n[:, None] * stride_dvt + offs_dv[None, :],
+        (dv * out_scale).to(GradV.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _dq_visit(
+    dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
+    K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+    block_list, num_blocks, T, alpha, window, tail, rab_n, num_buckets, bucket_div,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, IS_FULL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(0, num_blocks * SUB):
+        blk = tl.load(block_list + t // SUB)
+        offs_n = blk * MASK_BLOCK_KV + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if IS_FULL:
+            row_ok = offs_n >= 0
+        else:
+            row_ok = offs_n < T
+        k = tl.load(
+            K + offs_n[:, None] * stride_kt + offs_dk[None, :],
+            mask=row_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+        )
+        v = tl.load(
+            V + offs_n[:, None] * stride_vt + offs_dv[None, :],
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
+        if HAS_RAB:
+            k_local = tl.load(Local + offs_n, mask=row_ok, other=0)
+            k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
+            rel, bucket = rab_index(
+                q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
+            )
+            s += tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+        sig = sigmoid_fast(s)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = dp * (sig * (1.0 + s * (1.0 - sig)))
+        if not IS_FULL:
+            k_seq = tl.load(SeqId + offs_n)
+            k_pos = tl.load(PosId + offs_n)
+            valid = hstu_valid(
+                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, False,
+            )
+            ds = tl.where(valid, ds, 0.0)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def hstu_bwd_dq_kernel(
+    Q, K, V, DO, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
+    KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
+    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    mask_row = start_m // MASK_BLOCK_Q
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    Q += head * stride_qh
+    K += head * stride_kh
+    V += head * stride_vh
+    DO += head * stride_doh
+    DQ += head * stride_dqh
+    q = tl.load(
+        Q + offs_m[:, None] * stride_qt + offs_dk[None, :],
+        mask=row_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+    )
+    do = tl.load(
+        DO + offs_m[:, None] * stride_dot + offs_dv[None, :],
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    )
+    q_seq = tl.load(SeqId + offs_m)
+    q_pos = tl.load(PosId + offs_m)
+    q_max = tl.load(MaxId + offs_m)
+    if HAS_RAB:
+        q_local = tl.load(Local + offs_m)
+        q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
+    else:
+        q_local = q_pos
+        q_next_ts = q_pos
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+
+    num_partial = tl.load(KvNum + mask_row)
+    dq = _dq_visit(
+        dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
+        K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+        KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail,
+        rab_n, num_buckets, bucket_div,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, False,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, DOT_PRECISION,
+    )
+    num_full = tl.load(FullKvNum + mask_row)
+    dq = _dq_visit(
+        dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
+        K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+        FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail,
+        rab_n, num_buckets, bucket_div,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, True,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, DOT_PRECISION,
+    )
+    tl.store(
+        DQ + offs_m[:, None] * stride_dqt + offs_dk[None, :],
+        (dq * (alpha * out_scale)).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_dk[None, :] < DQK),
+    )

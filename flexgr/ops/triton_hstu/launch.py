@@ -1,0 +1,311 @@
+"""Host side: gather the kernels' inputs from an HSTUMask, pick tiles, launch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from flexgr.masks.block import HSTUMask, MaskSpec
+from flexgr.ops.rab import RelativeBias
+from flexgr.ops.triton_hstu import tuning
+from flexgr.ops.triton_hstu.backward import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel
+from flexgr.ops.triton_hstu.forward import hstu_fwd_kernel
+from flexgr.ops.triton_hstu.tuning import TileConfig
+
+
+@dataclass(frozen=True)
+class MaskTables:
+    """Everything per batch that the kernels read besides q, k, v (shared by all heads)."""
+
+    seq_id: Tensor  # [P] int32
+    pos_id: Tensor  # [P] int32
+    max_id: Tensor  # [P] int32
+    local: Tensor  # [P] int32
+    ts: Tensor  # [T] int64 (a placeholder without rab)
+    next_ts: Tensor  # [T] int64
+    kv_num: Tensor  # [P / MBQ] int32, partial KV blocks per query block
+    kv_idx: Tensor  # [P / MBQ, P / MBKV] int32
+    full_kv_num: Tensor
+    full_kv_idx: Tensor
+    q_num: Tensor  # [P / MBKV] int32, the transpose, for dk/dv
+    q_idx: Tensor
+    full_q_num: Tensor
+    full_q_idx: Tensor
+    mask_block_q: int
+    mask_block_kv: int
+    total_len: int
+    padded_len: int
+    spec: MaskSpec
+    rab_n: int
+    num_buckets: int
+    bucket_div: float
+
+
+def _rows(x: Tensor | None, like: Tensor) -> Tensor:
+    if x is None:  # no full blocks at all
+        return torch.zeros_like(like)
+    return x[0, 0].contiguous()
+
+
+def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
+    bm = mask.block_mask
+    lay = mask.layout
+    if bm.kv_indices.shape[0] != 1 or bm.kv_indices.shape[1] != 1:
+        raise ValueError("triton backend: the BlockMask must have B = H = 1 (one packed batch)")
+    if bm.q_indices is None:
+        raise ValueError("triton backend: the BlockMask lacks its transposed q_* blocks")
+    mbq, mbkv = bm.BLOCK_SIZE
+    if mask.padded_len % mbq or mask.padded_len % mbkv:
+        raise ValueError("triton backend: the padded length must be a multiple of the mask blocks")
+    kv_num = bm.kv_num_blocks[0, 0].contiguous()
+    kv_idx = bm.kv_indices[0, 0].contiguous()
+    q_num = bm.q_num_blocks[0, 0].contiguous()
+    q_idx = bm.q_indices[0, 0].contiguous()
+    if rab is not None:
+        ts = rab.timestamps.to(torch.int64).contiguous()
+        next_ts = rab.next_timestamps.to(torch.int64).contiguous()
+    else:
+        ts = next_ts = lay.seq_id.new_zeros(1, dtype=torch.int64)
+    return MaskTables(
+        seq_id=lay.seq_id.to(torch.int32).contiguous(),
+        pos_id=lay.pos_id.to(torch.int32).contiguous(),
+        max_id=lay.max_id.to(torch.int32).contiguous(),
+        local=lay.local.to(torch.int32).contiguous(),
+        ts=ts,
+        next_ts=next_ts,
+        kv_num=kv_num.to(torch.int32),
+        kv_idx=kv_idx.to(torch.int32),
+        full_kv_num=_rows(bm.full_kv_num_blocks, bm.kv_num_blocks).to(torch.int32),
+        full_kv_idx=_rows(bm.full_kv_indices, bm.kv_indices).to(torch.int32),
+        q_num=q_num.to(torch.int32),
+        q_idx=q_idx.to(torch.int32),
+        full_q_num=_rows(bm.full_q_num_blocks, bm.q_num_blocks).to(torch.int32),
+        full_q_idx=_rows(bm.full_q_indices, bm.q_indices).to(torch.int32),
+        mask_block_q=int(mbq),
+        mask_block_kv=int(mbkv),
+        total_len=mask.total_len,
+        padded_len=mask.padded_len,
+        spec=mask.spec,  # type: ignore[arg-type]  # checked by the caller
+        rab_n=rab.max_len if rab is not None else 1,
+        num_buckets=rab.num_buckets if rab is not None else 0,
+        bucket_div=rab.bucket_divisor if rab is not None else 1.0,
+    )
+
+
+def _mask_flags(tab: MaskTables, has_rab: bool) -> dict[str, object]:
+    spec = tab.spec
+    return dict(
+        HAS_TARGETS=spec.has_targets,
+        HAS_CONTEXT=spec.contextual_len > 0,
+        HAS_WINDOW=spec.max_attn_len > 0,
+        HAS_TAIL=spec.max_attn_len > 0 and spec.full_attn_tail > 0,
+        HAS_RAB=has_rab,
+    )
+
+
+def _scalars(tab: MaskTables, alpha: float, out_scale: float) -> tuple[object, ...]:
+    spec = tab.spec
+    return (
+        tab.total_len, float(alpha), float(out_scale), int(spec.max_attn_len),
+        int(spec.full_attn_tail), tab.rab_n, tab.num_buckets, float(tab.bucket_div),
+    )
+
+
+def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
+    dqk, dv = q.shape[2], v.shape[2]
+    return dict(
+        DQK=dqk, DV=dv,
+        BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _key(kind: str, tab: MaskTables, q: Tensor, v: Tensor, flags: dict[str, object]) -> tuple:
+    return (
+        kind, q.device.index, q.dtype, q.shape[1], q.shape[2], v.shape[2], tab.padded_len.bit_length(),
+        tab.mask_block_q, tab.mask_block_kv, tuple(sorted(flags.items())),
+    )
+
+
+# Tests set this to NaN-fill every output buffer before the kernels run, so that an element no
+# program writes shows up as NaN instead of as leftover memory that happens to be right.
+poison_outputs = False
+
+
+def _empty(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _placeholder(w: Tensor | None, like: Tensor) -> Tensor:
+    return w.contiguous() if w is not None else like
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float, out_scale: float,
+    pos_w: Tensor | None, ts_w: Tensor | None,
+) -> Tensor:
+    T, H, _ = q.shape
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    out = _empty((T, H, v.shape[2]), v)
+    flags = _mask_flags(tab, pos_w is not None)
+    dims = _dims(q, v)
+    pos_w_ = _placeholder(pos_w, tab.seq_id)
+    ts_w_ = _placeholder(ts_w, tab.seq_id)
+
+    def launch(cfg: TileConfig) -> None:
+        grid = (tab.padded_len // cfg.block_m, H)
+        hstu_fwd_kernel[grid](
+            q, k, v, out,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
+            tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0),
+            *_scalars(tab, alpha, out_scale),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **dims, **flags,
+        )
+
+    dmax = max(q.shape[2], v.shape[2])
+    options = tuning.candidates("fwd", dmax, tab.mask_block_q, tab.mask_block_kv)
+    cfg = tuning.pick(_key("fwd", tab, q, v, flags), options, launch)
+    launch(cfg)
+    return out
+
+
+_fused_wins: dict[tuple, bool] = {}
+
+
+def bwd_mode() -> str:
+    """'split' (dk/dv kernel + dq kernel), 'fused' (dq by atomics in the dk/dv kernel) or 'auto'
+    (time both on the first call of a shape bucket)."""
+    mode = os.environ.get("FLEXGR_TRITON_BWD", "auto")
+    if mode not in ("auto", "split", "fused"):
+        raise ValueError(f"FLEXGR_TRITON_BWD must be auto, split or fused, got {mode!r}")
+    return mode
+
+
+def backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float,
+    out_scale: float, pos_w: Tensor | None, ts_w: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    T, H, _ = q.shape
+    q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
+    dq = _empty(q.shape, q)
+    dk = _empty(k.shape, k)
+    dv = _empty(v.shape, v)
+    has_rab = pos_w is not None
+    flags = _mask_flags(tab, has_rab)
+    dims = _dims(q, v)
+    pos_w_ = _placeholder(pos_w, tab.seq_id)
+    ts_w_ = _placeholder(ts_w, tab.seq_id)
+    dpos = torch.zeros(pos_w.numel() if has_rab else 1, dtype=torch.float32, device=q.device)
+    dts = torch.zeros(ts_w.numel() if ts_w is not None else 1, dtype=torch.float32, device=q.device)
+    dq_acc_holder: list[Tensor] = []
+    scalars = _scalars(tab, alpha, out_scale)
+
+    def launch_dkdv(cfg: TileConfig, fuse: bool, dq_acc: Tensor) -> None:
+        grid = (tab.padded_len // cfg.block_n, H)
+        hstu_bwd_dkdv_kernel[grid](
+            q, k, v, do, dk, dv, dq_acc,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            dq_acc.stride(0), dq_acc.stride(1),
+            tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
+            dpos, dts,
+            tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx, tab.q_idx.stride(0),
+            *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
+            FUSE_DQ=fuse, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **dims, **flags,
+        )
+
+    def launch_dq(cfg: TileConfig) -> None:
+        grid = (tab.padded_len // cfg.block_m, H)
+        hstu_bwd_dq_kernel[grid](
+            q, k, v, do, dq,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
+            tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0),
+            *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **dims, **flags,
+        )
+
+    def fused_acc() -> Tensor:
+        if not dq_acc_holder:
+            dq_acc_holder.append(torch.zeros(q.shape, dtype=torch.float32, device=q.device))
+        return dq_acc_holder[0]
+
+    dmax = max(q.shape[2], v.shape[2])
+    mode = bwd_mode()
+    mbq, mbkv = tab.mask_block_q, tab.mask_block_kv
+    dkdv_options = tuning.candidates("dkdv", dmax, mbq, mbkv)
+    # Tuning runs write garbage into the atomic buffers; they are zeroed again below.
+    split_cfgs = fused_cfg = None
+    if mode in ("auto", "split"):
+        dkdv_cfg = tuning.pick(
+            _key("dkdv", tab, q, v, flags), dkdv_options, lambda c: launch_dkdv(c, False, dq)
+        )
+        dq_cfg = tuning.pick(
+            _key("dq", tab, q, v, flags), tuning.candidates("dq", dmax, mbq, mbkv), launch_dq
+        )
+        split_cfgs = (dkdv_cfg, dq_cfg)
+    if mode in ("auto", "fused"):
+        fused_cfg = tuning.pick(
+            _key("dkdv_fused", tab, q, v, flags), dkdv_options,
+            lambda c: launch_dkdv(c, True, fused_acc()),
+        )
+    if mode == "auto":
+        use_fused = _fused_wins.get(_key("bwd_mode", tab, q, v, flags))
+        if use_fused is None:
+            dkdv_cfg, dq_cfg = split_cfgs  # type: ignore[misc]
+
+            def split() -> None:
+                launch_dkdv(dkdv_cfg, False, dq)
+                launch_dq(dq_cfg)
+
+            def fused() -> None:
+                acc = fused_acc()
+                acc.zero_()
+                launch_dkdv(fused_cfg, True, acc)  # type: ignore[arg-type]
+
+            use_fused = tuning.autotune_enabled() and tuning.time_ms(fused) < tuning.time_ms(split)
+            _fused_wins[_key("bwd_mode", tab, q, v, flags)] = use_fused
+    else:
+        use_fused = mode == "fused"
+    dpos.zero_()
+    dts.zero_()
+    if use_fused:
+        acc = fused_acc()
+        acc.zero_()
+        launch_dkdv(fused_cfg, True, acc)  # type: ignore[arg-type]
+        dq.copy_(acc)
+    else:
+        dkdv_cfg, dq_cfg = split_cfgs  # type: ignore[misc]
+        launch_dkdv(dkdv_cfg, False, dq)
+        launch_dq(dq_cfg)
+    dpos_w = dpos.to(pos_w.dtype) if pos_w is not None else None
+    dts_w = dts.to(ts_w.dtype) if ts_w is not None else None
+    return dq, dk, dv, dpos_w, dts_w
+
+
+def bwd_choices() -> dict[tuple, bool]:
+    return dict(_fused_wins)
