@@ -16,7 +16,7 @@ kernel with fp32 atomics.
 import triton
 import triton.language as tl
 
-from flexgr.ops.triton_hstu.rules import hstu_valid, rab_index, sigmoid_fast
+from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, silu_and_slope
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _dkdv_visit(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_Q // BLOCK_M
@@ -38,17 +38,14 @@ def _dkdv_visit(
     for t in range(0, num_blocks * SUB):
         blk = tl.load(block_list + t // SUB)
         offs_m = blk * MASK_BLOCK_Q + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        if IS_FULL:
-            row_ok = offs_m >= 0
-        else:
-            row_ok = offs_m < T
-        q = tl.load(
-            Q + offs_m[:, None] * stride_qt + offs_dk[None, :],
-            mask=row_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+        row_ok = offs_m < T
+        q = load_rows(
+            Q + offs_m[:, None] * stride_qt + offs_dk[None, :], row_ok, offs_dk,
+            DQK, BLOCK_DQK, IS_FULL,
         )
-        do = tl.load(
-            DO + offs_m[:, None] * stride_dot + offs_dv[None, :],
-            mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        do = load_rows(
+            DO + offs_m[:, None] * stride_dot + offs_dv[None, :], row_ok, offs_dv,
+            DV, BLOCK_DV, IS_FULL,
         )
         # Transposed tiles [keys, queries]: dk and dv then come out of plain dots.
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * alpha
@@ -59,10 +56,9 @@ def _dkdv_visit(
                 q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, True
             )
             sT += tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
-        sig = sigmoid_fast(sT)
-        pT = sT * sig
+        pT, slopeT = silu_and_slope(sT, FAST)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = dpT * (sig * (1.0 + sT * (1.0 - sig)))
+        dsT = dpT * slopeT
         if not IS_FULL:
             q_seq = tl.load(SeqId + offs_m)
             q_pos = tl.load(PosId + offs_m)
@@ -100,17 +96,17 @@ def hstu_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
-    QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
+    QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, TileOrder,
     T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(0).to(tl.int64)
+    pid_n = tl.load(TileOrder + tl.program_id(1))
     start_n = pid_n * BLOCK_N
     mask_col = start_n // MASK_BLOCK_KV
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -125,13 +121,11 @@ def hstu_bwd_dkdv_kernel(
     GradK += head * stride_dkh
     GradV += head * stride_dvh
     DQacc += head * stride_dqh
-    k = tl.load(
-        K + offs_n[:, None] * stride_kt + offs_dk[None, :],
-        mask=col_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+    k = load_rows(
+        K + offs_n[:, None] * stride_kt + offs_dk[None, :], col_ok, offs_dk, DQK, BLOCK_DQK, False
     )
-    v = tl.load(
-        V + offs_n[:, None] * stride_vt + offs_dv[None, :],
-        mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    v = load_rows(
+        V + offs_n[:, None] * stride_vt + offs_dv[None, :], col_ok, offs_dv, DV, BLOCK_DV, False
     )
     k_seq = tl.load(SeqId + offs_n)
     k_pos = tl.load(PosId + offs_n)
@@ -153,7 +147,7 @@ def hstu_bwd_dkdv_kernel(
         QIdx + mask_col * q_idx_stride, num_partial, T, alpha, out_scale, dq_scale, window, tail,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
     )
     num_full = tl.load(FullQNum + mask_col)
     dk, dv = _dkdv_visit(
@@ -163,17 +157,23 @@ def hstu_bwd_dkdv_kernel(
         FullQIdx + mask_col * q_idx_stride, num_full, T, alpha, out_scale, dq_scale, window, tail,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
     )
+    if DQK == BLOCK_DQK:
+        dk_mask = col_ok[:, None]
+    else:
+        dk_mask = col_ok[:, None] & (offs_dk[None, :] < DQK)
+    if DV == BLOCK_DV:
+        dv_mask = col_ok[:, None]
+    else:
+        dv_mask = col_ok[:, None] & (offs_dv[None, :] < DV)
     tl.store(
         GradK + offs_n[:, None] * stride_dkt + offs_dk[None, :],
-        (dk * dq_scale).to(GradK.dtype.element_ty),
-        mask=col_ok[:, None] & (offs_dk[None, :] < DQK),
+        (dk * dq_scale).to(GradK.dtype.element_ty), mask=dk_mask,
     )
     tl.store(
         GradV + offs_n[:, None] * stride_dvt + offs_dv[None, :],
-        (dv * out_scale).to(GradV.dtype.element_ty),
-        mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+        (dv * out_scale).to(GradV.dtype.element_ty), mask=dv_mask,
     )
 
 
@@ -185,7 +185,8 @@ def _dq_visit(
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
     offs_dk = tl.arange(0, BLOCK_DQK)
@@ -193,29 +194,26 @@ def _dq_visit(
     for t in range(0, num_blocks * SUB):
         blk = tl.load(block_list + t // SUB)
         offs_n = blk * MASK_BLOCK_KV + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        if IS_FULL:
-            row_ok = offs_n >= 0
-        else:
-            row_ok = offs_n < T
-        k = tl.load(
-            K + offs_n[:, None] * stride_kt + offs_dk[None, :],
-            mask=row_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+        row_ok = offs_n < T
+        k = load_rows(
+            K + offs_n[:, None] * stride_kt + offs_dk[None, :], row_ok, offs_dk,
+            DQK, BLOCK_DQK, IS_FULL,
         )
-        v = tl.load(
-            V + offs_n[:, None] * stride_vt + offs_dv[None, :],
-            mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        v = load_rows(
+            V + offs_n[:, None] * stride_vt + offs_dv[None, :], row_ok, offs_dv,
+            DV, BLOCK_DV, IS_FULL,
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
         if HAS_RAB:
-            k_local = tl.load(Local + offs_n, mask=row_ok, other=0)
+            k_local = tl.load(Local + offs_n)
             k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
             rel, bucket = rab_index(
                 q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
             )
             s += tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
-        sig = sigmoid_fast(s)
+        _, slope = silu_and_slope(s, FAST)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = dp * (sig * (1.0 + s * (1.0 - sig)))
+        ds = dp * slope
         if not IS_FULL:
             k_seq = tl.load(SeqId + offs_n)
             k_pos = tl.load(PosId + offs_n)
@@ -234,16 +232,17 @@ def hstu_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
-    KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
+    KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, TileOrder,
     T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(0).to(tl.int64)
+    pid_m = tl.load(TileOrder + tl.program_id(1))
     start_m = pid_m * BLOCK_M
     mask_row = start_m // MASK_BLOCK_Q
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -256,13 +255,11 @@ def hstu_bwd_dq_kernel(
     V += head * stride_vh
     DO += head * stride_doh
     DQ += head * stride_dqh
-    q = tl.load(
-        Q + offs_m[:, None] * stride_qt + offs_dk[None, :],
-        mask=row_ok[:, None] & (offs_dk[None, :] < DQK), other=0.0,
+    q = load_rows(
+        Q + offs_m[:, None] * stride_qt + offs_dk[None, :], row_ok, offs_dk, DQK, BLOCK_DQK, False
     )
-    do = tl.load(
-        DO + offs_m[:, None] * stride_dot + offs_dv[None, :],
-        mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0,
+    do = load_rows(
+        DO + offs_m[:, None] * stride_dot + offs_dv[None, :], row_ok, offs_dv, DV, BLOCK_DV, False
     )
     q_seq = tl.load(SeqId + offs_m)
     q_pos = tl.load(PosId + offs_m)
@@ -282,7 +279,7 @@ def hstu_bwd_dq_kernel(
         KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
     )
     num_full = tl.load(FullKvNum + mask_row)
     dq = _dq_visit(
@@ -291,10 +288,13 @@ def hstu_bwd_dq_kernel(
         FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
     )
+    if DQK == BLOCK_DQK:
+        dq_mask = row_ok[:, None]
+    else:
+        dq_mask = row_ok[:, None] & (offs_dk[None, :] < DQK)
     tl.store(
         DQ + offs_m[:, None] * stride_dqt + offs_dk[None, :],
-        (dq * (alpha * out_scale)).to(DQ.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_dk[None, :] < DQK),
+        (dq * (alpha * out_scale)).to(DQ.dtype.element_ty), mask=dq_mask,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -43,6 +45,24 @@ class MaskTables:
     rab_n: int
     num_buckets: int
     bucket_div: float
+    _orders: dict[tuple[str, int], Tensor] = field(default_factory=dict, compare=False)
+
+    def tile_order(self, side: str, block: int) -> Tensor:
+        """Tile ids, heaviest first (most mask blocks to visit): the longest-processing-time
+        rule, so the many short tiles of a jagged batch fill in behind the long ones."""
+        key = (side, block)
+        if key not in self._orders:
+            if side == "q":  # query tiles walk KV blocks
+                work, mask_block = self.kv_num + self.full_kv_num, self.mask_block_q
+            else:
+                work, mask_block = self.q_num + self.full_q_num, self.mask_block_kv
+            per_tile = work.repeat_interleave(mask_block // block)
+            if os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") == "0":  # for ablations
+                order = torch.arange(per_tile.numel(), device=per_tile.device)
+            else:
+                order = torch.argsort(per_tile, descending=True, stable=True)
+            self._orders[key] = order.to(torch.int32)
+        return self._orders[key]
 
 
 def _rows(x: Tensor | None, like: Tensor) -> Tensor:
@@ -51,7 +71,35 @@ def _rows(x: Tensor | None, like: Tensor) -> Tensor:
     return x[0, 0].contiguous()
 
 
+# One entry per live BlockMask: a model's layers share one mask per batch, so the tables (and the
+# tile orders) are prepared once per batch, not once per layer.
+_tables_cache: "weakref.WeakKeyDictionary[object, MaskTables]" = weakref.WeakKeyDictionary()
+
+
 def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
+    try:
+        base = _tables_cache.get(mask.block_mask)
+    except TypeError:  # not weak-referenceable
+        base = None
+    if base is None or base.seq_id is not mask.layout.seq_id:
+        base = _mask_only_tables(mask)
+        try:
+            _tables_cache[mask.block_mask] = base
+        except TypeError:
+            pass
+    if rab is None:
+        return base
+    return dataclasses.replace(
+        base,
+        ts=rab.timestamps.to(torch.int64).contiguous(),
+        next_ts=rab.next_timestamps.to(torch.int64).contiguous(),
+        rab_n=rab.max_len,
+        num_buckets=rab.num_buckets,
+        bucket_div=rab.bucket_divisor,
+    )
+
+
+def _mask_only_tables(mask: HSTUMask) -> MaskTables:
     bm = mask.block_mask
     lay = mask.layout
     if bm.kv_indices.shape[0] != 1 or bm.kv_indices.shape[1] != 1:
@@ -65,11 +113,7 @@ def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
     kv_idx = bm.kv_indices[0, 0].contiguous()
     q_num = bm.q_num_blocks[0, 0].contiguous()
     q_idx = bm.q_indices[0, 0].contiguous()
-    if rab is not None:
-        ts = rab.timestamps.to(torch.int64).contiguous()
-        next_ts = rab.next_timestamps.to(torch.int64).contiguous()
-    else:
-        ts = next_ts = lay.seq_id.new_zeros(1, dtype=torch.int64)
+    ts = next_ts = lay.seq_id.new_zeros(1, dtype=torch.int64)  # replaced when there is a rab
     return MaskTables(
         seq_id=lay.seq_id.to(torch.int32).contiguous(),
         pos_id=lay.pos_id.to(torch.int32).contiguous(),
@@ -90,9 +134,9 @@ def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
         total_len=mask.total_len,
         padded_len=mask.padded_len,
         spec=mask.spec,  # type: ignore[arg-type]  # checked by the caller
-        rab_n=rab.max_len if rab is not None else 1,
-        num_buckets=rab.num_buckets if rab is not None else 0,
-        bucket_div=rab.bucket_divisor if rab is not None else 1.0,
+        rab_n=1,
+        num_buckets=0,
+        bucket_div=1.0,
     )
 
 
@@ -122,6 +166,8 @@ def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
         BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
         BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST=q.dtype != torch.float32 and not tuning.interpreting()
+        and os.environ.get("FLEXGR_TRITON_FAST_SILU", "1") != "0",
     )
 
 
@@ -165,14 +211,14 @@ def forward(
     ts_w_ = _placeholder(ts_w, tab.seq_id)
 
     def launch(cfg: TileConfig) -> None:
-        grid = (tab.padded_len // cfg.block_m, H)
+        grid = (H, tab.padded_len // cfg.block_m)
         hstu_fwd_kernel[grid](
             q, k, v, out,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
             tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0),
-            *_scalars(tab, alpha, out_scale),
+            tab.tile_order("q", cfg.block_m), *_scalars(tab, alpha, out_scale),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -212,13 +258,16 @@ def backward(
     dims = _dims(q, v)
     pos_w_ = _placeholder(pos_w, tab.seq_id)
     ts_w_ = _placeholder(ts_w, tab.seq_id)
-    dpos = torch.zeros(pos_w.numel() if has_rab else 1, dtype=torch.float32, device=q.device)
-    dts = torch.zeros(ts_w.numel() if ts_w is not None else 1, dtype=torch.float32, device=q.device)
+    if has_rab:
+        dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
+        dts = torch.zeros(ts_w.numel(), dtype=torch.float32, device=q.device)
+    else:  # never dereferenced
+        dpos = dts = tab.seq_id
     dq_acc_holder: list[Tensor] = []
     scalars = _scalars(tab, alpha, out_scale)
 
     def launch_dkdv(cfg: TileConfig, fuse: bool, dq_acc: Tensor) -> None:
-        grid = (tab.padded_len // cfg.block_n, H)
+        grid = (H, tab.padded_len // cfg.block_n)
         hstu_bwd_dkdv_kernel[grid](
             q, k, v, do, dk, dv, dq_acc,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -227,7 +276,7 @@ def backward(
             tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
             dpos, dts,
             tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx, tab.q_idx.stride(0),
-            *scalars,
+            tab.tile_order("kv", cfg.block_n), *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
             FUSE_DQ=fuse, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -235,14 +284,14 @@ def backward(
         )
 
     def launch_dq(cfg: TileConfig) -> None:
-        grid = (tab.padded_len // cfg.block_m, H)
+        grid = (H, tab.padded_len // cfg.block_m)
         hstu_bwd_dq_kernel[grid](
             q, k, v, do, dq,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
             tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0),
-            *scalars,
+            tab.tile_order("q", cfg.block_m), *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -291,8 +340,9 @@ def backward(
             _fused_wins[_key("bwd_mode", tab, q, v, flags)] = use_fused
     else:
         use_fused = mode == "fused"
-    dpos.zero_()
-    dts.zero_()
+    if has_rab:
+        dpos.zero_()
+        dts.zero_()
     if use_fused:
         acc = fused_acc()
         acc.zero_()
