@@ -117,6 +117,9 @@ def safe(rows: list[Row], make: Callable[[], Row], label: Row) -> None:
         traceback.print_exc(file=sys.stderr)
         label.note = f"FAILED: {type(exc).__name__}: {str(exc)[:80]}"
         rows.append(label)
+    r = rows[-1]
+    print(f"[row] {r.case} {r.shape} {r.impl}: fwd {fmt(r.fwd_ms)} fwd+bwd {fmt(r.fwd_bwd_ms)} "
+          f"{r.note}", flush=True)
     torch.cuda.empty_cache()
 
 
