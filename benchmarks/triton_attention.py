@@ -147,7 +147,7 @@ def bench_shape(B: int, N: int, gen: torch.Generator, args: argparse.Namespace) 
                 safe(rows, lambda: run_env({"FLEXGR_TRITON_BWD": mode}, lambda: triton_row(
                     case, shape, q, k, v, mask, N, f"triton bwd={mode}", pairs)),
                     Row(case, shape, f"triton bwd={mode}"))
-        if case == "causal" or args.flex_all:
+        if (case == "causal" or args.flex_all) and not args.no_flex:
             safe(rows, lambda: flex_row(case, shape, q, k, v, mask, N, pairs),
                  Row(case, shape, "flex"))
         if case == "causal" and args.ablations and N == 8192:
@@ -200,6 +200,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ablations", action="store_true", help="fast-silu / tile-order / mask-64 rows at N=8192")
     parser.add_argument("--causal-only", action="store_true")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--tuning", action="store_true", help="print every tile candidate's time")
     parser.add_argument("--flex-all", action="store_true", help="flex rows for targets and window too")
     parser.add_argument("--shapes", default="", help="e.g. 16x4096,8x8192")
     parser.add_argument("--json", default="")
@@ -216,9 +218,21 @@ def main() -> None:
     print_table(rows)
     from flexgr.ops.triton_hstu import launch, tuning
 
-    print("\ntuned tiles:", {str(k[0]) + "/P" + str(k[6]) + "/" + str(dict(k[9]).get("HAS_TARGETS")):
-                             str(v) for k, v in tuning.chosen().items()})
-    print("bwd fused chosen:", {k[6]: v for k, v in launch.bwd_choices().items()})
+    def label(k: tuple) -> str:
+        flags = dict(k[10])
+        mask = "targets" if flags["HAS_TARGETS"] else "window" if flags["HAS_WINDOW"] else "causal"
+        return f"{k[0]} P~2^{k[6]} N~2^{k[7]} {mask}"
+
+    print("\ntuned tiles (block_m, block_n, warps, stages):")
+    for k, v in tuning.chosen().items():
+        t = v  # type: ignore[assignment]
+        line = f"  {label(k)}: ({t.block_m}, {t.block_n}, {t.num_warps}, {t.num_stages})"
+        if args.tuning:
+            line += "  candidates ms: " + ", ".join(
+                f"({c.block_m},{c.block_n},{c.num_warps},{c.num_stages})={ms:.3f}"
+                for c, ms in tuning.timings().get(k, {}).items())
+        print(line)
+    print("bwd fused chosen:", {label(k): v for k, v in launch.bwd_choices().items()})
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

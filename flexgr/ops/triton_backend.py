@@ -83,16 +83,16 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor, mask: HSTUMask) -> str | None:
 
 class _HSTUAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pos_w, ts_w, tables, alpha, out_scale):  # type: ignore[override]
+    def forward(ctx, q, k, v, pos_w, ts_w, tables, alpha, max_seq_len):  # type: ignore[override]
         from flexgr.ops.triton_hstu import launch
 
         out = launch.forward(
-            q, k, v, tables, alpha=alpha, out_scale=out_scale, pos_w=pos_w, ts_w=ts_w
+            q, k, v, tables, alpha=alpha, max_seq_len=max_seq_len, pos_w=pos_w, ts_w=ts_w
         )
         ctx.save_for_backward(q, k, v, pos_w, ts_w)
         ctx.tables = tables
         ctx.alpha = alpha
-        ctx.out_scale = out_scale
+        ctx.max_seq_len = max_seq_len
         return out
 
     @staticmethod
@@ -101,7 +101,7 @@ class _HSTUAttention(torch.autograd.Function):
 
         q, k, v, pos_w, ts_w = ctx.saved_tensors
         dq, dk, dv, dpos, dts = launch.backward(
-            dout, q, k, v, ctx.tables, alpha=ctx.alpha, out_scale=ctx.out_scale,
+            dout, q, k, v, ctx.tables, alpha=ctx.alpha, max_seq_len=ctx.max_seq_len,
             pos_w=pos_w, ts_w=ts_w,
         )
         return dq, dk, dv, dpos, dts, None, None, None
@@ -123,4 +123,4 @@ def hstu_attention_triton(
     tables = launch.mask_tables(mask, rab)
     pos_w = rab.pos_w if rab is not None else None
     ts_w = rab.ts_w if rab is not None else None
-    return _HSTUAttention.apply(q, k, v, pos_w, ts_w, tables, float(alpha), 1.0 / max_seq_len)
+    return _HSTUAttention.apply(q, k, v, pos_w, ts_w, tables, float(alpha), int(max_seq_len))

@@ -16,7 +16,7 @@ kernel with fp32 atomics.
 import triton
 import triton.language as tl
 
-from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, silu_and_slope
+from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, score_scale, silu_and_slope
 
 
 @triton.jit
@@ -35,6 +35,8 @@ def _dkdv_visit(
     SUB: tl.constexpr = MASK_BLOCK_Q // BLOCK_M
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
+    scale = score_scale(alpha, FAST)
+    bias_scale = score_scale(1.0, FAST)
     for t in range(0, num_blocks * SUB):
         blk = tl.load(block_list + t // SUB)
         offs_m = blk * MASK_BLOCK_Q + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -48,14 +50,15 @@ def _dkdv_visit(
             DV, BLOCK_DV, IS_FULL,
         )
         # Transposed tiles [keys, queries]: dk and dv then come out of plain dots.
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * alpha
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
         if HAS_RAB:
             q_local = tl.load(Local + offs_m)
             q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
             rel, bucket = rab_index(
                 q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, True
             )
-            sT += tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            sT += bias * bias_scale
         pT, slopeT = silu_and_slope(sT, FAST)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = dpT * slopeT
@@ -191,6 +194,8 @@ def _dq_visit(
     SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
+    scale = score_scale(alpha, FAST)
+    bias_scale = score_scale(1.0, FAST)
     for t in range(0, num_blocks * SUB):
         blk = tl.load(block_list + t // SUB)
         offs_n = blk * MASK_BLOCK_KV + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -203,14 +208,15 @@ def _dq_visit(
             V + offs_n[:, None] * stride_vt + offs_dv[None, :], row_ok, offs_dv,
             DV, BLOCK_DV, IS_FULL,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_RAB:
             k_local = tl.load(Local + offs_n)
             k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
             rel, bucket = rab_index(
                 q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
             )
-            s += tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            s += bias * bias_scale
         _, slope = silu_and_slope(s, FAST)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = dp * slope

@@ -10,7 +10,7 @@ MASK_BLOCK_Q, so a query tile lies inside one mask row. Tiles are launched heavi
 import triton
 import triton.language as tl
 
-from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, silu
+from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, score_scale, silu
 
 
 @triton.jit
@@ -27,6 +27,8 @@ def _fwd_visit(
     SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
+    scale = score_scale(alpha, FAST)
+    bias_scale = score_scale(1.0, FAST)
     for t in range(0, num_blocks * SUB):
         blk = tl.load(block_list + t // SUB)
         offs_n = blk * MASK_BLOCK_KV + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -36,14 +38,15 @@ def _fwd_visit(
             K + offs_n[:, None] * stride_kt + offs_dk[None, :], row_ok, offs_dk,
             DQK, BLOCK_DQK, IS_FULL,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * alpha
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_RAB:
             k_local = tl.load(Local + offs_n)
             k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
             rel, bucket = rab_index(
                 q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
             )
-            s += tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            s += bias * bias_scale
         p = silu(s, FAST)
         if not IS_FULL:
             k_seq = tl.load(SeqId + offs_n)

@@ -171,9 +171,15 @@ def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
     )
 
 
-def _key(kind: str, tab: MaskTables, q: Tensor, v: Tensor, flags: dict[str, object]) -> tuple:
+def _key(
+    kind: str, tab: MaskTables, q: Tensor, v: Tensor, flags: dict[str, object], max_seq_len: int
+) -> tuple:
+    """Tiles depend on the total work (padded length) and on how it is cut into sequences: the
+    best tile at 64 x 1024 tokens is not the best at 8 x 8192, so both lengths are bucketed by
+    octave (max_seq_len is a host int: no device sync)."""
     return (
-        kind, q.device.index, q.dtype, q.shape[1], q.shape[2], v.shape[2], tab.padded_len.bit_length(),
+        kind, q.device.index, q.dtype, q.shape[1], q.shape[2], v.shape[2],
+        tab.padded_len.bit_length(), int(max_seq_len).bit_length(),
         tab.mask_block_q, tab.mask_block_kv, tuple(sorted(flags.items())),
     )
 
@@ -199,9 +205,10 @@ def _placeholder(w: Tensor | None, like: Tensor) -> Tensor:
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float, out_scale: float,
+    q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float, max_seq_len: int,
     pos_w: Tensor | None, ts_w: Tensor | None,
 ) -> Tensor:
+    out_scale = 1.0 / max_seq_len
     T, H, _ = q.shape
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     out = _empty((T, H, v.shape[2]), v)
@@ -227,7 +234,7 @@ def forward(
 
     dmax = max(q.shape[2], v.shape[2])
     options = tuning.candidates("fwd", dmax, tab.mask_block_q, tab.mask_block_kv)
-    cfg = tuning.pick(_key("fwd", tab, q, v, flags), options, launch)
+    cfg = tuning.pick(_key("fwd", tab, q, v, flags, max_seq_len), options, launch)
     launch(cfg)
     return out
 
@@ -246,8 +253,9 @@ def bwd_mode() -> str:
 
 def backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float,
-    out_scale: float, pos_w: Tensor | None, ts_w: Tensor | None,
+    max_seq_len: int, pos_w: Tensor | None, ts_w: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    out_scale = 1.0 / max_seq_len
     T, H, _ = q.shape
     q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
     dq = _empty(q.shape, q)
@@ -311,19 +319,19 @@ def backward(
     split_cfgs = fused_cfg = None
     if mode in ("auto", "split"):
         dkdv_cfg = tuning.pick(
-            _key("dkdv", tab, q, v, flags), dkdv_options, lambda c: launch_dkdv(c, False, dq)
+            _key("dkdv", tab, q, v, flags, max_seq_len), dkdv_options, lambda c: launch_dkdv(c, False, dq)
         )
         dq_cfg = tuning.pick(
-            _key("dq", tab, q, v, flags), tuning.candidates("dq", dmax, mbq, mbkv), launch_dq
+            _key("dq", tab, q, v, flags, max_seq_len), tuning.candidates("dq", dmax, mbq, mbkv), launch_dq
         )
         split_cfgs = (dkdv_cfg, dq_cfg)
     if mode in ("auto", "fused"):
         fused_cfg = tuning.pick(
-            _key("dkdv_fused", tab, q, v, flags), dkdv_options,
+            _key("dkdv_fused", tab, q, v, flags, max_seq_len), dkdv_options,
             lambda c: launch_dkdv(c, True, fused_acc()),
         )
     if mode == "auto":
-        use_fused = _fused_wins.get(_key("bwd_mode", tab, q, v, flags))
+        use_fused = _fused_wins.get(_key("bwd_mode", tab, q, v, flags, max_seq_len))
         if use_fused is None:
             dkdv_cfg, dq_cfg = split_cfgs  # type: ignore[misc]
 
@@ -337,7 +345,7 @@ def backward(
                 launch_dkdv(fused_cfg, True, acc)  # type: ignore[arg-type]
 
             use_fused = tuning.autotune_enabled() and tuning.time_ms(fused) < tuning.time_ms(split)
-            _fused_wins[_key("bwd_mode", tab, q, v, flags)] = use_fused
+            _fused_wins[_key("bwd_mode", tab, q, v, flags, max_seq_len)] = use_fused
     else:
         use_fused = mode == "fused"
     if has_rab:

@@ -80,28 +80,35 @@ def _tanh_approx(x):
 
 
 @triton.jit
-def silu(s, FAST: tl.constexpr):
-    """silu(s). FAST (16-bit inputs on a GPU): silu(s) = h + h tanh(h) with h = s/2, one MUFU
-    instruction per element instead of two (exp2 and a reciprocal); tanh.approx's ~5e-4 relative
-    error stays far below the bf16/fp16 rounding of p before the PV product."""
+def score_scale(alpha, FAST: tl.constexpr):
+    """What q.k is multiplied by: alpha, or alpha / 2 in FAST mode, whose helpers below take
+    h = s / 2 (one multiply per element saved)."""
     if FAST:
-        h = 0.5 * s
-        return h + h * _tanh_approx(h)
+        return alpha * 0.5
     else:
-        return s / (1.0 + tl.exp2(s * -1.4426950408889634))
+        return alpha
 
 
 @triton.jit
-def silu_and_slope(s, FAST: tl.constexpr):
-    """(silu(s), silu'(s)) with silu' = sg (1 + s (1 - sg)), sg = sigmoid(s)."""
+def silu(x, FAST: tl.constexpr):
+    """silu(s) from x = s, or from x = s / 2 when FAST (16-bit inputs on a GPU): silu(s) =
+    h + h tanh(h), one MUFU instruction per element instead of two (exp2 and a reciprocal);
+    tanh.approx's ~5e-4 relative error stays far below the bf16/fp16 rounding of p."""
     if FAST:
-        h = 0.5 * s
-        t = _tanh_approx(h)
-        sg = 0.5 + 0.5 * t
-        return h + h * t, sg * (1.0 + h - h * t)
+        return x + x * _tanh_approx(x)
     else:
-        sg = 1.0 / (1.0 + tl.exp2(s * -1.4426950408889634))
-        return s * sg, sg * (1.0 + s * (1.0 - sg))
+        return x / (1.0 + tl.exp2(x * -1.4426950408889634))
+
+
+@triton.jit
+def silu_and_slope(x, FAST: tl.constexpr):
+    """(silu(s), silu'(s)), silu' = sg (1 + s (1 - sg)) with sg = sigmoid(s); x as in silu."""
+    if FAST:
+        t = _tanh_approx(x)
+        return x + x * t, (0.5 + 0.5 * t) * (1.0 + x - x * t)
+    else:
+        sg = 1.0 / (1.0 + tl.exp2(x * -1.4426950408889634))
+        return x * sg, sg * (1.0 + x * (1.0 - sg))
 
 
 @triton.jit

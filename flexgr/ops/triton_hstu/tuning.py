@@ -30,6 +30,7 @@ FWD_CANDIDATES = (
     TileConfig(128, 128, 8, 2),
     TileConfig(64, 64, 4, 3),
     TileConfig(128, 64, 8, 2),
+    TileConfig(128, 128, 8, 3),
 )
 DQ_CANDIDATES = (
     TileConfig(128, 64, 8, 2),
@@ -41,12 +42,14 @@ DKDV_CANDIDATES = (
     TileConfig(64, 64, 4, 3),
     TileConfig(32, 64, 4, 3),
     TileConfig(64, 128, 8, 2),
+    TileConfig(64, 128, 8, 3),
 )
 # Head dims above 128 need smaller tiles to fit shared memory; the smallest always fits.
 SMALL = TileConfig(64, 32, 4, 2)
 INTERPRET = TileConfig(32, 32, 4, 1)
 
 _chosen: dict[Hashable, object] = {}
+_timings: dict[Hashable, dict[TileConfig, float]] = {}
 _forced: dict[str, TileConfig] = {}
 
 
@@ -113,12 +116,18 @@ def pick(key: Hashable, options: list[TileConfig], launch: Callable[[TileConfig]
         except Exception as exc:  # out of shared memory / registers on this device
             errors.append(f"{cfg}: {type(exc).__name__}: {exc}"[:300])
             continue
+        _timings.setdefault(key, {})[cfg] = ms
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError("flexgr triton: no tile configuration runs here:\n" + "\n".join(errors))
     _chosen[key] = best
     return best
+
+
+def timings() -> dict[Hashable, dict[TileConfig, float]]:
+    """Median ms of every candidate timed so far, per key (for benchmarks and notes)."""
+    return {k: dict(v) for k, v in _timings.items()}
 
 
 def chosen() -> dict[Hashable, object]:
