@@ -6,11 +6,12 @@ s = alpha q.k + bias, p = silu(s) m / N, o = p v; with sg = sigmoid(s):
   dk_j = alpha sum_i ds_ij q_i,  dq_i = alpha sum_j ds_ij k_j,  d bias_ij = ds_ij
 There is no softmax, so no row statistics are saved: both kernels recompute s from q and k.
 
-``hstu_bwd_dkdv_kernel``: one program per (BLOCK_N key tile, head), walking the query blocks of
-its mask column (the BlockMask's transposed q_* lists). With FUSE_DQ it also adds each tile's dq
-contribution into an fp32 buffer with atomics; otherwise ``hstu_bwd_dq_kernel`` (one program per
-query tile, like the forward) computes dq. The bias-table gradients are accumulated in the dk/dv
-kernel with fp32 atomics.
+``_dkdv_program``: one program per (head, BLOCK_N key tile), walking the query blocks of its mask
+column (the BlockMask's transposed q_* lists). With FUSE_DQ it also adds each tile's dq
+contribution into an fp32 buffer with atomics; otherwise ``_dq_program`` (one program per query
+tile, like the forward) computes dq. They run as two kernels (``split``), or as one launch
+(``hstu_bwd_merged_kernel``). The bias-table gradients are accumulated by the dk/dv programs with
+fp32 atomics.
 """
 
 import triton
@@ -94,12 +95,13 @@ def _dkdv_visit(
 
 
 @triton.jit
-def hstu_bwd_dkdv_kernel(
+def _dkdv_program(
+    pid_n, head,
     Q, K, V, DO, GradK, GradV, DQacc,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
-    QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, TileOrder,
+    QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
     T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -108,8 +110,6 @@ def hstu_bwd_dkdv_kernel(
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    head = tl.program_id(0).to(tl.int64)
-    pid_n = tl.load(TileOrder + tl.program_id(1))
     start_n = pid_n * BLOCK_N
     mask_col = start_n // MASK_BLOCK_KV
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -180,6 +180,35 @@ def hstu_bwd_dkdv_kernel(
     )
 
 
+
+@triton.jit
+def hstu_bwd_dkdv_kernel(
+    Q, K, V, DO, GradK, GradV, DQacc,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+    QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, TileOrder,
+    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0).to(tl.int64)
+    pid_n = tl.load(TileOrder + tl.program_id(1))
+    _dkdv_program(
+        pid_n, head, Q, K, V, DO, GradK, GradV, DQacc, stride_qt, stride_qh, stride_kt,
+        stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh,
+        stride_dvt, stride_dvh, stride_dqt, stride_dqh, SeqId, PosId, MaxId, Local, Ts,
+        NextTs, PosW, TsW, DPosW, DTsW, QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, T,
+        alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div, DQK, DV, BLOCK_DQK,
+        BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
+        HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
+    )
+
+
 @triton.jit
 def _dq_visit(
     dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
@@ -233,12 +262,13 @@ def _dq_visit(
 
 
 @triton.jit
-def hstu_bwd_dq_kernel(
+def _dq_program(
+    pid_m, head,
     Q, K, V, DO, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
-    KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, TileOrder,
+    KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
     T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -247,8 +277,6 @@ def hstu_bwd_dq_kernel(
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    head = tl.program_id(0).to(tl.int64)
-    pid_m = tl.load(TileOrder + tl.program_id(1))
     start_m = pid_m * BLOCK_M
     mask_row = start_m // MASK_BLOCK_Q
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -304,3 +332,75 @@ def hstu_bwd_dq_kernel(
         DQ + offs_m[:, None] * stride_dqt + offs_dk[None, :],
         (dq * (alpha * out_scale)).to(DQ.dtype.element_ty), mask=dq_mask,
     )
+
+@triton.jit
+def hstu_bwd_dq_kernel(
+    Q, K, V, DO, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
+    KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, TileOrder,
+    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0).to(tl.int64)
+    pid_m = tl.load(TileOrder + tl.program_id(1))
+    _dq_program(
+        pid_m, head, Q, K, V, DO, DQ, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+        stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, SeqId, PosId, MaxId,
+        Local, Ts, NextTs, PosW, TsW, KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, T,
+        alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div, DQK, DV, BLOCK_DQK,
+        BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
+        HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+    )
+
+
+@triton.jit
+def hstu_bwd_merged_kernel(
+    Q, K, V, DO, GradK, GradV, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+    QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
+    KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, MergedOrder, num_kv_tiles,
+    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr,
+    Q_BLOCK_M: tl.constexpr, Q_BLOCK_N: tl.constexpr,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk/dv programs and dq programs in one launch, heaviest first across both kinds, so the
+    tail of one kernel no longer idles the GPU before the other starts."""
+    head = tl.program_id(0).to(tl.int64)
+    vid = tl.load(MergedOrder + tl.program_id(1))
+    if vid < num_kv_tiles:
+        _dkdv_program(
+            vid, head, Q, K, V, DO, GradK, GradV, DQ,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+            stride_dqt, stride_dqh,
+            SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+            QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
+            T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, KV_BLOCK_M, KV_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
+            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, False, FAST, DOT_PRECISION,
+        )
+    else:
+        _dq_program(
+            vid - num_kv_tiles, head, Q, K, V, DO, DQ,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_dot, stride_doh, stride_dqt, stride_dqh,
+            SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
+            KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
+            T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+            DQK, DV, BLOCK_DQK, BLOCK_DV, Q_BLOCK_M, Q_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
+            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+        )

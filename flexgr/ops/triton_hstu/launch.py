@@ -6,7 +6,9 @@ import dataclasses
 import os
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
 import triton
 from torch import Tensor
@@ -14,7 +16,11 @@ from torch import Tensor
 from flexgr.masks.block import HSTUMask, MaskSpec
 from flexgr.ops.rab import RelativeBias
 from flexgr.ops.triton_hstu import tuning
-from flexgr.ops.triton_hstu.backward import hstu_bwd_dkdv_kernel, hstu_bwd_dq_kernel
+from flexgr.ops.triton_hstu.backward import (
+    hstu_bwd_dkdv_kernel,
+    hstu_bwd_dq_kernel,
+    hstu_bwd_merged_kernel,
+)
 from flexgr.ops.triton_hstu.forward import hstu_fwd_kernel
 from flexgr.ops.triton_hstu.tuning import TileConfig
 
@@ -44,7 +50,7 @@ class MaskTables:
     spec: MaskSpec
     rab_n: int
     num_buckets: int
-    bucket_div: float
+    inv_bucket_div: float  # fp32 reciprocal, as torch's CUDA division by a scalar uses
     _orders: dict[tuple[str, int], Tensor] = field(default_factory=dict, compare=False)
 
     def tile_order(self, side: str, block: int) -> Tensor:
@@ -61,6 +67,23 @@ class MaskTables:
                 order = torch.arange(per_tile.numel(), device=per_tile.device)
             else:
                 order = torch.argsort(per_tile, descending=True, stable=True)
+            self._orders[key] = order.to(torch.int32)
+        return self._orders[key]
+
+
+    def merged_order(self, kv_block: int, q_block: int) -> Tensor:
+        """Virtual program ids of the merged backward launch, heaviest first: ids below the
+        number of key tiles are dk/dv programs (4 products per visited element), the rest dq
+        programs (3 products)."""
+        key = ("merged", kv_block * 1000 + q_block)
+        if key not in self._orders:
+            kv_work = (self.q_num + self.full_q_num).repeat_interleave(self.mask_block_kv // kv_block)
+            q_work = (self.kv_num + self.full_kv_num).repeat_interleave(self.mask_block_q // q_block)
+            cost = torch.cat([4 * kv_block * kv_work, 3 * q_block * q_work])
+            if os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") == "0":
+                order = torch.arange(cost.numel(), device=cost.device)
+            else:
+                order = torch.argsort(cost, descending=True, stable=True)
             self._orders[key] = order.to(torch.int32)
         return self._orders[key]
 
@@ -95,7 +118,7 @@ def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
         next_ts=rab.next_timestamps.to(torch.int64).contiguous(),
         rab_n=rab.max_len,
         num_buckets=rab.num_buckets,
-        bucket_div=rab.bucket_divisor,
+        inv_bucket_div=float(np.float32(1.0) / np.float32(rab.bucket_divisor)),
     )
 
 
@@ -136,7 +159,7 @@ def _mask_only_tables(mask: HSTUMask) -> MaskTables:
         spec=mask.spec,  # type: ignore[arg-type]  # checked by the caller
         rab_n=1,
         num_buckets=0,
-        bucket_div=1.0,
+        inv_bucket_div=1.0,
     )
 
 
@@ -155,7 +178,7 @@ def _scalars(tab: MaskTables, alpha: float, out_scale: float) -> tuple[object, .
     spec = tab.spec
     return (
         tab.total_len, float(alpha), float(out_scale), int(spec.max_attn_len),
-        int(spec.full_attn_tail), tab.rab_n, tab.num_buckets, float(tab.bucket_div),
+        int(spec.full_attn_tail), tab.rab_n, tab.num_buckets, tab.inv_bucket_div,
     )
 
 
@@ -239,15 +262,17 @@ def forward(
     return out
 
 
-_fused_wins: dict[tuple, bool] = {}
+_bwd_modes: dict[tuple, str] = {}
+BWD_MODES = ("split", "fused", "merged")
 
 
 def bwd_mode() -> str:
-    """'split' (dk/dv kernel + dq kernel), 'fused' (dq by atomics in the dk/dv kernel) or 'auto'
-    (time both on the first call of a shape bucket)."""
+    """'split' (dk/dv kernel, then dq kernel), 'fused' (dq by fp32 atomics in the dk/dv kernel),
+    'merged' (dk/dv and dq programs in one launch) or 'auto' (time the three on the first call of
+    a shape bucket and keep the fastest)."""
     mode = os.environ.get("FLEXGR_TRITON_BWD", "auto")
-    if mode not in ("auto", "split", "fused"):
-        raise ValueError(f"FLEXGR_TRITON_BWD must be auto, split or fused, got {mode!r}")
+    if mode not in ("auto",) + BWD_MODES:
+        raise ValueError(f"FLEXGR_TRITON_BWD must be auto, split, fused or merged, got {mode!r}")
     return mode
 
 
@@ -271,99 +296,98 @@ def backward(
         dts = torch.zeros(ts_w.numel(), dtype=torch.float32, device=q.device)
     else:  # never dereferenced
         dpos = dts = tab.seq_id
-    dq_acc_holder: list[Tensor] = []
     scalars = _scalars(tab, alpha, out_scale)
+    P, mbq, mbkv = tab.padded_len, tab.mask_block_q, tab.mask_block_kv
+    strides = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1),
+    )
+    side = (tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_)
+    q_lists = (tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx, tab.q_idx.stride(0))
+    kv_lists = (tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0))
+    common = dict(MASK_BLOCK_Q=mbq, MASK_BLOCK_KV=mbkv, **dims, **flags)
 
     def launch_dkdv(cfg: TileConfig, fuse: bool, dq_acc: Tensor) -> None:
-        grid = (H, tab.padded_len // cfg.block_n)
-        hstu_bwd_dkdv_kernel[grid](
-            q, k, v, do, dk, dv, dq_acc,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            dq_acc.stride(0), dq_acc.stride(1),
-            tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
-            dpos, dts,
-            tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx, tab.q_idx.stride(0),
-            tab.tile_order("kv", cfg.block_n), *scalars,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
-            FUSE_DQ=fuse, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **dims, **flags,
+        hstu_bwd_dkdv_kernel[(H, P // cfg.block_n)](
+            q, k, v, do, dk, dv, dq_acc, *strides,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
+            *side, dpos, dts, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
 
     def launch_dq(cfg: TileConfig) -> None:
-        grid = (H, tab.padded_len // cfg.block_m)
-        hstu_bwd_dq_kernel[grid](
-            q, k, v, do, dq,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
-            tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0),
-            tab.tile_order("q", cfg.block_m), *scalars,
+        hstu_bwd_dq_kernel[(H, P // cfg.block_m)](
+            q, k, v, do, dq, *strides, dq.stride(0), dq.stride(1),
+            *side, *kv_lists, tab.tile_order("q", cfg.block_m), *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **dims, **flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
+
+    def launch_merged(cfgs: tuple[TileConfig, TileConfig]) -> None:
+        kv_cfg, q_cfg = cfgs
+        n_kv = P // kv_cfg.block_n
+        hstu_bwd_merged_kernel[(H, n_kv + P // q_cfg.block_m)](
+            q, k, v, do, dk, dv, dq, *strides,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
+            *side, dpos, dts, *q_lists, *kv_lists,
+            tab.merged_order(kv_cfg.block_n, q_cfg.block_m), n_kv, *scalars,
+            KV_BLOCK_M=kv_cfg.block_m, KV_BLOCK_N=kv_cfg.block_n,
+            Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n,
+            num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages, **common,
+        )
+
+    acc_holder: list[Tensor] = []
 
     def fused_acc() -> Tensor:
-        if not dq_acc_holder:
-            dq_acc_holder.append(torch.zeros(q.shape, dtype=torch.float32, device=q.device))
-        return dq_acc_holder[0]
+        if not acc_holder:
+            acc_holder.append(torch.zeros(q.shape, dtype=torch.float32, device=q.device))
+        return acc_holder[0]
 
     dmax = max(q.shape[2], v.shape[2])
-    mode = bwd_mode()
-    mbq, mbkv = tab.mask_block_q, tab.mask_block_kv
-    dkdv_options = tuning.candidates("dkdv", dmax, mbq, mbkv)
-    # Tuning runs write garbage into the atomic buffers; they are zeroed again below.
-    split_cfgs = fused_cfg = None
-    if mode in ("auto", "split"):
-        dkdv_cfg = tuning.pick(
-            _key("dkdv", tab, q, v, flags, max_seq_len), dkdv_options, lambda c: launch_dkdv(c, False, dq)
-        )
-        dq_cfg = tuning.pick(
-            _key("dq", tab, q, v, flags, max_seq_len), tuning.candidates("dq", dmax, mbq, mbkv), launch_dq
-        )
-        split_cfgs = (dkdv_cfg, dq_cfg)
-    if mode in ("auto", "fused"):
-        fused_cfg = tuning.pick(
-            _key("dkdv_fused", tab, q, v, flags, max_seq_len), dkdv_options,
-            lambda c: launch_dkdv(c, True, fused_acc()),
-        )
-    if mode == "auto":
-        use_fused = _fused_wins.get(_key("bwd_mode", tab, q, v, flags, max_seq_len))
-        if use_fused is None:
-            dkdv_cfg, dq_cfg = split_cfgs  # type: ignore[misc]
 
-            def split() -> None:
-                launch_dkdv(dkdv_cfg, False, dq)
-                launch_dq(dq_cfg)
+    def key(kind: str) -> tuple:
+        return _key(kind, tab, q, v, flags, max_seq_len)
 
-            def fused() -> None:
+    # Each mode's best tiles; tuning launches write garbage into dq/dk/dv and the atomic
+    # buffers, which the real launch below overwrites or re-zeroes.
+    def plan(mode: str) -> Callable[[], None]:
+        if mode == "split":
+            dkdv_cfg = tuning.pick(key("dkdv"), tuning.candidates("dkdv", dmax, mbq, mbkv),
+                                   lambda c: launch_dkdv(c, False, dq))
+            dq_cfg = tuning.pick(key("dq"), tuning.candidates("dq", dmax, mbq, mbkv), launch_dq)
+            return lambda: (launch_dkdv(dkdv_cfg, False, dq), launch_dq(dq_cfg))  # type: ignore[return-value]
+        if mode == "fused":
+            def run_fused(cfg: TileConfig) -> None:
                 acc = fused_acc()
                 acc.zero_()
-                launch_dkdv(fused_cfg, True, acc)  # type: ignore[arg-type]
+                launch_dkdv(cfg, True, acc)
+                dq.copy_(acc)
 
-            use_fused = tuning.autotune_enabled() and tuning.time_ms(fused) < tuning.time_ms(split)
-            _fused_wins[_key("bwd_mode", tab, q, v, flags, max_seq_len)] = use_fused
-    else:
-        use_fused = mode == "fused"
+            fcfg = tuning.pick(key("fused"), tuning.candidates("fused", dmax, mbq, mbkv), run_fused)
+            return lambda: run_fused(fcfg)
+        mcfg = tuning.pick(key("merged"), tuning.merged_candidates(dmax, mbq, mbkv), launch_merged)
+        return lambda: launch_merged(mcfg)
+
+    mode = bwd_mode()
+    if mode == "auto":
+        mode = _bwd_modes.get(key("bwd_mode"), "")
+        if not mode:
+            if tuning.autotune_enabled():
+                runs = {m: plan(m) for m in BWD_MODES}
+                mode = min(runs, key=lambda m: tuning.time_ms(runs[m]))
+            else:
+                mode = "split"
+            _bwd_modes[key("bwd_mode")] = mode
+    run = plan(mode)
     if has_rab:
         dpos.zero_()
         dts.zero_()
-    if use_fused:
-        acc = fused_acc()
-        acc.zero_()
-        launch_dkdv(fused_cfg, True, acc)  # type: ignore[arg-type]
-        dq.copy_(acc)
-    else:
-        dkdv_cfg, dq_cfg = split_cfgs  # type: ignore[misc]
-        launch_dkdv(dkdv_cfg, False, dq)
-        launch_dq(dq_cfg)
+    run()
     dpos_w = dpos.to(pos_w.dtype) if pos_w is not None else None
     dts_w = dts.to(ts_w.dtype) if ts_w is not None else None
     return dq, dk, dv, dpos_w, dts_w
 
 
-def bwd_choices() -> dict[tuple, bool]:
-    return dict(_fused_wins)
+def bwd_choices() -> dict[tuple, str]:
+    return dict(_bwd_modes)

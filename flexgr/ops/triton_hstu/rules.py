@@ -4,8 +4,24 @@ bias and SiLU. Each takes row-side vectors (queries, length BLOCK_M) and column-
 transposed tiles, calls them with the roles swapped through ``TRANSPOSED``.
 """
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # decided when triton decides, at import
+
+    @triton.jit
+    def _logf(x):
+        return tl.log(x)  # numpy's log; the interpreter has no libdevice
+
+else:
+
+    @triton.jit
+    def _logf(x):
+        return libdevice.log(x)
+
 
 
 
@@ -50,9 +66,14 @@ def hstu_valid(
 
 @triton.jit
 def rab_index(
-    q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, TRANSPOSED: tl.constexpr,
+    q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, inv_bucket_div, TRANSPOSED: tl.constexpr,
 ):
-    """Gather indices into pos_w and ts_w (same formulas as flexgr.ops.rab, clamped in range)."""
+    """Gather indices into pos_w and ts_w (same formulas as flexgr.ops.rab, clamped in range).
+
+    Buckets change where log(dt) / 0.301 crosses an integer, so the rounding must follow torch's
+    CUDA path: libdevice's logf (tl.log is the faster lg2.approx, which moved some pairs into the
+    neighbouring bucket), times the fp32 reciprocal of the divisor (torch's CUDA division by a
+    Python scalar multiplies by it). torch on CPU divides instead, which can differ by an ulp."""
     if TRANSPOSED:
         ql = q_local[None, :]
         qt = q_next_ts[None, :]
@@ -67,7 +88,7 @@ def rab_index(
     rel = tl.minimum(tl.maximum(rel, 0), 2 * rab_n - 2)
     dt = qt - kt
     mag = tl.maximum(tl.where(dt < 0, -dt, dt), 1).to(tl.float32)
-    bucket = (tl.log(mag) / bucket_div).to(tl.int32)
+    bucket = (_logf(mag) * inv_bucket_div).to(tl.int32)
     bucket = tl.minimum(tl.maximum(bucket, 0), num_buckets)
     return rel, bucket
 

@@ -26,30 +26,35 @@ class TileConfig:
 # Kept to configurations that compile for sm_90 at D=128 without register spills (ptxas resource
 # report, see docs/triton-kernel.md); the first entry is the default when tuning is off.
 FWD_CANDIDATES = (
-    TileConfig(128, 64, 8, 3),
-    TileConfig(128, 128, 8, 2),
     TileConfig(64, 64, 4, 3),
-    TileConfig(128, 64, 8, 2),
+    TileConfig(128, 128, 8, 2),
     TileConfig(128, 128, 8, 3),
 )
 DQ_CANDIDATES = (
-    TileConfig(128, 64, 8, 2),
-    TileConfig(128, 64, 8, 3),
     TileConfig(64, 64, 4, 3),
+    TileConfig(128, 64, 8, 2),
 )
 DKDV_CANDIDATES = (
-    TileConfig(32, 128, 8, 2),
     TileConfig(64, 64, 4, 3),
     TileConfig(32, 64, 4, 3),
-    TileConfig(64, 128, 8, 2),
     TileConfig(64, 128, 8, 3),
+)
+FUSED_CANDIDATES = (
+    TileConfig(64, 128, 8, 3),
+    TileConfig(32, 64, 4, 3),
+)
+# (dk/dv tile, dq tile) of the merged backward launch; warps and stages come from the first.
+MERGED_CANDIDATES = (
+    (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3)),
+    (TileConfig(32, 64, 4, 3), TileConfig(64, 64, 4, 3)),
+    (TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
 )
 # Head dims above 128 need smaller tiles to fit shared memory; the smallest always fits.
 SMALL = TileConfig(64, 32, 4, 2)
 INTERPRET = TileConfig(32, 32, 4, 1)
 
 _chosen: dict[Hashable, object] = {}
-_timings: dict[Hashable, dict[TileConfig, float]] = {}
+_timings: dict[Hashable, dict[object, float]] = {}
 _forced: dict[str, TileConfig] = {}
 
 
@@ -74,7 +79,13 @@ def fits(cfg: TileConfig, mask_block_q: int, mask_block_kv: int) -> bool:
     return mask_block_q % cfg.block_m == 0 and mask_block_kv % cfg.block_n == 0
 
 
+_POOLS = {"fwd": FWD_CANDIDATES, "dq": DQ_CANDIDATES, "dkdv": DKDV_CANDIDATES,
+          "fused": FUSED_CANDIDATES}
+
+
 def default(kind: str, head_dim: int, mask_block_q: int, mask_block_kv: int) -> TileConfig:
+    if kind == "fused" and "dkdv" in _forced:
+        return _forced["dkdv"]
     if kind in _forced:
         return _forced[kind]
     if interpreting():
@@ -82,27 +93,39 @@ def default(kind: str, head_dim: int, mask_block_q: int, mask_block_kv: int) -> 
     elif head_dim > 128:
         cfg = SMALL
     else:
-        cfg = {"fwd": FWD_CANDIDATES, "dq": DQ_CANDIDATES, "dkdv": DKDV_CANDIDATES}[kind][0]
+        cfg = _POOLS[kind][0]
     return TileConfig(
         min(cfg.block_m, mask_block_q), min(cfg.block_n, mask_block_kv), cfg.num_warps, cfg.num_stages
     )
 
 
 def candidates(kind: str, head_dim: int, mask_block_q: int, mask_block_kv: int) -> list[TileConfig]:
-    if kind in _forced or not autotune_enabled():
+    if kind in _forced or (kind == "fused" and "dkdv" in _forced) or not autotune_enabled():
         return [default(kind, head_dim, mask_block_q, mask_block_kv)]
-    pool = {"fwd": FWD_CANDIDATES, "dq": DQ_CANDIDATES, "dkdv": DKDV_CANDIDATES}[kind]
+    pool = _POOLS[kind]
     if head_dim > 128:
         pool = pool + (SMALL,)
     found = [c for c in pool if fits(c, mask_block_q, mask_block_kv)]
     return found or [default(kind, head_dim, mask_block_q, mask_block_kv)]
 
 
+def merged_candidates(
+    head_dim: int, mask_block_q: int, mask_block_kv: int
+) -> list[tuple[TileConfig, TileConfig]]:
+    if "dkdv" in _forced or "dq" in _forced or not autotune_enabled() or head_dim > 128:
+        return [(default("dkdv", head_dim, mask_block_q, mask_block_kv),
+                 default("dq", head_dim, mask_block_q, mask_block_kv))]
+    found = [(a, b) for a, b in MERGED_CANDIDATES
+             if fits(a, mask_block_q, mask_block_kv) and fits(b, mask_block_q, mask_block_kv)]
+    return found or [(default("dkdv", head_dim, mask_block_q, mask_block_kv),
+                      default("dq", head_dim, mask_block_q, mask_block_kv))]
+
+
 def time_ms(launch: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(launch, warmup=5, rep=20, return_mode="median"))
 
 
-def pick(key: Hashable, options: list[TileConfig], launch: Callable[[TileConfig], None]) -> TileConfig:
+def pick(key: Hashable, options: list, launch: Callable[[object], None]):  # noqa: ANN201
     """Fastest of ``options`` for ``key``; ``launch(cfg)`` runs the kernel once."""
     if key in _chosen:
         return _chosen[key]  # type: ignore[return-value]
@@ -125,7 +148,7 @@ def pick(key: Hashable, options: list[TileConfig], launch: Callable[[TileConfig]
     return best
 
 
-def timings() -> dict[Hashable, dict[TileConfig, float]]:
+def timings() -> dict[Hashable, dict[object, float]]:
     """Median ms of every candidate timed so far, per key (for benchmarks and notes)."""
     return {k: dict(v) for k, v in _timings.items()}
 
