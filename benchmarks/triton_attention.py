@@ -157,7 +157,8 @@ def bench_shape(B: int, N: int, gen: torch.Generator, args: argparse.Namespace) 
                  Row(case, shape, "flex"))
         if case == "causal" and args.ablations and N == 8192:
             for label, env in (("no fast silu", {"FLEXGR_TRITON_FAST_SILU": "0"}),
-                               ("no LPT tile order", {"FLEXGR_TRITON_TILE_ORDER": "0"})):
+                               ("no LPT tile order", {"FLEXGR_TRITON_TILE_ORDER": "0"}),
+                               ("no LPT order in bwd", {"FLEXGR_TRITON_BWD_TILE_ORDER": "0"})):
                 safe(rows, lambda: run_env(env, lambda: triton_row(
                     case, shape, q, k, v, build_hstu_mask(offsets), N, f"triton {label}", pairs)),
                     Row(case, shape, f"triton {label}"))
@@ -201,6 +202,30 @@ def print_table(rows: list[Row]) -> None:
               f"| {tflops(r, r.fwd_ms, 4)} | {tflops(r, r.fwd_bwd_ms, 14)} | {ratio_f} | {ratio_b} |")
 
 
+def print_tuning(with_candidates: bool) -> None:
+    """The tiles (and backward mode) the tuner picked per bucket, optionally every candidate."""
+    from flexgr.ops.triton_hstu import launch, tuning
+    
+    def cfg_str(c: object) -> str:
+        if isinstance(c, tuple):  # merged: (dk/dv tile, dq tile)
+            return "+".join(cfg_str(x) for x in c)
+        return f"({c.block_m},{c.block_n},{c.num_warps},{c.num_stages})"  # type: ignore[attr-defined]
+    
+    def label(k: tuple) -> str:
+        flags = dict(k[10])
+        mask = "targets" if flags["HAS_TARGETS"] else "window" if flags["HAS_WINDOW"] else "causal"
+        return f"{k[0]} P~2^{k[6]} N~2^{k[7]} {mask}"
+    
+    print("\ntuned tiles (block_m, block_n, warps, stages):")
+    for k, v in tuning.chosen().items():
+        line = f"  {label(k)}: {cfg_str(v)}"
+        if with_candidates:
+            line += "  candidates ms: " + ", ".join(
+                f"{cfg_str(c)}={ms:.3f}" for c, ms in tuning.timings().get(k, {}).items())
+        print(line)
+    print("backward mode chosen:", {label(k): v for k, v in launch.bwd_choices().items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ablations", action="store_true", help="fast-silu / tile-order / mask-64 rows at N=8192")
@@ -221,27 +246,10 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}; bf16, H={H}, D={D}, median ms (do_bench)\n")
     print_table(rows)
-    from flexgr.ops.triton_hstu import launch, tuning
-
-    def label(k: tuple) -> str:
-        flags = dict(k[10])
-        mask = "targets" if flags["HAS_TARGETS"] else "window" if flags["HAS_WINDOW"] else "causal"
-        return f"{k[0]} P~2^{k[6]} N~2^{k[7]} {mask}"
-
-    print("\ntuned tiles (block_m, block_n, warps, stages):")
-    for k, v in tuning.chosen().items():
-        t = v  # type: ignore[assignment]
-        line = f"  {label(k)}: ({t.block_m}, {t.block_n}, {t.num_warps}, {t.num_stages})"
-        if args.tuning:
-            line += "  candidates ms: " + ", ".join(
-                f"({c.block_m},{c.block_n},{c.num_warps},{c.num_stages})={ms:.3f}"
-                for c, ms in tuning.timings().get(k, {}).items())
-        print(line)
-    print("bwd fused chosen:", {label(k): v for k, v in launch.bwd_choices().items()})
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
-
+    print_tuning(args.tuning)
 
 if __name__ == "__main__":
     main()

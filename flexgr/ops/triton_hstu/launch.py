@@ -58,12 +58,15 @@ class MaskTables:
         rule, so the many short tiles of a jagged batch fill in behind the long ones."""
         key = (side, block)
         if key not in self._orders:
-            if side == "q":  # query tiles walk KV blocks
+            if side in ("q", "q_bwd"):  # query tiles walk KV blocks
                 work, mask_block = self.kv_num + self.full_kv_num, self.mask_block_q
             else:
                 work, mask_block = self.q_num + self.full_q_num, self.mask_block_kv
             per_tile = work.repeat_interleave(mask_block // block)
-            if os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") == "0":  # for ablations
+            natural = os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") == "0" or (
+                side == "kv" or side == "q_bwd"
+            ) and os.environ.get("FLEXGR_TRITON_BWD_TILE_ORDER", "1") == "0"
+            if natural:  # ablations: launch order = tile order
                 order = torch.arange(per_tile.numel(), device=per_tile.device)
             else:
                 order = torch.argsort(per_tile, descending=True, stable=True)
@@ -80,7 +83,8 @@ class MaskTables:
             kv_work = (self.q_num + self.full_q_num).repeat_interleave(self.mask_block_kv // kv_block)
             q_work = (self.kv_num + self.full_kv_num).repeat_interleave(self.mask_block_q // q_block)
             cost = torch.cat([4 * kv_block * kv_work, 3 * q_block * q_work])
-            if os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") == "0":
+            if "0" in (os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1"),
+                       os.environ.get("FLEXGR_TRITON_BWD_TILE_ORDER", "1")):
                 order = torch.arange(cost.numel(), device=cost.device)
             else:
                 order = torch.argsort(cost, descending=True, stable=True)
@@ -319,7 +323,7 @@ def backward(
     def launch_dq(cfg: TileConfig) -> None:
         hstu_bwd_dq_kernel[(H, P // cfg.block_m)](
             q, k, v, do, dq, *strides, dq.stride(0), dq.stride(1),
-            *side, *kv_lists, tab.tile_order("q", cfg.block_m), *scalars,
+            *side, *kv_lists, tab.tile_order("q_bwd", cfg.block_m), *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
