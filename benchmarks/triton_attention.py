@@ -158,7 +158,7 @@ def bench_shape(B: int, N: int, gen: torch.Generator, args: argparse.Namespace) 
         if case == "causal" and args.ablations and N == 8192:
             for label, env in (("no fast silu", {"FLEXGR_TRITON_FAST_SILU": "0"}),
                                ("no LPT tile order", {"FLEXGR_TRITON_TILE_ORDER": "0"}),
-                               ("no LPT order in bwd", {"FLEXGR_TRITON_BWD_TILE_ORDER": "0"})):
+                               ("LPT order in bwd too", {"FLEXGR_TRITON_BWD_TILE_ORDER": "lpt"})):
                 safe(rows, lambda: run_env(env, lambda: triton_row(
                     case, shape, q, k, v, build_hstu_mask(offsets), N, f"triton {label}", pairs)),
                     Row(case, shape, f"triton {label}"))
