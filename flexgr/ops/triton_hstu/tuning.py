@@ -23,8 +23,9 @@ class TileConfig:
 
 
 # Forward and dq walk key tiles for a fixed query tile; dk/dv walks query tiles for a key tile.
-# Kept to configurations that compile for sm_90 at D=128 without register spills (ptxas resource
-# report, see docs/triton-kernel.md); the first entry is the default when tuning is off.
+# Candidates: configurations without register spills at D=128 on sm_90 (ptxas report), pruned
+# after the second H100 benchmark run to the winners and near-winners of its timings; the first
+# is the default when tuning is off. See docs/triton-kernel.md.
 FWD_CANDIDATES = (
     TileConfig(64, 64, 4, 3),
     TileConfig(128, 128, 8, 2),
