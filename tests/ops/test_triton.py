@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from flexgr.masks import build_custom_mask, build_hstu_mask, causal, jagged  # noqa: E402
+from flexgr.masks import build_custom_mask, build_hstu_mask, build_layout, causal, jagged  # noqa: E402
 from flexgr.masks.mods import and_masks  # noqa: E402
 from flexgr.ops import triton_backend  # noqa: E402
 from flexgr.ops.attention import hstu_attention  # noqa: E402
@@ -82,7 +82,7 @@ def make_inputs(
 
 def run(
     case: Case, tensors: tuple, dtype: torch.dtype, *, backend: str, max_seq_len: int,
-    alpha: float, grad_out: torch.Tensor | None = None,
+    alpha: float, grad_out: torch.Tensor | None = None, use_positions: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Forward (and backward with ``grad_out``) on copies of ``tensors`` in ``dtype``."""
     offsets, q, k, v, rab_parts = tensors
@@ -95,7 +95,12 @@ def run(
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         pos_w = pos_w.to(DEVICE, table_dtype).requires_grad_()
         ts_w = ts_w.to(DEVICE, table_dtype).requires_grad_()
-        rab = RelativeBias.from_timestamps(pos_w, ts_w, ts.to(DEVICE), offsets)
+        kw = case.mask_kwargs(DEVICE)
+        positions = None
+        if use_positions:  # HSTU position ids, as the model passes them: candidates share one
+            lay = build_layout(offsets, num_targets=kw["num_targets"], contextual_len=case.contextual_len)
+            positions = lay.pos_id.long()
+        rab = RelativeBias.from_timestamps(pos_w, ts_w, ts.to(DEVICE), offsets, positions=positions)
         leaves += [pos_w, ts_w]
     kw = case.mask_kwargs(DEVICE)
     mask = build_hstu_mask(offsets, **kw) if backend == "triton" else None
@@ -114,16 +119,17 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_fp32_against_fp64(case: Case, *, with_rab: bool, dqk: int = 16, dv: int = 16,
-                            seed: int = 0) -> None:
+                            seed: int = 0, use_positions: bool = False) -> None:
     tensors = make_inputs(case, 2, dqk, dv, torch.float32, with_rab, seed)
     max_seq_len = max(case.lengths) + 3
     alpha = 0.4
     T = tensors[1].shape[0]
     grad_out = torch.randn(T, 2, dv, generator=torch.Generator().manual_seed(seed + 1))
     out, grads = run(case, tensors, torch.float32, backend="triton", max_seq_len=max_seq_len,
-                     alpha=alpha, grad_out=grad_out)
+                     alpha=alpha, grad_out=grad_out, use_positions=use_positions)
     ref, ref_grads = run(case, tensors, torch.float64, backend="reference",
-                         max_seq_len=max_seq_len, alpha=alpha, grad_out=grad_out)
+                         max_seq_len=max_seq_len, alpha=alpha, grad_out=grad_out,
+                         use_positions=use_positions)
     assert torch.isfinite(out).all()
     scale = ref.abs().max().item()
     err = max_err(out, ref)
@@ -149,6 +155,12 @@ def test_interpreter_matches_fp64(name: str, with_rab: bool) -> None:
 def test_interpreter_backward_modes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
     check_fp32_against_fp64(CASES["all"], with_rab=True, seed=3)
+
+
+@cpu_only
+@pytest.mark.parametrize("name", ["targets", "all"])
+def test_interpreter_bias_on_hstu_position_ids(name: str) -> None:
+    check_fp32_against_fp64(CASES[name], with_rab=True, seed=7, use_positions=True)
 
 
 @cpu_only

@@ -117,8 +117,13 @@ def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
             pass
     if rab is None:
         return base
+    local = base.local
+    if rab.positions is not None:  # e.g. HSTU position ids, so that candidates share a position
+        pad = mask.padded_len - mask.total_len
+        local = torch.nn.functional.pad(rab.positions.to(torch.int32), (0, pad)).contiguous()
     return dataclasses.replace(
         base,
+        local=local,
         ts=rab.timestamps.to(torch.int64).contiguous(),
         next_ts=rab.next_timestamps.to(torch.int64).contiguous(),
         rab_n=rab.max_len,
