@@ -52,8 +52,6 @@ class TrainState:
     best_step: int = 0
     bad_epochs: int = 0  # epochs since the best one
     stopped_early: bool = False
-    loss_sum: float = 0.0  # losses since the last training record, so records survive resume
-    loss_count: int = 0
     metrics_size: int = 0  # bytes of metrics.jsonl that this state accounts for
 
 
@@ -139,13 +137,15 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["state"])
         self.best_weights = ckpt.get("best_model")
+        acc = ckpt.get("loss_acc")
+        self._loss_acc = acc.to(self.device) if acc is not None else None
+        self._loss_steps = ckpt.get("loss_steps", 0)
         restore_rng(ckpt["rng"])
         self.metrics.truncate(self.state.metrics_size)
         if self.best_weights is not None:
             self._write_best()  # best.pt may be ahead of last.pt if the run died between them
 
     def save(self) -> None:
-        self._flush_loss_state()
         self.state.metrics_size = self.metrics.size
         self.metrics.sync()
         save_checkpoint(
@@ -156,6 +156,10 @@ class Trainer:
                 "state": dataclasses.asdict(self.state),
                 "rng": capture_rng(),
                 "best_model": self.best_weights,
+                # The running loss sum stays a tensor, so the next training record sums the
+                # same floats in the same order whether or not the run was resumed in between.
+                "loss_acc": self._loss_acc,
+                "loss_steps": self._loss_steps,
                 "config": dump_config(self.cfg),
             },
         )
@@ -236,18 +240,10 @@ class Trainer:
                 self.save()
         return state.batch_in_epoch >= self.batches.batches_per_epoch
 
-    def _flush_loss_state(self) -> None:
-        """Move the device-side loss sum into the state (one host sync)."""
-        if self._loss_acc is not None:
-            self.state.loss_sum += float(self._loss_acc)
-            self.state.loss_count += self._loss_steps
-            self._loss_acc, self._loss_steps = None, 0
-
     def _log_train(self, progress: TrainProgress, tokens_per_s: float) -> None:
-        self._flush_loss_state()
         state = self.state
-        loss = state.loss_sum / max(state.loss_count, 1)
-        state.loss_sum, state.loss_count = 0.0, 0
+        loss = float(self._loss_acc) / self._loss_steps if self._loss_acc is not None else float("nan")
+        self._loss_acc, self._loss_steps = None, 0
         record = {
             "kind": "train",
             "step": state.step,
