@@ -47,7 +47,8 @@ def set_deterministic(enabled: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled
+    if enabled:
+        torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels per run
 
 
 def worker_count(configured: int, device: torch.device) -> int:
