@@ -38,6 +38,7 @@ def eval_command(
     from flexgr.data import DataError
     from flexgr.eval import evaluate
     from flexgr.export import ExportError
+    from flexgr.train.config import eval_batch_size
     from flexgr.train.rundir import RunDirError
     from flexgr.train.runtime import resolve_device
     from flexgr.train.setup import load_dataset, load_split
@@ -57,7 +58,7 @@ def eval_command(
             max_seq_len=cfg.data.max_seq_len,
             ks=cfg.eval.ks,
             exclude_history=cfg.eval.exclude_history if exclude_history is None else exclude_history,
-            batch_size=cfg.eval.batch_size,
+            batch_size=eval_batch_size(cfg.eval, target_device.type),
             item_chunk=cfg.eval.item_chunk,
             device=target_device,
         )

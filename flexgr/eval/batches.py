@@ -95,5 +95,8 @@ class EvalSequences:
         )
 
     def batches(self, batch_size: int) -> Iterator[EvalBatch]:
-        for start in range(0, len(self.users), batch_size):
-            yield self.batch(np.arange(start, min(start + batch_size, len(self.users))))
+        """All users in batches of similar history length: metrics do not depend on the order,
+        and backends that pad to the longest sequence of a batch (the CPU one) waste less."""
+        order = np.argsort(self.target_pos - self.window_start, kind="stable")
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start : start + batch_size])

@@ -67,11 +67,20 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 512  # users per evaluation batch
+    # Users per evaluation batch; 0 = auto: 1024 on CUDA, 64 on CPU (measured: on 2 CPU cores
+    # ML-100K evaluates in 0.5 s with 64 and 4 s with 1024, as the dense CPU attention spills
+    # out of cache).
+    batch_size: int = 0
     ks: list[int] = field(default_factory=lambda: [1, 10, 50, 200])
     exclude_history: bool = True  # rank only items the user has not interacted with before
     item_chunk: int = 65536  # items scored at once: bounds memory at batch_size x item_chunk
     metric: str = "ndcg@10"  # validation metric for best epoch and early stopping
+
+
+def eval_batch_size(cfg: EvalConfig, device_type: str) -> int:
+    if cfg.batch_size:
+        return cfg.batch_size
+    return 1024 if device_type == "cuda" else 64
 
 
 @dataclass
@@ -303,7 +312,7 @@ def validate(cfg: Config) -> None:
     _require(t.log_every >= 1, "train.log_every must be >= 1")
     _require(t.num_workers >= -1, "train.num_workers must be >= 0, or -1 for auto")
     _require(t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32")
-    _require(e.batch_size >= 1, "eval.batch_size must be >= 1")
+    _require(e.batch_size >= 0, "eval.batch_size must be >= 1, or 0 for auto")
     _require(e.item_chunk >= 1, "eval.item_chunk must be >= 1")
     _require(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks must be a list of K >= 1")
     allowed = {f"{m}@{k}" for m in ("hr", "ndcg") for k in e.ks} | {"mrr"}

@@ -23,7 +23,7 @@ from flexgr.eval import evaluate
 from flexgr.export import export_model
 from flexgr.train.batches import EpochBatches, TrainBatch, TrainSequences, train_loader
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from flexgr.train.config import Config, dump_config
+from flexgr.train.config import Config, dump_config, eval_batch_size
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
 from flexgr.train.progress import TrainProgress
 from flexgr.train.rundir import MetricsLog, RunDir
@@ -278,7 +278,7 @@ class Trainer:
             max_seq_len=self.cfg.data.max_seq_len,
             ks=e.ks,
             exclude_history=e.exclude_history,
-            batch_size=e.batch_size,
+            batch_size=eval_batch_size(e, self.device.type),
             item_chunk=e.item_chunk,
             device=self.device,
             autocast_dtype=self.amp_dtype,
