@@ -186,7 +186,36 @@ class Trainer:
             return t.lr
         return t.lr * min(1.0, (step + 1) / t.warmup_steps)
 
+    @property
+    def compiled(self) -> bool:
+        return self.forward is not self.model
+
+    def _drop_compile(self, err: Exception) -> bool:
+        """After a failure in compiled code, switch to eager and say so; False if the failure
+        has nothing to do with compilation (eager code would fail the same way)."""
+        if not self.compiled or isinstance(err, torch.cuda.OutOfMemoryError):
+            return False
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        self.forward, self.loss_fn = self.model, sampled_softmax_loss
+        self.console.print(
+            f"warning: torch.compile failed ({reason[:300]}); continuing without compiling "
+            "(set train.compile=false to skip the attempt)",
+            highlight=False,
+        )
+        self._write({"kind": "warning", "step": self.state.step, "message": f"compile failed: {reason}"})
+        return True
+
     def train_step(self, batch: TrainBatch) -> Tensor:
+        # A failure while compiling (forward or backward) happens before optimizer.step(), so
+        # the step can simply be redone eagerly.
+        try:
+            return self._train_step(batch)
+        except Exception as err:
+            if not self._drop_compile(err):
+                raise
+            return self._train_step(batch)
+
+    def _train_step(self, batch: TrainBatch) -> Tensor:
         t = self.cfg.train
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
@@ -268,6 +297,14 @@ class Trainer:
         return "test" if self.cfg.data.protocol == "gr-compatible" else "val"
 
     def evaluate(self, which: str) -> tuple[dict[str, float], float]:
+        try:
+            return self._evaluate(which)
+        except Exception as err:
+            if not self._drop_compile(err):
+                raise
+            return self._evaluate(which)
+
+    def _evaluate(self, which: str) -> tuple[dict[str, float], float]:
         e = self.cfg.eval
         start = time.perf_counter()
         metrics = evaluate(

@@ -102,3 +102,37 @@ def test_deterministic_switch_sets_and_clears_torch_flags() -> None:
     finally:
         set_deterministic(False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_compile_failure_falls_back_to_eager_and_is_recorded(tiny_home: Path, tmp_path: Path) -> None:
+    from flexgr.train.loop import Trainer
+
+    cfg = tiny_config(tiny_home)
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    trainer = Trainer(cfg, run, quiet(), show_progress=False, callbacks=())
+
+    def broken_compiled_model(*args, **kwargs):
+        raise RuntimeError("BackendCompilerFailed: inductor could not compile\nmore detail")
+
+    trainer.forward = broken_compiled_model  # what a failed torch.compile looks like
+    batch = next(iter(trainer.loader))
+    loss = trainer.train_step(batch)
+    assert torch.isfinite(loss) and not trainer.compiled
+    trainer.metrics.close()
+    warnings = [r for r in run.read_metrics() if r["kind"] == "warning"]
+    assert len(warnings) == 1 and "inductor could not compile" in warnings[0]["message"]
+
+
+def test_an_eager_failure_is_not_swallowed(tiny_home: Path, tmp_path: Path) -> None:
+    from flexgr.train.loop import Trainer
+
+    cfg = tiny_config(tiny_home)
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    trainer = Trainer(cfg, run, quiet(), show_progress=False, callbacks=())
+    batch = next(iter(trainer.loader))
+    broken = batch.__class__(**{**batch.__dict__, "targets": batch.targets + 1000})  # out of range
+    with pytest.raises(IndexError):
+        trainer.train_step(broken)
+    trainer.metrics.close()
