@@ -84,12 +84,12 @@ def train(
         run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     from flexgr.export import ExportError
-    from flexgr.train.loop import fit
+    from flexgr.train.loop import TrainError, fit
 
     console = stdout()
     try:
         result = fit(cfg, run_dir, resume=resume, console=console, show_progress=False if quiet else None)
-    except (ConfigError, RunDirError, DataError, ExportError) as err:
+    except (ConfigError, RunDirError, DataError, ExportError, TrainError) as err:
         fail(str(err))
     except KeyboardInterrupt:
         fail(f"interrupted; continue with: flexgr train --run-dir {run_dir} --resume", code=130)

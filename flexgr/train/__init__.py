@@ -23,7 +23,7 @@ from flexgr.train.config import (
     preset_names,
     preset_text,
 )
-from flexgr.train.loop import Callback, RunResult, TrainState, fit
+from flexgr.train.loop import Callback, RunResult, TrainError, TrainState, fit
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
 from flexgr.train.rundir import RunDir, RunDirError
 
@@ -41,6 +41,7 @@ __all__ = [
     "RunResult",
     "TrainBatch",
     "TrainConfig",
+    "TrainError",
     "TrainSequences",
     "TrainState",
     "apply_overrides",

@@ -64,6 +64,10 @@ class RunResult:
     stop_reason: str  # "max_epochs", "early_stopping" or "max_steps"
 
 
+class TrainError(ValueError):
+    """A run that cannot start as configured (no CUDA, nothing to train on, ...)."""
+
+
 class Callback:
     """Hooks into :func:`fit`; override what you need. Raising from a hook stops the run."""
 
@@ -93,8 +97,11 @@ class Trainer:
         t = cfg.train
         if t.deterministic:
             set_deterministic(True)
-        self.device = resolve_device(t.device)
-        self.amp_dtype = autocast_dtype(t.precision, self.device)
+        try:
+            self.device = resolve_device(t.device)
+            self.amp_dtype = autocast_dtype(t.precision, self.device)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
         self.data: InteractionData = load_dataset(cfg)
         self.split: Split = load_split(cfg, self.data)
         seed_everything(t.seed)
@@ -116,7 +123,7 @@ class Trainer:
             self.loss_fn = torch.compile(sampled_softmax_loss, dynamic=True)
         self.sequences = TrainSequences(self.data, self.split, cfg.data.max_seq_len)
         if len(self.sequences) == 0:
-            raise ValueError("no user has two training events; nothing to train on")
+            raise TrainError(f"no user of {self.data.name!r} has two training events; nothing to train on")
         self.batches = EpochBatches(len(self.sequences), t.batch_size, t.seed)
         self.loader = train_loader(
             self.sequences,
@@ -449,4 +456,6 @@ def fit(
     trainer = Trainer(cfg, run, console, show_progress, callbacks)
     if resume:
         trainer.resume()
+    else:
+        trainer.save()  # so that --resume works from the very first step on
     return trainer.fit()

@@ -47,8 +47,9 @@ class RunDir:
         return self.checkpoints / "best.pt"
 
     def create(self, cfg: Config) -> None:
-        """Start a new run here; refuse a directory that already holds one."""
-        if self.config.exists() or self.last_checkpoint.exists() or self.metrics.exists():
+        """Start a new run here; refuse a directory that already holds one. A directory with only
+        a config.toml (a run that failed before training started) is reused."""
+        if self.last_checkpoint.exists() or self.metrics.exists():
             raise RunDirError(
                 f"{self.root} already holds a run; continue it with --resume or pick another --run-dir"
             )

@@ -148,3 +148,17 @@ def test_resume_without_checkpoint(tmp_path: Path, tiny_home: Path) -> None:
     (run_dir / "config.toml").write_text(dump_config(tiny_config(tiny_home)))
     assert_one_line_error(run("train", "--run-dir", run_dir, "--resume"), "no checkpoint to resume from")
     assert_one_line_error(run("eval", "--run-dir", run_dir), "no exported model yet")
+
+
+def test_unavailable_device_is_a_one_line_error(tiny_home: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    config = tmp_path / "c.toml"
+    config.write_text(dump_config(tiny_config(tiny_home, "train.device=cuda")))
+    run_dir = tmp_path / "run"
+    assert_one_line_error(run("train", config, "--run-dir", run_dir), "CUDA is not available")
+    # Nothing was trained, so the same run directory can be used once the config is fixed.
+    config.write_text(dump_config(tiny_config(tiny_home, "train.max_steps=1")))
+    assert run("train", config, "--run-dir", run_dir, "-q").exit_code == 0

@@ -49,6 +49,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, kill_step",
     [
+        ([], 0),  # killed right after the checkpoint written before the first step
         ([], 6),  # killed right after the end-of-epoch-1 checkpoint
         (["train.checkpoint_every=4"], 4),  # killed mid-epoch 1
         (["train.checkpoint_every=5"], 10),  # mid-epoch 2, between two training records
