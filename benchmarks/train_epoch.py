@@ -28,7 +28,9 @@ from flexgr.train.rundir import RunDir
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="ml-1m-hstu")
     parser.add_argument("--config", type=Path, help="a TOML config instead of a preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -110,8 +112,10 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
         _, first = trainer.evaluate(which)
         metrics, second = trainer.evaluate(which)
         result.update(
-            eval_split=which, eval_users=metrics["users"],
-            eval_first_s=round(first, 3), eval_s=round(second, 3),
+            eval_split=which,
+            eval_users=metrics["users"],
+            eval_first_s=round(first, 3),
+            eval_s=round(second, 3),
         )
     from rich.table import Table
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from flexgr.cli.common import fail, metrics_table, print_json, stdout
 from flexgr.cli.runs import Weights, load_weights, open_run
 
@@ -19,7 +18,9 @@ class SplitName(str, Enum):
 
 def eval_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="The run to evaluate.")],
-    split: Annotated[SplitName, typer.Option("--split", help="Which targets to rank.")] = SplitName.test,
+    split: Annotated[
+        SplitName, typer.Option("--split", help="Which targets to rank.")
+    ] = SplitName.test,
     weights: Annotated[
         Weights,
         typer.Option("--weights", help="model: the exported model; best / last: a checkpoint."),
@@ -57,7 +58,9 @@ def eval_command(
             split.value,
             max_seq_len=cfg.data.max_seq_len,
             ks=cfg.eval.ks,
-            exclude_history=cfg.eval.exclude_history if exclude_history is None else exclude_history,
+            exclude_history=cfg.eval.exclude_history
+            if exclude_history is None
+            else exclude_history,
             batch_size=eval_batch_size(cfg.eval, target_device.type),
             item_chunk=cfg.eval.item_chunk,
             device=target_device,

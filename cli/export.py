@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
-
 from flexgr.cli.common import fail, print_json, stdout
 from flexgr.cli.runs import Weights, load_weights, open_run
+from rich.table import Table
 
 
 def export_command(
@@ -19,7 +18,9 @@ def export_command(
     ],
     weights: Annotated[
         Weights,
-        typer.Option("--weights", help="model: the run's selected model; best / last: a checkpoint."),
+        typer.Option(
+            "--weights", help="model: the run's selected model; best / last: a checkpoint."
+        ),
     ] = Weights.model,
 ) -> None:
     """Write a run's model as OUT.safetensors + OUT.json (load with flexgr.load)."""
@@ -40,7 +41,11 @@ def export_command(
             data = load_dataset(cfg)
             model = load_weights(run, cfg, data, weights)
             item_ids = data.item_ids
-            metadata = {"dataset": data.name, "protocol": cfg.data.protocol, "weights": weights.value}
+            metadata = {
+                "dataset": data.name,
+                "protocol": cfg.data.protocol,
+                "weights": weights.value,
+            }
         stem = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
         weights_path, json_path = export_model(model, stem, item_ids=item_ids, metadata=metadata)
         read_model_json(json_path)  # fail here, not at load time, if something went wrong
@@ -56,7 +61,9 @@ def recommend_command(
     include_seen: Annotated[
         bool, typer.Option("--include-seen", help="Also recommend items the user already has.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of raw item ids.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list of raw item ids.")
+    ] = False,
 ) -> None:
     """Top-k items for a user of the run's dataset.
 

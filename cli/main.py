@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import typer
-
-import flexgr
 from flexgr.cli.data import app as data_app
 from flexgr.cli.eval import eval_command
 from flexgr.cli.export import export_command, recommend_command
 from flexgr.cli.train import presets, train
+
+import flexgr
 
 app = typer.Typer(
     name="flexgr",

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from flexgr.cli.common import fail, metrics_table, print_json, stdout
+
 from flexgr.data import DataError
 from flexgr.train.config import (
     Config,
@@ -32,17 +32,23 @@ def train(
     ] = None,
     preset: Annotated[
         str | None,
-        typer.Option("--preset", "-p", help=f"A preset name (`flexgr presets`); default {DEFAULT_PRESET}."),
+        typer.Option(
+            "--preset", "-p", help=f"A preset name (`flexgr presets`); default {DEFAULT_PRESET}."
+        ),
     ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option(
-            "--set", "-s", help="Override a setting: section.key=value (repeatable), e.g. train.lr=3e-4."
+            "--set",
+            "-s",
+            help="Override a setting: section.key=value (repeatable), e.g. train.lr=3e-4.",
         ),
     ] = None,
     run_dir: Annotated[
         Path | None,
-        typer.Option("--run-dir", help="Run directory (default runs/<preset or file>-<YYYYmmdd-HHMMSS>)."),
+        typer.Option(
+            "--run-dir", help="Run directory (default runs/<preset or file>-<YYYYmmdd-HHMMSS>)."
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -88,7 +94,9 @@ def train(
 
     console = stdout()
     try:
-        result = fit(cfg, run_dir, resume=resume, console=console, show_progress=False if quiet else None)
+        result = fit(
+            cfg, run_dir, resume=resume, console=console, show_progress=False if quiet else None
+        )
     except (ConfigError, RunDirError, DataError, ExportError, TrainError) as err:
         fail(str(err))
     except KeyboardInterrupt:
@@ -96,7 +104,9 @@ def train(
     if as_json:
         print_json({"run_dir": str(result.run_dir), "epoch": result.epoch, "test": result.test})
     else:
-        console.print(metrics_table(result.test, f"test, epoch {result.epoch} ({result.stop_reason})"))
+        console.print(
+            metrics_table(result.test, f"test, epoch {result.epoch} ({result.stop_reason})")
+        )
 
 
 def _resolve_config(
@@ -110,7 +120,9 @@ def _resolve_config(
         if run_dir is None:
             raise ConfigError("--resume needs --run-dir DIR")
         if config_file is not None or preset is not None:
-            raise ConfigError("--resume takes the config from the run directory; drop CONFIG/--preset")
+            raise ConfigError(
+                "--resume takes the config from the run directory; drop CONFIG/--preset"
+            )
         cfg = RunDir(run_dir).read_config()
         return apply_overrides(cfg, overrides), run_dir.name
     if config_file is not None and preset is not None:
@@ -123,7 +135,9 @@ def _resolve_config(
 
 def presets(
     name: Annotated[str | None, typer.Argument(help="Print this preset's TOML.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the names as a JSON list.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the names as a JSON list.")
+    ] = False,
 ) -> None:
     """List the built-in presets, or print one."""
     if name is not None:

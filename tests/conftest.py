@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import torch.nn.attention.flex_attention as flex_module
 
 
@@ -84,8 +83,16 @@ def tiny_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     home = tmp_path_factory.mktemp("tiny-home")
     csv = write_tiny_csv(home / "tiny.csv")
-    prepare(str(csv), fmt="csv", name="tiny", data_dir=home, progress=False,
-            user_col="user", item_col="item", time_col="ts")
+    prepare(
+        str(csv),
+        fmt="csv",
+        name="tiny",
+        data_dir=home,
+        progress=False,
+        user_col="user",
+        item_col="item",
+        time_col="ts",
+    )
     return home
 
 

@@ -1,7 +1,7 @@
 """Full-ranking evaluation: HR@K, NDCG@K and MRR over every item, chunked so memory stays bounded.
 
-    from flexgr.eval import evaluate
-    metrics = evaluate(model, data, split, "test", max_seq_len=200)
+from flexgr.eval import evaluate
+metrics = evaluate(model, data, split, "test", max_seq_len=200)
 """
 
 from flexgr.eval.batches import EvalBatch, EvalSequences

@@ -42,7 +42,10 @@ class EvalBatch:
 
     def to(self, device: torch.device, non_blocking: bool = False) -> EvalBatch:
         return EvalBatch(
-            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+            **{
+                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                for f in fields(self)
+            }
         )
 
     @property

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 import flexgr
-from flexgr.model.registry import ARCHS, arch_of, build_model
 from flexgr.atomic import atomic_write_bytes, atomic_write_text
+from flexgr.model.registry import ARCHS, arch_of, build_model
 
 FORMAT = "flexgr.model"
 FORMAT_VERSION = 1
@@ -101,14 +101,18 @@ def read_model_json(path: str | Path) -> dict[str, Any]:
     return document
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the exported model (eval mode) and return it with its JSON description."""
     weights_path, json_path = model_paths(path)
     document = read_model_json(path)
     try:
         model = build_model(document["arch"], document["config"])
     except (TypeError, ValueError) as err:
-        raise ExportError(f"{json_path}: config does not build a {document['arch']} model: {err}") from None
+        raise ExportError(
+            f"{json_path}: config does not build a {document['arch']} model: {err}"
+        ) from None
     try:
         tensors = load_file(weights_path)
     except FileNotFoundError:
@@ -143,7 +147,9 @@ def _check_weights(
             f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")
         )
     if wrong_shape:
-        problems.append(f"shape {'; '.join(wrong_shape[:3])}" + (" ..." if len(wrong_shape) > 3 else ""))
+        problems.append(
+            f"shape {'; '.join(wrong_shape[:3])}" + (" ..." if len(wrong_shape) > 3 else "")
+        )
     if problems:
         raise ExportError(
             f"{weights_path.name} does not match the config in {json_path.name}: {'; '.join(problems)}"

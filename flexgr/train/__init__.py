@@ -1,9 +1,9 @@
 """Training: configs, jagged batches, the sampled-softmax loss, the loop, checkpoints.
 
-    from flexgr.train import fit, load_preset
-    cfg = load_preset("ml-100k-hstu")
-    result = fit(cfg, "runs/ml100k")
-    print(result.test["ndcg@10"])
+from flexgr.train import fit, load_preset
+cfg = load_preset("ml-100k-hstu")
+result = fit(cfg, "runs/ml100k")
+print(result.test["ndcg@10"])
 """
 
 from flexgr.train.batches import EpochBatches, TrainBatch, TrainSequences, train_loader

@@ -33,7 +33,10 @@ class TrainBatch:
 
     def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
         return TrainBatch(
-            **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+            **{
+                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                for f in fields(self)
+            }
         )
 
     def pin_memory(self) -> TrainBatch:

@@ -15,14 +15,18 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle))
+    atomic_write_bytes(
+        path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     # weights_only: a checkpoint holds tensors, numbers and strings; nothing that runs code.
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        raise ValueError(
+            f"{path}: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}"
+        )
     return state
 
 
@@ -62,7 +66,11 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _python_state_to_tensor(state: tuple) -> dict[str, Any]:
     version, internal, gauss = state
-    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+    return {
+        "version": version,
+        "internal": torch.tensor(internal, dtype=torch.int64),
+        "gauss": gauss,
+    }
 
 
 def _python_state_from_tensor(state: dict[str, Any]) -> tuple:

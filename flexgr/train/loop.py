@@ -34,7 +34,7 @@ from flexgr.train.runtime import (
     set_deterministic,
     worker_count,
 )
-from flexgr.train.setup import load_dataset, load_split, model_config, new_model
+from flexgr.train.setup import load_dataset, load_split, new_model
 
 # Timing fields of metrics.jsonl records: they differ between otherwise identical runs.
 TIMING_KEYS = frozenset({"tokens_per_s", "elapsed_s", "eval_s", "train_s"})
@@ -123,7 +123,9 @@ class Trainer:
             self.loss_fn = torch.compile(sampled_softmax_loss, dynamic=True)
         self.sequences = TrainSequences(self.data, self.split, cfg.data.max_seq_len)
         if len(self.sequences) == 0:
-            raise TrainError(f"no user of {self.data.name!r} has two training events; nothing to train on")
+            raise TrainError(
+                f"no user of {self.data.name!r} has two training events; nothing to train on"
+            )
         self.batches = EpochBatches(len(self.sequences), t.batch_size, t.seed)
         self.loader = train_loader(
             self.sequences,
@@ -202,14 +204,18 @@ class Trainer:
         has nothing to do with compilation (eager code would fail the same way)."""
         if not self.compiled or isinstance(err, torch.cuda.OutOfMemoryError):
             return False
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        reason = (
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        )
         self.forward, self.loss_fn = self.model, sampled_softmax_loss
         self.console.print(
             f"warning: torch.compile failed ({reason[:300]}); continuing without compiling "
             "(set train.compile=false to skip the attempt)",
             highlight=False,
         )
-        self._write({"kind": "warning", "step": self.state.step, "message": f"compile failed: {reason}"})
+        self._write(
+            {"kind": "warning", "step": self.state.step, "message": f"compile failed: {reason}"}
+        )
         return True
 
     def train_step(self, batch: TrainBatch) -> Tensor:
@@ -239,7 +245,10 @@ class Trainer:
         )
         # The loss runs in fp32: bf16 logits divided by a 0.05 temperature lose too much.
         loss = self.loss_fn(
-            states.float(), batch.targets, negatives, self.model.item_embeddings().float(),
+            states.float(),
+            batch.targets,
+            negatives,
+            self.model.item_embeddings().float(),
             t.temperature,
         )
         self.optimizer.zero_grad(set_to_none=True)
@@ -278,7 +287,9 @@ class Trainer:
 
     def _log_train(self, progress: TrainProgress, tokens_per_s: float) -> None:
         state = self.state
-        loss = float(self._loss_acc) / self._loss_steps if self._loss_acc is not None else float("nan")
+        loss = (
+            float(self._loss_acc) / self._loss_steps if self._loss_acc is not None else float("nan")
+        )
         self._loss_acc, self._loss_steps = None, 0
         record = {
             "kind": "train",
@@ -335,7 +346,11 @@ class Trainer:
         state, which = self.state, self.selection_split
         metrics, seconds = self.evaluate(which)
         record: dict[str, Any] = {
-            "kind": "eval", "split": which, "epoch": state.epoch, "step": state.step, **metrics,
+            "kind": "eval",
+            "split": which,
+            "epoch": state.epoch,
+            "step": state.step,
+            **metrics,
         }
         if partial:
             record["partial"] = True
@@ -347,7 +362,9 @@ class Trainer:
         if improved:
             state.best_value, state.best_epoch, state.best_step = value, state.epoch, state.step
             state.bad_epochs = 0
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            }
             self._write_best()
         else:
             state.bad_epochs += 1
@@ -384,7 +401,12 @@ class Trainer:
                 if t.patience and state.bad_epochs >= t.patience:
                     state.stopped_early = True
                 self._write(
-                    {"kind": "epoch", "epoch": state.epoch - 1, "step": state.step, "train_s": train_seconds}
+                    {
+                        "kind": "epoch",
+                        "epoch": state.epoch - 1,
+                        "step": state.step,
+                        "train_s": train_seconds,
+                    }
                 )
                 self.save()
             if state.stopped_early:
@@ -402,8 +424,13 @@ class Trainer:
         test, seconds = self.evaluate("test")
         self._write(
             {
-                "kind": "eval", "split": "test", "epoch": epoch, "step": state.best_step,
-                "final": True, **test, "eval_s": seconds,
+                "kind": "eval",
+                "split": "test",
+                "epoch": epoch,
+                "step": state.best_step,
+                "final": True,
+                **test,
+                "eval_s": seconds,
             }
         )
         export_model(
@@ -416,7 +443,9 @@ class Trainer:
                 "epoch": epoch,
                 "step": state.best_step,
                 "selected_by": (
-                    "last epoch" if self.selection_split == "test" else f"val {self.cfg.eval.metric}"
+                    "last epoch"
+                    if self.selection_split == "test"
+                    else f"val {self.cfg.eval.metric}"
                 ),
                 "test": test,
             },

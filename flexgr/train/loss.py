@@ -12,7 +12,9 @@ from torch import Tensor
 DENSE_ITEMS_PER_NEGATIVE = 32
 
 
-def sample_negatives(num_positions: int, num_negatives: int, num_items: int, device: torch.device) -> Tensor:
+def sample_negatives(
+    num_positions: int, num_negatives: int, num_items: int, device: torch.device
+) -> Tensor:
     """[num_positions, num_negatives] item indices drawn uniformly from 1..num_items (0 is padding).
 
     Every position gets its own negatives. Draws use the global torch RNG of ``device``, which

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Self
 
 from rich.console import Console
 from rich.progress import (
@@ -28,7 +29,7 @@ class TrainProgress:
         self._task: TaskID | None = None
         self._epoch = 0
 
-    def __enter__(self) -> TrainProgress:
+    def __enter__(self) -> Self:
         if self.bar:
             self._progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}"),
@@ -62,8 +63,13 @@ class TrainProgress:
         if self._task is not None:
             self._progress.remove_task(self._task)
         self._task = self._progress.add_task(
-            "train", total=total_batches, completed=done_batches,
-            epoch=epoch, loss="-", lr="-", throughput="-",
+            "train",
+            total=total_batches,
+            completed=done_batches,
+            epoch=epoch,
+            loss="-",
+            lr="-",
+            throughput="-",
         )
 
     def advance(self) -> None:

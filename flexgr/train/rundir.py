@@ -69,7 +69,9 @@ class RunDir:
 
     def require_checkpoint(self) -> Path:
         if not self.last_checkpoint.is_file():
-            raise RunDirError(f"{self.root} has no checkpoint to resume from ({self.last_checkpoint})")
+            raise RunDirError(
+                f"{self.root} has no checkpoint to resume from ({self.last_checkpoint})"
+            )
         return self.last_checkpoint
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -89,7 +91,8 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "a", encoding="utf-8")
+        # Open for the whole run (closed in close()): a with-block per record would reopen it.
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     @property
     def size(self) -> int:
@@ -115,4 +118,6 @@ class MetricsLog:
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:
     # JSON has no NaN/inf; a diverged loss is written as null rather than invalid JSON.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }

@@ -26,7 +26,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("bf16 autocast needs a GPU with bfloat16 support; use train.precision=fp32")
+        raise ValueError(
+            "bf16 autocast needs a GPU with bfloat16 support; use train.precision=fp32"
+        )
     return torch.bfloat16
 
 

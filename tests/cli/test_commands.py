@@ -33,8 +33,17 @@ def test_no_arguments_means_the_ml1m_hstu_preset() -> None:
 
 
 def test_print_config_applies_overrides_in_type() -> None:
-    result = run("train", "--preset", "ml-1m-sasrec", "--set", "train.lr=2e-4", "-s", "eval.ks=5,10",
-                 "--deterministic", "--print-config")
+    result = run(
+        "train",
+        "--preset",
+        "ml-1m-sasrec",
+        "--set",
+        "train.lr=2e-4",
+        "-s",
+        "eval.ks=5,10",
+        "--deterministic",
+        "--print-config",
+    )
     parsed = tomllib.loads(result.stdout)
     assert parsed["train"]["lr"] == 2e-4 and parsed["eval"]["ks"] == [5, 10]
     assert parsed["train"]["deterministic"] is True and parsed["model"]["arch"] == "sasrec"
@@ -73,9 +82,11 @@ def trained_run(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     config = root / "tiny.toml"
     config.write_text(dump_config(tiny_config(tiny_home)))
     run_dir = root / "run"
-    result = run("train", config, "--set", "train.max_epochs=2", "--run-dir", run_dir, "--json", "-q")
+    result = run(
+        "train", config, "--set", "train.max_epochs=2", "--run-dir", run_dir, "--json", "-q"
+    )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["epoch"] in (1, 2) and 0 <= summary["test"]["ndcg@10"] <= 1
     return run_dir
 
@@ -84,8 +95,11 @@ def test_eval_matches_the_final_record(trained_run: Path) -> None:
     result = run("eval", "--run-dir", trained_run, "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    final = [r for r in map(json.loads, (trained_run / "metrics.jsonl").read_text().splitlines())
-             if r.get("final")][0]
+    final = next(
+        r
+        for r in map(json.loads, (trained_run / "metrics.jsonl").read_text().splitlines())
+        if r.get("final")
+    )
     assert metrics["split"] == "test"
     for name in ("hr@10", "ndcg@10", "mrr", "users"):
         assert metrics[name] == pytest.approx(final[name], abs=1e-12)
@@ -114,8 +128,19 @@ def test_recommend_for_a_dataset_user(trained_run: Path, tiny_home: Path) -> Non
     data = load_prepared("tiny", data_dir=tiny_home)
     seen = {data.item_ids[i - 1] for i in data.items[data.events_of(data.user_index("u3"))]}
     assert len(items) == 4 and not seen & set(items)
-    with_seen = json.loads(run("recommend", "--run-dir", trained_run, "--user", "u3", "--k", "30",
-                               "--include-seen", "--json").stdout)
+    with_seen = json.loads(
+        run(
+            "recommend",
+            "--run-dir",
+            trained_run,
+            "--user",
+            "u3",
+            "--k",
+            "30",
+            "--include-seen",
+            "--json",
+        ).stdout
+    )
     assert seen <= set(with_seen)
     table = run("recommend", "--run-dir", trained_run, "--user", "u3")
     assert table.exit_code == 0 and "rank" in table.stdout
@@ -135,10 +160,13 @@ def test_train_refuses_an_existing_run_and_resumes_it(trained_run: Path) -> None
 
 def test_gr_compatible_run_has_no_val_split(tiny_home: Path, tmp_path: Path) -> None:
     config = tmp_path / "gr.toml"
-    config.write_text(dump_config(tiny_config(tiny_home, "data.protocol=gr-compatible", "train.max_steps=2")))
+    config.write_text(
+        dump_config(tiny_config(tiny_home, "data.protocol=gr-compatible", "train.max_steps=2"))
+    )
     assert run("train", config, "--run-dir", tmp_path / "run", "-q").exit_code == 0
     assert_one_line_error(
-        run("eval", "--run-dir", tmp_path / "run", "--split", "val"), "gr-compatible has no validation"
+        run("eval", "--run-dir", tmp_path / "run", "--split", "val"),
+        "gr-compatible has no validation",
     )
 
 
@@ -146,7 +174,9 @@ def test_resume_without_checkpoint(tmp_path: Path, tiny_home: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.toml").write_text(dump_config(tiny_config(tiny_home)))
-    assert_one_line_error(run("train", "--run-dir", run_dir, "--resume"), "no checkpoint to resume from")
+    assert_one_line_error(
+        run("train", "--run-dir", run_dir, "--resume"), "no checkpoint to resume from"
+    )
     assert_one_line_error(run("eval", "--run-dir", run_dir), "no exported model yet")
 
 

@@ -12,11 +12,18 @@ from tests.cli.helpers import run
 def test_prepare_train_eval_export_recommend(ml100k_home: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     trained = run(
-        "train", "--preset", "ml-100k-hstu",
-        "--set", f"data.data_dir={ml100k_home}",
-        "--set", "train.max_steps=2",
-        "--set", "train.log_every=1",
-        "--run-dir", run_dir, "-q",
+        "train",
+        "--preset",
+        "ml-100k-hstu",
+        "--set",
+        f"data.data_dir={ml100k_home}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.log_every=1",
+        "--run-dir",
+        run_dir,
+        "-q",
     )
     assert trained.exit_code == 0, trained.output
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -22,10 +22,19 @@ def test_metrics_against_hand_computed_values() -> None:
         (1 + 1 / math.log2(3) + 1 / math.log2(11) + 1 / math.log2(12) + 1 / math.log2(51)) / n
     )
     assert got["ndcg@200"] == pytest.approx(
-        (1 + 1 / math.log2(3) + 1 / math.log2(11) + 1 / math.log2(12) + 1 / math.log2(51)
-         + 1 / math.log2(201)) / n
+        (
+            1
+            + 1 / math.log2(3)
+            + 1 / math.log2(11)
+            + 1 / math.log2(12)
+            + 1 / math.log2(51)
+            + 1 / math.log2(201)
+        )
+        / n
     )
-    assert got["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 50 + 1 / 200 + 1 / 501) / n)
+    assert got["mrr"] == pytest.approx(
+        (1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 50 + 1 / 200 + 1 / 501) / n
+    )
 
 
 def test_a_perfect_ranking_scores_one_everywhere() -> None:

@@ -53,13 +53,17 @@ def test_padding_item_is_never_ranked() -> None:
     k=st.integers(1, 45),
     seed=st.integers(0, 10_000),
 )
-def test_chunked_ranking_equals_brute_force(num_items: int, users: int, chunk: int, k: int, seed: int) -> None:
+def test_chunked_ranking_equals_brute_force(
+    num_items: int, users: int, chunk: int, k: int, seed: int
+) -> None:
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(num_items + 1, 4, generator=g, dtype=torch.float64)
     queries = torch.randn(users, 4, generator=g, dtype=torch.float64)
     targets = torch.randint(1, num_items + 1, (users,), generator=g)
     lists = [
-        torch.randint(1, num_items + 1, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist()
+        torch.randint(
+            1, num_items + 1, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g
+        ).tolist()
         for _ in range(users)
     ]
     exclude, offsets = jagged(lists)
@@ -76,5 +80,7 @@ def test_chunked_ranking_equals_brute_force(num_items: int, users: int, chunk: i
     assert got.tolist() == expected_ranks
     best_scores, best_items = top_k(queries, table, k, exclude, offsets, chunk_size=chunk)
     for u in range(users):
-        kept = [i for i, s in zip(best_items[u].tolist(), best_scores[u].tolist()) if s != float("-inf")]
+        kept = [
+            i for i, s in zip(best_items[u].tolist(), best_scores[u].tolist()) if s != float("-inf")
+        ]
         assert kept == expected_top[u]

@@ -19,7 +19,9 @@ def trained_like(arch: str) -> torch.nn.Module:
     if arch == "hstu":
         model = HSTU(HSTUConfig(num_items=20, d_model=8, num_layers=2, dqk=4, dv=4, max_seq_len=5))
     else:
-        model = SASRec(SASRecConfig(num_items=20, d_model=8, num_layers=1, ffn_dim=8, max_seq_len=5))
+        model = SASRec(
+            SASRecConfig(num_items=20, d_model=8, num_layers=1, ffn_dim=8, max_seq_len=5)
+        )
     with torch.no_grad():  # move away from the init so a fresh model could not pass
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -29,7 +31,9 @@ def trained_like(arch: str) -> torch.nn.Module:
 @pytest.mark.parametrize("arch", ["hstu", "sasrec"])
 def test_export_then_load_gives_identical_scores(arch: str, tmp_path: Path) -> None:
     model = trained_like(arch)
-    weights, description = export_model(model, tmp_path / "m", item_ids=ITEMS, metadata={"epoch": 3})
+    weights, description = export_model(
+        model, tmp_path / "m", item_ids=ITEMS, metadata={"epoch": 3}
+    )
     assert (weights.name, description.name) == ("m.safetensors", "m.json")
     rec = flexgr.load(tmp_path / "m")
     assert isinstance(rec, Recommender) and rec.arch == arch and rec.metadata == {"epoch": 3}
@@ -78,7 +82,9 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path: Path) -> Non
     description = json.loads((tmp_path / "m.json").read_text())
     description["config"]["d_model"] = 12
     (tmp_path / "m.json").write_text(json.dumps(description))
-    with pytest.raises(ExportError, match="m.safetensors does not match the config in m.json: .*shape"):
+    with pytest.raises(
+        ExportError, match="m.safetensors does not match the config in m.json: .*shape"
+    ):
         load(tmp_path / "m")
 
 

@@ -74,7 +74,9 @@ def test_no_batch_contains_an_evaluated_target_or_anything_after_it(
         batch = seqs[rows]
         for b, user in enumerate(batch.users.tolist()):
             lo, hi = int(batch.offsets[b]), int(batch.offsets[b + 1])
-            events = np.concatenate([batch.item_ids[lo:hi].numpy(), batch.targets[lo:hi].numpy()]) - 1
+            events = (
+                np.concatenate([batch.item_ids[lo:hi].numpy(), batch.targets[lo:hi].numpy()]) - 1
+            )
             start, end = data.user_offsets[user], data.user_offsets[user + 1]
             # Only this user's events, all strictly before the first evaluated event.
             first_eval = min(p for p in (split.val_pos[user], split.test_pos[user], end) if p >= 0)
@@ -104,7 +106,9 @@ def test_loader_with_workers_builds_the_same_batches() -> None:
     data = dataset([7, 9, 4, 12, 3, 8])
     seqs = TrainSequences(data, make_split(data, "loo-val"), max_seq_len=5)
     sampler = EpochBatches(len(seqs), 2, seed=0)
-    serial = [b.item_ids.tolist() for b in train_loader(seqs, sampler, num_workers=0, pin_memory=False)]
+    serial = [
+        b.item_ids.tolist() for b in train_loader(seqs, sampler, num_workers=0, pin_memory=False)
+    ]
     loader = train_loader(seqs, sampler, num_workers=2, pin_memory=False)
     parallel = [b.item_ids.tolist() for b in loader]
     assert serial == parallel
@@ -116,7 +120,9 @@ def test_loader_leaves_the_global_torch_rng_alone() -> None:
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    for _ in train_loader(seqs, EpochBatches(len(seqs), 2, seed=0), num_workers=0, pin_memory=False):
+    for _ in train_loader(
+        seqs, EpochBatches(len(seqs), 2, seed=0), num_workers=0, pin_memory=False
+    ):
         pass
     assert torch.equal(torch.rand(3), expected)
 

@@ -130,7 +130,9 @@ def test_parallel_section_parses_but_only_allows_one_by_one() -> None:
 
 
 def test_switching_arch_keeps_shared_settings_and_drops_the_rest() -> None:
-    cfg = apply_overrides(load_preset("ml-1m-hstu-large"), ["model.arch=sasrec", "model.ffn_dim=64"])
+    cfg = apply_overrides(
+        load_preset("ml-1m-hstu-large"), ["model.arch=sasrec", "model.ffn_dim=64"]
+    )
     opts = cfg.model_options()
     assert cfg.model.arch == "sasrec"
     assert opts["num_layers"] == 8 and opts["ffn_dim"] == 64

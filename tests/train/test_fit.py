@@ -27,24 +27,38 @@ def test_run_directory_contract(tiny_home: Path, tmp_path: Path) -> None:
     evals = [r for r in parsed if r["kind"] == "eval"]
     assert train and all({"step", "loss", "lr", "epoch", "tokens_per_s"} <= set(r) for r in train)
     assert [r["step"] for r in train] == list(range(2, 13, 2))  # log_every=2, 6 steps per epoch
-    assert [(r["split"], r["epoch"]) for r in evals] == [("val", 1), ("val", 2), ("test", result.epoch)]
+    assert [(r["split"], r["epoch"]) for r in evals] == [
+        ("val", 1),
+        ("val", 2),
+        ("test", result.epoch),
+    ]
     names = {"hr@1", "ndcg@1", "hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr"}
     assert all(names <= set(r) for r in evals)
-    assert evals[-1]["final"] is True and evals[-1] == {**evals[-1], **{k: result.test[k] for k in names}}
+    assert evals[-1]["final"] is True and evals[-1] == {
+        **evals[-1],
+        **{k: result.test[k] for k in names},
+    }
     assert (run / "model.safetensors").is_file()
     description = json.loads((run / "model.json").read_text())
     assert description["arch"] == "hstu" and description["config"]["d_model"] == 16
     assert len(description["item_ids"]) == description["config"]["num_items"] == 30
     assert description["metadata"]["epoch"] == result.epoch
-    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "checkpoints" / "last.pt").is_file() and (
+        run / "checkpoints" / "best.pt"
+    ).is_file()
     assert not list(run.rglob(".*tmp*"))  # no temp files left behind
 
 
 def test_training_learns_the_toy_pattern(tiny_home: Path, tmp_path: Path) -> None:
     """In the toy log item i is always followed by i + 1: a few epochs must beat chance by far
     (chance HR@10 is about 10 / 30)."""
-    cfg = tiny_config(tiny_home, "train.max_epochs=8", "train.lr=1e-2", "model.dropout=0.0",
-                      "model.input_dropout=0.0")
+    cfg = tiny_config(
+        tiny_home,
+        "train.max_epochs=8",
+        "train.lr=1e-2",
+        "model.dropout=0.0",
+        "model.input_dropout=0.0",
+    )
     result = fit(cfg, tmp_path / "run", console=quiet())
     assert result.test["hr@1"] > 0.5
     losses = [r["loss"] for r in RunDir(tmp_path / "run").read_metrics() if r["kind"] == "train"]
@@ -82,7 +96,11 @@ def test_max_steps_counts_optimizer_steps(tiny_home: Path, tmp_path: Path) -> No
 def test_same_seed_same_run_other_seed_other_run(tiny_home: Path, tmp_path: Path) -> None:
     a = fit(tiny_config(tiny_home, "train.max_epochs=1"), tmp_path / "a", console=quiet())
     b = fit(tiny_config(tiny_home, "train.max_epochs=1"), tmp_path / "b", console=quiet())
-    c = fit(tiny_config(tiny_home, "train.max_epochs=1", "train.seed=7"), tmp_path / "c", console=quiet())
+    c = fit(
+        tiny_config(tiny_home, "train.max_epochs=1", "train.seed=7"),
+        tmp_path / "c",
+        console=quiet(),
+    )
     assert a.test == b.test
     assert a.test != c.test
 
@@ -104,7 +122,9 @@ def test_deterministic_switch_sets_and_clears_torch_flags() -> None:
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_a_compile_failure_falls_back_to_eager_and_is_recorded(tiny_home: Path, tmp_path: Path) -> None:
+def test_a_compile_failure_falls_back_to_eager_and_is_recorded(
+    tiny_home: Path, tmp_path: Path
+) -> None:
     from flexgr.train.loop import Trainer
 
     cfg = tiny_config(tiny_home)

@@ -63,7 +63,9 @@ def test_resumed_run_ends_with_the_same_metrics(
     with pytest.raises(Killed):
         fit(cfg, tmp_path / "broken", console=quiet(), callbacks=[KillAfterCheckpoint(kill_step)])
     assert not (tmp_path / "broken" / "model.safetensors").exists()
-    result = fit(RunDir(tmp_path / "broken").read_config(), tmp_path / "broken", resume=True, console=quiet())
+    result = fit(
+        RunDir(tmp_path / "broken").read_config(), tmp_path / "broken", resume=True, console=quiet()
+    )
     assert result.steps == 18
     assert_same_run(tmp_path / "whole", tmp_path / "broken")
 
