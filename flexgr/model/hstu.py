@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,11 @@ from flexgr.masks.layout import build_layout
 from flexgr.model.embedding import ItemEmbedding, SequenceInput, l2_normalize
 from flexgr.ops.attention import default_backend, hstu_attention
 from flexgr.ops.rab import RelativeBias, next_timestamps
+
+
+AttentionFn = Callable[..., Tensor]
+"""Called like :func:`hstu_attention`. A seam for code that runs the layers differently (context
+parallelism passes one bound to its shard); the model itself always uses ``hstu_attention``."""
 
 
 @dataclass
@@ -40,6 +46,20 @@ class HSTUConfig:
     @property
     def attn_len(self) -> int:
         return self.max_seq_len + self.len_margin
+
+
+@dataclass(frozen=True)
+class HSTUTokens:
+    """Per-token tables of one packed batch: [T] positions (HSTU position ids), timestamps and
+    next timestamps, plus what the attention call needs besides q, k, v."""
+
+    offsets: Tensor
+    positions: Tensor
+    timestamps: Tensor
+    next_ts: Tensor
+    num_targets: Tensor | None
+    mask: HSTUMask | None
+    backend: str
 
 
 class RelativePositionTimeBias(nn.Module):
@@ -79,12 +99,13 @@ class HSTULayer(nn.Module):
         num_targets: Tensor | None,
         mask: HSTUMask | None,
         backend: str,
+        attention: AttentionFn = hstu_attention,
     ) -> Tensor:
         cfg = self.cfg
         T, H = x_TD.shape[0], cfg.num_heads
         u, v, q, k = torch.split(F.silu(self.input_norm(x_TD) @ self.uvqk), self.splits, dim=-1)
         rab = self.rab(timestamps, next_ts, positions) if self.rab is not None else None
-        attn_THD = hstu_attention(
+        attn_THD = attention(
             q.reshape(T, H, cfg.dqk),
             k.reshape(T, H, cfg.dqk),
             v.reshape(T, H, cfg.dv),
@@ -122,6 +143,18 @@ class HSTU(nn.Module):
         query_time: Tensor | None = None,
         num_targets: Tensor | None = None,
     ) -> Tensor:
+        tokens = self.token_tables(item_ids, offsets, timestamps, query_time, num_targets)
+        return self.encode(item_ids, tokens)
+
+    def token_tables(
+        self,
+        item_ids: Tensor,
+        offsets: Tensor,
+        timestamps: Tensor | None = None,
+        query_time: Tensor | None = None,
+        num_targets: Tensor | None = None,
+    ) -> HSTUTokens:
+        """The per-token tables of one packed batch, shared by every layer."""
         T = item_ids.shape[0]
         backend = self.cfg.backend
         if backend == "auto":
@@ -138,11 +171,18 @@ class HSTU(nn.Module):
         if timestamps is None:
             timestamps = torch.zeros(T, dtype=torch.int64, device=item_ids.device)
         next_ts = next_timestamps(timestamps, offsets, query_time)
-        x = self.input(self.item_emb(item_ids), positions)
+        return HSTUTokens(offsets, positions, timestamps, next_ts, num_targets, mask, backend)
+
+    def encode(
+        self, item_ids: Tensor, tokens: HSTUTokens, attention: AttentionFn = hstu_attention
+    ) -> Tensor:
+        """Embeddings, layers and the output norm over ``item_ids`` described by ``tokens``."""
+        x = self.input(self.item_emb(item_ids), tokens.positions)
         for layer in self.layers:
             x = layer(
-                x, offsets, timestamps=timestamps, next_ts=next_ts, positions=positions,
-                num_targets=num_targets, mask=mask, backend=backend,
+                x, tokens.offsets, timestamps=tokens.timestamps, next_ts=tokens.next_ts,
+                positions=tokens.positions, num_targets=tokens.num_targets, mask=tokens.mask,
+                backend=tokens.backend, attention=attention,
             )
         return l2_normalize(x)
 

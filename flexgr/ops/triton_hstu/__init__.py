@@ -1,0 +1,1 @@
+"""Triton kernels of HSTU attention (imported only when triton is importable)."""

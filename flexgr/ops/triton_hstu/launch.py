@@ -1,0 +1,398 @@
+"""Host side: gather the kernels' inputs from an HSTUMask, pick tiles, launch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import triton
+from torch import Tensor
+
+from flexgr.masks.block import HSTUMask, MaskSpec
+from flexgr.ops.rab import RelativeBias
+from flexgr.ops.triton_hstu import tuning
+from flexgr.ops.triton_hstu.backward import (
+    hstu_bwd_dkdv_kernel,
+    hstu_bwd_dq_kernel,
+    hstu_bwd_merged_kernel,
+)
+from flexgr.ops.triton_hstu.forward import hstu_fwd_kernel
+from flexgr.ops.triton_hstu.tuning import TileConfig
+
+
+@dataclass(frozen=True)
+class MaskTables:
+    """Everything per batch that the kernels read besides q, k, v (shared by all heads)."""
+
+    seq_id: Tensor  # [P] int32
+    pos_id: Tensor  # [P] int32
+    max_id: Tensor  # [P] int32
+    local: Tensor  # [P] int32
+    ts: Tensor  # [T] int64 (a placeholder without rab)
+    next_ts: Tensor  # [T] int64
+    kv_num: Tensor  # [P / MBQ] int32, partial KV blocks per query block
+    kv_idx: Tensor  # [P / MBQ, P / MBKV] int32
+    full_kv_num: Tensor
+    full_kv_idx: Tensor
+    q_num: Tensor  # [P / MBKV] int32, the transpose, for dk/dv
+    q_idx: Tensor
+    full_q_num: Tensor
+    full_q_idx: Tensor
+    mask_block_q: int
+    mask_block_kv: int
+    total_len: int
+    padded_len: int
+    spec: MaskSpec
+    rab_n: int
+    num_buckets: int
+    inv_bucket_div: float  # fp32 reciprocal, as torch's CUDA division by a scalar uses
+    _orders: dict[tuple[str, int], Tensor] = field(default_factory=dict, compare=False)
+
+    def tile_order(self, side: str, block: int) -> Tensor:
+        """Launch order of tiles. Forward ("q"): heaviest first (most mask blocks to visit), the
+        longest-processing-time rule, so the short tiles of a jagged batch fill in behind the
+        long ones (measured 6% faster at 8 x 8192). Split backward kernels ("kv" for dk/dv,
+        "q_bwd" for dq): tile order, which measured ~5% faster than heaviest-first in two of
+        three runs (docs/triton-kernel.md); FLEXGR_TRITON_BWD_TILE_ORDER=lpt restores LPT."""
+        key = (side, block)
+        if key not in self._orders:
+            if side in ("q", "q_bwd"):  # query tiles walk KV blocks
+                work, mask_block = self.kv_num + self.full_kv_num, self.mask_block_q
+            else:
+                work, mask_block = self.q_num + self.full_q_num, self.mask_block_kv
+            per_tile = work.repeat_interleave(mask_block // block)
+            lpt = os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") != "0"
+            if side != "q":
+                lpt = lpt and os.environ.get("FLEXGR_TRITON_BWD_TILE_ORDER", "natural") == "lpt"
+            if lpt:
+                order = torch.argsort(per_tile, descending=True, stable=True)
+            else:
+                order = torch.arange(per_tile.numel(), device=per_tile.device)
+            self._orders[key] = order.to(torch.int32)
+        return self._orders[key]
+
+    def merged_order(self, kv_block: int, q_block: int) -> Tensor:
+        """Virtual program ids of the merged backward launch, heaviest first: ids below the
+        number of key tiles are dk/dv programs (4 products per visited element), the rest dq
+        programs (3 products)."""
+        key = ("merged", kv_block * 1000 + q_block)
+        if key not in self._orders:
+            kv_work = (self.q_num + self.full_q_num).repeat_interleave(self.mask_block_kv // kv_block)
+            q_work = (self.kv_num + self.full_kv_num).repeat_interleave(self.mask_block_q // q_block)
+            cost = torch.cat([4 * kv_block * kv_work, 3 * q_block * q_work])
+            if os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") == "0":
+                order = torch.arange(cost.numel(), device=cost.device)
+            else:
+                order = torch.argsort(cost, descending=True, stable=True)
+            self._orders[key] = order.to(torch.int32)
+        return self._orders[key]
+
+
+def _rows(x: Tensor | None, like: Tensor) -> Tensor:
+    if x is None:  # no full blocks at all
+        return torch.zeros_like(like)
+    return x[0, 0].contiguous()
+
+
+# One entry per live BlockMask: a model's layers share one mask per batch, so the tables (and the
+# tile orders) are prepared once per batch, not once per layer.
+_tables_cache: "weakref.WeakKeyDictionary[object, MaskTables]" = weakref.WeakKeyDictionary()
+
+
+def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
+    try:
+        base = _tables_cache.get(mask.block_mask)
+    except TypeError:  # not weak-referenceable
+        base = None
+    if base is None or base.seq_id is not mask.layout.seq_id:
+        base = _mask_only_tables(mask)
+        try:
+            _tables_cache[mask.block_mask] = base
+        except TypeError:
+            pass
+    if rab is None:
+        return base
+    return dataclasses.replace(
+        base,
+        ts=rab.timestamps.to(torch.int64).contiguous(),
+        next_ts=rab.next_timestamps.to(torch.int64).contiguous(),
+        rab_n=rab.max_len,
+        num_buckets=rab.num_buckets,
+        inv_bucket_div=float(np.float32(1.0) / np.float32(rab.bucket_divisor)),
+    )
+
+
+def _mask_only_tables(mask: HSTUMask) -> MaskTables:
+    bm = mask.block_mask
+    lay = mask.layout
+    if bm.kv_indices.shape[0] != 1 or bm.kv_indices.shape[1] != 1:
+        raise ValueError("triton backend: the BlockMask must have B = H = 1 (one packed batch)")
+    if bm.q_indices is None:
+        raise ValueError("triton backend: the BlockMask lacks its transposed q_* blocks")
+    mbq, mbkv = bm.BLOCK_SIZE
+    if mask.padded_len % mbq or mask.padded_len % mbkv:
+        raise ValueError("triton backend: the padded length must be a multiple of the mask blocks")
+    kv_num = bm.kv_num_blocks[0, 0].contiguous()
+    kv_idx = bm.kv_indices[0, 0].contiguous()
+    q_num = bm.q_num_blocks[0, 0].contiguous()
+    q_idx = bm.q_indices[0, 0].contiguous()
+    ts = next_ts = lay.seq_id.new_zeros(1, dtype=torch.int64)  # replaced when there is a rab
+    return MaskTables(
+        seq_id=lay.seq_id.to(torch.int32).contiguous(),
+        pos_id=lay.pos_id.to(torch.int32).contiguous(),
+        max_id=lay.max_id.to(torch.int32).contiguous(),
+        local=lay.local.to(torch.int32).contiguous(),
+        ts=ts,
+        next_ts=next_ts,
+        kv_num=kv_num.to(torch.int32),
+        kv_idx=kv_idx.to(torch.int32),
+        full_kv_num=_rows(bm.full_kv_num_blocks, bm.kv_num_blocks).to(torch.int32),
+        full_kv_idx=_rows(bm.full_kv_indices, bm.kv_indices).to(torch.int32),
+        q_num=q_num.to(torch.int32),
+        q_idx=q_idx.to(torch.int32),
+        full_q_num=_rows(bm.full_q_num_blocks, bm.q_num_blocks).to(torch.int32),
+        full_q_idx=_rows(bm.full_q_indices, bm.q_indices).to(torch.int32),
+        mask_block_q=int(mbq),
+        mask_block_kv=int(mbkv),
+        total_len=mask.total_len,
+        padded_len=mask.padded_len,
+        spec=mask.spec,  # type: ignore[arg-type]  # checked by the caller
+        rab_n=1,
+        num_buckets=0,
+        inv_bucket_div=1.0,
+    )
+
+
+def _mask_flags(tab: MaskTables, has_rab: bool) -> dict[str, object]:
+    spec = tab.spec
+    return dict(
+        HAS_TARGETS=spec.has_targets,
+        HAS_CONTEXT=spec.contextual_len > 0,
+        HAS_WINDOW=spec.max_attn_len > 0,
+        HAS_TAIL=spec.max_attn_len > 0 and spec.full_attn_tail > 0,
+        HAS_RAB=has_rab,
+    )
+
+
+def _scalars(tab: MaskTables, alpha: float, out_scale: float) -> tuple[object, ...]:
+    spec = tab.spec
+    return (
+        tab.total_len, float(alpha), float(out_scale), int(spec.max_attn_len),
+        int(spec.full_attn_tail), tab.rab_n, tab.num_buckets, tab.inv_bucket_div,
+    )
+
+
+def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
+    dqk, dv = q.shape[2], v.shape[2]
+    return dict(
+        DQK=dqk, DV=dv,
+        BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST=q.dtype != torch.float32 and not tuning.interpreting()
+        and os.environ.get("FLEXGR_TRITON_FAST_SILU", "1") != "0",
+    )
+
+
+def _key(
+    kind: str, tab: MaskTables, q: Tensor, v: Tensor, flags: dict[str, object], max_seq_len: int
+) -> tuple:
+    """Tiles depend on the total work (padded length) and on how it is cut into sequences: the
+    best tile at 64 x 1024 tokens is not the best at 8 x 8192, so both lengths are bucketed by
+    octave (max_seq_len is a host int: no device sync)."""
+    return (
+        kind, q.device.index, q.dtype, q.shape[1], q.shape[2], v.shape[2],
+        tab.padded_len.bit_length(), int(max_seq_len).bit_length(),
+        tab.mask_block_q, tab.mask_block_kv, tuple(sorted(flags.items())),
+    )
+
+
+# Tests set this to NaN-fill every output buffer before the kernels run, so that an element no
+# program writes shows up as NaN instead of as leftover memory that happens to be right.
+poison_outputs = False
+
+
+def _empty(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _placeholder(w: Tensor | None, like: Tensor) -> Tensor:
+    return w.contiguous() if w is not None else like
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float, max_seq_len: int,
+    pos_w: Tensor | None, ts_w: Tensor | None,
+) -> Tensor:
+    out_scale = 1.0 / max_seq_len
+    T, H, _ = q.shape
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    out = _empty((T, H, v.shape[2]), v)
+    flags = _mask_flags(tab, pos_w is not None)
+    dims = _dims(q, v)
+    pos_w_ = _placeholder(pos_w, tab.seq_id)
+    ts_w_ = _placeholder(ts_w, tab.seq_id)
+
+    def launch(cfg: TileConfig) -> None:
+        grid = (H, tab.padded_len // cfg.block_m)
+        hstu_fwd_kernel[grid](
+            q, k, v, out,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
+            tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0),
+            tab.tile_order("q", cfg.block_m), *_scalars(tab, alpha, out_scale),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            MASK_BLOCK_Q=tab.mask_block_q, MASK_BLOCK_KV=tab.mask_block_kv,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **dims, **flags,
+        )
+
+    dmax = max(q.shape[2], v.shape[2])
+    options = tuning.candidates("fwd", dmax, tab.mask_block_q, tab.mask_block_kv)
+    cfg = tuning.pick(_key("fwd", tab, q, v, flags, max_seq_len), options, launch)
+    launch(cfg)
+    return out
+
+
+_bwd_modes: dict[tuple, str] = {}
+BWD_MODES = ("split", "fused", "merged")
+
+
+def bwd_mode() -> str:
+    """'split' (dk/dv kernel, then dq kernel), 'fused' (dq by fp32 atomics in the dk/dv kernel),
+    'merged' (dk/dv and dq programs in one launch) or 'auto' (time the three on the first call of
+    a shape bucket and keep the fastest)."""
+    mode = os.environ.get("FLEXGR_TRITON_BWD", "auto")
+    if mode not in ("auto",) + BWD_MODES:
+        raise ValueError(f"FLEXGR_TRITON_BWD must be auto, split, fused or merged, got {mode!r}")
+    return mode
+
+
+def backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float,
+    max_seq_len: int, pos_w: Tensor | None, ts_w: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    out_scale = 1.0 / max_seq_len
+    T, H, _ = q.shape
+    q, k, v, do = (_last_dim_contiguous(x) for x in (q, k, v, do))
+    dq = _empty(q.shape, q)
+    dk = _empty(k.shape, k)
+    dv = _empty(v.shape, v)
+    has_rab = pos_w is not None
+    flags = _mask_flags(tab, has_rab)
+    dims = _dims(q, v)
+    pos_w_ = _placeholder(pos_w, tab.seq_id)
+    ts_w_ = _placeholder(ts_w, tab.seq_id)
+    if has_rab:
+        dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
+        dts = torch.zeros(ts_w.numel(), dtype=torch.float32, device=q.device)
+    else:  # never dereferenced
+        dpos = dts = tab.seq_id
+    scalars = _scalars(tab, alpha, out_scale)
+    P, mbq, mbkv = tab.padded_len, tab.mask_block_q, tab.mask_block_kv
+    strides = (
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1),
+    )
+    side = (tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_)
+    q_lists = (tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx, tab.q_idx.stride(0))
+    kv_lists = (tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0))
+    common = dict(MASK_BLOCK_Q=mbq, MASK_BLOCK_KV=mbkv, **dims, **flags)
+
+    def launch_dkdv(cfg: TileConfig, fuse: bool, dq_acc: Tensor) -> None:
+        hstu_bwd_dkdv_kernel[(H, P // cfg.block_n)](
+            q, k, v, do, dk, dv, dq_acc, *strides,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
+            *side, dpos, dts, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )
+
+    def launch_dq(cfg: TileConfig) -> None:
+        hstu_bwd_dq_kernel[(H, P // cfg.block_m)](
+            q, k, v, do, dq, *strides, dq.stride(0), dq.stride(1),
+            *side, *kv_lists, tab.tile_order("q_bwd", cfg.block_m), *scalars,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )
+
+    def launch_merged(cfgs: tuple[TileConfig, TileConfig]) -> None:
+        kv_cfg, q_cfg = cfgs
+        n_kv = P // kv_cfg.block_n
+        hstu_bwd_merged_kernel[(H, n_kv + P // q_cfg.block_m)](
+            q, k, v, do, dk, dv, dq, *strides,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
+            *side, dpos, dts, *q_lists, *kv_lists,
+            tab.merged_order(kv_cfg.block_n, q_cfg.block_m), n_kv, *scalars,
+            KV_BLOCK_M=kv_cfg.block_m, KV_BLOCK_N=kv_cfg.block_n,
+            Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n,
+            num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages, **common,
+        )
+
+    acc_holder: list[Tensor] = []
+
+    def fused_acc() -> Tensor:
+        if not acc_holder:
+            acc_holder.append(torch.zeros(q.shape, dtype=torch.float32, device=q.device))
+        return acc_holder[0]
+
+    dmax = max(q.shape[2], v.shape[2])
+
+    def key(kind: str) -> tuple:
+        return _key(kind, tab, q, v, flags, max_seq_len)
+
+    # Each mode's best tiles; tuning launches write garbage into dq/dk/dv and the atomic
+    # buffers, which the real launch below overwrites or re-zeroes.
+    def plan(mode: str) -> Callable[[], None]:
+        if mode == "split":
+            dkdv_cfg = tuning.pick(key("dkdv"), tuning.candidates("dkdv", dmax, mbq, mbkv),
+                                   lambda c: launch_dkdv(c, False, dq))
+            dq_cfg = tuning.pick(key("dq"), tuning.candidates("dq", dmax, mbq, mbkv), launch_dq)
+            return lambda: (launch_dkdv(dkdv_cfg, False, dq), launch_dq(dq_cfg))  # type: ignore[return-value]
+        if mode == "fused":
+            def run_fused(cfg: TileConfig) -> None:
+                acc = fused_acc()
+                acc.zero_()
+                launch_dkdv(cfg, True, acc)
+                dq.copy_(acc)
+
+            fcfg = tuning.pick(key("fused"), tuning.candidates("fused", dmax, mbq, mbkv), run_fused)
+            return lambda: run_fused(fcfg)
+        mcfg = tuning.pick(key("merged"), tuning.merged_candidates(dmax, mbq, mbkv), launch_merged)
+        return lambda: launch_merged(mcfg)
+
+    mode = bwd_mode()
+    if mode == "auto":
+        mode = _bwd_modes.get(key("bwd_mode"), "")
+        if not mode:
+            if tuning.autotune_enabled():
+                runs = {m: plan(m) for m in BWD_MODES}
+                mode = min(runs, key=lambda m: tuning.time_ms(runs[m]))
+            else:
+                mode = "split"
+            _bwd_modes[key("bwd_mode")] = mode
+    run = plan(mode)
+    if has_rab:
+        dpos.zero_()
+        dts.zero_()
+    run()
+    dpos_w = dpos.to(pos_w.dtype) if pos_w is not None else None
+    dts_w = dts.to(ts_w.dtype) if ts_w is not None else None
+    return dq, dk, dv, dpos_w, dts_w
+
+
+def bwd_choices() -> dict[tuple, str]:
+    return dict(_bwd_modes)

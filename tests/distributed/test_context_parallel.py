@@ -1,0 +1,36 @@
+"""Context and data parallelism on 2 (and 4) gloo processes equal one process, to 1e-5 in fp32."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed import workers
+from tests.distributed.launch import run_world
+
+
+def test_cp_attention_reference_matches_single_process():
+    """Every mask option, relative bias, a custom mask_mod; output and dq, dk, dv, dpos_w, dts_w."""
+    run_world(workers.cp_attention_reference, 2)
+
+
+def test_cp_attention_flex_matches_single_process():
+    """The flex CP path (Q_LEN != KV_LEN, remapped masks and bias, table-gradient bridge), run
+    through eager FlexAttention's CPU math path."""
+    run_world(workers.cp_attention_flex, 2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_hstu_model_cp2_matches_single_process(backend):
+    run_world(workers.model_parallel, 2, 1, 2, backend)
+
+
+def test_hstu_model_dp2_matches_combined_batch():
+    run_world(workers.model_parallel, 2, 2, 1)
+
+
+def test_hstu_model_dp2_cp2_matches_combined_batch():
+    run_world(workers.model_parallel, 4, 2, 2)
+
+
+def test_bad_settings_fail_on_every_rank():
+    run_world(workers.bad_settings, 2)

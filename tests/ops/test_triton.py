@@ -1,0 +1,297 @@
+"""The Triton HSTU kernel against the dense reference.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+imported) on tiny shapes: fp32 against an fp64 oracle, forward and every gradient. GPU tests
+(``-m gpu``) check bf16 under the FlashAttention rule on poisoned buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from flexgr.masks import build_custom_mask, build_hstu_mask, causal, jagged  # noqa: E402
+from flexgr.masks.mods import and_masks  # noqa: E402
+from flexgr.ops import triton_backend  # noqa: E402
+from flexgr.ops.attention import hstu_attention  # noqa: E402
+from flexgr.ops.rab import RelativeBias  # noqa: E402
+from flexgr.ops.triton_hstu import launch, tuning  # noqa: E402
+from flexgr.ops.triton_hstu.tuning import TileConfig  # noqa: E402
+from tests.conftest import make_offsets  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+cpu_only = pytest.mark.skipif(not INTERPRETED, reason="interpreter tests (no TRITON_INTERPRET)")
+
+
+@dataclass(frozen=True)
+class Case:
+    lengths: tuple[int, ...]
+    num_targets: tuple[int, ...] | None = None
+    contextual_len: int = 0
+    max_attn_len: int = 0
+    full_attn_tail: int = 0
+
+    def mask_kwargs(self, device: str) -> dict[str, object]:
+        nt = None if self.num_targets is None else torch.tensor(self.num_targets, device=device)
+        return dict(
+            num_targets=nt, contextual_len=self.contextual_len, max_attn_len=self.max_attn_len,
+            full_attn_tail=self.full_attn_tail,
+        )
+
+
+# Lengths are not multiples of any tile, include length-1 sequences (where the options allow)
+# and cross the 128-token mask blocks, so partial, full and empty blocks all occur.
+CASES = {
+    "causal": Case((1, 37, 140, 1, 9)),
+    "targets": Case((1, 37, 140, 9), num_targets=(0, 5, 20, 9)),
+    "contextual": Case((3, 37, 140, 9), contextual_len=3),
+    "window": Case((1, 37, 140, 9), max_attn_len=16),
+    "window_tail": Case((1, 37, 140, 9), max_attn_len=16, full_attn_tail=5),
+    "all": Case((4, 37, 140, 9), num_targets=(1, 5, 20, 2), contextual_len=2, max_attn_len=16,
+                full_attn_tail=5),
+    "ctx_targets": Case((4, 37, 140, 9), num_targets=(1, 5, 20, 2), contextual_len=2),
+}
+
+
+def make_inputs(
+    case: Case, h: int, dqk: int, dv: int, dtype: torch.dtype, with_rab: bool, seed: int,
+) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    offsets = make_offsets(list(case.lengths))
+    T = int(offsets[-1])
+    q, k = (torch.randn(T, h, dqk, generator=g) for _ in range(2))
+    v = torch.randn(T, h, dv, generator=g)
+    if not with_rab:
+        return offsets, q, k, v, None
+    n = max(case.lengths)
+    ts = torch.cumsum(torch.randint(0, 5000, (T,), generator=g), 0)
+    pos_w = torch.randn(2 * n - 1, generator=g)
+    ts_w = torch.randn(33, generator=g)
+    return offsets, q, k, v, (pos_w, ts_w, ts)
+
+
+def run(
+    case: Case, tensors: tuple, dtype: torch.dtype, *, backend: str, max_seq_len: int,
+    alpha: float, grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Forward (and backward with ``grad_out``) on copies of ``tensors`` in ``dtype``."""
+    offsets, q, k, v, rab_parts = tensors
+    offsets = offsets.to(DEVICE)
+    q, k, v = (x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v))
+    leaves = [q, k, v]
+    rab = None
+    if rab_parts is not None:
+        pos_w, ts_w, ts = rab_parts
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        pos_w = pos_w.to(DEVICE, table_dtype).requires_grad_()
+        ts_w = ts_w.to(DEVICE, table_dtype).requires_grad_()
+        rab = RelativeBias.from_timestamps(pos_w, ts_w, ts.to(DEVICE), offsets)
+        leaves += [pos_w, ts_w]
+    kw = case.mask_kwargs(DEVICE)
+    mask = build_hstu_mask(offsets, **kw) if backend == "triton" else None
+    out = hstu_attention(
+        q, k, v, offsets, max_seq_len=max_seq_len, alpha=alpha, rab=rab, backend=backend,
+        mask=mask, **kw,
+    )
+    if grad_out is None:
+        return out.detach(), []
+    grads = torch.autograd.grad(out, leaves, grad_out.to(DEVICE, out.dtype))
+    return out.detach(), [g.detach() for g in grads]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_fp32_against_fp64(case: Case, *, with_rab: bool, dqk: int = 16, dv: int = 16,
+                            seed: int = 0) -> None:
+    tensors = make_inputs(case, 2, dqk, dv, torch.float32, with_rab, seed)
+    max_seq_len = max(case.lengths) + 3
+    alpha = 0.4
+    T = tensors[1].shape[0]
+    grad_out = torch.randn(T, 2, dv, generator=torch.Generator().manual_seed(seed + 1))
+    out, grads = run(case, tensors, torch.float32, backend="triton", max_seq_len=max_seq_len,
+                     alpha=alpha, grad_out=grad_out)
+    ref, ref_grads = run(case, tensors, torch.float64, backend="reference",
+                         max_seq_len=max_seq_len, alpha=alpha, grad_out=grad_out)
+    assert torch.isfinite(out).all()
+    scale = ref.abs().max().item()
+    err = max_err(out, ref)
+    assert err <= 2e-6 * max(scale, 1.0), f"out: max err {err:.3g}, ref max {scale:.3g}"
+    names = ["dq", "dk", "dv", "d_pos_w", "d_ts_w"]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        scale = r.abs().max().item()
+        assert scale > 0, f"{name}: reference gradient is all zero, the test would prove nothing"
+        err = max_err(g, r)
+        assert err <= 1e-5 * max(scale, 1.0), f"{name}: max err {err:.3g}, ref max {scale:.3g}"
+
+
+@cpu_only
+@pytest.mark.parametrize("with_rab", [False, True], ids=["norab", "rab"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreter_matches_fp64(name: str, with_rab: bool) -> None:
+    check_fp32_against_fp64(CASES[name], with_rab=with_rab)
+
+
+@cpu_only
+@pytest.mark.parametrize("mode", ["split", "fused", "merged"])
+def test_interpreter_backward_modes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
+    check_fp32_against_fp64(CASES["all"], with_rab=True, seed=3)
+
+
+@cpu_only
+def test_interpreter_uneven_head_dims() -> None:
+    # Dqk = 20 and Dv = 12 are padded to 32 and 16 inside the kernel.
+    check_fp32_against_fp64(CASES["targets"], with_rab=True, dqk=20, dv=12, seed=5)
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    "fwd, dkdv",
+    [(TileConfig(64, 16, 4, 1), TileConfig(16, 64, 4, 1)),
+     (TileConfig(128, 128, 4, 1), TileConfig(128, 128, 4, 1))],
+    ids=["subtiles", "whole_blocks"],
+)
+def test_interpreter_tile_shapes(fwd: TileConfig, dkdv: TileConfig) -> None:
+    tuning.force("fwd", fwd)
+    tuning.force("dq", fwd)
+    tuning.force("dkdv", dkdv)
+    try:
+        check_fp32_against_fp64(CASES["window_tail"], with_rab=False, seed=7)
+    finally:
+        for kind in ("fwd", "dq", "dkdv"):
+            tuning.force(kind, None)
+
+
+@cpu_only
+def test_interpreter_mask_block_64() -> None:
+    """A BlockMask built with BLOCK_SIZE 64 is walked with the same kernels."""
+    case = CASES["ctx_targets"]
+    tensors = make_inputs(case, 2, 16, 16, torch.float32, False, 11)
+    offsets, q, k, v, _ = tensors
+    kw = case.mask_kwargs("cpu")
+    mask = build_hstu_mask(offsets, block_size=64, **kw)
+    assert mask.block_mask.BLOCK_SIZE == (64, 64)
+    out = triton_backend.hstu_attention_triton(q, k, v, mask, max_seq_len=150, alpha=0.3)
+    ref = hstu_attention(q.double(), k.double(), v.double(), offsets, max_seq_len=150, alpha=0.3,
+                         backend="reference", **kw)
+    assert max_err(out, ref) <= 2e-6 * max(ref.abs().max().item(), 1.0)
+
+
+@cpu_only
+@pytest.mark.parametrize("name", ["causal", "targets"])
+def test_interpreter_full_blocks(name: str) -> None:
+    """A 260-token sequence makes full 128-blocks, which skip the element mask."""
+    case = Case((260, 1, 30), num_targets=None if name == "causal" else (7, 0, 3))
+    mask = build_hstu_mask(make_offsets(list(case.lengths)), **case.mask_kwargs("cpu"))
+    assert int(mask.block_mask.full_kv_num_blocks.sum()) > 0
+    assert int(mask.block_mask.full_q_num_blocks.sum()) > 0
+    check_fp32_against_fp64(case, with_rab=True, seed=17)
+
+
+@cpu_only
+def test_interpreter_writes_every_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "poison_outputs", True)
+    check_fp32_against_fp64(CASES["causal"], with_rab=False, seed=13)
+
+
+def test_custom_mask_falls_back_with_warning() -> None:
+    offsets = make_offsets([5, 30, 1]).to(DEVICE)
+    T = int(offsets[-1])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, 2, 16, generator=g).to(DEVICE) for _ in range(3))
+    mask = build_custom_mask(and_masks(jagged(offsets), causal()), offsets)
+    triton_backend._warn_fallback.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = triton_backend.hstu_attention_triton(q, k, v, mask, max_seq_len=40, alpha=0.5)
+    assert any("falls back" in str(w.message) for w in caught)
+    ref = hstu_attention(q.double(), k.double(), v.double(), offsets, max_seq_len=40, alpha=0.5,
+                         backend="reference")
+    assert max_err(out, ref) <= 1e-4
+
+
+def test_available_follows_device() -> None:
+    if INTERPRETED:
+        assert triton_backend.available(torch.device("cpu"))
+    else:
+        assert not triton_backend.available(torch.device("cpu"))
+        assert triton_backend.available(torch.device("cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 under the FlashAttention rule, with poisoned buffers.
+
+# (mask options, Dqk, Dv, rab, backward mode): every case in the merged mode, the two richest in
+# the other two modes as well.
+GPU_CASES = [
+    ("causal", 128, 128, False, "merged"),
+    ("all", 128, 128, True, "merged"),
+    ("all", 128, 128, True, "split"),
+    ("all", 128, 128, True, "fused"),
+    ("targets", 50, 25, True, "merged"),
+    ("targets", 50, 25, True, "split"),
+    ("targets", 50, 25, True, "fused"),
+    ("window_tail", 64, 64, False, "merged"),
+    ("ctx_targets", 50, 50, False, "merged"),
+]
+
+
+def _gpu_case(name: str, seed: int) -> Case:
+    """The named options on longer random lengths (not multiples of 64 or 128, with 1s)."""
+    g = torch.Generator().manual_seed(seed)
+    base = CASES[name]
+    lengths = [int(x) for x in torch.randint(2, 900, (12,), generator=g)]
+    lengths[3] = 1 if base.contextual_len == 0 and base.num_targets is None else 3
+    lengths[7] = 513
+    nt = None
+    if base.num_targets is not None:
+        nt = tuple(min(int(x), L - base.contextual_len) for x, L in
+                   zip(torch.randint(0, 21, (12,), generator=g), lengths))
+    return Case(tuple(lengths), nt, base.contextual_len, base.max_attn_len, base.full_attn_tail)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dqk, dv, with_rab, mode", GPU_CASES)
+def test_gpu_bf16_flash_rule(
+    name: str, dqk: int, dv: int, with_rab: bool, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
+    monkeypatch.setattr(launch, "poison_outputs", True)
+    case = _gpu_case(name, seed=dqk + dv)
+    h = 2
+    tensors = make_inputs(case, h, dqk, dv, torch.float32, with_rab, seed=dqk)
+    T = tensors[1].shape[0]
+    grad_out = torch.randn(T, h, dv, generator=torch.Generator().manual_seed(1))
+    kw = dict(max_seq_len=1000, alpha=1.0 / dqk**0.5, grad_out=grad_out)
+    out, grads = run(case, tensors, torch.bfloat16, backend="triton", **kw)
+    ref, ref_grads = run(case, tensors, torch.float32, backend="reference", **kw)
+    eager, eager_grads = run(case, tensors, torch.bfloat16, backend="reference", **kw)
+    assert torch.isfinite(out).all(), "unwritten or NaN output"
+    assert max_err(out, ref) <= 2 * max_err(eager, ref), (max_err(out, ref), max_err(eager, ref))
+    for gname, g, r, e in zip(["dq", "dk", "dv", "d_pos_w", "d_ts_w"], grads, ref_grads,
+                              eager_grads):
+        assert torch.isfinite(g).all(), f"{gname}: unwritten or NaN"
+        assert max_err(g, r) <= 5 * max_err(e, r), (gname, max_err(g, r), max_err(e, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["split", "fused", "merged"])
+@pytest.mark.parametrize("name", ["all", "targets"])
+def test_gpu_fp32_matches_fp64(name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled kernels in fp32 (exact dots, exact silu) on the interpreter's small cases."""
+    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
+    monkeypatch.setattr(launch, "poison_outputs", True)
+    check_fp32_against_fp64(CASES[name], with_rab=True, dqk=64, dv=32, seed=2)
