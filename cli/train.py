@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from flexgr.cli.common import fail, metrics_table, print_json, stdout
+from rich.console import Console
 
 from flexgr.data import DataError
 from flexgr.train.config import (
@@ -92,7 +93,8 @@ def train(
     from flexgr.export import ExportError
     from flexgr.train.loop import TrainError, fit
 
-    console = stdout()
+    # With --json, stdout carries the JSON alone; progress and summaries go to stderr.
+    console = Console(stderr=True) if as_json else stdout()
     try:
         result = fit(
             cfg, run_dir, resume=resume, console=console, show_progress=False if quiet else None

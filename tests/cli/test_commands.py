@@ -86,7 +86,7 @@ def trained_run(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         "train", config, "--set", "train.max_epochs=2", "--run-dir", run_dir, "--json", "-q"
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    summary = json.loads(result.stdout)
     assert summary["epoch"] in (1, 2) and 0 <= summary["test"]["ndcg@10"] <= 1
     return run_dir
 
