@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import typer
+from flexgr.cli.data import app as data_app
+from flexgr.cli.eval import eval_command
+from flexgr.cli.export import export_command, recommend_command
+from flexgr.cli.train import presets, train
 
 import flexgr
-from flexgr.cli.data import app as data_app
 
 app = typer.Typer(
     name="flexgr",
@@ -14,6 +17,11 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.command("train")(train)
+app.command("eval")(eval_command)
+app.command("export")(export_command)
+app.command("recommend")(recommend_command)
+app.command("presets")(presets)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,1 @@
+"""Preset run configs (installed as ``flexgr.configs``); list them with ``flexgr presets``."""

@@ -1,0 +1,161 @@
+"""A loaded model plus its item id map: recommendations from raw item ids in, raw ids out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flexgr.eval.ranking import top_k
+from flexgr.export.files import load_model
+
+
+class UnknownItemError(KeyError):
+    """A raw item id the model was not trained with."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class Recommender:
+    """``model`` (eval mode), ``item_ids`` (raw id of item index i is ``item_ids[i - 1]``) and the
+    exported description (``arch``, ``config``, ``metadata``).
+
+    Histories are raw item ids, oldest first; the model reads the most recent ``max_seq_len``.
+    Timestamps (seconds) feed HSTU's time bias; without them every event counts as simultaneous.
+    The query time defaults to the last event's timestamp; in serving, pass the request time.
+    """
+
+    def __init__(self, model: nn.Module, item_ids: list[str], description: dict[str, Any]) -> None:
+        self.model = model
+        self.item_ids = list(item_ids)
+        self.arch: str = description["arch"]
+        self.config: dict[str, Any] = description["config"]
+        self.metadata: dict[str, Any] = description.get("metadata", {})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+        model, description = load_model(path, device)
+        return cls(model, description["item_ids"], description)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.config["max_seq_len"])
+
+    def to(self, device: str | torch.device) -> Recommender:
+        self.model.to(device)
+        return self
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {raw: i for i, raw in enumerate(self.item_ids, start=1)}
+
+    def item_index(self, raw_id: str) -> int:
+        """Index (1..num_items) of a raw item id; UnknownItemError naming it otherwise."""
+        try:
+            return self._index[str(raw_id)]
+        except KeyError:
+            raise UnknownItemError(f"unknown item id {raw_id!r}") from None
+
+    @torch.no_grad()
+    def user_embedding(
+        self,
+        history: Sequence[str],
+        timestamps: Sequence[int] | None = None,
+        query_time: int | None = None,
+    ) -> Tensor:
+        """[d] L2-normalised representation of a user with this history (raw ids, oldest first)."""
+        if len(history) == 0:
+            raise ValueError("history is empty: the model needs at least one item")
+        if timestamps is not None and len(timestamps) != len(history):
+            raise ValueError(f"{len(timestamps)} timestamps for {len(history)} history items")
+        recent = slice(max(0, len(history) - self.max_seq_len), len(history))
+        ids = torch.tensor([self.item_index(raw) for raw in history[recent]], dtype=torch.int64)
+        if timestamps is None:
+            ts = torch.zeros_like(ids)
+        else:
+            ts = torch.tensor(list(timestamps[recent]), dtype=torch.int64)
+        query = ts[-1:].clone() if query_time is None else torch.tensor([query_time])
+        device = self.device
+        offsets = torch.tensor([0, ids.numel()], dtype=torch.int64, device=device)
+        states = self.model(ids.to(device), offsets, ts.to(device), query.to(device))
+        return states[-1]
+
+    @torch.no_grad()
+    def scores(
+        self,
+        history: Sequence[str],
+        timestamps: Sequence[int] | None = None,
+        query_time: int | None = None,
+    ) -> Tensor:
+        """[num_items] score of every item; entry i - 1 belongs to ``item_ids[i - 1]``."""
+        user = self.user_embedding(history, timestamps, query_time).float()
+        return self.model.item_embeddings()[1:].float() @ user
+
+    def recommend_scored(
+        self,
+        history: Sequence[str],
+        k: int = 10,
+        *,
+        timestamps: Sequence[int] | None = None,
+        query_time: int | None = None,
+        exclude: Iterable[str] | None = None,
+        exclude_history: bool = True,
+    ) -> list[tuple[str, float]]:
+        """The k best (raw item id, score) pairs, best first, leaving out the history's items
+        (unless ``exclude_history=False``) and any raw ids in ``exclude``."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        user = self.user_embedding(history, timestamps, query_time).float()
+        dropped = {self.item_index(raw) for raw in exclude or ()}
+        if exclude_history:
+            dropped |= {self.item_index(raw) for raw in history}
+        device = self.device
+        excluded = torch.tensor(sorted(dropped), dtype=torch.int64, device=device)
+        offsets = torch.tensor([0, excluded.numel()], dtype=torch.int64, device=device)
+        table = self.model.item_embeddings().float()
+        best_scores, best_items = top_k(user.unsqueeze(0), table, k, excluded, offsets)
+        pairs = zip(best_items[0].tolist(), best_scores[0].tolist())
+        return [(self.item_ids[i - 1], s) for i, s in pairs if s != float("-inf")]
+
+    def recommend(
+        self,
+        history: Sequence[str],
+        k: int = 10,
+        *,
+        timestamps: Sequence[int] | None = None,
+        query_time: int | None = None,
+        exclude: Iterable[str] | None = None,
+        exclude_history: bool = True,
+    ) -> list[str]:
+        """The k best raw item ids, best first (see :meth:`recommend_scored`)."""
+        scored = self.recommend_scored(
+            history,
+            k,
+            timestamps=timestamps,
+            query_time=query_time,
+            exclude=exclude,
+            exclude_history=exclude_history,
+        )
+        return [raw for raw, _ in scored]
+
+    def __repr__(self) -> str:
+        return f"Recommender(arch={self.arch!r}, items={self.num_items}, device={self.device})"
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+    """Load an exported model: ``PATH`` (``PATH.safetensors`` + ``PATH.json``), either file, or a
+    run directory (its ``model.safetensors``). Raises :class:`ExportError` on a bad export."""
+    return Recommender.load(path, device)

@@ -1,0 +1,135 @@
+"""Training batches: one jagged sequence per user, supervised at every position by the next event.
+
+For a user whose training events are ``e_0 .. e_{n-1}`` (the split's training range only), the
+sequence keeps the most recent ``max_seq_len + 1`` of them; the model reads all but the last and
+position t is supervised by the event after it. So every target is a training event, and no
+validation or test event is ever read or predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from flexgr.data import InteractionData, Split
+from flexgr.eval.batches import concat_ranges
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    item_ids: Tensor  # [T] int64, the inputs
+    offsets: Tensor  # [B + 1] int64
+    timestamps: Tensor  # [T] int64
+    # [B] timestamp of each sequence's last target: the last position's "next timestamp" in the
+    # time bias, as every other position reads its successor's (= its target's) timestamp.
+    query_time: Tensor
+    targets: Tensor  # [T] int64, the item that follows each position
+    users: Tensor  # [B] int64
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
+        return TrainBatch(
+            **{
+                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                for f in fields(self)
+            }
+        )
+
+    def pin_memory(self) -> TrainBatch:
+        # DataLoader(pin_memory=True) calls this on custom batch types.
+        return TrainBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    @property
+    def num_tokens(self) -> int:
+        return self.item_ids.shape[0]
+
+
+class TrainSequences(Dataset[TrainBatch]):
+    """Indexed by a list of sequence numbers (a whole batch), so workers build batches whole."""
+
+    def __init__(self, data: InteractionData, split: Split, max_seq_len: int) -> None:
+        starts = data.user_offsets[:-1].astype(np.int64)
+        ends = split.train_end.astype(np.int64)
+        # A sequence needs two training events: one to read and one to predict.
+        keep = ends - starts >= 2
+        self.users = np.flatnonzero(keep)
+        self.window_start = np.maximum(starts, ends - (max_seq_len + 1))[keep]
+        self.window_end = ends[keep]
+        self.items = data.items
+        self.timestamps = data.timestamps
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def num_tokens(self) -> int:
+        """Input tokens in one epoch (every sequence once)."""
+        return int((self.window_end - self.window_start - 1).sum())
+
+    def __getitem__(self, rows: list[int]) -> TrainBatch:  # type: ignore[override]
+        rows_array = np.asarray(rows, dtype=np.int64)
+        start, end = self.window_start[rows_array], self.window_end[rows_array]
+        inputs, offsets = concat_ranges(start, end - 1)
+        return TrainBatch(
+            item_ids=torch.from_numpy(self.items[inputs].astype(np.int64)),
+            offsets=torch.from_numpy(offsets),
+            timestamps=torch.from_numpy(self.timestamps[inputs].astype(np.int64)),
+            query_time=torch.from_numpy(self.timestamps[end - 1].astype(np.int64)),
+            targets=torch.from_numpy(self.items[inputs + 1].astype(np.int64)),
+            users=torch.from_numpy(self.users[rows_array]),
+        )
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Batches of sequence numbers in an order fixed by (seed, epoch) alone.
+
+    A resumed run regenerates the same permutation and skips the batches it already trained on
+    (``start_batch``), so it sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, num_sequences: int, batch_size: int, seed: int) -> None:
+        self.num_sequences = num_sequences
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.num_sequences // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order(self.epoch)
+        for b in range(self.start_batch, self.batches_per_epoch):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start_batch)
+
+
+def train_loader(
+    sequences: TrainSequences, batches: EpochBatches, *, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        sequences,
+        sampler=batches,
+        batch_size=None,  # the sampler yields whole batches; __getitem__ builds them
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # A private generator: otherwise each new iterator draws its worker seed from the global
+        # torch RNG, and a resumed run would consume that RNG differently from an unbroken one.
+        generator=torch.Generator().manual_seed(batches.seed),
+    )

@@ -1,0 +1,490 @@
+"""The training loop: epochs of jagged batches, validation, early stopping, checkpoints, export.
+
+One call of :func:`fit` runs (or resumes) a run in a run directory and leaves there the
+resolved config, metrics.jsonl, checkpoints and the exported model of the selected epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from flexgr.data import InteractionData, Split
+from flexgr.eval import evaluate
+from flexgr.export import export_model
+from flexgr.train.batches import EpochBatches, TrainBatch, TrainSequences, train_loader
+from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from flexgr.train.config import Config, dump_config, eval_batch_size
+from flexgr.train.loss import sample_negatives, sampled_softmax_loss
+from flexgr.train.progress import TrainProgress
+from flexgr.train.rundir import MetricsLog, RunDir
+from flexgr.train.runtime import (
+    autocast_dtype,
+    resolve_device,
+    seed_everything,
+    set_deterministic,
+    worker_count,
+)
+from flexgr.train.setup import load_dataset, load_split, new_model
+
+# Timing fields of metrics.jsonl records: they differ between otherwise identical runs.
+TIMING_KEYS = frozenset({"tokens_per_s", "elapsed_s", "eval_s", "train_s"})
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint."""
+
+    epoch: int = 1  # the epoch in progress, 1-based
+    batch_in_epoch: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimizer steps taken
+    best_value: float | None = None  # the validation metric at the best epoch so far
+    best_epoch: int = 0
+    best_step: int = 0
+    bad_epochs: int = 0  # epochs since the best one
+    stopped_early: bool = False
+    metrics_size: int = 0  # bytes of metrics.jsonl that this state accounts for
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    test: dict[str, float]  # metrics of the exported model on the test targets
+    epoch: int  # the epoch those metrics (and the exported weights) come from
+    steps: int
+    stop_reason: str  # "max_epochs", "early_stopping" or "max_steps"
+
+
+class TrainError(ValueError):
+    """A run that cannot start as configured (no CUDA, nothing to train on, ...)."""
+
+
+class Callback:
+    """Hooks into :func:`fit`; override what you need. Raising from a hook stops the run."""
+
+    def on_log(self, record: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, state: TrainState) -> None: ...
+
+
+class Trainer:
+    """The state of one training process. Use :func:`fit`; this class keeps fit readable."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run: RunDir,
+        console: Console,
+        show_progress: bool | None,
+        callbacks: Sequence[Callback],
+    ) -> None:
+        self.cfg = cfg
+        self.run = run
+        self.console = console
+        self.show_progress = show_progress
+        self.callbacks = list(callbacks)
+        t = cfg.train
+        if t.deterministic:
+            set_deterministic(True)
+        try:
+            self.device = resolve_device(t.device)
+            self.amp_dtype = autocast_dtype(t.precision, self.device)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+        self.data: InteractionData = load_dataset(cfg)
+        self.split: Split = load_split(cfg, self.data)
+        seed_everything(t.seed)
+        self.model: nn.Module = new_model(cfg, self.data.num_items).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            weight_decay=t.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.state = TrainState()
+        self.best_weights: dict[str, Tensor] | None = None
+        self.forward: Callable[..., Tensor] = self.model
+        self.loss_fn: Callable[..., Tensor] = sampled_softmax_loss
+        if t.compile and self.device.type == "cuda":
+            # dynamic: the packed length T changes every batch.
+            self.forward = torch.compile(self.model, dynamic=True)
+            self.loss_fn = torch.compile(sampled_softmax_loss, dynamic=True)
+        self.sequences = TrainSequences(self.data, self.split, cfg.data.max_seq_len)
+        if len(self.sequences) == 0:
+            raise TrainError(
+                f"no user of {self.data.name!r} has two training events; nothing to train on"
+            )
+        self.batches = EpochBatches(len(self.sequences), t.batch_size, t.seed)
+        self.loader = train_loader(
+            self.sequences,
+            self.batches,
+            num_workers=worker_count(t.num_workers, self.device),
+            pin_memory=self.device.type == "cuda",
+        )
+        self.metrics = MetricsLog(run.metrics)
+        # Losses summed on the device since the last training record or checkpoint.
+        self._loss_acc: Tensor | None = None
+        self._loss_steps = 0
+
+    # ------------------------------------------------------------ checkpoints
+
+    def resume(self) -> None:
+        ckpt = load_checkpoint(self.run.require_checkpoint())
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState(**ckpt["state"])
+        self.best_weights = ckpt.get("best_model")
+        acc = ckpt.get("loss_acc")
+        self._loss_acc = acc.to(self.device) if acc is not None else None
+        self._loss_steps = ckpt.get("loss_steps", 0)
+        restore_rng(ckpt["rng"])
+        self.metrics.truncate(self.state.metrics_size)
+        if self.best_weights is not None:
+            self._write_best()  # best.pt may be ahead of last.pt if the run died between them
+
+    def save(self) -> None:
+        self.state.metrics_size = self.metrics.size
+        self.metrics.sync()
+        save_checkpoint(
+            self.run.last_checkpoint,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "state": dataclasses.asdict(self.state),
+                "rng": capture_rng(),
+                "best_model": self.best_weights,
+                # The running loss sum stays a tensor, so the next training record sums the
+                # same floats in the same order whether or not the run was resumed in between.
+                "loss_acc": self._loss_acc,
+                "loss_steps": self._loss_steps,
+                "config": dump_config(self.cfg),
+            },
+        )
+        for callback in self.callbacks:
+            callback.on_checkpoint(self.state)
+
+    def _write_best(self) -> None:
+        save_checkpoint(
+            self.run.best_checkpoint,
+            {
+                "model": self.best_weights,
+                "epoch": self.state.best_epoch,
+                "step": self.state.best_step,
+                "metric": self.cfg.eval.metric,
+                "value": self.state.best_value,
+            },
+        )
+
+    # ------------------------------------------------------------ training
+
+    def lr_at(self, step: int) -> float:
+        t = self.cfg.train
+        if t.warmup_steps == 0:
+            return t.lr
+        return t.lr * min(1.0, (step + 1) / t.warmup_steps)
+
+    @property
+    def compiled(self) -> bool:
+        return self.forward is not self.model
+
+    def _drop_compile(self, err: Exception) -> bool:
+        """After a failure in compiled code, switch to eager and say so; False if the failure
+        has nothing to do with compilation (eager code would fail the same way)."""
+        if not self.compiled or isinstance(err, torch.cuda.OutOfMemoryError):
+            return False
+        reason = (
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        )
+        self.forward, self.loss_fn = self.model, sampled_softmax_loss
+        self.console.print(
+            f"warning: torch.compile failed ({reason[:300]}); continuing without compiling "
+            "(set train.compile=false to skip the attempt)",
+            highlight=False,
+        )
+        self._write(
+            {"kind": "warning", "step": self.state.step, "message": f"compile failed: {reason}"}
+        )
+        return True
+
+    def train_step(self, batch: TrainBatch) -> Tensor:
+        # A failure while compiling (forward or backward) happens before optimizer.step(), so
+        # the step can simply be redone eagerly.
+        try:
+            return self._train_step(batch)
+        except Exception as err:
+            if not self._drop_compile(err):
+                raise
+            return self._train_step(batch)
+
+    def _train_step(self, batch: TrainBatch) -> Tensor:
+        t = self.cfg.train
+        lr = self.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            states = self.forward(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
+        negatives = sample_negatives(
+            batch.num_tokens, t.num_negatives, self.data.num_items, self.device
+        )
+        # The loss runs in fp32: bf16 logits divided by a 0.05 temperature lose too much.
+        loss = self.loss_fn(
+            states.float(),
+            batch.targets,
+            negatives,
+            self.model.item_embeddings().float(),
+            t.temperature,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def run_epoch(self, progress: TrainProgress) -> bool:
+        """Train the rest of the current epoch; False if max_steps cut it short."""
+        t, state = self.cfg.train, self.state
+        self.batches.set_epoch(state.epoch, state.batch_in_epoch)
+        progress.start_epoch(state.epoch, self.batches.batches_per_epoch, state.batch_in_epoch)
+        self.model.train()
+        interval_start, interval_tokens = time.perf_counter(), 0
+        for cpu_batch in self.loader:
+            if t.max_steps and state.step >= t.max_steps:
+                return False
+            batch = cpu_batch.to(self.device, non_blocking=True)
+            loss = self.train_step(batch)
+            # Summed on the device: a host sync only at log intervals.
+            self._loss_acc = loss if self._loss_acc is None else self._loss_acc + loss
+            self._loss_steps += 1
+            state.step += 1
+            state.batch_in_epoch += 1
+            interval_tokens += cpu_batch.num_tokens
+            progress.advance()
+            if state.step % t.log_every == 0:
+                elapsed = time.perf_counter() - interval_start
+                self._log_train(progress, interval_tokens / max(elapsed, 1e-9))
+                interval_start, interval_tokens = time.perf_counter(), 0
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+                self.save()
+        return state.batch_in_epoch >= self.batches.batches_per_epoch
+
+    def _log_train(self, progress: TrainProgress, tokens_per_s: float) -> None:
+        state = self.state
+        loss = (
+            float(self._loss_acc) / self._loss_steps if self._loss_acc is not None else float("nan")
+        )
+        self._loss_acc, self._loss_steps = None, 0
+        record = {
+            "kind": "train",
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": loss,
+            "lr": self.lr_at(state.step - 1),
+            "tokens_per_s": tokens_per_s,
+        }
+        self._write(record)
+        progress.log(state.step, loss, record["lr"], tokens_per_s)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        for callback in self.callbacks:
+            callback.on_log(record)
+
+    # ------------------------------------------------------------ evaluation
+
+    @property
+    def selection_split(self) -> str:
+        """The split that picks the epoch: val, or test under gr-compatible (no val there)."""
+        return "test" if self.cfg.data.protocol == "gr-compatible" else "val"
+
+    def evaluate(self, which: str) -> tuple[dict[str, float], float]:
+        try:
+            return self._evaluate(which)
+        except Exception as err:
+            if not self._drop_compile(err):
+                raise
+            return self._evaluate(which)
+
+    def _evaluate(self, which: str) -> tuple[dict[str, float], float]:
+        e = self.cfg.eval
+        start = time.perf_counter()
+        metrics = evaluate(
+            self.model,
+            self.data,
+            self.split,
+            which,  # type: ignore[arg-type]
+            max_seq_len=self.cfg.data.max_seq_len,
+            ks=e.ks,
+            exclude_history=e.exclude_history,
+            batch_size=eval_batch_size(e, self.device.type),
+            item_chunk=e.item_chunk,
+            device=self.device,
+            autocast_dtype=self.amp_dtype,
+            forward=self.forward,
+        )
+        return metrics, time.perf_counter() - start
+
+    def end_of_epoch(self, progress: TrainProgress, partial: bool) -> dict[str, float]:
+        """Evaluate the selection split and track the best epoch."""
+        state, which = self.state, self.selection_split
+        metrics, seconds = self.evaluate(which)
+        record: dict[str, Any] = {
+            "kind": "eval",
+            "split": which,
+            "epoch": state.epoch,
+            "step": state.step,
+            **metrics,
+        }
+        if partial:
+            record["partial"] = True
+        record["eval_s"] = seconds
+        self._write(record)
+        value = metrics[self.cfg.eval.metric]
+        # gr-compatible reports the last epoch, so the latest one is always "best".
+        improved = which == "test" or state.best_value is None or value > state.best_value
+        if improved:
+            state.best_value, state.best_epoch, state.best_step = value, state.epoch, state.step
+            state.bad_epochs = 0
+            self.best_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            }
+            self._write_best()
+        else:
+            state.bad_epochs += 1
+        name = self.cfg.eval.metric
+        progress.print(
+            f"epoch {state.epoch}{' (partial)' if partial else ''}: {which} {name} {value:.4f}, "
+            f"hr@10 {metrics.get('hr@10', float('nan')):.4f}; best {state.best_value:.4f} at "
+            f"epoch {state.best_epoch} ({seconds:.1f} s eval)"
+        )
+        return metrics
+
+    # ------------------------------------------------------------ the run
+
+    def fit(self) -> RunResult:
+        t, state = self.cfg.train, self.state
+        stop_reason = "max_epochs"
+        with TrainProgress(self.console, self.show_progress) as progress:
+            while state.epoch <= t.max_epochs and not state.stopped_early:
+                if t.max_steps and state.step >= t.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                epoch_start = time.perf_counter()
+                complete = self.run_epoch(progress)
+                if not complete:
+                    stop_reason = "max_steps"
+                    self.save()
+                    break
+                train_seconds = time.perf_counter() - epoch_start
+                metrics = self.end_of_epoch(progress, partial=False)
+                for callback in self.callbacks:
+                    callback.on_epoch_end(state, metrics)
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if t.patience and state.bad_epochs >= t.patience:
+                    state.stopped_early = True
+                self._write(
+                    {
+                        "kind": "epoch",
+                        "epoch": state.epoch - 1,
+                        "step": state.step,
+                        "train_s": train_seconds,
+                    }
+                )
+                self.save()
+            if state.stopped_early:
+                stop_reason = "early_stopping"
+            if stop_reason == "max_steps" and state.batch_in_epoch > 0:
+                # A cut-short epoch still gets its evaluation, so a max_steps run has a model.
+                self.end_of_epoch(progress, partial=True)
+            return self.finish(progress, stop_reason)
+
+    def finish(self, progress: TrainProgress, stop_reason: str) -> RunResult:
+        state = self.state
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+        epoch = state.best_epoch if self.best_weights is not None else state.epoch
+        test, seconds = self.evaluate("test")
+        self._write(
+            {
+                "kind": "eval",
+                "split": "test",
+                "epoch": epoch,
+                "step": state.best_step,
+                "final": True,
+                **test,
+                "eval_s": seconds,
+            }
+        )
+        export_model(
+            self.model,
+            self.run.model,
+            item_ids=self.data.item_ids,
+            metadata={
+                "dataset": self.data.name,
+                "protocol": self.cfg.data.protocol,
+                "epoch": epoch,
+                "step": state.best_step,
+                "selected_by": (
+                    "last epoch"
+                    if self.selection_split == "test"
+                    else f"val {self.cfg.eval.metric}"
+                ),
+                "test": test,
+            },
+        )
+        progress.print(
+            f"test at epoch {epoch}: "
+            + ", ".join(f"{k} {test[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr") if k in test)
+            + f"; model in {self.run.model}.safetensors"
+        )
+        self.metrics.close()
+        return RunResult(self.run.root, test, epoch, state.step, stop_reason)
+
+
+def fit(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    show_progress: bool | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
+    """Train ``cfg`` in ``run_dir`` (a new run, or the continuation of one with ``resume``).
+
+    On resume the run continues from ``checkpoints/last.pt`` exactly as if it had not stopped:
+    same batches, same random draws, and metrics.jsonl cut back to what that checkpoint covers.
+    ``cfg`` is written to the run's config.toml (pass the run's own config, with any changes).
+    """
+    run = RunDir(Path(run_dir))
+    if resume:
+        run.require_checkpoint()
+        run.write_config(cfg)
+    else:
+        run.create(cfg)
+    console = console or Console()
+    console.print(f"run directory: {run.root}", highlight=False)
+    trainer = Trainer(cfg, run, console, show_progress, callbacks)
+    if resume:
+        trainer.resume()
+    else:
+        trainer.save()  # so that --resume works from the very first step on
+    return trainer.fit()
