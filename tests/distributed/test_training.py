@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_sasrec_dp2_without_dropout_matches_one_process(tiny_home: Path, tmp_pat
 
 
 def test_resume_under_two_processes_ends_like_the_unbroken_run(
-    tiny_home: Path, tmp_path: Path, cp2_run: Path
+    tiny_home: Path, tmp_path: Path, cp2_run: Path, single_run: Path
 ) -> None:
     cfg = config(tiny_home, "parallel.cp=2")
     broken = tmp_path / "broken"
@@ -134,10 +135,18 @@ def test_resume_under_two_processes_ends_like_the_unbroken_run(
         run_world(train_workers.fit_body, 2, cfg, broken, False, 4)
     assert load_checkpoint(broken / "checkpoints" / "last.pt")["state"]["step"] == 4
     assert not (broken / "model.safetensors").exists()
+    # The batches are global and the checkpointed RNG state is every rank's, so the same
+    # checkpoint can also be continued by one process.
+    shutil.copytree(broken, tmp_path / "continued-alone")
     run_world(train_workers.fit_body, 2, RunDir(broken).read_config(), broken, True)
     assert records(broken) == records(cp2_run)
     got, want = load_file(broken / "model.safetensors"), load_file(cp2_run / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+    alone = tmp_path / "continued-alone"
+    cfg_alone = apply_overrides(RunDir(alone).read_config(), ["parallel.cp=1"])
+    fit(cfg_alone, alone, resume=True, console=Console(quiet=True))
+    assert_same_training(alone, single_run)
 
 
 def test_split_evaluation_equals_one_process_exactly(tiny_home: Path) -> None:
