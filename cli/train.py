@@ -132,7 +132,7 @@ def _fail_once(err: Exception) -> NoReturn:
     rank = launch_rank()
     if rank == 0:
         fail(str(err))
-    if isinstance(err, (ConfigError, TrainError, FailedOnMain)):
+    if isinstance(err, (ConfigError, RunDirError, TrainError, FailedOnMain)):
         raise typer.Exit(code=1)
     fail(f"rank {rank}: {err}")
 
