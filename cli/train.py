@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from flexgr.cli.common import fail, metrics_table, print_json, stdout
@@ -83,7 +84,7 @@ def train(
     try:
         cfg, name = _resolve_config(config_file, preset, all_overrides, run_dir, resume)
     except (ConfigError, RunDirError) as err:
-        fail(str(err))
+        _fail_once(err)
     if print_config:
         typer.echo(dump_config(cfg), nl=False)
         return
@@ -92,6 +93,7 @@ def train(
 
     from flexgr.export import ExportError
     from flexgr.train.loop import TrainError, fit
+    from flexgr.train.parallel import FailedOnMain
 
     # With --json, stdout carries the JSON alone; progress and summaries go to stderr.
     console = Console(stderr=True) if as_json else stdout()
@@ -99,16 +101,40 @@ def train(
         result = fit(
             cfg, run_dir, resume=resume, console=console, show_progress=False if quiet else None
         )
-    except (ConfigError, RunDirError, DataError, ExportError, TrainError) as err:
-        fail(str(err))
+    except (ConfigError, RunDirError, DataError, ExportError, TrainError, FailedOnMain) as err:
+        _fail_once(err)
     except KeyboardInterrupt:
+        if launch_rank() != 0:
+            raise typer.Exit(130) from None
         fail(f"interrupted; continue with: flexgr train --run-dir {run_dir} --resume", code=130)
+    if launch_rank() != 0:
+        return  # rank 0 reports the run
     if as_json:
         print_json({"run_dir": str(result.run_dir), "epoch": result.epoch, "test": result.test})
     else:
         console.print(
             metrics_table(result.test, f"test, epoch {result.epoch} ({result.stop_reason})")
         )
+
+
+def launch_rank() -> int:
+    """This process's rank under torchrun; 0 for a plain run."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fail_once(err: Exception) -> NoReturn:
+    """Under torchrun a bad config or launch fails the same way on every rank (and a failure of
+    rank 0's own work reaches the others as FailedOnMain): rank 0 alone says so. Other errors
+    may be one rank's own, so every rank reports them, naming itself."""
+    from flexgr.train.loop import TrainError
+    from flexgr.train.parallel import FailedOnMain
+
+    rank = launch_rank()
+    if rank == 0:
+        fail(str(err))
+    if isinstance(err, (ConfigError, RunDirError, TrainError, FailedOnMain)):
+        raise typer.Exit(code=1)
+    fail(f"rank {rank}: {err}")
 
 
 def _resolve_config(

@@ -32,16 +32,24 @@ from flexgr.distributed.mesh import (
     init_parallel,
     single_process,
 )
+from flexgr.distributed.rng import (
+    DropoutRows,
+    ReplicatedDropout,
+    rank_local_rng,
+    replicate_dropout,
+)
 from flexgr.distributed.sharding import TokenShard, shard_tokens, token_owner
 
 __all__ = [
     "BalanceReport",
     "CPMask",
     "ContextParallelHSTU",
+    "DropoutRows",
     "HSTUShardBatch",
     "ParallelConfig",
     "ParallelConfigError",
     "ParallelContext",
+    "ReplicatedDropout",
     "TokenShard",
     "all_gather_tokens",
     "all_reduce_sum",
@@ -57,6 +65,8 @@ __all__ = [
     "init_parallel",
     "pairs_per_query",
     "parallelize",
+    "rank_local_rng",
+    "replicate_dropout",
     "resolve_cp_backend",
     "shard_hstu_batch",
     "shard_tokens",

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flexgr.distributed.hstu_cp import ContextParallelHSTU
 from flexgr.distributed.mesh import ParallelContext, check_mesh
+from flexgr.distributed.rng import replicate_dropout as replicate_dropout_of
 from flexgr.model.hstu import HSTU
 
 
@@ -42,17 +43,31 @@ def apply_data_parallel(module: nn.Module, ctx: ParallelContext) -> nn.Module:
     return ddp
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+def parallelize(
+    model: nn.Module, ctx: ParallelContext, *, replicate_dropout: bool = False
+) -> nn.Module:
     """What the trainer calls once, after moving the model to ``ctx.device``.
 
     HSTU: returns a module whose ``forward(batch)`` takes an ``HSTUShardBatch`` (from
     ``shard_hstu_batch``) and returns this rank's [T_r, d] outputs; CP is applied when cp > 1 and
     DDP when the world has more than one rank. Other models (SASRec): cp must be 1, and the model
     keeps its own forward signature under DDP.
+
+    ``replicate_dropout`` (HSTU only): the model's dropouts draw their masks for the world batch
+    and keep this rank's rows (``flexgr.distributed.rng``), so training draws exactly what one
+    process draws for the combined batch and the generators stay in lockstep across ranks.
     """
     if isinstance(model, HSTU):
-        model = ContextParallelHSTU(model, ctx.cp_group, ctx.cp_size)
-    elif ctx.cp_size > 1:
+        wrapped = ContextParallelHSTU(model, ctx.cp_group, ctx.cp_size)
+        if replicate_dropout:
+            wrapped.dropout_rows = replicate_dropout_of(model)
+        return apply_data_parallel(wrapped, ctx)
+    if replicate_dropout:
+        raise TypeError(
+            f"replicate_dropout needs an HSTU model; {type(model).__name__}'s dropout is not "
+            "row-wise over tokens"
+        )
+    if ctx.cp_size > 1:
         raise TypeError(
             f"parallel.cp={ctx.cp_size} needs an HSTU model: context parallelism relies on HSTU's "
             f"pointwise attention, whose partial sums over key shards add; {type(model).__name__} "

@@ -19,6 +19,7 @@ from torch.distributed import ProcessGroup
 from flexgr.distributed.collectives import all_gather_tokens
 from flexgr.distributed.cp_attention import context_parallel_attention, resolve_cp_backend
 from flexgr.distributed.cp_mask import CPMask, build_cp_mask
+from flexgr.distributed.rng import DropoutRows
 from flexgr.distributed.sharding import TokenShard, shard_tokens
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.model.hstu import HSTU, HSTUTokens
@@ -33,6 +34,10 @@ class HSTUShardBatch:
     positions / timestamps / next_ts [T]. Local ([T_r], this rank's tokens in shard order):
     item_ids, positions, timestamps, next_ts. ``take`` shards any other per-token tensor (labels,
     loss weights) the same way.
+
+    Under data parallelism the batch is rows [row_offset, row_offset + T) of the world batch (the
+    replicas' batches end to end, ``world_tokens`` rows): draws made for the world batch (dropout
+    masks, negatives) are indexed with ``world_rows``.
     """
 
     shard: TokenShard
@@ -48,9 +53,20 @@ class HSTUShardBatch:
     positions: Tensor
     timestamps: Tensor
     next_ts: Tensor
+    row_offset: int = 0
+    row_total: int | None = None
 
     def take(self, x_T: Tensor) -> Tensor:
         return self.shard.take(x_T)
+
+    @property
+    def world_rows(self) -> Tensor:
+        """[T_r] int64: the world-batch row of each local token."""
+        return self.shard.local_index + self.row_offset
+
+    @property
+    def world_tokens(self) -> int:
+        return self.shard.total_len if self.row_total is None else self.row_total
 
     @property
     def local_offsets(self) -> Tensor:
@@ -66,11 +82,18 @@ def shard_hstu_batch(
     timestamps: Tensor | None = None,
     query_time: Tensor | None = None,
     num_targets: Tensor | None = None,
+    row_offset: int = 0,
+    row_total: int | None = None,
 ) -> HSTUShardBatch:
     """The CP batch sharder: global jagged batch -> this rank's tokens + global index tables.
     Position ids and next timestamps are computed on the global batch (a chunk's last token needs
-    the next chunk's first timestamp, which may live on another rank)."""
+    the next chunk's first timestamp, which may live on another rank). ``row_offset`` and
+    ``row_total`` place the batch in the world batch (see :class:`HSTUShardBatch`)."""
     T = item_ids.shape[0]
+    if row_total is not None and not 0 <= row_offset <= row_offset + T <= row_total:
+        raise ValueError(
+            f"rows [{row_offset}, {row_offset + T}) do not fit a world batch of {row_total}"
+        )
     offsets = offsets.to(torch.int64)
     shard = shard_tokens(offsets, cp_size, cp_rank, total_len=T)
     layout = build_layout(offsets, num_targets=num_targets, total_len=T, padded_len=max(T, 1))
@@ -93,6 +116,8 @@ def shard_hstu_batch(
         positions=take(positions),
         timestamps=take(timestamps),
         next_ts=take(next_ts),
+        row_offset=row_offset,
+        row_total=row_total,
     )
 
 
@@ -154,12 +179,21 @@ class ContextParallelHSTU(nn.Module):
         self.model = model
         self.group = group
         self.cp_size = cp_size
+        # Set by parallelize(..., replicate_dropout=True): the model's dropouts draw their masks
+        # for the world batch and read this rank's rows from here.
+        self.dropout_rows: DropoutRows | None = None
 
     def forward(self, batch: HSTUShardBatch) -> Tensor:
         if batch.shard.cp_size != self.cp_size:
             raise ValueError(
                 f"batch was sharded for cp={batch.shard.cp_size}, the model runs cp={self.cp_size}"
             )
+        if self.dropout_rows is None:
+            return self._forward(batch)
+        with self.dropout_rows.bound(batch.world_rows, batch.world_tokens):
+            return self._forward(batch)
+
+    def _forward(self, batch: HSTUShardBatch) -> Tensor:
         if self.cp_size == 1:
             return self.model(
                 batch.item_ids, batch.offsets, batch.timestamps, batch.query_time, batch.num_targets

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from flexgr.distributed.collectives import all_reduce_sum
 from flexgr.distributed.config import ParallelConfig, ParallelConfigError
 
 AXES = ("dp", "cp")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,14 @@ class ParallelContext:
         counts, hits) reduce over "world": every token of the global batch lives on exactly one
         rank. Values every CP rank computes identically reduce over "dp"."""
         return all_reduce_sum(x, self.group(over))
+
+    def from_main(self, value: V) -> V:
+        """Rank 0's ``value`` on every rank (pickled and broadcast); ``value`` without a mesh."""
+        if self.mesh is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
 
 def single_process(device: torch.device | str | None = None) -> ParallelContext:

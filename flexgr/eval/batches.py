@@ -100,6 +100,10 @@ class EvalSequences:
     def batches(self, batch_size: int) -> Iterator[EvalBatch]:
         """All users in batches of similar history length: metrics do not depend on the order,
         and backends that pad to the longest sequence of a batch (the CPU one) waste less."""
+        for rows in self.batch_rows(batch_size):
+            yield self.batch(rows)
+
+    def batch_rows(self, batch_size: int) -> list[np.ndarray]:
+        """The rows of each batch that :meth:`batches` yields, in the same order."""
         order = np.argsort(self.target_pos - self.window_start, kind="stable")
-        for start in range(0, len(order), batch_size):
-            yield self.batch(order[start : start + batch_size])
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

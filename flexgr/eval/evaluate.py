@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flexgr.data import InteractionData, Split
-from flexgr.eval.batches import EvalSequences
+from flexgr.eval.batches import EvalBatch, EvalSequences
 from flexgr.eval.metrics import MetricAccumulator
 from flexgr.eval.ranking import target_ranks
 
@@ -32,6 +32,8 @@ def evaluate(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     forward: Forward | None = None,
+    part: tuple[int, int] = (0, 1),
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """HR@K and NDCG@K for every K in ``ks``, and MRR, over the users with a ``which`` target.
 
@@ -39,6 +41,11 @@ def evaluate(
     target's timestamp as the query time); every item 1..I is ranked against it, minus the
     user's earlier items when ``exclude_history``. ``forward`` replaces ``model(...)`` (e.g. a
     compiled model); the item table always comes from ``model.item_embeddings()``.
+
+    Split over processes: ``part=(i, n)`` ranks only batches i, i + n, ... and ``reduce`` sums a
+    tensor over the n processes (an all-reduce). Every process then returns the metrics of all
+    users, computed from the same batches in the same order as one process would, so they equal
+    the single-process metrics bit for bit given the same weights.
 
     The result also holds ``"users"``, the number of users evaluated.
     """
@@ -54,21 +61,55 @@ def evaluate(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+
+    def ranks_of(cpu_batch: EvalBatch) -> Tensor:
+        batch = cpu_batch.to(device, non_blocking=True)
+        with autocast:
+            states = run(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
+        queries = states[batch.offsets[1:] - 1].float()
+        return target_ranks(
+            queries,
+            table,
+            batch.targets,
+            batch.exclude_items if exclude_history else None,
+            batch.exclude_offsets if exclude_history else None,
+            chunk_size=item_chunk,
+        )
+
     try:
-        for cpu_batch in sequences.batches(batch_size):
-            batch = cpu_batch.to(device, non_blocking=True)
-            with autocast:
-                states = run(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
-            queries = states[batch.offsets[1:] - 1].float()
-            ranks = target_ranks(
-                queries,
-                table,
-                batch.targets,
-                batch.exclude_items if exclude_history else None,
-                batch.exclude_offsets if exclude_history else None,
-                chunk_size=item_chunk,
-            )
-            acc.add(ranks)
+        if part == (0, 1) and reduce is None:
+            for cpu_batch in sequences.batches(batch_size):
+                acc.add(ranks_of(cpu_batch))
+        else:
+            _add_split(acc, sequences, batch_size, part, reduce, ranks_of, device)
     finally:
         model.train(was_training)
     return {**acc.result(), "users": len(sequences)}
+
+
+def _add_split(
+    acc: MetricAccumulator,
+    sequences: EvalSequences,
+    batch_size: int,
+    part: tuple[int, int],
+    reduce: Callable[[Tensor], Tensor] | None,
+    ranks_of: Callable[[EvalBatch], Tensor],
+    device: torch.device,
+) -> None:
+    """This process's batches, every user's rank summed in from the others, then the metric sums
+    batch by batch in single-process order (float sums depend on the order)."""
+    index, count = part
+    if not 0 <= index < count:
+        raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
+    batches = sequences.batch_rows(batch_size)
+    bounds = [0]
+    for rows in batches:
+        bounds.append(bounds[-1] + len(rows))
+    # Zero where another process ranks the user: the sum over processes fills every slot once.
+    ranks = torch.zeros(bounds[-1], dtype=torch.int64, device=device)
+    for b in range(index, len(batches), count):
+        ranks[bounds[b] : bounds[b + 1]] = ranks_of(sequences.batch(batches[b]))
+    if reduce is not None:
+        ranks = reduce(ranks)
+    for b in range(len(batches)):
+        acc.add(ranks[bounds[b] : bounds[b + 1]])

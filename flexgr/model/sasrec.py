@@ -81,7 +81,8 @@ class SASRec(nn.Module):
     ) -> Tensor:
         if num_targets is not None:
             raise ValueError("SASRec does not support num_targets (target-aware masks are HSTU's)")
-        max_len = int(lengths_of(offsets).max())
+        # An empty batch (B = 0) is allowed: a data-parallel replica can draw no sequences.
+        max_len = int(lengths_of(offsets).max()) if offsets.numel() > 1 else 0
         _, positions = seq_ids_and_local(offsets, item_ids.shape[0])
         x = self.input(self.item_emb(item_ids), positions.long())
         for layer in self.layers:

@@ -68,7 +68,12 @@ class TrainSequences(Dataset[TrainBatch]):
     @property
     def num_tokens(self) -> int:
         """Input tokens in one epoch (every sequence once)."""
-        return int((self.window_end - self.window_start - 1).sum())
+        return int(self.lengths.sum())
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[N] input tokens of each sequence."""
+        return self.window_end - self.window_start - 1
 
     def __getitem__(self, rows: list[int]) -> TrainBatch:  # type: ignore[override]
         rows_array = np.asarray(rows, dtype=np.int64)
@@ -118,8 +123,82 @@ class EpochBatches(Sampler[list[int]]):
         return max(0, self.batches_per_epoch - self.start_batch)
 
 
+@dataclass(frozen=True)
+class ReplicaRows:
+    """One data-parallel replica's share of a global batch: its sequence numbers, and where its
+    tokens sit among the global batch's tokens (the replicas' shares laid end to end)."""
+
+    rows: list[int]
+    row_offset: int  # tokens of the global batch before this replica's
+    row_total: int  # tokens of the whole global batch
+
+
+@dataclass(frozen=True)
+class ReplicaBatch:
+    batch: TrainBatch  # this replica's sequences
+    row_offset: int
+    row_total: int
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> ReplicaBatch:
+        return ReplicaBatch(self.batch.to(device, non_blocking), self.row_offset, self.row_total)
+
+    def pin_memory(self) -> ReplicaBatch:
+        return ReplicaBatch(self.batch.pin_memory(), self.row_offset, self.row_total)
+
+
+class ReplicaBatches(Sampler[ReplicaRows]):
+    """Each global batch of ``batches`` cut into ``dp_size`` contiguous parts (sizes differing by
+    at most one; a part may be empty when the batch has fewer sequences than replicas); yields
+    part ``dp_rank``. ``train.batch_size`` therefore stays the global batch: every replica count
+    trains on the same batches in the same order, and resume works as for one process."""
+
+    def __init__(
+        self, batches: EpochBatches, lengths: np.ndarray, dp_size: int, dp_rank: int
+    ) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        self.batches = batches
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.dp_size = dp_size
+        self.dp_rank = dp_rank
+
+    @property
+    def seed(self) -> int:
+        return self.batches.seed
+
+    def __iter__(self) -> Iterator[ReplicaRows]:
+        for rows in self.batches:
+            parts = np.array_split(np.asarray(rows, dtype=np.int64), self.dp_size)
+            tokens = [int(self.lengths[part].sum()) for part in parts]
+            yield ReplicaRows(
+                rows=parts[self.dp_rank].tolist(),
+                row_offset=sum(tokens[: self.dp_rank]),
+                row_total=sum(tokens),
+            )
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ReplicaSequences(Dataset[ReplicaBatch]):
+    """:class:`TrainSequences` indexed by :class:`ReplicaRows`."""
+
+    def __init__(self, sequences: TrainSequences) -> None:
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, part: ReplicaRows) -> ReplicaBatch:  # type: ignore[override]
+        return ReplicaBatch(self.sequences[part.rows], part.row_offset, part.row_total)
+
+
 def train_loader(
-    sequences: TrainSequences, batches: EpochBatches, *, num_workers: int, pin_memory: bool
+    sequences: Dataset,
+    batches: EpochBatches | ReplicaBatches,
+    *,
+    num_workers: int,
+    pin_memory: bool,
 ) -> DataLoader:
     return DataLoader(
         sequences,

@@ -30,8 +30,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def capture_rng() -> dict[str, Any]:
-    """Python, numpy, torch CPU and (if initialised) every CUDA device's generator state."""
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, numpy, torch CPU and (if initialised) every CUDA device's generator state, plus
+    ``device``'s own under "cuda_current": a run under torchrun restores rank 0's state onto each
+    rank's own GPU (the ranks' generators advance alike)."""
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "python": _python_state_to_tensor(random.getstate()),
@@ -45,10 +47,12 @@ def capture_rng() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        if device is not None and device.type == "cuda":
+            state["cuda_current"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device | None = None) -> None:
     random.setstate(_python_state_from_tensor(state["python"]))
     np_state = state["numpy"]
     np.random.set_state(
@@ -60,7 +64,12 @@ def restore_rng(state: dict[str, Any]) -> None:
         }
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    if device is not None and device.type == "cuda" and "cuda_current" in state:
+        # Only this process's GPU: the saving process may have seen other devices.
+        torch.cuda.set_rng_state(state["cuda_current"], device)
+    elif "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -85,7 +85,8 @@ def eval_batch_size(cfg: EvalConfig, device_type: str) -> int:
 
 @dataclass
 class ParallelConfig:
-    """Data and context parallel degrees. Parsed now; only 1 x 1 runs until DP/CP land."""
+    """Data and context parallel degrees under torchrun (see docs/distributed.md). ``dp = 1``
+    means world_size / cp; a ``dp`` above 1 must make dp * cp equal the world size."""
 
     dp: int = 1
     cp: int = 1
@@ -317,10 +318,14 @@ def validate(cfg: Config) -> None:
     _require(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks must be a list of K >= 1")
     allowed = {f"{m}@{k}" for m in ("hr", "ndcg") for k in e.ks} | {"mrr"}
     _require(e.metric in allowed, f"eval.metric must be one of {', '.join(sorted(allowed))}")
-    if (p.dp, p.cp) != (1, 1):
+    _require(p.dp >= 1, "parallel.dp must be >= 1")
+    _require(p.cp >= 1, "parallel.cp must be >= 1")
+    if p.cp > 1 and cfg.model.arch != "hstu":
         raise ConfigError(
-            f"parallel.dp={p.dp}, parallel.cp={p.cp}: data and context parallel training are "
-            "not available yet; use dp = 1 and cp = 1"
+            f"parallel.cp={p.cp} needs model.arch=hstu: context parallelism splits each sequence "
+            f"over ranks and adds the ranks' partial attention sums, which works for HSTU's "
+            f"pointwise attention; {cfg.model.arch}'s softmax attention would need a log-sum-exp "
+            f"merge across ranks (not implemented); use parallel.cp=1 (data parallelism only)"
         )
     if cfg.model.arch == "hstu":
         heads = cfg.model_options()["num_heads"]

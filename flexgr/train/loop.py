@@ -19,12 +19,28 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from flexgr.data import InteractionData, Split
+from flexgr.distributed import ParallelContext
 from flexgr.eval import evaluate
 from flexgr.export import export_model
-from flexgr.train.batches import EpochBatches, TrainBatch, TrainSequences, train_loader
+from flexgr.train.batches import (
+    EpochBatches,
+    ReplicaBatch,
+    ReplicaBatches,
+    ReplicaSequences,
+    TrainBatch,
+    TrainSequences,
+    train_loader,
+)
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from flexgr.train.config import Config, dump_config, eval_batch_size
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
+from flexgr.train.parallel import (
+    ParallelSetupError,
+    ParallelStep,
+    on_main,
+    start_parallel,
+    stop_parallel,
+)
 from flexgr.train.progress import TrainProgress
 from flexgr.train.rundir import MetricsLog, RunDir
 from flexgr.train.runtime import (
@@ -69,7 +85,10 @@ class TrainError(ValueError):
 
 
 class Callback:
-    """Hooks into :func:`fit`; override what you need. Raising from a hook stops the run."""
+    """Hooks into :func:`fit`; override what you need. Raising from a hook stops the run.
+
+    Under torchrun the hooks run on every rank with the same arguments (records are computed
+    everywhere and written by rank 0), so a hook that stops the run stops every rank."""
 
     def on_log(self, record: dict[str, Any]) -> None: ...
 
@@ -79,7 +98,8 @@ class Callback:
 
 
 class Trainer:
-    """The state of one training process. Use :func:`fit`; this class keeps fit readable."""
+    """The state of one training process (one rank under torchrun, ``ctx`` then set). Use
+    :func:`fit`; this class keeps fit readable."""
 
     def __init__(
         self,
@@ -88,24 +108,32 @@ class Trainer:
         console: Console,
         show_progress: bool | None,
         callbacks: Sequence[Callback],
+        ctx: ParallelContext | None = None,
     ) -> None:
         self.cfg = cfg
         self.run = run
         self.console = console
         self.show_progress = show_progress
         self.callbacks = list(callbacks)
+        self.ctx = ctx
+        self.is_main = ctx is None or ctx.is_main
         t = cfg.train
         if t.deterministic:
             set_deterministic(True)
         try:
-            self.device = resolve_device(t.device)
+            self.device = ctx.device if ctx is not None else resolve_device(t.device)
             self.amp_dtype = autocast_dtype(t.precision, self.device)
         except ValueError as err:
             raise TrainError(str(err)) from None
+        if ctx is not None:
+            on_main(ctx, lambda: _prepare(cfg))  # a built-in dataset is prepared by rank 0 alone
         self.data: InteractionData = load_dataset(cfg)
         self.split: Split = load_split(cfg, self.data)
         seed_everything(t.seed)
         self.model: nn.Module = new_model(cfg, self.data.num_items).to(self.device)
+        self.parallel: ParallelStep | None = None
+        if ctx is not None:
+            self.parallel = ParallelStep(ctx, self.model, t.seed)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=t.lr,
@@ -115,6 +143,8 @@ class Trainer:
         )
         self.state = TrainState()
         self.best_weights: dict[str, Tensor] | None = None
+        # One process trains and evaluates with self.forward; under torchrun it only evaluates
+        # and self.parallel runs the training forward.
         self.forward: Callable[..., Tensor] = self.model
         self.loss_fn: Callable[..., Tensor] = sampled_softmax_loss
         if t.compile and self.device.type == "cuda":
@@ -127,13 +157,20 @@ class Trainer:
                 f"no user of {self.data.name!r} has two training events; nothing to train on"
             )
         self.batches = EpochBatches(len(self.sequences), t.batch_size, t.seed)
+        dataset: TrainSequences | ReplicaSequences = self.sequences
+        sampler: EpochBatches | ReplicaBatches = self.batches
+        if ctx is not None:
+            # train.batch_size stays the global batch; each replica takes a contiguous part.
+            dataset = ReplicaSequences(self.sequences)
+            sampler = ReplicaBatches(self.batches, self.sequences.lengths, ctx.dp_size, ctx.dp_rank)
         self.loader = train_loader(
-            self.sequences,
-            self.batches,
+            dataset,
+            sampler,
             num_workers=worker_count(t.num_workers, self.device),
             pin_memory=self.device.type == "cuda",
         )
-        self.metrics = MetricsLog(run.metrics)
+        # Rank 0 writes the run's files; the other ranks compute the same records.
+        self.metrics = MetricsLog(run.metrics) if self.is_main else None
         # Losses summed on the device since the last training record or checkpoint.
         self._loss_acc: Tensor | None = None
         self._loss_steps = 0
@@ -149,12 +186,21 @@ class Trainer:
         acc = ckpt.get("loss_acc")
         self._loss_acc = acc.to(self.device) if acc is not None else None
         self._loss_steps = ckpt.get("loss_steps", 0)
-        restore_rng(ckpt["rng"])
-        self.metrics.truncate(self.state.metrics_size)
-        if self.best_weights is not None:
+        # Rank 0's generator states serve every rank: the ranks draw alike (parallel.py).
+        restore_rng(ckpt["rng"], self.device)
+        if self.metrics is not None:
+            self.metrics.truncate(self.state.metrics_size)
+        if self.best_weights is not None and self.is_main:
             self._write_best()  # best.pt may be ahead of last.pt if the run died between them
 
     def save(self) -> None:
+        if self.metrics is not None:
+            self._save()
+        for callback in self.callbacks:
+            callback.on_checkpoint(self.state)
+
+    def _save(self) -> None:
+        assert self.metrics is not None
         self.state.metrics_size = self.metrics.size
         self.metrics.sync()
         save_checkpoint(
@@ -163,7 +209,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "state": dataclasses.asdict(self.state),
-                "rng": capture_rng(),
+                "rng": capture_rng(self.device),
                 "best_model": self.best_weights,
                 # The running loss sum stays a tensor, so the next training record sums the
                 # same floats in the same order whether or not the run was resumed in between.
@@ -172,8 +218,6 @@ class Trainer:
                 "config": dump_config(self.cfg),
             },
         )
-        for callback in self.callbacks:
-            callback.on_checkpoint(self.state)
 
     def _write_best(self) -> None:
         save_checkpoint(
@@ -218,7 +262,7 @@ class Trainer:
         )
         return True
 
-    def train_step(self, batch: TrainBatch) -> Tensor:
+    def train_step(self, batch: TrainBatch | ReplicaBatch) -> Tensor:
         # A failure while compiling (forward or backward) happens before optimizer.step(), so
         # the step can simply be redone eagerly.
         try:
@@ -228,7 +272,9 @@ class Trainer:
                 raise
             return self._train_step(batch)
 
-    def _train_step(self, batch: TrainBatch) -> Tensor:
+    def _train_step(self, batch: TrainBatch | ReplicaBatch) -> Tensor:
+        if isinstance(batch, ReplicaBatch):
+            return self._parallel_train_step(batch)
         t = self.cfg.train
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
@@ -258,6 +304,42 @@ class Trainer:
         self.optimizer.step()
         return loss.detach()
 
+    def _parallel_train_step(self, part: ReplicaBatch) -> Tensor:
+        """One step on this rank's share; returns the loss of the global batch (every rank)."""
+        t, ctx, parallel = self.cfg.train, self.ctx, self.parallel
+        assert ctx is not None and parallel is not None
+        lr = self.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        states, targets, rows = parallel.outputs(part, self.state.step, autocast)
+        # Drawn for the whole global batch, as one process draws them, after the forward's
+        # dropout as in one process; then this rank's rows.
+        negatives = sample_negatives(
+            part.row_total, t.num_negatives, self.data.num_items, self.device
+        )[rows]
+        loss_sum = self.loss_fn(
+            states.float(),
+            targets,
+            negatives,
+            self.model.item_embeddings().float(),
+            t.temperature,
+            reduction="sum",
+        )
+        # This rank's share of the global mean; DDP sums the shares' gradients over all ranks.
+        share = loss_sum / part.row_total
+        self.optimizer.zero_grad(set_to_none=True)
+        share.backward()
+        if t.grad_clip > 0:
+            # The gradients are already summed, so every rank clips by the same norm.
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        return ctx.all_reduce_sum(share.detach())
+
     def run_epoch(self, progress: TrainProgress) -> bool:
         """Train the rest of the current epoch; False if max_steps cut it short."""
         t, state = self.cfg.train, self.state
@@ -275,7 +357,7 @@ class Trainer:
             self._loss_steps += 1
             state.step += 1
             state.batch_in_epoch += 1
-            interval_tokens += cpu_batch.num_tokens
+            interval_tokens += _global_tokens(cpu_batch)
             progress.advance()
             if state.step % t.log_every == 0:
                 elapsed = time.perf_counter() - interval_start
@@ -303,7 +385,8 @@ class Trainer:
         progress.log(state.step, loss, record["lr"], tokens_per_s)
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
         for callback in self.callbacks:
             callback.on_log(record)
 
@@ -338,6 +421,9 @@ class Trainer:
             device=self.device,
             autocast_dtype=self.amp_dtype,
             forward=self.forward,
+            # Under torchrun every rank ranks a share of the batches with the plain model.
+            part=(self.ctx.rank, self.ctx.world_size) if self.ctx is not None else (0, 1),
+            reduce=self.ctx.all_reduce_sum if self.ctx is not None else None,
         )
         return metrics, time.perf_counter() - start
 
@@ -362,10 +448,12 @@ class Trainer:
         if improved:
             state.best_value, state.best_epoch, state.best_step = value, state.epoch, state.step
             state.bad_epochs = 0
+            # Kept on every rank: each evaluates its share of test with these weights at the end.
             self.best_weights = {
                 k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
             }
-            self._write_best()
+            if self.is_main:
+                self._write_best()
         else:
             state.bad_epochs += 1
         name = self.cfg.eval.metric
@@ -433,29 +521,31 @@ class Trainer:
                 "eval_s": seconds,
             }
         )
-        export_model(
-            self.model,
-            self.run.model,
-            item_ids=self.data.item_ids,
-            metadata={
-                "dataset": self.data.name,
-                "protocol": self.cfg.data.protocol,
-                "epoch": epoch,
-                "step": state.best_step,
-                "selected_by": (
-                    "last epoch"
-                    if self.selection_split == "test"
-                    else f"val {self.cfg.eval.metric}"
-                ),
-                "test": test,
-            },
-        )
+        metadata = {
+            "dataset": self.data.name,
+            "protocol": self.cfg.data.protocol,
+            "epoch": epoch,
+            "step": state.best_step,
+            "selected_by": (
+                "last epoch" if self.selection_split == "test" else f"val {self.cfg.eval.metric}"
+            ),
+            "test": test,
+        }
+
+        def export() -> None:
+            export_model(self.model, self.run.model, item_ids=self.data.item_ids, metadata=metadata)
+
+        if self.ctx is None:
+            export()
+        else:
+            on_main(self.ctx, export)
         progress.print(
             f"test at epoch {epoch}: "
             + ", ".join(f"{k} {test[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr") if k in test)
             + f"; model in {self.run.model}.safetensors"
         )
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return RunResult(self.run.root, test, epoch, state.step, stop_reason)
 
 
@@ -473,18 +563,62 @@ def fit(
     On resume the run continues from ``checkpoints/last.pt`` exactly as if it had not stopped:
     same batches, same random draws, and metrics.jsonl cut back to what that checkpoint covers.
     ``cfg`` is written to the run's config.toml (pass the run's own config, with any changes).
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group, trains data / context parallel
+    as ``cfg.parallel`` says (docs/distributed.md) and leaves it again; rank 0 writes the run
+    directory (rank 0's ``run_dir`` is used everywhere), which every rank must be able to read.
     """
+    try:
+        ctx, created = start_parallel(cfg)
+    except ParallelSetupError as err:
+        raise TrainError(str(err)) from None
+    try:
+        return _fit(cfg, run_dir, ctx, resume, console, show_progress, callbacks)
+    finally:
+        stop_parallel(ctx, created)
+
+
+def _fit(
+    cfg: Config,
+    run_dir: str | Path,
+    ctx: ParallelContext | None,
+    resume: bool,
+    console: Console | None,
+    show_progress: bool | None,
+    callbacks: Sequence[Callback],
+) -> RunResult:
+    if ctx is not None:
+        # The CLI's default name holds a timestamp, which ranks could compute a second apart.
+        run_dir = ctx.from_main(str(run_dir))
     run = RunDir(Path(run_dir))
-    if resume:
-        run.require_checkpoint()
-        run.write_config(cfg)
+
+    def open_run() -> None:
+        if resume:
+            run.require_checkpoint()
+            run.write_config(cfg)
+        else:
+            run.create(cfg)
+
+    if ctx is None:
+        open_run()
     else:
-        run.create(cfg)
+        on_main(ctx, open_run)
+        if not ctx.is_main:
+            console, show_progress = Console(quiet=True), False
     console = console or Console()
     console.print(f"run directory: {run.root}", highlight=False)
-    trainer = Trainer(cfg, run, console, show_progress, callbacks)
+    trainer = Trainer(cfg, run, console, show_progress, callbacks, ctx)
     if resume:
         trainer.resume()
     else:
         trainer.save()  # so that --resume works from the very first step on
     return trainer.fit()
+
+
+def _prepare(cfg: Config) -> None:
+    load_dataset(cfg)
+
+
+def _global_tokens(batch: TrainBatch | ReplicaBatch) -> int:
+    """Tokens of the step's whole batch (all ranks), for tokens_per_s."""
+    return batch.row_total if isinstance(batch, ReplicaBatch) else batch.num_tokens

@@ -29,13 +29,17 @@ def sampled_softmax_loss(
     negatives_TR: Tensor,
     item_table: Tensor,
     temperature: float,
+    reduction: str = "mean",
 ) -> Tensor:
     """Mean over positions of -log softmax(positive) among {positive, negatives}.
 
     ``user_TD`` and ``item_table`` ([num_items + 1, D]) are expected L2-normalised, so logits are
     cosines / temperature. A negative that happens to be the position's positive item is masked
-    out rather than counted as a wrong answer.
+    out rather than counted as a wrong answer. ``reduction="sum"`` sums over positions instead
+    (a rank's share of a loss whose count of positions is global).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     pos_logit = (user_TD * item_table[targets_T]).sum(-1) / temperature  # [T]
     if item_table.shape[0] <= DENSE_ITEMS_PER_NEGATIVE * negatives_TR.shape[1]:
         neg_logit = torch.gather(user_TD @ item_table.T, 1, negatives_TR)
@@ -44,4 +48,5 @@ def sampled_softmax_loss(
     neg_logit = neg_logit / temperature
     neg_logit = neg_logit.masked_fill(negatives_TR == targets_T.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)
-    return (torch.logsumexp(logits, dim=1) - pos_logit).mean()
+    per_position = torch.logsumexp(logits, dim=1) - pos_logit
+    return per_position.mean() if reduction == "mean" else per_position.sum()

@@ -65,7 +65,14 @@ def test_presets_command() -> None:
         (["train", "x.toml", "--preset", "ml-1m-hstu"], ["not both"]),
         (["train", "--resume"], ["--resume needs --run-dir"]),
         (["train", "missing.toml"], ["no such config file: missing.toml"]),
-        (["train", "--set", "parallel.cp=2", "--print-config"], ["parallel", "not available yet"]),
+        (
+            ["train", "--set", "model.arch=sasrec", "--set", "parallel.cp=2", "--print-config"],
+            ["parallel.cp=2 needs model.arch=hstu", "sasrec"],
+        ),
+        (
+            ["train", "--set", "parallel.cp=2", "--run-dir", "never/created"],
+            ["parallel.cp=2 does not divide the world size 1", "torchrun --nproc-per-node"],
+        ),
         (["eval", "--run-dir", "no/such/run"], ["no run directory at no/such/run"]),
         (["recommend", "--run-dir", "no/such/run", "--user", "1"], ["no run directory"]),
         (["export", "--run-dir", "no/such/run", "--out", "x"], ["no run directory"]),

@@ -122,11 +122,14 @@ def test_file_values_are_type_checked(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
 
 
-def test_parallel_section_parses_but_only_allows_one_by_one() -> None:
-    cfg = config_from_dict({"parallel": {"dp": 1, "cp": 1}})
-    assert (cfg.parallel.dp, cfg.parallel.cp) == (1, 1)
-    with pytest.raises(ConfigError, match="parallel.dp=4.*not available yet"):
-        config_from_dict({"parallel": {"dp": 4}})
+def test_parallel_section_is_checked_where_no_launch_is_needed() -> None:
+    cfg = config_from_dict({"parallel": {"dp": 2, "cp": 4}})
+    assert (cfg.parallel.dp, cfg.parallel.cp) == (2, 4)  # checked against the world at launch
+    with pytest.raises(ConfigError, match="parallel.cp must be >= 1"):
+        config_from_dict({"parallel": {"cp": 0}})
+    with pytest.raises(ConfigError, match="parallel.cp=2 needs model.arch=hstu"):
+        config_from_dict({"model": {"arch": "sasrec"}, "parallel": {"cp": 2}})
+    assert config_from_dict({"model": {"arch": "sasrec"}, "parallel": {"dp": 2}}).parallel.dp == 2
 
 
 def test_switching_arch_keeps_shared_settings_and_drops_the_rest() -> None:
