@@ -7,7 +7,8 @@ the table gradients directly:
 
     d table[e] = sum over allowed pairs (i, j) with index(i, j) = e of silu'(x_ij) (g_i . v_j) / N
 
-on the padded batch, a few sequences at a time so memory stays bounded.
+on the padded batch, a few sequences (or, for a long one, a block of query rows) at a time so
+memory stays bounded.
 """
 
 from __future__ import annotations
@@ -68,21 +69,27 @@ def _accumulate(d_pos, d_ts, q, k, v, g, rab, mask, offsets, lengths, alpha, max
             return to_padded(x[lo:hi], sub_off, width)
 
         q_b, k_b, v_b, g_b = pad(q).float(), pad(k).float(), pad(v).float(), pad(g).float()
-        x = torch.einsum("bnhd,bmhd->bhnm", q_b, k_b) * alpha
         ts, nxt, pos = pad(rab.timestamps.long()), pad(rab.next_timestamps.long()), pad(positions)
-        rel = (N - 1 + pos.unsqueeze(1) - pos.unsqueeze(2)).clamp(0, 2 * N - 2)
-        bucket = time_bucket(nxt.unsqueeze(2) - ts.unsqueeze(1), rab.num_buckets, rab.bucket_divisor)
-        x = x + (rab.pos_w.detach().float()[rel] + rab.ts_w.detach().float()[bucket]).unsqueeze(1)
-        # The batch's own mask_mod, evaluated on broadcast global indices of this chunk.
         n = torch.arange(width, device=q.device)
         inside = n.view(1, -1) < lengths[start:stop].view(-1, 1)
         tok = (offsets[start:stop].view(-1, 1) + n.view(1, -1)).clamp(max=max(q.shape[0] - 1, 0))
-        allowed = mask.mask_mod(zero, zero, tok.unsqueeze(2), tok.unsqueeze(1))
-        allowed = allowed & inside.unsqueeze(2) & inside.unsqueeze(1)
-        gv = torch.einsum("bnhd,bmhd->bhnm", g_b, v_b)
-        dS = (_silu_grad(x) * gv).sum(1) * allowed / max_seq_len  # [b, n, m]
-        d_pos.index_add_(0, rel.reshape(-1), dS.reshape(-1))
-        d_ts.index_add_(0, bucket.reshape(-1), dS.reshape(-1))
+        # One long sequence alone can exceed the budget: walk its query rows in blocks.
+        rows = max(1, _PAIR_BUDGET // max(1, (stop - start) * H * width))
+        for r0 in range(0, width, rows):
+            r = slice(r0, min(r0 + rows, width))
+            x = torch.einsum("bnhd,bmhd->bhnm", q_b[:, r], k_b) * alpha
+            rel = (N - 1 + pos.unsqueeze(1) - pos[:, r].unsqueeze(2)).clamp(0, 2 * N - 2)
+            dt = nxt[:, r].unsqueeze(2) - ts.unsqueeze(1)
+            bucket = time_bucket(dt, rab.num_buckets, rab.bucket_divisor)
+            bias = rab.pos_w.detach().float()[rel] + rab.ts_w.detach().float()[bucket]
+            x = x + bias.unsqueeze(1)
+            # The batch's own mask_mod, evaluated on broadcast global indices of this block.
+            allowed = mask.mask_mod(zero, zero, tok[:, r].unsqueeze(2), tok.unsqueeze(1))
+            allowed = allowed & inside[:, r].unsqueeze(2) & inside.unsqueeze(1)
+            gv = torch.einsum("bnhd,bmhd->bhnm", g_b[:, r], v_b)
+            dS = (_silu_grad(x) * gv).sum(1) * allowed / max_seq_len  # [b, rows, m]
+            d_pos.index_add_(0, rel.reshape(-1), dS.reshape(-1))
+            d_ts.index_add_(0, bucket.reshape(-1), dS.reshape(-1))
         start = stop
 
 
