@@ -26,6 +26,7 @@ criterion, local tokens <= --cpu-token-cap, only to exercise the code path. Its 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import statistics
@@ -101,6 +102,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--search-start", type=int, default=0, help="first probed length (0: preset)")
+    p.add_argument("--search-step", type=int, default=0, help="search resolution (0: preset)")
     return p.parse_args()
 
 
@@ -373,6 +376,12 @@ def main() -> None:
     )
     backend = args.backend or ("flex" if args.device == "cuda" else "reference")
     sz = TINY if args.tiny else FULL
+    if args.search_start or args.search_step:
+        sz = dataclasses.replace(
+            sz,
+            search_start=args.search_start or sz.search_start,
+            search_step=args.search_step or sz.search_step,
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # Every probe length is a new shape for compiled flex: allow many recompiles, or dynamo

@@ -11,6 +11,7 @@ and the attention's causal pairs, forward and backward) over the measured bf16 m
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -44,7 +45,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=4096)
-    parser.add_argument("--backends", default="flex,triton")
+    parser.add_argument("--backends", default="triton,flex")
+    parser.add_argument("--no-rel-bias", action="store_true", help="drop the relative attention bias")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.tiny:
@@ -64,7 +66,8 @@ def main() -> None:
     for backend in backends:
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
-                         input_dropout=0.0, backend=backend, **dims)
+                         input_dropout=0.0, backend=backend,
+                         rel_bias=not args.no_rel_bias, **dims)
         model = HSTU(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -91,6 +94,7 @@ def main() -> None:
             train_step()
             ms = (time.time() - start) * 1e3
         rows.append((backend, ms, first_s))
+        print(f"{backend}: first call {first_s:.1f} s, step {ms:.1f} ms", file=sys.stderr, flush=True)
         del model, opt
     flops = step_flops(cfg, lengths)
     peak = measure_peak(device) if device.type == "cuda" else float("nan")

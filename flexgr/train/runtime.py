@@ -56,6 +56,9 @@ def set_deterministic(enabled: bool) -> None:
 def worker_count(configured: int, device: torch.device) -> int:
     if configured >= 0:
         return configured
-    # Batches are built in numpy in a few ms; a few workers keep a GPU fed without
-    # oversubscribing the cores the main process needs.
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    # Batches are built in vectorised numpy in well under a millisecond, so the main process
+    # keeps a GPU fed. Worker processes are opt-in: on the H100 test machine, HSTU runs with 2
+    # forked workers (Triton kernels and compiled block masks in the parent) stalled for good
+    # after ~15 steps, parent and workers all waiting on their queues.
+    del device
+    return 0
