@@ -1,9 +1,11 @@
 """One BlockMask per packed batch.
 
-On CUDA the block mask is built by a compiled ``create_block_mask`` (eager needs O(T^2) memory:
-about 100 GiB at T = 73k). Compiled with ``dynamic=False`` it recompiles for every new length, so
-the packed length is rounded up to a few buckets per octave; padding tokens belong to no sequence,
-so their blocks are empty and cost no attention work.
+Built-in HSTU masks are built without compilation by evaluating the rule only on block pairs that
+share a sequence (:mod:`flexgr.masks.sparse`). Arbitrary mask_mods go through
+``create_block_mask``: compiled on CUDA (eager needs O(T^2) memory: about 100 GiB at T = 73k),
+with ``dynamic=False``, which recompiles for every new length. So on CUDA the packed length is
+rounded up to a few buckets per octave; padding tokens belong to no sequence, so their blocks are
+empty and cost no attention work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, hstu_mask
+from flexgr.masks.sparse import jagged_block_mask
 
 BLOCK_SIZE = 128
 
@@ -116,7 +119,8 @@ def build_hstu_mask(
         full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
         has_targets=num_targets is not None,
     )
-    block_mask = block_mask_from_mod(mod, padded_len, device, block_size)
+    # The rule implies jagged, so only block pairs that share a sequence need evaluating.
+    block_mask = jagged_block_mask(mod, layout.seq_id, block_size)
     return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 
 
