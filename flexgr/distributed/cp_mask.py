@@ -18,6 +18,7 @@ from flexgr.distributed.sharding import TokenShard
 from flexgr.masks.block import BLOCK_SIZE, MaskSpec, _compiled_create_block_mask
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, hstu_mask
+from flexgr.masks.sparse import jagged_block_mask
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ def _remapped(global_mod: MaskMod, q_index: Tensor, kv_index: Tensor) -> MaskMod
 
     mask.__name__ = "cp_" + getattr(global_mod, "__name__", "mask")
     return mask
+
+
+def _slot_seq(layout: JaggedLayout, index: Tensor) -> Tensor:
+    """Sequence id of each slot (global token ``index``; -1 for padding slots)."""
+    seq = layout.seq_id[index.clamp(min=0)].long()
+    return torch.where(index >= 0, seq, -1)
 
 
 def cp_block_mask(mask_mod: MaskMod, q_len: int, kv_len: int, device: torch.device) -> BlockMask:
@@ -102,7 +109,16 @@ def build_cp_mask(
     kv_index = shard.slot_index
     local_mod = _remapped(global_mod, q_index, kv_index)
     block_mask = None
-    if with_block_mask:
+    if with_block_mask and spec is not None:
+        # The built-in rule implies jagged: evaluate only block pairs that can share a sequence,
+        # without compiling (see flexgr/masks/sparse.py).
+        block_mask = jagged_block_mask(
+            local_mod,
+            _slot_seq(layout, q_index),
+            BLOCK_SIZE,
+            kv_seq=_slot_seq(layout, kv_index),
+        )
+    elif with_block_mask:
         block_mask = cp_block_mask(
             local_mod, shard.shard_len, shard.gathered_len, shard.offsets.device
         )

@@ -89,3 +89,29 @@ def test_build_hstu_mask_uses_it_and_chunks(monkeypatch):
 def test_rejects_unaligned_length():
     with pytest.raises(ValueError, match="block_size"):
         jagged_block_mask(lambda b, h, q, kv: q >= kv, torch.zeros(100, dtype=torch.int32), 64)
+
+
+@pytest.mark.parametrize("cp_size", [2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_context_parallel_mask_matches_create_block_mask(seed, cp_size):
+    # Query slots are one rank's head-tail shard and key slots every rank's, so sequence ids are
+    # not monotone across the key slots: the candidate search must still find every visible pair.
+    from flexgr.distributed.cp_mask import build_cp_mask
+    from flexgr.distributed.sharding import shard_tokens
+
+    offsets, num_targets = random_case(100 + seed)
+    offsets = torch.cat([offsets, offsets[-1:] + 700])  # one sequence longer than a block
+    if num_targets is not None:
+        num_targets = torch.cat([num_targets, torch.tensor([3])])
+    opts = OPTIONS[seed % len(OPTIONS)]
+    for rank in range(cp_size):
+        shard = shard_tokens(offsets, cp_size, rank, scheme="zigzag" if seed % 2 else "contiguous")
+        mask = build_cp_mask(shard, num_targets=num_targets, **opts)
+        expected = create_block_mask(
+            mask.mask_mod, 1, None, shard.shard_len, shard.gathered_len, device="cpu"
+        )
+        exp_kv, exp_q = block_states(expected)
+        got_kv, got_q = block_states(mask.block_mask)
+        assert torch.equal(got_kv, exp_kv)
+        assert torch.equal(got_q, exp_q)
+        assert mask.block_mask.seq_lengths == (shard.shard_len, shard.gathered_len)
