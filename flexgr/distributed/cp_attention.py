@@ -10,8 +10,9 @@ one kernel call per layer that any backend can serve (docs/distributed.md has th
 
 Backends: ``reference`` (dense per sequence, any device; the CPU/gloo path), ``flex``
 (FlexAttention with Q_LEN = S and KV_LEN = C*S, masks and bias remapped to global indices) and
-``triton`` when ``flexgr.ops.triton_backend`` provides ``hstu_attention_indexed`` (the contract is
-in docs/distributed.md); otherwise triton falls back to flex with a one-time warning.
+``triton`` (the single-device kernel over the global token axis, rows restricted to this rank's
+queries: :mod:`flexgr.distributed.cp_triton`). Triton takes the built-in rule only; a custom
+mask_mod falls back to flex with a one-time warning.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flexgr.distributed.collectives import all_gather_tokens
 from flexgr.distributed.cp_dense import attend_gathered_reference
 from flexgr.distributed.cp_flex import attend_gathered_flex
 from flexgr.distributed.cp_mask import CPMask, build_cp_mask
+from flexgr.distributed.cp_triton import attend_gathered_triton
 from flexgr.distributed.sharding import TokenShard
 from flexgr.ops.attention import BACKENDS
 from flexgr.ops.flex import cpu_needs_fallback
@@ -38,13 +40,12 @@ from flexgr.ops.rab import RelativeBias
 
 
 def _triton_indexed() -> Callable[..., Tensor] | None:
-    """The triton backend's index-mapped entry point, when it has one and can run."""
+    """The triton path's entry point, when the kernels can run here."""
     from flexgr.ops import triton_backend
 
-    fn = getattr(triton_backend, "hstu_attention_indexed", None)
-    if fn is None or not triton_backend.available():
+    if not triton_backend.available():
         return None
-    return fn
+    return attend_gathered_triton
 
 
 @functools.cache
@@ -64,7 +65,7 @@ def resolve_cp_backend(backend: str, device: torch.device, *tensors: Tensor | No
         backend = "triton" if triton_backend.available() else "flex"
     if backend == "triton" and _triton_indexed() is None:
         _warn_once(
-            "flexgr: the triton backend has no query-index map (hstu_attention_indexed) yet; "
+            "flexgr: the triton kernels cannot run here (no CUDA, or triton missing); "
             "context-parallel attention uses flex instead."
         )
         backend = "flex"
@@ -95,10 +96,14 @@ def attend_gathered(
     kw = {"max_seq_len": max_seq_len, "alpha": alpha, "rab": rab}
     if backend == "reference":
         return attend_gathered_reference(q, k_all, v_all, mask, **kw)
+    if backend == "triton" and mask.spec is None:
+        _warn_once(
+            "flexgr: the triton kernel evaluates the built-in HSTU rule only; context-parallel "
+            "attention with a custom mask_mod uses flex instead."
+        )
+        backend = "flex"
     if backend == "triton":
-        fn = _triton_indexed()
-        assert fn is not None  # resolve_cp_backend checked
-        return fn(q, k_all, v_all, mask, **kw)
+        return attend_gathered_triton(q, k_all, v_all, mask, **kw)
     return attend_gathered_flex(q, k_all, v_all, mask, **kw)
 
 

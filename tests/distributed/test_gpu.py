@@ -22,3 +22,9 @@ def test_gpu_cp_attention_flex_matches_single_gpu():
 @pytest.mark.parametrize("dp, cp", [(1, 2), (2, 1)])
 def test_gpu_hstu_model_matches_single_gpu(dp, cp):
     run_world(workers.model_parallel, 2, dp, cp, "flex", "cuda")
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_hstu_model_cp2_triton_matches_single_gpu():
+    run_world(workers.model_parallel, 2, 1, 2, "triton", "cuda")

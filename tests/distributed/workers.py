@@ -3,6 +3,8 @@ the comparison needs no extra communication."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.attention.flex_attention as flex_module
 from torch import Tensor
@@ -231,6 +233,9 @@ def _split_for_dp(lengths: list[int], dp_rank: int, dp_size: int, seed: int, dev
 def model_parallel(dp: int, cp: int, backend: str = "reference", device: str = "cpu") -> None:
     if backend == "flex" and device == "cpu":
         _allow_cpu_flex_backward()
+    if backend == "triton" and device == "cpu":
+        # Triton's interpreter; read when the kernels are first imported, which is later.
+        os.environ["TRITON_INTERPRET"] = "1"
     ctx = init_parallel(ParallelConfig(dp=dp, cp=cp))
     dev = ctx.device
     assert (ctx.dp_size, ctx.cp_size) == (dp, cp)

@@ -1,0 +1,117 @@
+"""The Triton kernel under context parallelism, with no kernel change.
+
+The kernel wants queries and keys on one token axis with one set of per-token tables. So the
+rank's queries are placed at their global rows of a zero [T, H, Dqk] tensor, the gathered keys and
+values are put back into global order, and the single-device kernel runs over the global batch with
+a BlockMask restricted to this rank's query rows. Query blocks that hold none of them are empty and
+cost nothing; rows of other ranks inside a partial block are computed and dropped. They cannot
+leak into gradients: their output gradient is zero, so their dS, and with it their share of dK,
+dV and the bias-table gradients, is zero too. Positions, timestamps and the divisor are global by
+construction, and every step is an autograd op, so gradients reach q, k_all, v_all and the tables.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flexgr.distributed.cp_mask import CPMask
+from flexgr.masks.block import BLOCK_SIZE, HSTUMask
+from flexgr.masks.layout import JaggedLayout, build_layout
+from flexgr.masks.mods import MaskMod, and_masks, hstu_mask
+from flexgr.masks.sparse import jagged_block_mask
+from flexgr.ops.rab import RelativeBias
+
+
+@dataclass(frozen=True)
+class _GlobalView:
+    mask: HSTUMask  # the global batch's mask, rows restricted to this rank's queries
+    token_slot: Tensor  # [T] gathered slot of each global token
+    query_rows: Tensor  # [T_r] global row of each local query
+
+
+# One entry per CPMask (a batch's mask is shared by every layer); dropped with the CPMask.
+_views: dict[int, tuple[weakref.ref, _GlobalView]] = {}
+
+
+def _padded_layout(layout: JaggedLayout, offsets: Tensor, padded_len: int) -> JaggedLayout:
+    """The global layout again, padded to whole blocks (the kernel reads its tables per block)."""
+    num_targets = None
+    if layout.has_targets:
+        seq = layout.seq_id[: layout.total_len].long()
+        num_targets = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
+        num_targets.index_add_(0, seq, layout.is_target[: layout.total_len].long())
+    return build_layout(
+        offsets,
+        num_targets=num_targets,
+        contextual_len=layout.contextual_len,
+        total_len=layout.total_len,
+        padded_len=padded_len,
+    )
+
+
+def _rows_of(local_P: Tensor) -> MaskMod:
+    def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return local_P[q]
+
+    mask.__name__ = "local_rows"
+    return mask
+
+
+def _global_view(mask: CPMask) -> _GlobalView:
+    entry = _views.get(id(mask))
+    if entry is not None and entry[0]() is mask:
+        return entry[1]
+    assert mask.spec is not None  # callers fall back to flex for custom mask_mods
+    shard, spec = mask.shard, mask.spec
+    T = shard.total_len
+    padded = max(1, -(-T // BLOCK_SIZE)) * BLOCK_SIZE
+    layout = _padded_layout(mask.layout, shard.offsets, padded)
+    query_rows = mask.q_index[: shard.local_len]
+    local_P = torch.zeros(padded, dtype=torch.bool, device=query_rows.device)
+    local_P[query_rows] = True
+    rule = hstu_mask(layout, max_attn_len=spec.max_attn_len, full_attn_tail=spec.full_attn_tail)
+    restricted = and_masks(rule, _rows_of(local_P))
+    block_mask = jagged_block_mask(restricted, layout.seq_id, BLOCK_SIZE)
+    slots = torch.nonzero(mask.kv_index >= 0).squeeze(1)
+    token_slot = torch.empty(T, dtype=torch.int64, device=slots.device)
+    token_slot[mask.kv_index[slots]] = slots
+    view = _GlobalView(
+        mask=HSTUMask(
+            block_mask=block_mask, mask_mod=restricted, layout=layout, spec=spec,
+            offsets=shard.offsets,
+        ),
+        token_slot=token_slot,
+        query_rows=query_rows,
+    )
+    key = id(mask)
+    _views[key] = (weakref.ref(mask), view)
+    weakref.finalize(mask, _views.pop, key, None)
+    return view
+
+
+def attend_gathered_triton(
+    q: Tensor,
+    k_all: Tensor,
+    v_all: Tensor,
+    mask: CPMask,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    rab: RelativeBias | None = None,
+) -> Tensor:
+    """Local queries [T_r, H, Dqk] against gathered slots [C*S, H, D] through the Triton kernel;
+    returns [T_r, H, Dv]. ``rab`` holds the global [T] tables."""
+    from flexgr.ops.triton_backend import hstu_attention_triton
+
+    view = _global_view(mask)
+    T = mask.shard.total_len
+    q_TH = q.new_zeros((T,) + tuple(q.shape[1:])).index_copy(0, view.query_rows, q)
+    out_TH = hstu_attention_triton(
+        q_TH, k_all[view.token_slot], v_all[view.token_slot], view.mask,
+        max_seq_len=max_seq_len, alpha=alpha, rab=rab,
+    )
+    return out_TH[view.query_rows]
