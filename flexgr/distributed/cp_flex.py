@@ -5,16 +5,15 @@ keys), the mask and the relative bias remapped to global token indices."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import AuxRequest
 
 from flexgr.distributed.cp_dense import _dense, _global_tables
 from flexgr.distributed.cp_mask import CPMask
-from flexgr.ops.flex import SHIFT_C, _flex
+from flexgr.ops.flex import BiasFn, shift_sum, table_bias
 from flexgr.ops.rab import RelativeBias
 
 _PAIR_BUDGET = 1 << 26  # score elements per chunk when recomputing bias-table gradients
@@ -95,39 +94,13 @@ class _TableGrad(torch.autograd.Function):
         return d_pos.to(pos_w.dtype), d_ts.to(ts_w.dtype), None, None, None, None, None, None, None
 
 
-def _flex_bias_fn(
-    rab: RelativeBias | None, mask: CPMask
-) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def _flex_bias_fn(rab: RelativeBias | None, mask: CPMask) -> BiasFn:
     if rab is None:
         return lambda s, q, kv: s
     pos, ts, nxt = _global_tables(rab, mask)
     qi, ki = mask.q_index.clamp(min=0), mask.kv_index.clamp(min=0)
     # Gathered once per call into per-slot tables, so the kernel does one lookup per side.
-    pos_q, nxt_q, pos_k, ts_k = pos[qi], nxt[qi], pos[ki], ts[ki]
-    pos_w, ts_w = rab.pos_w.detach().float(), rab.ts_w.detach().float()
-    N, nb, div = rab.max_len, rab.num_buckets, rab.bucket_divisor
-
-    def add_bias(s: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        rel = (N - 1 + pos_k[kv] - pos_q[q]).clamp(0, 2 * N - 2)
-        mag = (nxt_q[q] - ts_k[kv]).abs().clamp(min=1).to(torch.float32)
-        bucket = (torch.log(mag) / div).to(torch.int64).clamp(0, nb)
-        return s + pos_w[rel] + ts_w[bucket]
-
-    return add_bias
-
-
-def _unnormalised(q4, k4, v4, score_mod, mask: CPMask, alpha: float, opts: dict | None) -> Tensor:
-    out, aux = _flex(q4.device)(
-        q4,
-        k4,
-        v4,
-        score_mod=score_mod,
-        block_mask=mask.block_mask,
-        scale=alpha,
-        return_aux=AuxRequest(lse=True),
-        kernel_options=opts,
-    )
-    return out.float() * aux.lse.exp().unsqueeze(-1)
+    return table_bias(rab, pos[qi], nxt[qi], pos[ki], ts[ki])
 
 
 def attend_gathered_flex(
@@ -150,16 +123,7 @@ def attend_gathered_flex(
     add_bias = _flex_bias_fn(rab, mask)
     opts = {"BLOCK_M": 64, "BLOCK_N": 64} if rab is not None and q.device.type == "cuda" else None
 
-    def shift_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-        x = add_bias(s, qi, kv)
-        return torch.log(x * torch.sigmoid(x) + SHIFT_C)
-
-    def uniform_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-        return s * 0.0
-
-    acc = _unnormalised(q4, k4, v4, shift_mod, mask, alpha, opts)
-    vsum = _unnormalised(q4.detach(), k4.detach(), v4, uniform_mod, mask, alpha, None)
-    acc = acc - SHIFT_C * vsum
+    acc = shift_sum(q4, k4, v4, add_bias, mask.block_mask, alpha, opts)
     out_THD = (acc[0].transpose(0, 1)[:T_r] / max_seq_len).to(v_all.dtype)
     if (
         rab is not None

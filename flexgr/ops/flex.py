@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from flexgr.masks.block import HSTUMask
 from flexgr.ops.rab import RelativeBias
@@ -66,8 +66,29 @@ def _eager_flex(*args: object, **kwargs: object) -> object:
         return flex_attention(*args, **kwargs)
 
 
-def _bias_fn(rab: RelativeBias | None, mask: HSTUMask) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """score -> score + rab(q, kv), with every gather index clamped in range (masked pairs too)."""
+BiasFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def table_bias(
+    rab: RelativeBias, pos_q: Tensor, next_ts_q: Tensor, pos_k: Tensor, ts_k: Tensor
+) -> BiasFn:
+    """score -> score + rab(q, kv) from per-query-slot and per-key-slot tables (the same tables on
+    one device; slot tables under context parallelism), every gather index clamped in range."""
+    # Detached: flex's own captured-buffer backward does not compile for these gathers on
+    # torch 2.11; the table gradients come from a bridge (rab_grad, cp_flex) instead.
+    pos_w, ts_w = rab.pos_w.detach().float(), rab.ts_w.detach().float()
+    N, nb, div = rab.max_len, rab.num_buckets, rab.bucket_divisor
+
+    def add_bias(s: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        rel = (N - 1 + pos_k[kv] - pos_q[q]).clamp(0, 2 * N - 2)
+        mag = (next_ts_q[q] - ts_k[kv]).abs().clamp(min=1).to(torch.float32)
+        bucket = (torch.log(mag) / div).to(torch.int64).clamp(0, nb)
+        return s + pos_w[rel] + ts_w[bucket]
+
+    return add_bias
+
+
+def _bias_fn(rab: RelativeBias | None, mask: HSTUMask) -> BiasFn:
     if rab is None:
         return lambda s, q, kv: s
     P, T = mask.padded_len, mask.total_len
@@ -77,18 +98,7 @@ def _bias_fn(rab: RelativeBias | None, mask: HSTUMask) -> Callable[[Tensor, Tens
         local = mask.layout.local
     ts = F.pad(rab.timestamps.to(torch.int64), (0, P - T))
     nxt = F.pad(rab.next_timestamps.to(torch.int64), (0, P - T))
-    # Detached: flex's own captured-buffer backward does not compile for these gathers on
-    # torch 2.11; rab_grad.with_table_grads supplies the table gradients instead.
-    pos_w, ts_w = rab.pos_w.detach().float(), rab.ts_w.detach().float()
-    N, nb, div = rab.max_len, rab.num_buckets, rab.bucket_divisor
-
-    def add_bias(s: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        rel = (N - 1 + local[kv] - local[q]).clamp(0, 2 * N - 2)
-        mag = (nxt[q] - ts[kv]).abs().clamp(min=1).to(torch.float32)
-        bucket = (torch.log(mag) / div).to(torch.int64).clamp(0, nb)
-        return s + pos_w[rel] + ts_w[bucket]
-
-    return add_bias
+    return table_bias(rab, local, nxt, local, ts)
 
 
 def _positive_log(x: Tensor) -> Tensor:
@@ -104,14 +114,34 @@ def _negative_log(x: Tensor) -> Tensor:
 
 
 def _unnormalised(
-    q4: Tensor, k4: Tensor, v4: Tensor, score_mod: ScoreMod, mask: HSTUMask, alpha: float,
+    q4: Tensor, k4: Tensor, v4: Tensor, score_mod: ScoreMod, block_mask: BlockMask, alpha: float,
     kernel_options: dict | None = None,
 ) -> Tensor:
     out, aux = _flex(q4.device)(
-        q4, k4, v4, score_mod=score_mod, block_mask=mask.block_mask, scale=alpha,
+        q4, k4, v4, score_mod=score_mod, block_mask=block_mask, scale=alpha,
         return_aux=AuxRequest(lse=True), kernel_options=kernel_options,
     )
     return out.float() * aux.lse.exp().unsqueeze(-1)
+
+
+def shift_sum(
+    q4: Tensor, k4: Tensor, v4: Tensor, add_bias: BiasFn, block_mask: BlockMask, alpha: float,
+    kernel_options: dict | None = None,
+) -> Tensor:
+    """sum_j silu(alpha q.k + bias) v_j in fp32, [1, H, Q, Dv], by the shift transform: softmax
+    over log(silu(s) + c) gives exp(lse) * out = sum (silu + c) v; a uniform call removes c sum v."""
+
+    def shift_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+        x = add_bias(s, qi, kv)
+        return torch.log(x * torch.sigmoid(x) + SHIFT_C)
+
+    def uniform_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+        return s * 0.0
+
+    acc = _unnormalised(q4, k4, v4, shift_mod, block_mask, alpha, kernel_options)
+    # Scores do not matter in the uniform call: keep q/k out of its backward.
+    vsum = _unnormalised(q4.detach(), k4.detach(), v4, uniform_mod, block_mask, alpha)
+    return acc - SHIFT_C * vsum
 
 
 def hstu_attention_flex(
@@ -144,21 +174,10 @@ def hstu_attention_flex(
         def neg_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
             return _negative_log(add_bias(s, qi, kv))
 
-        acc = _unnormalised(q4, k4, v4, pos_mod, mask, alpha, opts)
-        acc = acc - _unnormalised(q4, k4, v4, neg_mod, mask, alpha, opts)
+        acc = _unnormalised(q4, k4, v4, pos_mod, mask.block_mask, alpha, opts)
+        acc = acc - _unnormalised(q4, k4, v4, neg_mod, mask.block_mask, alpha, opts)
     elif method == "shift":
-
-        def shift_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-            x = add_bias(s, qi, kv)
-            return torch.log(x * torch.sigmoid(x) + SHIFT_C)
-
-        def uniform_mod(s: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-            return s * 0.0
-
-        acc = _unnormalised(q4, k4, v4, shift_mod, mask, alpha, opts)
-        # Scores do not matter in the uniform call: keep q/k out of its backward.
-        vsum = _unnormalised(q4.detach(), k4.detach(), v4, uniform_mod, mask, alpha)
-        acc = acc - SHIFT_C * vsum
+        acc = shift_sum(q4, k4, v4, add_bias, mask.block_mask, alpha, opts)
     else:
         raise ValueError(f"method must be 'split' or 'shift', got {method!r}")
     out_THD = (acc[0].transpose(0, 1)[:T] / max_seq_len).to(v.dtype)
