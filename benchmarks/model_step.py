@@ -11,6 +11,7 @@ and the attention's causal pairs, forward and backward) over the measured bf16 m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -47,6 +48,10 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=4096)
     parser.add_argument("--backends", default="triton,flex")
     parser.add_argument("--no-rel-bias", action="store_true", help="drop the relative attention bias")
+    parser.add_argument(
+        "--rab-replicas", default="1",
+        help="comma list: time triton once per FLEXGR_TRITON_RAB_REPLICAS value (bias on only)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.tiny:
@@ -61,9 +66,15 @@ def main() -> None:
     offsets = torch.tensor([0] + lengths).cumsum(0).to(device)
     ts = torch.cumsum(torch.randint(0, 1000, (sum(lengths),), generator=gen), 0).to(device)
     negatives = torch.randint(1, num_items + 1, (512,), generator=gen).to(device)
-    backends = ["reference"] if device.type == "cpu" else args.backends.split(",")
+    names = ["reference"] if device.type == "cpu" else args.backends.split(",")
+    replicas = args.rab_replicas.split(",") if not args.no_rel_bias else ["1"]
+    runs = [
+        (b, r) for b in names for r in (replicas if b == "triton" else ["1"])
+    ]
     rows = []
-    for backend in backends:
+    for backend, rep in runs:
+        os.environ["FLEXGR_TRITON_RAB_REPLICAS"] = rep
+        label = backend if len(replicas) == 1 or backend != "triton" else f"triton R={rep}"
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,
@@ -93,8 +104,8 @@ def main() -> None:
             start = time.time()
             train_step()
             ms = (time.time() - start) * 1e3
-        rows.append((backend, ms, first_s))
-        print(f"{backend}: first call {first_s:.1f} s, step {ms:.1f} ms", file=sys.stderr, flush=True)
+        rows.append((label, ms, first_s))
+        print(f"{label}: first call {first_s:.1f} s, step {ms:.1f} ms", file=sys.stderr, flush=True)
         del model, opt
     flops = step_flops(cfg, lengths)
     peak = measure_peak(device) if device.type == "cuda" else float("nan")

@@ -158,6 +158,22 @@ def test_interpreter_backward_modes(mode: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 @cpu_only
+@pytest.mark.parametrize("mode", ["split", "merged"])
+def test_interpreter_replicated_bias_gradients(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # FLEXGR_TRITON_RAB_REPLICAS spreads the table-gradient atomics over copies; the sum over
+    # the copies must equal the single-buffer result.
+    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
+    monkeypatch.setenv("FLEXGR_TRITON_RAB_REPLICAS", "3")
+    check_fp32_against_fp64(CASES["all"], with_rab=True, seed=5)
+
+
+def test_rab_replicas_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXGR_TRITON_RAB_REPLICAS", "0")
+    with pytest.raises(ValueError, match="FLEXGR_TRITON_RAB_REPLICAS"):
+        launch.rab_replicas()
+
+
+@cpu_only
 @pytest.mark.parametrize("name", ["targets", "all"])
 def test_interpreter_bias_on_hstu_position_ids(name: str) -> None:
     check_fp32_against_fp64(CASES[name], with_rab=True, seed=7, use_positions=True)

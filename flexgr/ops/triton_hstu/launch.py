@@ -276,6 +276,16 @@ _bwd_modes: dict[tuple, str] = {}
 BWD_MODES = ("split", "fused", "merged")
 
 
+def rab_replicas() -> int:
+    """Copies of the bias-table gradient buffers that the dk/dv programs spread their atomics
+    over (``FLEXGR_TRITON_RAB_REPLICAS``, default 1). An experiment: with one copy, long
+    sequences serialise on a few addresses (BENCHMARKS.md); more copies are not timed yet."""
+    raw = os.environ.get("FLEXGR_TRITON_RAB_REPLICAS", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 4096:
+        raise ValueError(f"FLEXGR_TRITON_RAB_REPLICAS must be an integer in 1..4096, got {raw!r}")
+    return int(raw)
+
+
 def bwd_mode() -> str:
     """'split' (dk/dv kernel, then dq kernel), 'fused' (dq by fp32 atomics in the dk/dv kernel),
     'merged' (dk/dv and dq programs in one launch) or 'auto' (time the three on the first call of
@@ -301,9 +311,10 @@ def backward(
     dims = _dims(q, v)
     pos_w_ = _placeholder(pos_w, tab.seq_id)
     ts_w_ = _placeholder(ts_w, tab.seq_id)
+    replicas = rab_replicas() if has_rab else 1
     if has_rab:
-        dpos = torch.zeros(pos_w.numel(), dtype=torch.float32, device=q.device)
-        dts = torch.zeros(ts_w.numel(), dtype=torch.float32, device=q.device)
+        dpos = torch.zeros(replicas * pos_w.numel(), dtype=torch.float32, device=q.device)
+        dts = torch.zeros(replicas * ts_w.numel(), dtype=torch.float32, device=q.device)
     else:  # never dereferenced
         dpos = dts = tab.seq_id
     scalars = _scalars(tab, alpha, out_scale)
@@ -322,7 +333,7 @@ def backward(
             q, k, v, do, dk, dv, dq_acc, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
             *side, dpos, dts, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse, RAB_REPLICAS=replicas,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
 
@@ -343,7 +354,7 @@ def backward(
             *side, dpos, dts, *q_lists, *kv_lists,
             tab.merged_order(kv_cfg.block_n, q_cfg.block_m), n_kv, *scalars,
             KV_BLOCK_M=kv_cfg.block_m, KV_BLOCK_N=kv_cfg.block_n,
-            Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n,
+            Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n, RAB_REPLICAS=replicas,
             num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages, **common,
         )
 
@@ -394,6 +405,8 @@ def backward(
         dpos.zero_()
         dts.zero_()
     run()
+    if has_rab and replicas > 1:
+        dpos, dts = dpos.view(replicas, -1).sum(0), dts.view(replicas, -1).sum(0)
     dpos_w = dpos.to(pos_w.dtype) if pos_w is not None else None
     dts_w = dts.to(ts_w.dtype) if ts_w is not None else None
     return dq, dk, dv, dpos_w, dts_w
