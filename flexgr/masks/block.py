@@ -119,8 +119,9 @@ def build_hstu_mask(
         full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
         has_targets=num_targets is not None,
     )
-    # The rule implies jagged, so only block pairs that share a sequence need evaluating.
-    block_mask = jagged_block_mask(mod, layout.seq_id, block_size)
+    # The rule implies jagged, so only block pairs that share a sequence need evaluating; without
+    # contextual rows (which see later tokens) it is also causal.
+    block_mask = jagged_block_mask(mod, layout.seq_id, block_size, causal=contextual_len == 0)
     return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 
 

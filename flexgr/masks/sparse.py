@@ -32,7 +32,9 @@ def _block_seq_range(seq_id: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     return lo_N, hi_N
 
 
-def _candidate_pairs(q_seq: Tensor, kv_seq: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+def _candidate_pairs(
+    q_seq: Tensor, kv_seq: Tensor, block_size: int, causal: bool
+) -> tuple[Tensor, Tensor]:
     """(query block, key block) of every block pair whose sequence-id ranges overlap, row-major.
 
     Overlapping ranges are necessary for a shared sequence, so no visible pair is missed; with ids
@@ -41,6 +43,8 @@ def _candidate_pairs(q_seq: Tensor, kv_seq: Tensor, block_size: int) -> tuple[Te
     q_lo, q_hi = _block_seq_range(q_seq, block_size)
     k_lo, k_hi = _block_seq_range(kv_seq, block_size)
     overlap = (q_lo[:, None] <= k_hi[None, :]) & (k_lo[None, :] <= q_hi[:, None])
+    if causal:  # key blocks that start after the query block ends hold no visible key
+        overlap = torch.tril(overlap)
     row_P, col_P = overlap.nonzero(as_tuple=True)
     return row_P, col_P
 
@@ -81,18 +85,27 @@ def _ordered(
 
 
 def jagged_block_mask(
-    mask_mod: MaskMod, q_seq: Tensor, block_size: int, kv_seq: Tensor | None = None
+    mask_mod: MaskMod,
+    q_seq: Tensor,
+    block_size: int,
+    kv_seq: Tensor | None = None,
+    *,
+    causal: bool = False,
 ) -> BlockMask:
     """The BlockMask of ``mask_mod``, which must imply ``jagged``: a query sees only keys of its own
     sequence. ``q_seq`` [Q] and ``kv_seq`` [KV] (default: ``q_seq``) are the sequence ids of the
-    query and key slots, each padded to a multiple of ``block_size`` with negative ids. Equals
-    ``create_block_mask(mask_mod, 1, None, Q, KV, BLOCK_SIZE=block_size)``."""
+    query and key slots, each padded to a multiple of ``block_size`` with negative ids. ``causal``
+    promises that the mask also implies key index <= query index on one shared token axis, which
+    halves the pairs evaluated. Equals ``create_block_mask(mask_mod, 1, None, Q, KV,
+    BLOCK_SIZE=block_size)``."""
+    if causal and kv_seq is not None:
+        raise ValueError("causal=True needs queries and keys on one token axis (no kv_seq)")
     kv_seq = q_seq if kv_seq is None else kv_seq
     q_len, kv_len = q_seq.numel(), kv_seq.numel()
     for name, n in (("query", q_len), ("key", kv_len)):
         if n % block_size:
             raise ValueError(f"padded {name} length {n} is not a multiple of block_size {block_size}")
-    row_P, col_P = _candidate_pairs(q_seq, kv_seq, block_size)
+    row_P, col_P = _candidate_pairs(q_seq, kv_seq, block_size, causal)
     any_P, all_P = _classify(mask_mod, row_P, col_P, block_size)
     shape = (q_len // block_size, kv_len // block_size)
     kv_num, kv_idx = _ordered(any_P & ~all_P, row_P, col_P, shape)

@@ -65,7 +65,8 @@ def test_matches_create_block_mask(seed, block_size):
     mod = hstu_mask(layout, max_attn_len=opts.get("max_attn_len", 0),
                     full_attn_tail=opts.get("full_attn_tail", 0))
     expected = create_block_mask(mod, 1, None, P, P, device="cpu", BLOCK_SIZE=block_size)
-    got = jagged_block_mask(mod, layout.seq_id, block_size)
+    causal = opts.get("contextual_len", 0) == 0
+    got = jagged_block_mask(mod, layout.seq_id, block_size, causal=causal)
     exp_kv, exp_q = block_states(expected)
     got_kv, got_q = block_states(got)
     assert torch.equal(got_kv, exp_kv)
@@ -115,3 +116,9 @@ def test_context_parallel_mask_matches_create_block_mask(seed, cp_size):
         assert torch.equal(got_kv, exp_kv)
         assert torch.equal(got_q, exp_q)
         assert mask.block_mask.seq_lengths == (shard.shard_len, shard.gathered_len)
+
+
+def test_causal_hint_needs_one_token_axis():
+    seq = torch.zeros(128, dtype=torch.int32)
+    with pytest.raises(ValueError, match="one token axis"):
+        jagged_block_mask(lambda b, h, q, kv: q >= kv, seq, 64, kv_seq=seq, causal=True)
