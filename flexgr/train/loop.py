@@ -276,15 +276,7 @@ class Trainer:
         if isinstance(batch, ReplicaBatch):
             return self._parallel_train_step(batch)
         t = self.cfg.train
-        lr = self.lr_at(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with self._begin_step():
             states = self.forward(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
         negatives = sample_negatives(
             batch.num_tokens, t.num_negatives, self.data.num_items, self.device
@@ -297,25 +289,32 @@ class Trainer:
             self.model.item_embeddings().float(),
             t.temperature,
         )
+        self._descend(loss)
+        return loss.detach()
+
+    def _begin_step(self) -> contextlib.AbstractContextManager:
+        """Set this step's learning rate; the autocast context of the forward."""
+        lr = self.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _descend(self, loss: Tensor) -> None:
+        """Backward and one optimizer step. Under DDP the gradients are already summed over the
+        ranks when clipping sees them, so every rank clips by the same norm."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
-        return loss.detach()
 
     def _parallel_train_step(self, part: ReplicaBatch) -> Tensor:
         """One step on this rank's share; returns the loss of the global batch (every rank)."""
         t, ctx, parallel = self.cfg.train, self.ctx, self.parallel
         assert ctx is not None and parallel is not None
-        lr = self.lr_at(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
+        autocast = self._begin_step()
         states, targets, rows = parallel.outputs(part, self.state.step, autocast)
         # Drawn for the whole global batch, as one process draws them, after the forward's
         # dropout as in one process; then this rank's rows.
@@ -332,12 +331,7 @@ class Trainer:
         )
         # This rank's share of the global mean; DDP sums the shares' gradients over all ranks.
         share = loss_sum / part.row_total
-        self.optimizer.zero_grad(set_to_none=True)
-        share.backward()
-        if t.grad_clip > 0:
-            # The gradients are already summed, so every rank clips by the same norm.
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
+        self._descend(share)
         return ctx.all_reduce_sum(share.detach())
 
     def run_epoch(self, progress: TrainProgress) -> bool:
