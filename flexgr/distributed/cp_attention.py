@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +38,6 @@ from flexgr.ops.rab import RelativeBias
 # ---------------------------------------------------------------- backend choice
 
 
-def _triton_indexed() -> Callable[..., Tensor] | None:
-    """The triton path's entry point, when the kernels can run here."""
-    from flexgr.ops import triton_backend
-
-    if not triton_backend.available():
-        return None
-    return attend_gathered_triton
-
-
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=4)
@@ -57,13 +47,13 @@ def resolve_cp_backend(backend: str, device: torch.device, *tensors: Tensor | No
     """The backend that will actually run a CP call (warning once when it is not the one asked)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from flexgr.ops import triton_backend
+
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
-        from flexgr.ops import triton_backend
-
         backend = "triton" if triton_backend.available() else "flex"
-    if backend == "triton" and _triton_indexed() is None:
+    if backend == "triton" and not triton_backend.available():
         _warn_once(
             "flexgr: the triton kernels cannot run here (no CUDA, or triton missing); "
             "context-parallel attention uses flex instead."

@@ -21,7 +21,8 @@ from flexgr.masks.mods import MaskMod, hstu_mask
 from flexgr.masks.sparse import jagged_block_mask
 
 
-@dataclass(frozen=True)
+# eq=False: identity equality and hash (fields hold tensors), so per-batch caches can key on it.
+@dataclass(frozen=True, eq=False)
 class CPMask:
     """shard:  the token shard (global offsets, local tokens, gathered-buffer layout).
     layout:    per-token tables of the GLOBAL batch (padded_len >= 1, total_len = T).

@@ -33,8 +33,8 @@ class _GlobalView:
     query_rows: Tensor  # [T_r] global row of each local query
 
 
-# One entry per CPMask (a batch's mask is shared by every layer); dropped with the CPMask.
-_views: dict[int, tuple[weakref.ref, _GlobalView]] = {}
+# One entry per live CPMask: a batch's mask is shared by every layer, so the view is built once.
+_views: "weakref.WeakKeyDictionary[CPMask, _GlobalView]" = weakref.WeakKeyDictionary()
 
 
 def _padded_layout(layout: JaggedLayout, offsets: Tensor, padded_len: int) -> JaggedLayout:
@@ -62,9 +62,9 @@ def _rows_of(local_P: Tensor) -> MaskMod:
 
 
 def _global_view(mask: CPMask) -> _GlobalView:
-    entry = _views.get(id(mask))
-    if entry is not None and entry[0]() is mask:
-        return entry[1]
+    view = _views.get(mask)
+    if view is not None:
+        return view
     assert mask.spec is not None  # callers fall back to flex for custom mask_mods
     shard, spec = mask.shard, mask.spec
     T = shard.total_len
@@ -87,9 +87,7 @@ def _global_view(mask: CPMask) -> _GlobalView:
         token_slot=token_slot,
         query_rows=query_rows,
     )
-    key = id(mask)
-    _views[key] = (weakref.ref(mask), view)
-    weakref.finalize(mask, _views.pop, key, None)
+    _views[mask] = view
     return view
 
 

@@ -64,6 +64,12 @@ COMBOS = [(name, 2, rab) for name in sorted(CASES) for rab in (False, True)]
 COMBOS += [("all", 3, True), ("targets", 3, False)]
 
 
+def gathered(x_T: torch.Tensor, shard) -> torch.Tensor:
+    """What the all-gather hands this rank: every slot's token, zeros in padding slots."""
+    slots = shard.slot_index
+    return torch.where((slots >= 0)[:, None, None], x_T[slots.clamp(min=0)], 0.0)
+
+
 @pytest.mark.parametrize("name, cp_size, with_rab", COMBOS)
 def test_cp_triton_matches_reference(name, cp_size, with_rab):
     opts, lengths = CASES[name]
@@ -93,10 +99,7 @@ def test_cp_triton_matches_reference(name, cp_size, with_rab):
 
         got = _leaves(T, 1, torch.float32)
         mask = build_cp_mask(shard, **kw)
-        slots = shard.slot_index
-        real = (slots >= 0)[:, None, None]
-        k_all = torch.where(real, got[1][slots.clamp(min=0)], 0.0)
-        v_all = torch.where(real, got[2][slots.clamp(min=0)], 0.0)
+        k_all, v_all = gathered(got[1], shard), gathered(got[2], shard)
         out = attend_gathered(got[0][rows], k_all, v_all, mask, max_seq_len=N, alpha=alpha,
                               rab=bias(got), backend="triton")
         grads = torch.autograd.grad(out, got, grad_out[rows], allow_unused=True)
@@ -123,10 +126,7 @@ def test_custom_mask_falls_back_to_flex():
     mod = and_masks(jagged(offsets), causal())
     mask = build_cp_mask(shard, mask_mod=mod)
     leaves = _leaves(14, 3, torch.float32)
-    slots = shard.slot_index
-    real = (slots >= 0)[:, None, None]
-    k_all = torch.where(real, leaves[1][slots.clamp(min=0)], 0.0).detach()
-    v_all = torch.where(real, leaves[2][slots.clamp(min=0)], 0.0).detach()
+    k_all, v_all = gathered(leaves[1], shard).detach(), gathered(leaves[2], shard).detach()
     q = leaves[0][shard.local_index].detach()
     with pytest.warns(UserWarning, match="custom mask_mod"):
         out = attend_gathered(q, k_all, v_all, mask, max_seq_len=16, alpha=1.0, backend="triton")
