@@ -49,8 +49,9 @@ def main() -> None:
     parser.add_argument("--backends", default="triton,flex")
     parser.add_argument("--no-rel-bias", action="store_true", help="drop the relative attention bias")
     parser.add_argument(
-        "--rab-replicas", default="1",
-        help="comma list: time triton once per FLEXGR_TRITON_RAB_REPLICAS value (bias on only)",
+        "--rab-copies", default="",
+        help="comma list of R:L, time triton once per FLEXGR_TRITON_RAB_REPLICAS=R and "
+        "FLEXGR_TRITON_RAB_LANES=L (bias on only; default: the library's defaults)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -67,14 +68,16 @@ def main() -> None:
     ts = torch.cumsum(torch.randint(0, 1000, (sum(lengths),), generator=gen), 0).to(device)
     negatives = torch.randint(1, num_items + 1, (512,), generator=gen).to(device)
     names = ["reference"] if device.type == "cpu" else args.backends.split(",")
-    replicas = args.rab_replicas.split(",") if not args.no_rel_bias else ["1"]
-    runs = [
-        (b, r) for b in names for r in (replicas if b == "triton" else ["1"])
-    ]
+    copies = args.rab_copies.split(",") if args.rab_copies and not args.no_rel_bias else [""]
+    runs = [(b, c) for b in names for c in (copies if b == "triton" else [""])]
     rows = []
-    for backend, rep in runs:
-        os.environ["FLEXGR_TRITON_RAB_REPLICAS"] = rep
-        label = backend if len(replicas) == 1 or backend != "triton" else f"triton R={rep}"
+    for backend, copy in runs:
+        label = backend
+        if copy:
+            rep, lanes = copy.split(":")
+            os.environ["FLEXGR_TRITON_RAB_REPLICAS"] = rep
+            os.environ["FLEXGR_TRITON_RAB_LANES"] = lanes
+            label = f"{backend} R={rep} L={lanes}"
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,

@@ -158,19 +158,28 @@ def test_interpreter_backward_modes(mode: str, monkeypatch: pytest.MonkeyPatch) 
 
 
 @cpu_only
-@pytest.mark.parametrize("mode", ["split", "merged"])
-def test_interpreter_replicated_bias_gradients(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # FLEXGR_TRITON_RAB_REPLICAS spreads the table-gradient atomics over copies; the sum over
-    # the copies must equal the single-buffer result.
+@pytest.mark.parametrize(
+    "mode,replicas,lanes", [("split", 3, 1), ("merged", 3, 4), ("merged", 1, 1)]
+)
+def test_interpreter_bias_gradient_copies(
+    mode: str, replicas: int, lanes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The table-gradient atomics go into program replicas x lane copies (the other tests run the
+    # default, 16 lane copies); the sum over the copies must match fp64 for any layout.
     monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
-    monkeypatch.setenv("FLEXGR_TRITON_RAB_REPLICAS", "3")
+    monkeypatch.setenv("FLEXGR_TRITON_RAB_REPLICAS", str(replicas))
+    monkeypatch.setenv("FLEXGR_TRITON_RAB_LANES", str(lanes))
     check_fp32_against_fp64(CASES["all"], with_rab=True, seed=5)
 
 
-def test_rab_replicas_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rab_copy_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEXGR_TRITON_RAB_REPLICAS", "0")
     with pytest.raises(ValueError, match="FLEXGR_TRITON_RAB_REPLICAS"):
         launch.rab_replicas()
+    for bad in ("6", "0", "x", "128"):
+        monkeypatch.setenv("FLEXGR_TRITON_RAB_LANES", bad)
+        with pytest.raises(ValueError, match="FLEXGR_TRITON_RAB_LANES"):
+            launch.rab_lanes()
 
 
 @cpu_only

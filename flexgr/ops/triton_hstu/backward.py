@@ -31,7 +31,7 @@ def _dkdv_visit(
     BLOCK_M: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_Q // BLOCK_M
     offs_dk = tl.arange(0, BLOCK_DQK)
@@ -85,12 +85,23 @@ def _dkdv_visit(
         if HAS_RAB:
             # d bias = ds (with p's 1/N). Masked-off pairs send no atomics at all.
             g = dsT * out_scale
+            pos_at = DPosW + rel
+            ts_at = DTsW + bucket
+            if RAB_LANES > 1:
+                # Threads of one atomic instruction hold neighbouring rows and columns, which
+                # often share a time bucket (and, a few rows apart, a diagonal): give each
+                # (row mod L, column mod L) its own copy so one instruction never adds twice
+                # into one address. The copies are summed after the launch.
+                lane_n = (offs_n % RAB_LANES)[:, None]
+                lane_m = (offs_m % RAB_LANES)[None, :]
+                pos_at += lane_n * (2 * rab_n - 1)
+                ts_at += (lane_n * RAB_LANES + lane_m) * (num_buckets + 1)
             if IS_FULL:
-                tl.atomic_add(DPosW + rel, g, sem="relaxed")
-                tl.atomic_add(DTsW + bucket, g, sem="relaxed")
+                tl.atomic_add(pos_at, g, sem="relaxed")
+                tl.atomic_add(ts_at, g, sem="relaxed")
             else:
-                tl.atomic_add(DPosW + rel, g, mask=valid, sem="relaxed")
-                tl.atomic_add(DTsW + bucket, g, mask=valid, sem="relaxed")
+                tl.atomic_add(pos_at, g, mask=valid, sem="relaxed")
+                tl.atomic_add(ts_at, g, mask=valid, sem="relaxed")
     return dk, dv
 
 
@@ -108,15 +119,15 @@ def _dkdv_program(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     start_n = pid_n * BLOCK_N
     if HAS_RAB and RAB_REPLICAS > 1:
         # Spread the table-gradient atomics over copies (summed afterwards), so programs running
         # at the same time rarely add into the same addresses.
         replica = (pid_n + head * 61) % RAB_REPLICAS
-        DPosW += replica * (2 * rab_n - 1)
-        DTsW += replica * (num_buckets + 1)
+        DPosW += replica * RAB_LANES * (2 * rab_n - 1)
+        DTsW += replica * RAB_LANES * RAB_LANES * (num_buckets + 1)
     mask_col = start_n // MASK_BLOCK_KV
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < T
@@ -157,6 +168,7 @@ def _dkdv_program(
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, False,
         HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
+        RAB_LANES,
     )
     num_full = tl.load(FullQNum + mask_col)
     dk, dv = _dkdv_visit(
@@ -167,6 +179,7 @@ def _dkdv_program(
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, True,
         HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
+        RAB_LANES,
     )
     if DQK == BLOCK_DQK:
         dk_mask = col_ok[:, None]
@@ -200,7 +213,7 @@ def hstu_bwd_dkdv_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     pid_n = tl.load(TileOrder + tl.program_id(1))
@@ -211,7 +224,7 @@ def hstu_bwd_dkdv_kernel(
         NextTs, PosW, TsW, DPosW, DTsW, QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, T,
         alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div, DQK, DV, BLOCK_DQK,
         BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
-        HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_REPLICAS,
+        HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_REPLICAS, RAB_LANES,
     )
 
 
@@ -381,7 +394,7 @@ def hstu_bwd_merged_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     """dk/dv programs and dq programs in one launch, heaviest first across both kinds, so the
     tail of one kernel no longer idles the GPU before the other starts."""
@@ -398,7 +411,7 @@ def hstu_bwd_merged_kernel(
             T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
             DQK, DV, BLOCK_DQK, BLOCK_DV, KV_BLOCK_M, KV_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
             HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, False, FAST, DOT_PRECISION,
-            RAB_REPLICAS,
+            RAB_REPLICAS, RAB_LANES,
         )
     else:
         _dq_program(

@@ -276,14 +276,31 @@ _bwd_modes: dict[tuple, str] = {}
 BWD_MODES = ("split", "fused", "merged")
 
 
-def rab_replicas() -> int:
-    """Copies of the bias-table gradient buffers that the dk/dv programs spread their atomics
-    over (``FLEXGR_TRITON_RAB_REPLICAS``, default 1). An experiment: with one copy, long
-    sequences serialise on a few addresses (BENCHMARKS.md); more copies are not timed yet."""
-    raw = os.environ.get("FLEXGR_TRITON_RAB_REPLICAS", "1")
-    if not raw.isdigit() or not 1 <= int(raw) <= 4096:
-        raise ValueError(f"FLEXGR_TRITON_RAB_REPLICAS must be an integer in 1..4096, got {raw!r}")
+def _env_int(name: str, default: int, allowed: range) -> int:
+    raw = os.environ.get(name, str(default))
+    if not raw.isdigit() or int(raw) not in allowed:
+        raise ValueError(
+            f"{name} must be an integer in {allowed.start}..{allowed.stop - 1}, got {raw!r}"
+        )
     return int(raw)
+
+
+def rab_replicas() -> int:
+    """Copies of the bias-table gradient buffers per dk/dv program group
+    (``FLEXGR_TRITON_RAB_REPLICAS``, default 1): programs running at the same time add into
+    different copies. Timed against lane copies in BENCHMARKS.md."""
+    return _env_int("FLEXGR_TRITON_RAB_REPLICAS", 1, range(1, 4097))
+
+
+def rab_lanes() -> int:
+    """L of the lane copies of the bias-table gradients (``FLEXGR_TRITON_RAB_LANES``, 1 = off):
+    pair (key n, query m) adds into positional copy n mod L and time copy (n mod L, m mod L), so
+    one atomic instruction never hits one address twice. Long sequences otherwise serialise on a
+    few time-bucket addresses (BENCHMARKS.md)."""
+    lanes = _env_int("FLEXGR_TRITON_RAB_LANES", 16, range(1, 65))
+    if lanes & (lanes - 1):
+        raise ValueError(f"FLEXGR_TRITON_RAB_LANES must be a power of two, got {lanes}")
+    return lanes
 
 
 def bwd_mode() -> str:
@@ -312,9 +329,11 @@ def backward(
     pos_w_ = _placeholder(pos_w, tab.seq_id)
     ts_w_ = _placeholder(ts_w, tab.seq_id)
     replicas = rab_replicas() if has_rab else 1
+    lanes = rab_lanes() if has_rab else 1
+    pos_copies, ts_copies = replicas * lanes, replicas * lanes * lanes
     if has_rab:
-        dpos = torch.zeros(replicas * pos_w.numel(), dtype=torch.float32, device=q.device)
-        dts = torch.zeros(replicas * ts_w.numel(), dtype=torch.float32, device=q.device)
+        dpos = torch.zeros(pos_copies * pos_w.numel(), dtype=torch.float32, device=q.device)
+        dts = torch.zeros(ts_copies * ts_w.numel(), dtype=torch.float32, device=q.device)
     else:  # never dereferenced
         dpos = dts = tab.seq_id
     scalars = _scalars(tab, alpha, out_scale)
@@ -333,7 +352,8 @@ def backward(
             q, k, v, do, dk, dv, dq_acc, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
             *side, dpos, dts, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse, RAB_REPLICAS=replicas,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse,
+            RAB_REPLICAS=replicas, RAB_LANES=lanes,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
 
@@ -355,6 +375,7 @@ def backward(
             tab.merged_order(kv_cfg.block_n, q_cfg.block_m), n_kv, *scalars,
             KV_BLOCK_M=kv_cfg.block_m, KV_BLOCK_N=kv_cfg.block_n,
             Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n, RAB_REPLICAS=replicas,
+            RAB_LANES=lanes,
             num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages, **common,
         )
 
@@ -405,8 +426,8 @@ def backward(
         dpos.zero_()
         dts.zero_()
     run()
-    if has_rab and replicas > 1:
-        dpos, dts = dpos.view(replicas, -1).sum(0), dts.view(replicas, -1).sum(0)
+    if has_rab and ts_copies > 1:
+        dpos, dts = dpos.view(pos_copies, -1).sum(0), dts.view(ts_copies, -1).sum(0)
     dpos_w = dpos.to(pos_w.dtype) if pos_w is not None else None
     dts_w = dts.to(ts_w.dtype) if ts_w is not None else None
     return dq, dk, dv, dpos_w, dts_w
