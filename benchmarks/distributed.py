@@ -102,6 +102,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument(
+        "--search-only", action="store_true", help="only the longest-sequence search"
+    )
     p.add_argument("--search-start", type=int, default=0, help="first probed length (0: preset)")
     p.add_argument("--search-step", type=int, default=0, help="search resolution (0: preset)")
     return p.parse_args()
@@ -441,7 +444,7 @@ def main() -> None:
             setups.append(
                 (f"CP={cp}" + (f" x DP={dp}" if dp > 1 else "") + f" ({cp}x batch)", dp, cp)
             )
-    for name, dp, cp in setups:
+    for name, dp, cp in [] if args.search_only else setups:
         log(f"throughput {name}")
         ctx = context(dp, cp)
         tokens, ms, peak = throughput(sz, ctx, args, backend)
