@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--no-rel-bias", action="store_true", help="drop the relative attention bias")
     parser.add_argument(
         "--rab-copies", default="",
-        help="comma list of R:L, time triton once per FLEXGR_TRITON_RAB_REPLICAS=R and "
-        "FLEXGR_TRITON_RAB_LANES=L (bias on only; default: the library's defaults)",
+        help="comma list of R:L:X, time triton once per FLEXGR_TRITON_RAB_REPLICAS=R, "
+        "FLEXGR_TRITON_RAB_LANES=L and FLEXGR_TRITON_RAB_REDUCE=X (bias on only; default: "
+        "the library's defaults)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -74,10 +75,11 @@ def main() -> None:
     for backend, copy in runs:
         label = backend
         if copy:
-            rep, lanes = copy.split(":")
+            rep, lanes, reduce = copy.split(":")
             os.environ["FLEXGR_TRITON_RAB_REPLICAS"] = rep
             os.environ["FLEXGR_TRITON_RAB_LANES"] = lanes
-            label = f"{backend} R={rep} L={lanes}"
+            os.environ["FLEXGR_TRITON_RAB_REDUCE"] = reduce
+            label = f"{backend} R={rep} L={lanes} reduce={reduce}"
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,
