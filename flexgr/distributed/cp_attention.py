@@ -29,7 +29,7 @@ from flexgr.distributed.collectives import all_gather_tokens
 from flexgr.distributed.cp_dense import attend_gathered_reference
 from flexgr.distributed.cp_flex import attend_gathered_flex
 from flexgr.distributed.cp_mask import CPMask, build_cp_mask
-from flexgr.distributed.cp_triton import attend_gathered_triton
+from flexgr.distributed.cp_triton import attend_gathered_triton, gather_attend_triton
 from flexgr.distributed.sharding import TokenShard
 from flexgr.ops.attention import BACKENDS
 from flexgr.ops.flex import cpu_needs_fallback
@@ -140,6 +140,13 @@ def context_parallel_attention(
     pad = mask.shard.shard_len - q.shape[0]
     dqk = k.shape[-1]
     kv_SHX = F.pad(torch.cat([k, v], dim=-1), (0, 0, 0, 0, 0, pad))
+    tensors = (q, k, v) + ((rab.pos_w, rab.ts_w) if rab is not None else ())
+    if resolve_cp_backend(backend, q.device, *tensors) == "triton":
+        out = gather_attend_triton(
+            q, kv_SHX, dqk, mask, group, max_seq_len=max_seq_len, alpha=alpha, rab=rab
+        )
+        if out is not None:
+            return out
     kv_all = all_gather_tokens(kv_SHX, group)  # one collective for K and V together
     k_all, v_all = kv_all[..., :dqk], kv_all[..., dqk:]
     return attend_gathered(

@@ -8,6 +8,11 @@ cost nothing; rows of other ranks inside a partial block are computed and droppe
 leak into gradients: their output gradient is zero, so their dS, and with it their share of dK,
 dV and the bias-table gradients, is zero too. Positions, timestamps and the divisor are global by
 construction, and every step is an autograd op, so gradients reach q, k_all, v_all and the tables.
+
+``gather_attend_triton`` does the same with the all-gather inside one autograd function that
+saves only this rank's shards: the backward gathers K/V again. Otherwise every layer would keep
+three global-size [T, H, D] tensors (global-row queries, keys and values) alive until its
+backward, which cost 35% of the longest trainable CP sequence on the 2x H200 run.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
+from flexgr.distributed.collectives import gather_tokens, reduce_scatter_tokens
 from flexgr.distributed.cp_mask import CPMask
 from flexgr.masks.block import BLOCK_SIZE, HSTUMask
 from flexgr.masks.layout import JaggedLayout, build_layout
@@ -113,3 +121,83 @@ def attend_gathered_triton(
         max_seq_len=max_seq_len, alpha=alpha, rab=rab,
     )
     return out_TH[view.query_rows]
+
+
+def _global_inputs(
+    q: Tensor, kv_SHX: Tensor, dqk: int, view: _GlobalView, T: int, group: ProcessGroup
+) -> tuple[Tensor, Tensor, Tensor]:
+    kv_TH = gather_tokens(kv_SHX, group)[view.token_slot]
+    q_TH = q.new_zeros((T,) + tuple(q.shape[1:])).index_copy_(0, view.query_rows, q)
+    return q_TH, kv_TH[..., :dqk].contiguous(), kv_TH[..., dqk:].contiguous()
+
+
+class _GatherAttend(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, q, kv_SHX, pos_w, ts_w, dqk, view, tables, T, group, alpha, max_seq_len
+    ):
+        from flexgr.ops.triton_hstu import launch
+
+        q_TH, k_TH, v_TH = _global_inputs(q, kv_SHX, dqk, view, T, group)
+        out_TH = launch.forward(
+            q_TH, k_TH, v_TH, tables, alpha=alpha, max_seq_len=max_seq_len, pos_w=pos_w, ts_w=ts_w
+        )
+        ctx.save_for_backward(q, kv_SHX, pos_w, ts_w)
+        ctx.args = (dqk, view, tables, T, group, alpha, max_seq_len)
+        return out_TH[view.query_rows]
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        from flexgr.ops.triton_hstu import launch
+
+        q, kv_SHX, pos_w, ts_w = ctx.saved_tensors
+        dqk, view, tables, T, group, alpha, max_seq_len = ctx.args
+        q_TH, k_TH, v_TH = _global_inputs(q, kv_SHX, dqk, view, T, group)
+        dout_TH = dout.new_zeros((T,) + tuple(dout.shape[1:])).index_copy_(
+            0, view.query_rows, dout
+        )
+        dq_TH, dk_TH, dv_TH, dpos, dts = launch.backward(
+            dout_TH, q_TH, k_TH, v_TH, tables, alpha=alpha, max_seq_len=max_seq_len,
+            pos_w=pos_w, ts_w=ts_w,
+        )
+        dkv_TH = torch.cat([dk_TH, dv_TH], dim=-1)
+        dkv_all = dkv_TH.new_zeros(kv_SHX.shape[0] * dist.get_world_size(group), *kv_SHX.shape[1:])
+        dkv_all.index_copy_(0, view.token_slot, dkv_TH)  # slots of padding stay zero
+        dkv_SHX = reduce_scatter_tokens(dkv_all, group)
+        return dq_TH[view.query_rows], dkv_SHX, dpos, dts, *([None] * 7)
+
+
+def gather_attend_triton(
+    q: Tensor,
+    kv_SHX: Tensor,
+    dqk: int,
+    mask: CPMask,
+    group: ProcessGroup,
+    *,
+    max_seq_len: int,
+    alpha: float,
+    rab: RelativeBias | None = None,
+) -> Tensor | None:
+    """All-gather this rank's packed K/V shard ``kv_SHX`` [S, H, Dqk + Dv] and attend its queries
+    q [T_r, H, Dqk] through the kernel; returns [T_r, H, Dv], or None when the kernel cannot take
+    these tensors (the caller then gathers and falls back)."""
+    from flexgr.ops import triton_backend
+
+    if (
+        mask.spec is None
+        or not triton_backend.available(q.device)
+        or q.dtype not in triton_backend.SUPPORTED_DTYPES
+        or q.dtype != kv_SHX.dtype
+        or max(dqk, kv_SHX.shape[-1] - dqk) > triton_backend.MAX_HEAD_DIM
+    ):
+        return None
+    from flexgr.ops.triton_hstu import launch
+
+    view = _global_view(mask)
+    tables = launch.mask_tables(view.mask, rab)
+    pos_w = rab.pos_w if rab is not None else None
+    ts_w = rab.ts_w if rab is not None else None
+    return _GatherAttend.apply(
+        q, kv_SHX, pos_w, ts_w, dqk, view, tables, mask.shard.total_len, group, float(alpha),
+        int(max_seq_len),
+    )
