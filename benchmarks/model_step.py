@@ -50,9 +50,8 @@ def main() -> None:
     parser.add_argument("--no-rel-bias", action="store_true", help="drop the relative attention bias")
     parser.add_argument(
         "--rab-copies", default="",
-        help="comma list of R:L:X, time triton once per FLEXGR_TRITON_RAB_REPLICAS=R, "
-        "FLEXGR_TRITON_RAB_LANES=L and FLEXGR_TRITON_RAB_REDUCE=X (bias on only; default: "
-        "the library's defaults)",
+        help="comma list of R:L, time triton once per FLEXGR_TRITON_RAB_REPLICAS=R and "
+        "FLEXGR_TRITON_RAB_LANES=L (bias on only; default: the library's defaults)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -75,11 +74,10 @@ def main() -> None:
     for backend, copy in runs:
         label = backend
         if copy:
-            rep, lanes, reduce = copy.split(":")
+            rep, lanes = copy.split(":")
             os.environ["FLEXGR_TRITON_RAB_REPLICAS"] = rep
             os.environ["FLEXGR_TRITON_RAB_LANES"] = lanes
-            os.environ["FLEXGR_TRITON_RAB_REDUCE"] = reduce
-            label = f"{backend} R={rep} L={lanes} reduce={reduce}"
+            label = f"{backend} R={rep} L={lanes}"
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,

@@ -17,7 +17,6 @@ fp32 atomics.
 import triton
 import triton.language as tl
 
-from flexgr.ops.triton_hstu.bias_grad import add_bias_grads
 from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, score_scale, silu_and_slope
 
 
@@ -29,11 +28,10 @@ def _dkdv_visit(
     block_list, num_blocks, T, alpha, out_scale, dq_scale, window, tail,
     rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BLOCK_Q: tl.constexpr,
-    IS_FULL: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr, RAB_REDUCE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_Q // BLOCK_M
     offs_dk = tl.arange(0, BLOCK_DQK)
@@ -85,19 +83,25 @@ def _dkdv_visit(
                 mask=row_ok[:, None] & (offs_dk[None, :] < DQK), sem="relaxed",
             )
         if HAS_RAB:
-            # d bias = ds (with p's 1/N); masked-off pairs add zero.
+            # d bias = ds (with p's 1/N). Masked-off pairs send no atomics at all.
+            g = dsT * out_scale
+            pos_at = DPosW + rel
+            ts_at = DTsW + bucket
+            if RAB_LANES > 1:
+                # Threads of one atomic instruction hold neighbouring rows and columns, which
+                # often share a time bucket (and, a few rows apart, a diagonal): give each
+                # (row mod L, column mod L) its own copy so one instruction never adds twice
+                # into one address. The copies are summed after the launch.
+                lane_n = (offs_n % RAB_LANES)[:, None]
+                lane_m = (offs_m % RAB_LANES)[None, :]
+                pos_at += lane_n * (2 * rab_n - 1)
+                ts_at += (lane_n * RAB_LANES + lane_m) * (num_buckets + 1)
             if IS_FULL:
-                add_bias_grads(
-                    dsT * out_scale, rel, bucket, rel, offs_n, offs_m, k_local, q_local,
-                    DPosW, DTsW, rab_n, num_buckets, BLOCK_N, BLOCK_M, True,
-                    RAB_LANES, RAB_REDUCE, 8,
-                )
+                tl.atomic_add(pos_at, g, sem="relaxed")
+                tl.atomic_add(ts_at, g, sem="relaxed")
             else:
-                add_bias_grads(
-                    dsT * out_scale, rel, bucket, valid, offs_n, offs_m, k_local, q_local,
-                    DPosW, DTsW, rab_n, num_buckets, BLOCK_N, BLOCK_M, False,
-                    RAB_LANES, RAB_REDUCE, 8,
-                )
+                tl.atomic_add(pos_at, g, mask=valid, sem="relaxed")
+                tl.atomic_add(ts_at, g, mask=valid, sem="relaxed")
     return dk, dv
 
 
@@ -116,7 +120,6 @@ def _dkdv_program(
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
-    RAB_REDUCE: tl.constexpr,
 ):
     start_n = pid_n * BLOCK_N
     if HAS_RAB and RAB_REPLICAS > 1:
@@ -163,9 +166,9 @@ def _dkdv_program(
         SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
         QIdx + mask_col * q_idx_stride, num_partial, T, alpha, out_scale, dq_scale, window, tail,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, False,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, False,
         HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
-        RAB_LANES, RAB_REDUCE,
+        RAB_LANES,
     )
     num_full = tl.load(FullQNum + mask_col)
     dk, dv = _dkdv_visit(
@@ -174,9 +177,9 @@ def _dkdv_program(
         SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
         FullQIdx + mask_col * q_idx_stride, num_full, T, alpha, out_scale, dq_scale, window, tail,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, True,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, True,
         HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
-        RAB_LANES, RAB_REDUCE,
+        RAB_LANES,
     )
     if DQK == BLOCK_DQK:
         dk_mask = col_ok[:, None]
@@ -211,7 +214,6 @@ def hstu_bwd_dkdv_kernel(
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
-    RAB_REDUCE: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     pid_n = tl.load(TileOrder + tl.program_id(1))
@@ -223,7 +225,6 @@ def hstu_bwd_dkdv_kernel(
         alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div, DQK, DV, BLOCK_DQK,
         BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
         HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_REPLICAS, RAB_LANES,
-        RAB_REDUCE,
     )
 
 
@@ -394,7 +395,6 @@ def hstu_bwd_merged_kernel(
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
-    RAB_REDUCE: tl.constexpr,
 ):
     """dk/dv programs and dq programs in one launch, heaviest first across both kinds, so the
     tail of one kernel no longer idles the GPU before the other starts."""
@@ -411,7 +411,7 @@ def hstu_bwd_merged_kernel(
             T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
             DQK, DV, BLOCK_DQK, BLOCK_DV, KV_BLOCK_M, KV_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
             HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, False, FAST, DOT_PRECISION,
-            RAB_REPLICAS, RAB_LANES, RAB_REDUCE,
+            RAB_REPLICAS, RAB_LANES,
         )
     else:
         _dq_program(

@@ -303,12 +303,6 @@ def rab_lanes() -> int:
     return lanes
 
 
-def rab_reduce() -> bool:
-    """Reduce each backward tile before the bias-table atomics where it can
-    (``FLEXGR_TRITON_RAB_REDUCE``, default 1; see bias_grad.py)."""
-    return _env_int("FLEXGR_TRITON_RAB_REDUCE", 1, range(0, 2)) == 1
-
-
 def bwd_mode() -> str:
     """'split' (dk/dv kernel, then dq kernel), 'fused' (dq by fp32 atomics in the dk/dv kernel),
     'merged' (dk/dv and dq programs in one launch) or 'auto' (time the three on the first call of
@@ -336,7 +330,6 @@ def backward(
     ts_w_ = _placeholder(ts_w, tab.seq_id)
     replicas = rab_replicas() if has_rab else 1
     lanes = rab_lanes() if has_rab else 1
-    reduce = has_rab and rab_reduce()
     pos_copies, ts_copies = replicas * lanes, replicas * lanes * lanes
     if has_rab:
         dpos = torch.zeros(pos_copies * pos_w.numel(), dtype=torch.float32, device=q.device)
@@ -360,7 +353,7 @@ def backward(
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
             *side, dpos, dts, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse,
-            RAB_REPLICAS=replicas, RAB_LANES=lanes, RAB_REDUCE=reduce,
+            RAB_REPLICAS=replicas, RAB_LANES=lanes,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
 
@@ -382,7 +375,7 @@ def backward(
             tab.merged_order(kv_cfg.block_n, q_cfg.block_m), n_kv, *scalars,
             KV_BLOCK_M=kv_cfg.block_m, KV_BLOCK_N=kv_cfg.block_n,
             Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n, RAB_REPLICAS=replicas,
-            RAB_LANES=lanes, RAB_REDUCE=reduce,
+            RAB_LANES=lanes,
             num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages, **common,
         )
 
