@@ -237,7 +237,43 @@ def _placeholder(w: Tensor | None, like: Tensor) -> Tensor:
     return w.contiguous() if w is not None else like
 
 
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _pad_dim(x: Tensor) -> Tensor:
+    d = x.shape[-1]
+    return x if d == _block_dim(d) else torch.nn.functional.pad(x, (0, _block_dim(d) - d))
+
+
 def forward(
+    q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float, max_seq_len: int,
+    pos_w: Tensor | None, ts_w: Tensor | None,
+) -> Tensor:
+    """Head dims that are not a power of two (>= 16) are zero-padded to one: the kernels' masked
+    head-dim path read out of bounds on the H100 in bf16 with Dqk = 50 and Dv = 25 together
+    (illegal memory access; either alone, fp32, or the interpreter were fine), and zero columns
+    change neither the scores nor the kept output columns."""
+    out = _forward(
+        _pad_dim(q), _pad_dim(k), _pad_dim(v), tab, alpha=alpha, max_seq_len=max_seq_len,
+        pos_w=pos_w, ts_w=ts_w,
+    )
+    return out[..., : v.shape[-1]]
+
+
+def backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float,
+    max_seq_len: int, pos_w: Tensor | None, ts_w: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    dq, dk, dv, dpos, dts = _backward(
+        _pad_dim(do), _pad_dim(q), _pad_dim(k), _pad_dim(v), tab, alpha=alpha,
+        max_seq_len=max_seq_len, pos_w=pos_w, ts_w=ts_w,
+    )
+    dqk = q.shape[-1]
+    return dq[..., :dqk], dk[..., :dqk], dv[..., : v.shape[-1]], dpos, dts
+
+
+def _forward(
     q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float, max_seq_len: int,
     pos_w: Tensor | None, ts_w: Tensor | None,
 ) -> Tensor:
@@ -313,7 +349,7 @@ def bwd_mode() -> str:
     return mode
 
 
-def backward(
+def _backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, tab: MaskTables, *, alpha: float,
     max_seq_len: int, pos_w: Tensor | None, ts_w: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
