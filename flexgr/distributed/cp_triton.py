@@ -99,6 +99,11 @@ def _global_view(mask: CPMask) -> _GlobalView:
     return view
 
 
+def _at_global_rows(x: Tensor, view: _GlobalView, T: int) -> Tensor:
+    """[T_r, ...] local rows -> [T, ...] with zeros at the rows of other ranks."""
+    return x.new_zeros((T,) + tuple(x.shape[1:])).index_copy(0, view.query_rows, x)
+
+
 def attend_gathered_triton(
     q: Tensor,
     k_all: Tensor,
@@ -115,7 +120,7 @@ def attend_gathered_triton(
 
     view = _global_view(mask)
     T = mask.shard.total_len
-    q_TH = q.new_zeros((T,) + tuple(q.shape[1:])).index_copy(0, view.query_rows, q)
+    q_TH = _at_global_rows(q, view, T)
     out_TH = hstu_attention_triton(
         q_TH, k_all[view.token_slot], v_all[view.token_slot], view.mask,
         max_seq_len=max_seq_len, alpha=alpha, rab=rab,
@@ -127,8 +132,8 @@ def _global_inputs(
     q: Tensor, kv_SHX: Tensor, dqk: int, view: _GlobalView, T: int, group: ProcessGroup
 ) -> tuple[Tensor, Tensor, Tensor]:
     kv_TH = gather_tokens(kv_SHX, group)[view.token_slot]
-    q_TH = q.new_zeros((T,) + tuple(q.shape[1:])).index_copy_(0, view.query_rows, q)
-    return q_TH, kv_TH[..., :dqk].contiguous(), kv_TH[..., dqk:].contiguous()
+    k_TH, v_TH = kv_TH[..., :dqk].contiguous(), kv_TH[..., dqk:].contiguous()
+    return _at_global_rows(q, view, T), k_TH, v_TH
 
 
 class _GatherAttend(torch.autograd.Function):
@@ -153,9 +158,7 @@ class _GatherAttend(torch.autograd.Function):
         q, kv_SHX, pos_w, ts_w = ctx.saved_tensors
         dqk, view, tables, T, group, alpha, max_seq_len = ctx.args
         q_TH, k_TH, v_TH = _global_inputs(q, kv_SHX, dqk, view, T, group)
-        dout_TH = dout.new_zeros((T,) + tuple(dout.shape[1:])).index_copy_(
-            0, view.query_rows, dout
-        )
+        dout_TH = _at_global_rows(dout, view, T)
         dq_TH, dk_TH, dv_TH, dpos, dts = launch.backward(
             dout_TH, q_TH, k_TH, v_TH, tables, alpha=alpha, max_seq_len=max_seq_len,
             pos_w=pos_w, ts_w=ts_w,
@@ -181,15 +184,9 @@ def gather_attend_triton(
     """All-gather this rank's packed K/V shard ``kv_SHX`` [S, H, Dqk + Dv] and attend its queries
     q [T_r, H, Dqk] through the kernel; returns [T_r, H, Dv], or None when the kernel cannot take
     these tensors (the caller then gathers and falls back)."""
-    from flexgr.ops import triton_backend
+    from flexgr.ops.triton_backend import unsupported_reason
 
-    if (
-        mask.spec is None
-        or not triton_backend.available(q.device)
-        or q.dtype not in triton_backend.SUPPORTED_DTYPES
-        or q.dtype != kv_SHX.dtype
-        or max(dqk, kv_SHX.shape[-1] - dqk) > triton_backend.MAX_HEAD_DIM
-    ):
+    if unsupported_reason(q, kv_SHX[..., :dqk], kv_SHX[..., dqk:], mask.spec) is not None:
         return None
     from flexgr.ops.triton_hstu import launch
 

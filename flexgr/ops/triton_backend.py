@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from flexgr.masks.block import HSTUMask
+from flexgr.masks.block import HSTUMask, MaskSpec
 from flexgr.ops.rab import RelativeBias
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,8 +67,9 @@ def _fallback(
     return hstu_attention_custom_mask(q, k, v, mask, max_seq_len=max_seq_len, alpha=alpha, rab=rab)
 
 
-def _unsupported(q: Tensor, k: Tensor, v: Tensor, mask: HSTUMask) -> str | None:
-    if mask.spec is None:
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec | None) -> str | None:
+    """Why the kernels cannot take these tensors and mask rule (None: they can)."""
+    if spec is None:
         return "custom mask_mod (no MaskSpec to evaluate inline)"
     if not available(q.device):
         return f"triton cannot run on {q.device} (set TRITON_INTERPRET=1 for CPU)"
@@ -76,8 +77,6 @@ def _unsupported(q: Tensor, k: Tensor, v: Tensor, mask: HSTUMask) -> str | None:
         return f"dtype {q.dtype}/{k.dtype}/{v.dtype}"
     if max(q.shape[2], v.shape[2]) > MAX_HEAD_DIM:
         return f"head dim above {MAX_HEAD_DIM}"
-    if q.shape[0] != mask.total_len:
-        raise ValueError(f"q has {q.shape[0]} tokens but the mask was built for {mask.total_len}")
     return None
 
 
@@ -113,9 +112,11 @@ def hstu_attention_triton(
 ) -> Tensor:
     """out_i = sum_j silu(alpha q_i.k_j + rab_ij) mask_ij v_j / max_seq_len, q, k: [T, H, Dqk],
     v: [T, H, Dv] packed; returns [T, H, Dv] in v's dtype."""
-    reason = _unsupported(q, k, v, mask)
+    reason = unsupported_reason(q, k, v, mask.spec)
     if reason is not None:
         return _fallback(q, k, v, mask, max_seq_len=max_seq_len, alpha=alpha, rab=rab, reason=reason)
+    if q.shape[0] != mask.total_len:
+        raise ValueError(f"q has {q.shape[0]} tokens but the mask was built for {mask.total_len}")
     if q.shape[0] == 0:
         return v.new_zeros(v.shape)
     from flexgr.ops.triton_hstu import launch

@@ -192,12 +192,16 @@ def _scalars(tab: MaskTables, alpha: float, out_scale: float) -> tuple[object, .
     )
 
 
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
 def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
     dqk, dv = q.shape[2], v.shape[2]
     return dict(
         DQK=dqk, DV=dv,
-        BLOCK_DQK=max(16, triton.next_power_of_2(dqk)),
-        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        BLOCK_DQK=_block_dim(dqk),
+        BLOCK_DV=_block_dim(dv),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST=q.dtype != torch.float32 and not tuning.interpreting()
         and os.environ.get("FLEXGR_TRITON_FAST_SILU", "1") != "0",
@@ -235,10 +239,6 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 def _placeholder(w: Tensor | None, like: Tensor) -> Tensor:
     return w.contiguous() if w is not None else like
-
-
-def _block_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
 
 
 def _pad_dim(x: Tensor) -> Tensor:
