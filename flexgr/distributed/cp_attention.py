@@ -137,16 +137,16 @@ def context_parallel_attention(
     call it with the same batch (collective).
     """
     _check(q, k, v, mask, rab)
-    pad = mask.shard.shard_len - q.shape[0]
-    dqk = k.shape[-1]
-    kv_SHX = F.pad(torch.cat([k, v], dim=-1), (0, 0, 0, 0, 0, pad))
     tensors = (q, k, v) + ((rab.pos_w, rab.ts_w) if rab is not None else ())
     if resolve_cp_backend(backend, q.device, *tensors) == "triton":
         out = gather_attend_triton(
-            q, kv_SHX, dqk, mask, group, max_seq_len=max_seq_len, alpha=alpha, rab=rab
+            q, k, v, mask, group, max_seq_len=max_seq_len, alpha=alpha, rab=rab
         )
         if out is not None:
             return out
+    pad = mask.shard.shard_len - q.shape[0]
+    dqk = k.shape[-1]
+    kv_SHX = F.pad(torch.cat([k, v], dim=-1), (0, 0, 0, 0, 0, pad))
     kv_all = all_gather_tokens(kv_SHX, group)  # one collective for K and V together
     k_all, v_all = kv_all[..., :dqk], kv_all[..., dqk:]
     return attend_gathered(

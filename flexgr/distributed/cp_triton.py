@@ -10,18 +10,24 @@ dV and the bias-table gradients, is zero too. Positions, timestamps and the divi
 construction, and every step is an autograd op, so gradients reach q, k_all, v_all and the tables.
 
 ``gather_attend_triton`` does the same with the all-gather inside one autograd function that
-saves only this rank's shards: the backward gathers K/V again. Otherwise every layer would keep
-three global-size [T, H, D] tensors (global-row queries, keys and values) alive until its
-backward, which cost 35% of the longest trainable CP sequence on the 2x H200 run.
+saves only this rank's q, k and v (views of the layer's projection, alive anyway): the backward
+gathers K/V again. Otherwise every layer would keep three global-size [T, H, D] tensors
+(global-row queries, keys and values) alive until its backward, which cost 35% of the longest
+trainable CP sequence on the 2x H200 run. For long sequences it also works in head passes
+(``head_passes``): each pass gathers, attends and reduce-scatters only its heads, so a layer's
+global-size transients (gathered K/V, global-row queries and output gradients, their gradients)
+shrink by the number of passes.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -128,52 +134,103 @@ def attend_gathered_triton(
     return out_TH[view.query_rows]
 
 
-def _global_inputs(
-    q: Tensor, kv_SHX: Tensor, dqk: int, view: _GlobalView, T: int, group: ProcessGroup
-) -> tuple[Tensor, Tensor, Tensor]:
-    kv_TH = gather_tokens(kv_SHX, group)[view.token_slot]
-    k_TH, v_TH = kv_TH[..., :dqk].contiguous(), kv_TH[..., dqk:].contiguous()
-    return _at_global_rows(q, view, T), k_TH, v_TH
+def _pass_bytes() -> int:
+    """Bytes of gathered K/V (T rows) one pass may hold: past it the heads are attended in
+    several passes, each gathering only its heads, so the global-size transients of the longest
+    sequences stay a fraction of one layer's activations. FLEXGR_CP_PASS_MIB sets it (0: one
+    head per pass)."""
+    raw = os.environ.get("FLEXGR_CP_PASS_MIB", "64")
+    try:
+        mib = float(raw)
+    except ValueError:
+        raise ValueError(f"FLEXGR_CP_PASS_MIB must be a number of MiB, got {raw!r}") from None
+    return int(mib * (1 << 20))
+
+
+def head_passes(T: int, H: int, width: int, elem_size: int) -> list[slice]:
+    """Head ranges attended one after another; ``width`` = Dqk + Dv."""
+    per_head = max(1, T * width * elem_size)
+    step = max(1, min(H, _pass_bytes() // per_head))
+    return [slice(h, min(h + step, H)) for h in range(0, H, step)]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    view: _GlobalView
+    tables: object  # launch.MaskTables of the global view
+    T: int  # global tokens
+    shard_len: int  # S: every rank's K/V are padded to S before the gather
+    group: ProcessGroup
+    alpha: float
+    max_seq_len: int
+
+
+def _gather_heads(q: Tensor, k: Tensor, v: Tensor, h: slice, plan: _Plan) -> tuple[Tensor, ...]:
+    """Heads ``h`` of the global-row queries and of the gathered keys and values in global order.
+    K and V travel in one collective; k and v stay views of it (the kernel takes strides)."""
+    kv_SHX = torch.cat([k[:, h], v[:, h]], dim=-1)
+    kv_SHX = F.pad(kv_SHX, (0, 0, 0, 0, 0, plan.shard_len - kv_SHX.shape[0]))
+    kv_TH = gather_tokens(kv_SHX, plan.group)[plan.view.token_slot]
+    dqk = k.shape[-1]
+    return _at_global_rows(q[:, h], plan.view, plan.T), kv_TH[..., :dqk], kv_TH[..., dqk:]
 
 
 class _GatherAttend(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, q, kv_SHX, pos_w, ts_w, dqk, view, tables, T, group, alpha, max_seq_len
-    ):
+    def forward(ctx, q, k, v, pos_w, ts_w, plan):  # type: ignore[override]
         from flexgr.ops.triton_hstu import launch
 
-        q_TH, k_TH, v_TH = _global_inputs(q, kv_SHX, dqk, view, T, group)
-        out_TH = launch.forward(
-            q_TH, k_TH, v_TH, tables, alpha=alpha, max_seq_len=max_seq_len, pos_w=pos_w, ts_w=ts_w
-        )
-        ctx.save_for_backward(q, kv_SHX, pos_w, ts_w)
-        ctx.args = (dqk, view, tables, T, group, alpha, max_seq_len)
-        return out_TH[view.query_rows]
+        out = v.new_empty(q.shape[0], v.shape[1], v.shape[2])
+        width = k.shape[-1] + v.shape[-1]
+        for h in head_passes(plan.T, q.shape[1], width, k.element_size()):
+            q_TH, k_TH, v_TH = _gather_heads(q, k, v, h, plan)
+            out_TH = launch.forward(
+                q_TH, k_TH, v_TH, plan.tables, alpha=plan.alpha, max_seq_len=plan.max_seq_len,
+                pos_w=pos_w, ts_w=ts_w,
+            )
+            out[:, h] = out_TH[plan.view.query_rows]
+        # Only this rank's tensors are kept (q, k, v are usually views of the layer's
+        # projection, alive anyway); the backward gathers again.
+        ctx.save_for_backward(q, k, v, pos_w, ts_w)
+        ctx.plan = plan
+        return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         from flexgr.ops.triton_hstu import launch
 
-        q, kv_SHX, pos_w, ts_w = ctx.saved_tensors
-        dqk, view, tables, T, group, alpha, max_seq_len = ctx.args
-        q_TH, k_TH, v_TH = _global_inputs(q, kv_SHX, dqk, view, T, group)
-        dout_TH = _at_global_rows(dout, view, T)
-        dq_TH, dk_TH, dv_TH, dpos, dts = launch.backward(
-            dout_TH, q_TH, k_TH, v_TH, tables, alpha=alpha, max_seq_len=max_seq_len,
-            pos_w=pos_w, ts_w=ts_w,
-        )
-        dkv_TH = torch.cat([dk_TH, dv_TH], dim=-1)
-        dkv_all = dkv_TH.new_zeros(kv_SHX.shape[0] * dist.get_world_size(group), *kv_SHX.shape[1:])
-        dkv_all.index_copy_(0, view.token_slot, dkv_TH)  # slots of padding stay zero
-        dkv_SHX = reduce_scatter_tokens(dkv_all, group)
-        return dq_TH[view.query_rows], dkv_SHX, dpos, dts, *([None] * 7)
+        q, k, v, pos_w, ts_w = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        view, dqk = plan.view, k.shape[-1]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dpos = dts = None
+        width = k.shape[-1] + v.shape[-1]
+        for h in head_passes(plan.T, q.shape[1], width, k.element_size()):
+            q_TH, k_TH, v_TH = _gather_heads(q, k, v, h, plan)
+            dout_TH = _at_global_rows(dout[:, h], view, plan.T)
+            dq_TH, dk_TH, dv_TH, dp, dt = launch.backward(
+                dout_TH, q_TH, k_TH, v_TH, plan.tables, alpha=plan.alpha,
+                max_seq_len=plan.max_seq_len, pos_w=pos_w, ts_w=ts_w,
+            )
+            del q_TH, k_TH, v_TH, dout_TH
+            dq[:, h] = dq_TH[view.query_rows]
+            world = dist.get_world_size(plan.group)
+            dkv_all = dk_TH.new_zeros(world * plan.shard_len, dk_TH.shape[1], width)
+            dkv_all[..., :dqk].index_copy_(0, view.token_slot, dk_TH)  # padding slots stay 0
+            dkv_all[..., dqk:].index_copy_(0, view.token_slot, dv_TH)
+            del dk_TH, dv_TH
+            dkv_SHX = reduce_scatter_tokens(dkv_all, plan.group)[: q.shape[0]]
+            dk[:, h], dv[:, h] = dkv_SHX[..., :dqk], dkv_SHX[..., dqk:]
+            if dp is not None:
+                dpos = dp if dpos is None else dpos + dp
+                dts = dt if dts is None else dts + dt
+        return dq, dk, dv, dpos, dts, None
 
 
 def gather_attend_triton(
     q: Tensor,
-    kv_SHX: Tensor,
-    dqk: int,
+    k: Tensor,
+    v: Tensor,
     mask: CPMask,
     group: ProcessGroup,
     *,
@@ -181,20 +238,25 @@ def gather_attend_triton(
     alpha: float,
     rab: RelativeBias | None = None,
 ) -> Tensor | None:
-    """All-gather this rank's packed K/V shard ``kv_SHX`` [S, H, Dqk + Dv] and attend its queries
+    """All-gather this rank's K/V shards (k [T_r, H, Dqk], v [T_r, H, Dv]) and attend its queries
     q [T_r, H, Dqk] through the kernel; returns [T_r, H, Dv], or None when the kernel cannot take
     these tensors (the caller then gathers and falls back)."""
     from flexgr.ops.triton_backend import unsupported_reason
 
-    if unsupported_reason(q, kv_SHX[..., :dqk], kv_SHX[..., dqk:], mask.spec) is not None:
+    if unsupported_reason(q, k, v, mask.spec) is not None:
         return None
     from flexgr.ops.triton_hstu import launch
 
     view = _global_view(mask)
-    tables = launch.mask_tables(view.mask, rab)
+    plan = _Plan(
+        view=view,
+        tables=launch.mask_tables(view.mask, rab),
+        T=mask.shard.total_len,
+        shard_len=mask.shard.shard_len,
+        group=group,
+        alpha=float(alpha),
+        max_seq_len=int(max_seq_len),
+    )
     pos_w = rab.pos_w if rab is not None else None
     ts_w = rab.ts_w if rab is not None else None
-    return _GatherAttend.apply(
-        q, kv_SHX, pos_w, ts_w, dqk, view, tables, mask.shard.total_len, group, float(alpha),
-        int(max_seq_len),
-    )
+    return _GatherAttend.apply(q, k, v, pos_w, ts_w, plan)

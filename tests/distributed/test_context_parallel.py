@@ -19,12 +19,16 @@ def test_cp_attention_flex_matches_single_process():
     run_world(workers.cp_attention_flex, 2)
 
 
-@pytest.mark.parametrize("backend", ["reference", "flex", "triton"])
-def test_hstu_model_cp2_matches_single_process(backend):
+@pytest.mark.parametrize("backend", ["reference", "flex", "triton", "triton-per-head"])
+def test_hstu_model_cp2_matches_single_process(backend, monkeypatch):
     """triton runs in Triton's interpreter here: the CP path (queries at their global rows, keys
-    back in global order, rows restricted by the block mask) against one process's kernel."""
-    if backend == "triton":
+    back in global order, rows restricted by the block mask) against one process's kernel.
+    ``triton-per-head`` attends (and gathers) one head per pass, as long sequences do."""
+    if backend.startswith("triton"):
         pytest.importorskip("triton")
+    if backend == "triton-per-head":
+        monkeypatch.setenv("FLEXGR_CP_PASS_MIB", "0")  # inherited by the spawned ranks
+        backend = "triton"
     run_world(workers.model_parallel, 2, 1, 2, backend)
 
 
