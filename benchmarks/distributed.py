@@ -19,6 +19,9 @@ Prints one markdown table:
   each rank's local attention (after the all-gather, so no communication in the timing), for the
   head-tail split and for contiguous slices.
 
+--profile instead prints torch.profiler tables of two throughput steps (1 GPU, then CP=2) on
+rank 0: where CP's time overhead goes.
+
 On the CPU (--device cpu) nothing measures memory: the length search then uses a stand-in
 criterion, local tokens <= --cpu-token-cap, only to exercise the code path. Its numbers mean nothing.
 """
@@ -104,6 +107,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-search", action="store_true")
     p.add_argument(
         "--search-only", action="store_true", help="only the longest-sequence search"
+    )
+    p.add_argument(
+        "--profile", action="store_true",
+        help="only profile two throughput steps of 1 GPU and CP=2 (torch.profiler, rank 0)",
     )
     p.add_argument("--search-start", type=int, default=0, help="first probed length (0: preset)")
     p.add_argument("--search-step", type=int, default=0, help="search resolution (0: preset)")
@@ -314,6 +321,45 @@ def throughput(
     return tokens // args.steps, [r[0] for r in per_rank], max(r[1] for r in per_rank)
 
 
+def profile_steps(
+    sz: Sizes, ctx: ParallelContext, args: argparse.Namespace, backend: str, name: str
+) -> None:
+    """Two throughput steps under torch.profiler; rank 0 prints where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = ctx.device
+    free(device)
+    trainer = Trainer(sz, ctx, sz.max_len, backend, args.rel_bias)
+    per_replica = sz.seqs_per_gpu * ctx.cp_size
+    lengths = jagged_lengths(per_replica * ctx.dp_size, sz.max_len, seed=0)
+    mine = lengths[ctx.dp_rank * per_replica : (ctx.dp_rank + 1) * per_replica]
+    batch = make_batch(mine, sz.items, device, seed=ctx.dp_rank)
+    for _ in range(2):
+        trainer.step(batch)
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    steps = 2
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.step(batch)
+        sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    del trainer, batch
+    free(device)
+    if dist.get_rank() != 0:
+        return
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy_ms = sum(getattr(e, attr, 0.0) for e in events) / 1e3 / steps
+    print(f"\n### profile: {name}, {sum(mine):,} tokens on this replica, rank 0")
+    print(f"wall {wall_ms:.1f} ms/step; summed self {attr} {busy_ms:.1f} ms/step "
+          "(streams overlap, so this can exceed the wall time)\n")
+    print(events.table(sort_by=attr, row_limit=25, max_name_column_width=60))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
 # ---------------------------------------------------------------- attention work per rank
 
 
@@ -417,6 +463,13 @@ def main() -> None:
             contexts[(dp, cp)] = init_parallel(ParallelConfig(dp=dp, cp=cp), device)
         return contexts[(dp, cp)]
 
+    if args.profile:
+        for name, (dp, cp) in (("1 GPU", (1, 1)), ("CP=2 (2x batch)", (W // 2, 2))):
+            if W % cp == 0:
+                profile_steps(sz, context(dp, cp), args, backend, name)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     rows: list[tuple[str, ...]] = []
     cap = (
         f"peak <= {args.mem_cap_gib:g} GiB"
@@ -485,9 +538,10 @@ def main() -> None:
         model = f"HSTU {sz.layers} layers, d={sz.d_model}, H={sz.heads}, dqk={sz.dqk}, dv={sz.dv}"
         dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        passes = os.environ.get("FLEXGR_CP_PASS_MIB", "64 (default)")
         print(
             f"\n{W} x {where}, torch {torch.__version__}, {model}, {dtype}, backend {backend}, "
-            f"relative bias {'on' if args.rel_bias else 'off'}\n"
+            f"relative bias {'on' if args.rel_bias else 'off'}, FLEXGR_CP_PASS_MIB {passes}\n"
         )
         print("| measurement | setup | GPUs | tokens/step | result | per rank |")
         print("|---|---|---|---|---|---|")
