@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_module
+
+# Tuned Triton tiles stay in the test process instead of the user's ~/.cache; the tuning tests
+# point the cache at a temporary file themselves.
+os.environ.setdefault("FLEXGR_TRITON_TILE_CACHE", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -215,7 +215,7 @@ def _key(
     best tile at 64 x 1024 tokens is not the best at 8 x 8192, so both lengths are bucketed by
     octave (max_seq_len is a host int: no device sync)."""
     return (
-        kind, q.device.index, q.dtype, q.shape[1], q.shape[2], v.shape[2],
+        kind, tuning.device_tag(q.device), str(q.dtype), q.shape[1], q.shape[2], v.shape[2],
         tab.padded_len.bit_length(), int(max_seq_len).bit_length(),
         tab.mask_block_q, tab.mask_block_kv, tuple(sorted(flags.items())),
     )
@@ -452,8 +452,11 @@ def _backward(
         mode = _bwd_modes.get(key("bwd_mode"), "")
         if not mode:
             if tuning.autotune_enabled():
-                runs = {m: plan(m) for m in BWD_MODES}
-                mode = min(runs, key=lambda m: tuning.time_ms(runs[m]))
+                mode = str(tuning.recall(key("bwd_mode"), BWD_MODES) or "")
+                if not mode:
+                    runs = {m: plan(m) for m in BWD_MODES}
+                    mode = min(runs, key=lambda m: tuning.time_ms(runs[m]))
+                    tuning.remember(key("bwd_mode"), mode)
             else:
                 mode = "split"
             _bwd_modes[key("bwd_mode")] = mode

@@ -1,16 +1,25 @@
 """Tile configurations: a few candidates per kernel, timed on the first call of a shape bucket.
 
 The key buckets the padded length by octave, so a training run tunes a handful of times (each a
-few compiles and ~20 ms of timing per candidate), and the choice is cached for the process.
-Candidates the device cannot run (shared memory, registers) are skipped.
+few compiles and ~20 ms of timing per candidate). Choices are kept for the process and on disk
+(``FLEXGR_TRITON_TILE_CACHE``, default ``~/.cache/flexgr/triton-tiles.json``; ``0`` turns it off),
+keyed by GPU model, torch and triton versions and a hash of the kernel sources: later processes
+compile only the chosen tiles and time nothing. Candidates the device cannot run (shared memory,
+registers) are skipped.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
-from dataclasses import dataclass
-from typing import Callable, Hashable
+import tempfile
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable
 
+import torch
 import triton
 
 
@@ -122,6 +131,89 @@ def merged_candidates(
                       default("dq", head_dim, mask_block_q, mask_block_kv))]
 
 
+def device_tag(device: torch.device) -> str:
+    """What tuned tiles depend on besides the shape: the GPU model (not its index)."""
+    if device.type != "cuda":
+        return device.type
+    return _cuda_tag(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_tag(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+
+
+def _cache_path() -> Path | None:
+    raw = os.environ.get("FLEXGR_TRITON_TILE_CACHE", "")
+    if raw == "0":
+        return None
+    if raw:
+        return Path(raw)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "flexgr" / "triton-tiles.json"
+
+
+@functools.cache
+def _fingerprint() -> str:
+    """Versions and the kernel sources: a change to any of them makes old choices stale."""
+    h = hashlib.sha256(f"{torch.__version__}|{triton.__version__}".encode())
+    here = Path(__file__).parent
+    for name in ("forward.py", "backward.py", "rules.py", "tuning.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _encode(option: object) -> Any:
+    if isinstance(option, TileConfig):
+        return list(astuple(option))
+    if isinstance(option, tuple):
+        return [_encode(o) for o in option]
+    return option
+
+
+def _read_store(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("fingerprint") != _fingerprint():
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def recall(key: Hashable, options: list | tuple) -> object | None:
+    """The option stored on disk for ``key``, if it is still one of ``options``."""
+    path = _cache_path()
+    if path is None:
+        return None
+    stored = _read_store(path).get(repr(key))
+    for option in options:
+        if stored is not None and _encode(option) == stored:
+            return option
+    return None
+
+
+def remember(key: Hashable, option: object) -> None:
+    """Store ``option`` for ``key`` (read, merge, write a temporary file, rename: concurrent
+    processes may drop each other's newest entry, never corrupt the file)."""
+    path = _cache_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_store(path)
+        entries[repr(key)] = _encode(option)
+        data = {"fingerprint": _fingerprint(), "entries": entries}
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home must not stop training; the choice stays in this process
+
+
 def time_ms(launch: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(launch, warmup=5, rep=20, return_mode="median"))
 
@@ -133,6 +225,10 @@ def pick(key: Hashable, options: list, launch: Callable[[object], None]):  # noq
     if len(options) == 1:
         _chosen[key] = options[0]
         return options[0]
+    stored = recall(key, options)
+    if stored is not None:
+        _chosen[key] = stored
+        return stored
     best, best_ms, errors = None, float("inf"), []
     for cfg in options:
         try:
@@ -146,6 +242,7 @@ def pick(key: Hashable, options: list, launch: Callable[[object], None]):  # noq
     if best is None:
         raise RuntimeError("flexgr triton: no tile configuration runs here:\n" + "\n".join(errors))
     _chosen[key] = best
+    remember(key, best)
     return best
 
 

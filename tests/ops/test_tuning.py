@@ -1,0 +1,99 @@
+"""The on-disk cache of tuned tile choices: reused across processes, never trusted when stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from flexgr.ops.triton_hstu import tuning  # noqa: E402
+from flexgr.ops.triton_hstu.tuning import TileConfig  # noqa: E402
+
+A, B, C = TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2), TileConfig(32, 64, 4, 3)
+COST = {A: 2.0, B: 1.0, C: 3.0}
+KEY = ("fwd", "NVIDIA H100 sm_90", "torch.bfloat16", 4, 128, 128, 17, 13, 128, 128, ())
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv("FLEXGR_TRITON_TILE_CACHE", str(path))
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_timings", {})
+    return path
+
+
+def _tune(monkeypatch: pytest.MonkeyPatch, options: list, key=KEY) -> tuple[object, list]:  # noqa: ANN001
+    """pick() with a fake timer; returns (choice, options that were timed)."""
+    timed: list = []
+
+    def launch(cfg: object) -> None:
+        timed.append(cfg)
+
+    def fake_time(fn) -> float:  # noqa: ANN001
+        fn()
+        return COST[timed[-1]] if timed[-1] in COST else sum(COST[c] for c in timed[-1])
+
+    monkeypatch.setattr(tuning, "time_ms", fake_time)
+    tuning._chosen.clear()  # a new process
+    return tuning.pick(key, options, launch), timed
+
+
+def test_choice_is_reused_from_disk_without_timing(store, monkeypatch) -> None:
+    best, timed = _tune(monkeypatch, [A, B, C])
+    assert best == B and timed == [A, B, C]
+    assert store.exists()
+    best, timed = _tune(monkeypatch, [A, B, C])
+    assert best == B and timed == []
+
+
+def test_pairs_of_tiles_round_trip(store, monkeypatch) -> None:
+    pairs = [(A, A), (C, A), (B, C)]
+    best, _ = _tune(monkeypatch, pairs)
+    assert best == (A, A)
+    again, timed = _tune(monkeypatch, pairs)
+    assert again == (A, A) and timed == []
+
+
+def test_other_keys_and_dropped_candidates_are_tuned_again(store, monkeypatch) -> None:
+    _tune(monkeypatch, [A, B, C])
+    _, timed = _tune(monkeypatch, [A, B, C], key=KEY[:-1] + ((("HAS_RAB", True),),))
+    assert timed == [A, B, C]
+    best, timed = _tune(monkeypatch, [A, C])  # B is no longer a candidate
+    assert best == A and timed == [A, C]
+
+
+def test_stale_or_corrupt_files_are_ignored_and_replaced(store, monkeypatch) -> None:
+    _tune(monkeypatch, [A, B, C])
+    data = json.loads(store.read_text())
+    data["fingerprint"] = "another-kernel"
+    store.write_text(json.dumps(data))
+    _, timed = _tune(monkeypatch, [A, B, C])
+    assert timed == [A, B, C]
+    assert json.loads(store.read_text())["fingerprint"] == tuning._fingerprint()
+    store.write_text("{not json")
+    best, timed = _tune(monkeypatch, [A, B, C])
+    assert best == B and timed == [A, B, C]
+    assert json.loads(store.read_text())["entries"]
+    assert not list(store.parent.glob("*.tmp"))
+
+
+def test_cache_can_be_switched_off_or_unwritable(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setenv("FLEXGR_TRITON_TILE_CACHE", "0")
+    _tune(monkeypatch, [A, B, C])
+    assert not list(tmp_path.iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLEXGR_TRITON_TILE_CACHE", str(blocker / "tiles.json"))  # parent is a file
+    best, _ = _tune(monkeypatch, [A, B, C])
+    assert best == B
+
+
+def test_backward_mode_choice_round_trips(store) -> None:
+    tuning.remember(("bwd_mode",) + KEY[1:], "merged")
+    assert tuning.recall(("bwd_mode",) + KEY[1:], ("split", "fused", "merged")) == "merged"
+    assert tuning.recall(("bwd_mode",) + KEY[1:], ("split", "fused")) is None
