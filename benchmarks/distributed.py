@@ -386,7 +386,7 @@ def attention_work(
     offsets = torch.tensor([0, *lengths], device=device).cumsum(0)
     report = balance_report(offsets, ctx.cp_size, scheme=scheme)
     shard = shard_tokens(offsets, ctx.cp_size, ctx.cp_rank, scheme=scheme)
-    mask = build_cp_mask(shard, with_block_mask=backend != "reference")
+    mask = build_cp_mask(shard, with_block_mask=backend == "flex")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(ctx.rank)
 

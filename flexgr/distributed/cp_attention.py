@@ -181,7 +181,7 @@ def cp_hstu_attention(
         contextual_len=contextual_len,
         max_attn_len=max_attn_len,
         full_attn_tail=full_attn_tail,
-        with_block_mask=resolved != "reference",
+        with_block_mask=resolved == "flex",
     )
     return context_parallel_attention(
         q, k, v, mask, group, max_seq_len=max_seq_len, alpha=alpha, rab=rab, backend=backend

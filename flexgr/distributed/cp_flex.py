@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexgr.distributed.cp_dense import _dense, _global_tables
-from flexgr.distributed.cp_mask import CPMask
+from flexgr.distributed.cp_mask import CPMask, flex_block_mask
 from flexgr.ops.flex import BiasFn, shift_sum, table_bias
 from flexgr.ops.rab import RelativeBias
 
@@ -114,8 +114,6 @@ def attend_gathered_flex(
     rab: RelativeBias | None = None,
 ) -> Tensor:
     """The shift transform of ``flexgr.ops.flex`` with Q_LEN = S and KV_LEN = C*S."""
-    if mask.block_mask is None:
-        raise ValueError("the flex backend needs a CPMask built with with_block_mask=True")
     T_r, S = q.shape[0], mask.q_len
     q4 = F.pad(q, (0, 0, 0, 0, 0, S - T_r)).transpose(0, 1).unsqueeze(0)
     k4 = k_all.transpose(0, 1).unsqueeze(0)
@@ -123,7 +121,7 @@ def attend_gathered_flex(
     add_bias = _flex_bias_fn(rab, mask)
     opts = {"BLOCK_M": 64, "BLOCK_N": 64} if rab is not None and q.device.type == "cuda" else None
 
-    acc = shift_sum(q4, k4, v4, add_bias, mask.block_mask, alpha, opts)
+    acc = shift_sum(q4, k4, v4, add_bias, flex_block_mask(mask), alpha, opts)
     out_THD = (acc[0].transpose(0, 1)[:T_r] / max_seq_len).to(v_all.dtype)
     if (
         rab is not None

@@ -7,6 +7,8 @@ every rule (and any custom mask_mod over global indices) means exactly what it m
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,8 @@ class CPMask:
     q_index:   [S] int64, global index of each local query slot, -1 for padding.
     kv_index:  [C*S] int64, global index of each gathered key slot, -1 for padding.
     spec:      the built-in rule's options, for kernels that evaluate it inline (None: custom).
-    block_mask: Q_LEN = S by KV_LEN = C*S, for the flex backend (None when not built).
+    block_mask: Q_LEN = S by KV_LEN = C*S, for the flex backend (None when not built yet:
+                use :func:`flex_block_mask`).
     """
 
     shard: TokenShard
@@ -109,21 +112,7 @@ def build_cp_mask(
     q_index = F.pad(shard.local_index, (0, shard.shard_len - shard.local_len), value=-1)
     kv_index = shard.slot_index
     local_mod = _remapped(global_mod, q_index, kv_index)
-    block_mask = None
-    if with_block_mask and spec is not None:
-        # The built-in rule implies jagged: evaluate only block pairs that can share a sequence,
-        # without compiling (see flexgr/masks/sparse.py).
-        block_mask = jagged_block_mask(
-            local_mod,
-            _slot_seq(layout, q_index),
-            BLOCK_SIZE,
-            kv_seq=_slot_seq(layout, kv_index),
-        )
-    elif with_block_mask:
-        block_mask = cp_block_mask(
-            local_mod, shard.shard_len, shard.gathered_len, shard.offsets.device
-        )
-    return CPMask(
+    mask = CPMask(
         shard=shard,
         layout=layout,
         global_mask_mod=global_mod,
@@ -131,5 +120,37 @@ def build_cp_mask(
         q_index=q_index,
         kv_index=kv_index,
         spec=spec,
-        block_mask=block_mask,
+        block_mask=None,
     )
+    if with_block_mask:
+        mask = dataclasses.replace(mask, block_mask=_build_block_mask(mask))
+    return mask
+
+
+def _build_block_mask(mask: CPMask) -> BlockMask:
+    if mask.spec is not None:
+        # The built-in rule implies jagged: evaluate only block pairs that can share a sequence,
+        # without compiling (see flexgr/masks/sparse.py).
+        return jagged_block_mask(
+            mask.mask_mod,
+            _slot_seq(mask.layout, mask.q_index),
+            BLOCK_SIZE,
+            kv_seq=_slot_seq(mask.layout, mask.kv_index),
+        )
+    shard = mask.shard
+    return cp_block_mask(mask.mask_mod, shard.shard_len, shard.gathered_len, shard.offsets.device)
+
+
+_lazy_blocks: "weakref.WeakKeyDictionary[CPMask, BlockMask]" = weakref.WeakKeyDictionary()
+
+
+def flex_block_mask(mask: CPMask) -> BlockMask:
+    """The mask's S x C*S BlockMask for flex: the one built with it, or built now and kept for the
+    mask's lifetime (the triton path never needs it, so a mask built for triton skips it until a
+    fallback to flex asks)."""
+    if mask.block_mask is not None:
+        return mask.block_mask
+    blocks = _lazy_blocks.get(mask)
+    if blocks is None:
+        blocks = _lazy_blocks[mask] = _build_block_mask(mask)
+    return blocks

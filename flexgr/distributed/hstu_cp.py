@@ -202,7 +202,7 @@ class ContextParallelHSTU(nn.Module):
         device = batch.item_ids.device
         backend = resolve_cp_backend(self.model.cfg.backend, device, *self.parameters())
         mask = build_cp_mask(
-            batch.shard, layout=batch.layout, with_block_mask=backend != "reference"
+            batch.shard, layout=batch.layout, with_block_mask=backend == "flex"
         )
         tokens = HSTUTokens(
             offsets=batch.local_offsets,

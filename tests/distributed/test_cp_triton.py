@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from flexgr.distributed import attend_gathered, build_cp_mask, shard_tokens  # noqa: E402
+from flexgr.distributed import attend_gathered, build_cp_mask, cp_attention, shard_tokens  # noqa: E402
 from flexgr.masks import build_layout  # noqa: E402
 from flexgr.ops import triton_backend  # noqa: E402
 from flexgr.ops.attention import hstu_attention  # noqa: E402
@@ -116,15 +116,18 @@ def test_cp_triton_matches_reference(name, cp_size, with_rab):
             assert err <= 1e-5 * b.abs().max().item() + 1e-7, (name, rank, i, err)
 
 
-def test_custom_mask_falls_back_to_flex():
-    # The kernel evaluates the built-in rule only; a custom mask_mod must not reach it.
+@pytest.mark.parametrize("prebuilt", [True, False])
+def test_custom_mask_falls_back_to_flex(prebuilt):
+    # The kernel evaluates the built-in rule only; a custom mask_mod must not reach it. Masks
+    # built for triton have no flex BlockMask yet: the fallback builds it.
     from flexgr.masks import causal, jagged
     from flexgr.masks.mods import and_masks
 
     offsets = make_offsets([5, 9], DEVICE)
     shard = shard_tokens(offsets, 2, 0)
     mod = and_masks(jagged(offsets), causal())
-    mask = build_cp_mask(shard, mask_mod=mod)
+    mask = build_cp_mask(shard, mask_mod=mod, with_block_mask=prebuilt)
+    cp_attention._warn_once.cache_clear()  # the warning is once per process
     leaves = _leaves(14, 3, torch.float32)
     k_all, v_all = gathered(leaves[1], shard).detach(), gathered(leaves[2], shard).detach()
     q = leaves[0][shard.local_index].detach()
@@ -133,3 +136,20 @@ def test_custom_mask_falls_back_to_flex():
     ref = hstu_attention(leaves[0].detach(), leaves[1].detach(), leaves[2].detach(), offsets,
                          max_seq_len=16, alpha=1.0, backend="reference")[shard.local_index]
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_flex_block_mask_built_later_equals_built_with_the_mask():
+    from flexgr.distributed.cp_mask import flex_block_mask
+
+    offsets = make_offsets([1, 37, 150, 9], DEVICE)
+    kw = _kwargs(CASES["all"][0])
+    for rank in range(2):
+        shard = shard_tokens(offsets, 2, rank)
+        eager = build_cp_mask(shard, **kw).block_mask
+        lazy_mask = build_cp_mask(shard, **kw, with_block_mask=False)
+        assert eager is not None and lazy_mask.block_mask is None
+        lazy = flex_block_mask(lazy_mask)
+        assert flex_block_mask(lazy_mask) is lazy  # built once per mask
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            a, b = getattr(eager, name), getattr(lazy, name)
+            assert torch.equal(a, b), name
