@@ -2,7 +2,7 @@
 
 The key buckets the padded length by octave, so a training run tunes a handful of times (each a
 few compiles and ~20 ms of timing per candidate). Choices are kept for the process and on disk
-(``FLEXGR_TRITON_TILE_CACHE``, default ``~/.cache/flexgr/triton-tiles.json``; ``0`` turns it off),
+(``FLEXGR_TRITON_TILE_CACHE``, default ``~/.cache/flexgr/triton/tiles.json``; ``0`` turns it off),
 keyed by GPU model, torch and triton versions and a hash of the kernel sources: later processes
 compile only the chosen tiles and time nothing. Candidates the device cannot run (shared memory,
 registers) are skipped.
@@ -151,7 +151,7 @@ def _cache_path() -> Path | None:
     if raw:
         return Path(raw)
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "flexgr" / "triton-tiles.json"
+    return Path(root) / "flexgr" / "triton" / "tiles.json"
 
 
 @functools.cache
