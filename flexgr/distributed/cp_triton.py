@@ -89,7 +89,15 @@ def _global_view(mask: CPMask) -> _GlobalView:
     local_P[query_rows] = True
     rule = hstu_mask(layout, max_attn_len=spec.max_attn_len, full_attn_tail=spec.full_attn_tail)
     restricted = and_masks(rule, _rows_of(local_P))
-    block_mask = jagged_block_mask(restricted, layout.seq_id, BLOCK_SIZE)
+    # Rows of other ranks see nothing: hidden from the candidate search, so only blocks with
+    # local rows are evaluated; without contextual rows the rule is causal (half the pairs).
+    block_mask = jagged_block_mask(
+        restricted,
+        torch.where(local_P, layout.seq_id, -1),
+        BLOCK_SIZE,
+        kv_seq=layout.seq_id,
+        causal=layout.contextual_len == 0,
+    )
     slots = torch.nonzero(mask.kv_index >= 0).squeeze(1)
     token_slot = torch.empty(T, dtype=torch.int64, device=slots.device)
     token_slot[mask.kv_index[slots]] = slots

@@ -94,14 +94,15 @@ def jagged_block_mask(
 ) -> BlockMask:
     """The BlockMask of ``mask_mod``, which must imply ``jagged``: a query sees only keys of its own
     sequence. ``q_seq`` [Q] and ``kv_seq`` [KV] (default: ``q_seq``) are the sequence ids of the
-    query and key slots, each padded to a multiple of ``block_size`` with negative ids. ``causal``
-    promises that the mask also implies key index <= query index on one shared token axis, which
-    halves the pairs evaluated. Equals ``create_block_mask(mask_mod, 1, None, Q, KV,
+    query and key slots, each padded to a multiple of ``block_size`` with negative ids. A query
+    slot whose rows the mask never shows anything may get a negative id too: its blocks are then
+    skipped. ``causal`` promises that the mask also implies key index <= query index on one shared
+    token axis, which halves the pairs evaluated. Equals ``create_block_mask(mask_mod, 1, None, Q, KV,
     BLOCK_SIZE=block_size)``."""
-    if causal and kv_seq is not None:
-        raise ValueError("causal=True needs queries and keys on one token axis (no kv_seq)")
     kv_seq = q_seq if kv_seq is None else kv_seq
     q_len, kv_len = q_seq.numel(), kv_seq.numel()
+    if causal and q_len != kv_len:
+        raise ValueError("causal=True needs queries and keys on one token axis (equal lengths)")
     for name, n in (("query", q_len), ("key", kv_len)):
         if n % block_size:
             raise ValueError(f"padded {name} length {n} is not a multiple of block_size {block_size}")

@@ -153,3 +153,25 @@ def test_flex_block_mask_built_later_equals_built_with_the_mask():
         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
             a, b = getattr(eager, name), getattr(lazy, name)
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_global_view_blocks_equal_a_full_evaluation(name):
+    """The view's block mask skips query blocks without local rows (and, without contextual rows,
+    key blocks past the diagonal); it must equal evaluating every block pair."""
+    from flexgr.distributed.cp_triton import _global_view
+    from flexgr.masks.block import BLOCK_SIZE
+    from flexgr.masks.sparse import jagged_block_mask
+
+    opts, lengths = CASES[name]
+    offsets = make_offsets([4 * n for n in lengths], DEVICE)  # several blocks per sequence
+    for cp_size in (2, 3):
+        for rank in range(cp_size):
+            mask = build_cp_mask(shard_tokens(offsets, cp_size, rank), **_kwargs(opts),
+                                 with_block_mask=False)
+            view = _global_view(mask)
+            full = jagged_block_mask(view.mask.mask_mod, view.mask.layout.seq_id, BLOCK_SIZE)
+            got = view.mask.block_mask
+            for attr in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+                a, b = getattr(got, attr), getattr(full, attr)
+                assert torch.equal(a, b), (name, cp_size, rank, attr)

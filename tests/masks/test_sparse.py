@@ -121,4 +121,21 @@ def test_context_parallel_mask_matches_create_block_mask(seed, cp_size):
 def test_causal_hint_needs_one_token_axis():
     seq = torch.zeros(128, dtype=torch.int32)
     with pytest.raises(ValueError, match="one token axis"):
-        jagged_block_mask(lambda b, h, q, kv: q >= kv, seq, 64, kv_seq=seq, causal=True)
+        jagged_block_mask(lambda b, h, q, kv: q >= kv, seq, 64, kv_seq=seq[:64], causal=True)
+
+
+def test_hidden_query_rows_skip_their_blocks():
+    """Query ids set negative where the mask shows nothing: same BlockMask, fewer pairs."""
+    seq = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.tensor([100, 150, 134]))
+    shown = torch.rand(seq.numel(), generator=torch.Generator().manual_seed(0)) < 0.3
+    shown[:64] = False  # a whole block hidden
+
+    def mod(b, h, q, kv):  # noqa: ANN001, ANN202
+        return (seq[q] == seq[kv]) & (q >= kv) & shown[q]
+
+    want = create_block_mask(mod, 1, None, 384, 384, device="cpu", BLOCK_SIZE=64)
+    got = jagged_block_mask(mod, torch.where(shown, seq, -1), 64, kv_seq=seq, causal=True)
+    got_kv, got_q = block_states(got)
+    want_kv, want_q = block_states(want)
+    assert torch.equal(got_kv, want_kv) and torch.equal(got_q, want_q)
+    assert (got_kv[0] == 0).all() and (got_kv > 0).any()
