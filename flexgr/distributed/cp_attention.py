@@ -21,7 +21,6 @@ import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -144,9 +143,8 @@ def context_parallel_attention(
         )
         if out is not None:
             return out
-    pad = mask.shard.shard_len - q.shape[0]
     dqk = k.shape[-1]
-    kv_SHX = F.pad(torch.cat([k, v], dim=-1), (0, 0, 0, 0, 0, pad))
+    kv_SHX = mask.shard.pad_to_shard(torch.cat([k, v], dim=-1))
     kv_all = all_gather_tokens(kv_SHX, group)  # one collective for K and V together
     k_all, v_all = kv_all[..., :dqk], kv_all[..., dqk:]
     return attend_gathered(

@@ -26,13 +26,12 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from flexgr.distributed.collectives import gather_tokens, reduce_scatter_tokens
 from flexgr.distributed.cp_mask import CPMask
+from flexgr.distributed.sharding import TokenShard
 from flexgr.masks.block import BLOCK_SIZE, HSTUMask
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, and_masks, hstu_mask
@@ -84,7 +83,7 @@ def _global_view(mask: CPMask) -> _GlobalView:
     T = shard.total_len
     padded = max(1, -(-T // BLOCK_SIZE)) * BLOCK_SIZE
     layout = _padded_layout(mask.layout, shard.offsets, padded)
-    query_rows = mask.q_index[: shard.local_len]
+    query_rows = shard.local_index
     local_P = torch.zeros(padded, dtype=torch.bool, device=query_rows.device)
     local_P[query_rows] = True
     rule = hstu_mask(layout, max_attn_len=spec.max_attn_len, full_attn_tail=spec.full_attn_tail)
@@ -98,23 +97,21 @@ def _global_view(mask: CPMask) -> _GlobalView:
         kv_seq=layout.seq_id,
         causal=layout.contextual_len == 0,
     )
-    slots = torch.nonzero(mask.kv_index >= 0).squeeze(1)
-    token_slot = torch.empty(T, dtype=torch.int64, device=slots.device)
-    token_slot[mask.kv_index[slots]] = slots
     view = _GlobalView(
         mask=HSTUMask(
             block_mask=block_mask, mask_mod=restricted, layout=layout, spec=spec,
             offsets=shard.offsets,
         ),
-        token_slot=token_slot,
+        token_slot=shard.slot_of_token,
         query_rows=query_rows,
     )
     _views[mask] = view
     return view
 
 
-def _at_global_rows(x: Tensor, view: _GlobalView, T: int) -> Tensor:
+def _at_global_rows(x: Tensor, view: _GlobalView) -> Tensor:
     """[T_r, ...] local rows -> [T, ...] with zeros at the rows of other ranks."""
+    T = view.token_slot.shape[0]
     return x.new_zeros((T,) + tuple(x.shape[1:])).index_copy(0, view.query_rows, x)
 
 
@@ -133,8 +130,7 @@ def attend_gathered_triton(
     from flexgr.ops.triton_backend import hstu_attention_triton
 
     view = _global_view(mask)
-    T = mask.shard.total_len
-    q_TH = _at_global_rows(q, view, T)
+    q_TH = _at_global_rows(q, view)
     out_TH = hstu_attention_triton(
         q_TH, k_all[view.token_slot], v_all[view.token_slot], view.mask,
         max_seq_len=max_seq_len, alpha=alpha, rab=rab,
@@ -166,8 +162,8 @@ def head_passes(T: int, H: int, width: int, elem_size: int) -> list[slice]:
 class _Plan:
     view: _GlobalView
     tables: object  # launch.MaskTables of the global view
-    T: int  # global tokens
-    shard_len: int  # S: every rank's K/V are padded to S before the gather
+    shard: TokenShard
+    passes: list[slice]  # head ranges attended one after another (head_passes)
     group: ProcessGroup
     alpha: float
     max_seq_len: int
@@ -176,11 +172,10 @@ class _Plan:
 def _gather_heads(q: Tensor, k: Tensor, v: Tensor, h: slice, plan: _Plan) -> tuple[Tensor, ...]:
     """Heads ``h`` of the global-row queries and of the gathered keys and values in global order.
     K and V travel in one collective; k and v stay views of it (the kernel takes strides)."""
-    kv_SHX = torch.cat([k[:, h], v[:, h]], dim=-1)
-    kv_SHX = F.pad(kv_SHX, (0, 0, 0, 0, 0, plan.shard_len - kv_SHX.shape[0]))
+    kv_SHX = plan.shard.pad_to_shard(torch.cat([k[:, h], v[:, h]], dim=-1))
     kv_TH = gather_tokens(kv_SHX, plan.group)[plan.view.token_slot]
     dqk = k.shape[-1]
-    return _at_global_rows(q[:, h], plan.view, plan.T), kv_TH[..., :dqk], kv_TH[..., dqk:]
+    return _at_global_rows(q[:, h], plan.view), kv_TH[..., :dqk], kv_TH[..., dqk:]
 
 
 class _GatherAttend(torch.autograd.Function):
@@ -189,8 +184,7 @@ class _GatherAttend(torch.autograd.Function):
         from flexgr.ops.triton_hstu import launch
 
         out = v.new_empty(q.shape[0], v.shape[1], v.shape[2])
-        width = k.shape[-1] + v.shape[-1]
-        for h in head_passes(plan.T, q.shape[1], width, k.element_size()):
+        for h in plan.passes:
             q_TH, k_TH, v_TH = _gather_heads(q, k, v, h, plan)
             out_TH = launch.forward(
                 q_TH, k_TH, v_TH, plan.tables, alpha=plan.alpha, max_seq_len=plan.max_seq_len,
@@ -213,17 +207,16 @@ class _GatherAttend(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dpos = dts = None
         width = k.shape[-1] + v.shape[-1]
-        for h in head_passes(plan.T, q.shape[1], width, k.element_size()):
+        for h in plan.passes:
             q_TH, k_TH, v_TH = _gather_heads(q, k, v, h, plan)
-            dout_TH = _at_global_rows(dout[:, h], view, plan.T)
+            dout_TH = _at_global_rows(dout[:, h], view)
             dq_TH, dk_TH, dv_TH, dp, dt = launch.backward(
                 dout_TH, q_TH, k_TH, v_TH, plan.tables, alpha=plan.alpha,
                 max_seq_len=plan.max_seq_len, pos_w=pos_w, ts_w=ts_w,
             )
             del q_TH, k_TH, v_TH, dout_TH
             dq[:, h] = dq_TH[view.query_rows]
-            world = dist.get_world_size(plan.group)
-            dkv_all = dk_TH.new_zeros(world * plan.shard_len, dk_TH.shape[1], width)
+            dkv_all = dk_TH.new_zeros(plan.shard.gathered_len, dk_TH.shape[1], width)
             dkv_all[..., :dqk].index_copy_(0, view.token_slot, dk_TH)  # padding slots stay 0
             dkv_all[..., dqk:].index_copy_(0, view.token_slot, dv_TH)
             del dk_TH, dv_TH
@@ -259,8 +252,10 @@ def gather_attend_triton(
     plan = _Plan(
         view=view,
         tables=launch.mask_tables(view.mask, rab),
-        T=mask.shard.total_len,
-        shard_len=mask.shard.shard_len,
+        shard=mask.shard,
+        passes=head_passes(
+            mask.shard.total_len, q.shape[1], k.shape[-1] + v.shape[-1], k.element_size()
+        ),
         group=group,
         alpha=float(alpha),
         max_seq_len=int(max_seq_len),

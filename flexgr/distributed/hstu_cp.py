@@ -230,10 +230,8 @@ def gather_tokens(x_local: Tensor, shard: TokenShard, group: ProcessGroup | None
     x_local = x_local.detach()
     if shard.cp_size == 1 or group is None:
         return x_local
-    pad = shard.shard_len - x_local.shape[0]
-    padded = torch.nn.functional.pad(x_local, (0,) * (2 * (x_local.dim() - 1)) + (0, pad))
     with torch.no_grad():
-        gathered = all_gather_tokens(padded, group)
+        gathered = all_gather_tokens(shard.pad_to_shard(x_local), group)
     return gathered[shard.slot_of_token]
 
 

@@ -56,6 +56,12 @@ class TokenShard:
     def gathered_len(self) -> int:
         return self.cp_size * self.shard_len
 
+    def pad_to_shard(self, x_SX: Tensor) -> Tensor:
+        """This rank's rows [T_r, ...] zero-padded to the S rows every rank sends to the
+        all-gather."""
+        pad = self.shard_len - x_SX.shape[0]
+        return torch.nn.functional.pad(x_SX, (0,) * (2 * (x_SX.dim() - 1)) + (0, pad))
+
     def take(self, x_T: Tensor) -> Tensor:
         """This rank's rows of a per-token global tensor (labels, weights, ...)."""
         if x_T.shape[0] != self.total_len:
