@@ -19,6 +19,10 @@ Prints one markdown table:
   each rank's local attention (after the all-gather, so no communication in the timing), for the
   head-tail split and for contiguous slices.
 
+--share-gpu runs every rank on cuda:0 over gloo, for machines with one GPU: the length search's
+criterion is each process's own reserved peak, which does not depend on where the peer runs or on
+the transport (NCCL's buffers are outside the caching allocator either way). Its times mean nothing.
+
 --profile instead prints torch.profiler tables of two throughput steps (1 GPU, then CP=2) on
 rank 0: where CP's time overhead goes.
 
@@ -111,6 +115,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true",
         help="only profile two throughput steps of 1 GPU and CP=2 (torch.profiler, rank 0)",
+    )
+    p.add_argument(
+        "--share-gpu", action="store_true",
+        help="all ranks on cuda:0 over gloo (memory only: one-GPU machines)",
     )
     p.add_argument("--search-start", type=int, default=0, help="first probed length (0: preset)")
     p.add_argument("--search-step", type=int, default=0, help="search resolution (0: preset)")
@@ -215,10 +223,33 @@ def free(device: torch.device) -> None:
 
 def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
     """values of every rank, rank by rank."""
+    if dist.get_backend() == "gloo":
+        device = torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=device)
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [x.tolist() for x in out]
+
+
+def stage_token_collectives_on_host() -> None:
+    """gloo has no CUDA all-gather-into-tensor or reduce-scatter: run CP's token collectives on
+    host copies. The GPU allocations stay those of the NCCL path (the gathered output, the
+    scattered slice), so peaks are unchanged."""
+    from flexgr.distributed import collectives
+
+    def all_gather(out: Tensor, x: Tensor, group=None) -> None:
+        host = torch.empty(out.shape, dtype=out.dtype)
+        dist.all_gather_into_tensor(host, x.cpu(), group=group)
+        out.copy_(host)
+
+    def reduce_scatter(out: Tensor, x: Tensor, group=None) -> None:
+        host = x.cpu()
+        dist.all_reduce(host, group=group)
+        rank, S = dist.get_rank(group), out.shape[0]
+        out.copy_(host[rank * S : (rank + 1) * S])
+
+    collectives._all_gather_single = all_gather
+    collectives._reduce_scatter_single = reduce_scatter
 
 
 # ---------------------------------------------------------------- longest trainable sequence
@@ -420,11 +451,11 @@ def fmt_ranks(values: list[float], unit: str, digits: int = 1) -> str:
 
 def main() -> None:
     args = parse_args()
-    device = (
-        torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-        if args.device == "cuda"
-        else torch.device("cpu")
-    )
+    local_rank = 0 if args.share_gpu else int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
+    nccl = device.type == "cuda" and not args.share_gpu
+    if args.share_gpu:
+        stage_token_collectives_on_host()
     # Triton on CUDA: it compiles once per mask-option set, where flex recompiles for every probed
     # length (50-150 s each on the 2x H200 run).
     backend = args.backend or ("triton" if args.device == "cuda" else "reference")
@@ -444,9 +475,9 @@ def main() -> None:
                 setattr(torch._dynamo.config, name, 4096)
     # A short timeout turns a stalled collective (one CP rank out of memory) into an error.
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
+        "nccl" if nccl else "gloo",
         timeout=timedelta(minutes=10),
-        device_id=device if device.type == "cuda" else None,
+        device_id=device if nccl else None,
     )
     W = dist.get_world_size()
     if device.type == "cuda":

@@ -35,10 +35,12 @@ class TileConfig:
 # Candidates: configurations without register spills at D=128 on sm_90 (ptxas report), pruned
 # after the second H100 benchmark run to the winners and near-winners of its timings; the first
 # is the default when tuning is off. See docs/triton-kernel.md.
+# Forward: 128 query rows on 4 warps with 64-key sub-tiles beat every 8-warp tile by 20-25% at
+# N = 4096 and 8192 in the 2026-11-23 H100 sweep (BENCHMARKS.md); (64, 64) stays for short rows.
 FWD_CANDIDATES = (
+    TileConfig(128, 64, 4, 3),
+    TileConfig(128, 64, 4, 4),
     TileConfig(64, 64, 4, 3),
-    TileConfig(128, 128, 8, 2),
-    TileConfig(128, 128, 8, 3),
 )
 DQ_CANDIDATES = (
     TileConfig(64, 64, 4, 3),
