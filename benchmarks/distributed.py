@@ -232,9 +232,10 @@ def gather_floats(values: list[float], device: torch.device) -> list[list[float]
 
 
 def stage_token_collectives_on_host() -> None:
-    """gloo has no CUDA all-gather-into-tensor or reduce-scatter: run CP's token collectives on
-    host copies. The GPU allocations stay those of the NCCL path (the gathered output, the
-    scattered slice), so peaks are unchanged."""
+    """Run CP's token collectives on host copies, so that gloo sees only CPU tensors (its
+    reduce-scatter is missing in some torch releases, and its CUDA paths are not relied on). The
+    GPU allocations stay those of the NCCL path (the gathered output, the scattered slice), so
+    peaks are unchanged."""
     from flexgr.distributed import collectives
 
     def all_gather(out: Tensor, x: Tensor, group=None) -> None:
@@ -243,10 +244,7 @@ def stage_token_collectives_on_host() -> None:
         out.copy_(host)
 
     def reduce_scatter(out: Tensor, x: Tensor, group=None) -> None:
-        host = x.cpu()
-        dist.all_reduce(host, group=group)
-        rank, S = dist.get_rank(group), out.shape[0]
-        out.copy_(host[rank * S : (rank + 1) * S])
+        out.copy_(collectives.reduce_scatter_tokens(x.cpu(), group))  # its CPU path
 
     collectives._all_gather_single = all_gather
     collectives._reduce_scatter_single = reduce_scatter

@@ -5,7 +5,7 @@ of the library: it rewrites forward.py's source text into variant modules.
     python3 benchmarks/forward_variants.py            # GPU
     TRITON_INTERPRET=1 python benchmarks/forward_variants.py   # CPU: a tiny shape, checks only that it runs
 """
-import importlib.util, os, re, sys, tempfile, time
+import importlib.util, os, sys, tempfile, time
 import torch, triton
 sys.path.insert(0, ".")
 from flexgr.ops.triton_hstu import launch as L, tuning
@@ -82,16 +82,18 @@ for B, N in shapes:
         L.hstu_fwd_kernel = kern
         for cfg in cfgs:
             if cfg.block_m > mask.block_mask.BLOCK_SIZE[0]: continue
-            tuning.candidates = lambda *a, cfg=cfg, **k: [cfg]
-            tuning._chosen.clear()
+            tile = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+            tuning.force("fwd", cfg)
             try:
                 t0 = time.time(); out = fwd(); torch.cuda.synchronize() if not small else None
                 first = time.time() - t0
                 if ref is None: ref = out.float()
                 err = float((out.float() - ref).abs().max())
                 ms = bench(fwd)
-                base_ms.setdefault((cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages), ms) if name == "base" else None
+                if name == "base": base_ms[tile] = ms
                 tf = 4 * D * H * pairs / ms / 1e9 if ms else 0
-                print(f"| {B}x{N} | {name} | {(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)} | {ms:.3f} ms | {tf:.0f} TF/s | vs base same tile {base_ms.get((cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages), float('nan'))/ms if ms else 0:.3f} | err {err:.2e} | first {first:.1f}s |", flush=True)
+                speed = base_ms.get(tile, float("nan")) / ms if ms else 0
+                print(f"| {B}x{N} | {name} | {tile} | {ms:.3f} ms | {tf:.0f} TF/s | vs base same tile {speed:.3f} | err {err:.2e} | first {first:.1f}s |", flush=True)
             except Exception as e:
-                print(f"| {B}x{N} | {name} | {(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)} | FAIL {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+                print(f"| {B}x{N} | {name} | {tile} | FAIL {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", flush=True)
+tuning.force("fwd", None)
