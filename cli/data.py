@@ -22,6 +22,11 @@ app = typer.Typer(
 )
 
 
+class Ties(str, Enum):
+    hash = "hash"
+    file = "file"
+
+
 class Format(str, Enum):
     movielens_dat = "movielens-dat"
     movielens_csv = "movielens-csv"
@@ -63,16 +68,41 @@ def prepare(
             "--data-dir", help="Where datasets live (default $FLEXGR_HOME or ~/.cache/flexgr)."
         ),
     ] = None,
+    item_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--item-file",
+            help="--path only: every item of the catalogue (one id per line, or a Parquet "
+            "column --item-col), so never-rated items can be ranked.",
+        ),
+    ] = None,
+    ties: Annotated[
+        Ties,
+        typer.Option(
+            "--ties",
+            help="Order of a user's events with equal timestamps: hash (seeded, leak-free) or "
+            "file (the file's row order, which can leak; see docs/evaluation.md).",
+        ),
+    ] = Ties.hash,
+    tie_seed: Annotated[int, typer.Option("--tie-seed", help="Seed of the tie hash.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print meta.json to stdout.")] = False,
 ) -> None:
     """Prepare a built-in dataset or an interaction file under the data dir.
 
-    Indexes users (0..U-1) and items (1..I), sorts each user's events by time, and writes
-    events.parquet, users.parquet, items.parquet and meta.json. Up-to-date datasets are reused.
+    Indexes users (0..U-1) and items (1..I), sorts each user's events by time (ties by a seeded
+    hash), and writes events.parquet, users.parquet, items.parquet and meta.json. Up-to-date
+    datasets are reused.
     """
     if (dataset is None) == (path is None):
         _fail("give either a built-in dataset name or --path FILE (not both)")
+    if ties is Ties.file:
+        typer.echo(
+            "warning: --ties file keeps the file's row order for events with equal timestamps; "
+            "where that order follows the items (as in MovieLens), it leaks into evaluation "
+            "(docs/evaluation.md)",
+            err=True,
+        )
     colmap = {
         "user_col": user_col,
         "item_col": item_col,
@@ -89,9 +119,21 @@ def prepare(
                     f"unknown built-in dataset {dataset!r} (built-ins: {', '.join(BUILTINS)}); "
                     "for a file use --path FILE --format FORMAT"
                 )
-            if fmt is not None or any(v is not None for v in colmap.values()):
-                _fail("--format and column options apply to --path, not to built-in datasets")
-            directory = prepare_dataset(dataset, name=name, data_dir=data_dir, force=force)
+            if fmt is not None or item_file is not None or any(
+                v is not None for v in colmap.values()
+            ):
+                _fail(
+                    "--format, --item-file and column options apply to --path, not to built-in "
+                    "datasets"
+                )
+            directory = prepare_dataset(
+                dataset,
+                name=name,
+                data_dir=data_dir,
+                force=force,
+                ties=ties.value,
+                tie_seed=tie_seed,
+            )
         else:
             directory = prepare_dataset(
                 str(path),
@@ -99,6 +141,9 @@ def prepare(
                 name=name,
                 data_dir=data_dir,
                 force=force,
+                ties=ties.value,
+                tie_seed=tie_seed,
+                item_file=item_file,
                 user_col=user_col,
                 item_col=item_col,
                 time_col=time_col,
@@ -141,8 +186,8 @@ def list_datasets(
 
 def _summary_table(rows: list[tuple[Path, DatasetMeta]], title: str) -> Table:
     table = Table(title=title)
-    for column in ("dataset", "users", "items", "events", "source", "path"):
-        numeric = column in ("users", "items", "events")
+    for column in ("dataset", "users", "items", "catalog", "events", "ties", "source", "path"):
+        numeric = column in ("users", "items", "catalog", "events")
         table.add_column(column, justify="right" if numeric else "left")
     for directory, meta in rows:
         source = meta.source.location + (f" ({meta.source.kind})" if meta.source.builtin else "")
@@ -150,7 +195,9 @@ def _summary_table(rows: list[tuple[Path, DatasetMeta]], title: str) -> Table:
             meta.name,
             f"{meta.counts.users:,}",
             f"{meta.counts.items:,}",
+            f"{meta.counts.catalog_items or meta.counts.items:,}",
             f"{meta.counts.events:,}",
+            meta.ties if meta.ties == "file" else f"hash (seed {meta.tie_seed})",
             source,
             str(directory),
         )

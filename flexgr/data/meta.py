@@ -8,10 +8,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+EVENT_ORDERS = {
+    "hash": "user, timestamp, then seeded hash of (tie_seed, user id, item id), item, rating",
+    "file": "user, timestamp, source row (stable); can leak the file's item order",
+}
+
 from flexgr.data.errors import DataError
 
 # Bump when the on-disk layout changes; older directories are then rebuilt, not misread.
-FORMAT_VERSION = 1
+# 2: ties ordered by a seeded hash (was file order), items.parquet holds the item catalogue.
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 
 
@@ -29,8 +35,9 @@ class SourceInfo:
 @dataclass(frozen=True)
 class Counts:
     users: int
-    items: int
+    items: int  # items rated at least once: indices 1..items
     events: int
+    catalog_items: int = 0  # items of the catalogue, rated or not; 0 = no catalogue beyond them
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,9 @@ class DatasetMeta:
     flexgr_version: str = ""
     # Fixed facts of the layout, written out so a reader of the directory need not guess.
     item_index_base: int = 1
-    event_order: str = "user, timestamp, source row (stable)"
+    event_order: str = "user, timestamp, tie key"
+    ties: str = "hash"  # "hash": ties by a seeded hash of (user id, item id); "file": file order
+    tie_seed: int = 0
 
     @staticmethod
     def now() -> str:
@@ -70,6 +79,8 @@ class DatasetMeta:
                 flexgr_version=raw.get("flexgr_version", ""),
                 item_index_base=raw.get("item_index_base", 1),
                 event_order=raw.get("event_order", ""),
+                ties=raw.get("ties", "file"),
+                tie_seed=raw.get("tie_seed", 0),
             )
         except FileNotFoundError:
             raise DataError("not a prepared dataset (no meta.json)", path=directory) from None

@@ -14,15 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeGuard
 
+import pyarrow as pa
+
+from flexgr.data.catalog import read_item_file
 from flexgr.data.dataset import InteractionData
 from flexgr.data.errors import DataError
 from flexgr.data.events import RawEvents
 from flexgr.data.fetch import BUILTINS, BuiltinDataset, fetch_builtin, sha256_of
 from flexgr.data.indexing import build_interactions
-from flexgr.data.meta import FORMAT_VERSION, Counts, DatasetMeta, SourceInfo
+from flexgr.data.meta import EVENT_ORDERS, FORMAT_VERSION, Counts, DatasetMeta, SourceInfo
 from flexgr.data.progress import Reporter, reporter
 from flexgr.data.readers import FORMATS, check_format_options, infer_format, read_events
 from flexgr.data.store import read_dataset, write_dataset
+from flexgr.data.ties import DEFAULT_TIE_SEED, TIE_ORDERS
 
 HOME_ENV = "FLEXGR_HOME"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -56,6 +60,9 @@ def prepare(
     data_dir: PathLike | None = None,
     force: bool = False,
     progress: bool | None = None,
+    ties: str = "hash",
+    tie_seed: int = DEFAULT_TIE_SEED,
+    item_file: PathLike | None = None,
     **colmap: Any,
 ) -> Path:
     """Prepare a built-in dataset (``"ml-1m"``, ``"ml-100k"``) or a file; return its directory.
@@ -64,11 +71,35 @@ def prepare(
     be); ``colmap`` is ``user_col``, ``item_col``, ``time_col``, ``rating_col`` and ``sep``
     for the ``csv`` and ``parquet`` formats. ``progress=None`` shows progress bars only on a
     terminal. Raises :class:`DataError` for bad input and FileNotFoundError for a missing file.
+
+    Events of a user with the same timestamp are ordered by a hash of (``tie_seed``, user id,
+    item id) with ``ties="hash"``; ``ties="file"`` keeps the file's order, which can leak the
+    file's item order into evaluation (docs/evaluation.md). ``item_file`` (files only; the
+    built-ins bring their own) lists every item of the catalogue, one raw id per line or a
+    Parquet column (``item_col``), so never-rated items can be ranked and sampled too.
     """
     colmap = {key: value for key, value in colmap.items() if value is not None}
+    if ties not in TIE_ORDERS:
+        raise DataError(f"ties must be one of {', '.join(TIE_ORDERS)}, got {ties!r}")
+    order = _TieOrder(ties, int(tie_seed))
     if fmt is None and not colmap and isinstance(name_or_path, str) and name_or_path in BUILTINS:
-        return _prepare_builtin(BUILTINS[name_or_path], name, data_dir, force, progress)
-    return _prepare_file(Path(name_or_path), fmt, name, data_dir, force, progress, colmap)
+        if item_file is not None:
+            raise DataError(f"built-in {name_or_path} brings its own item file; drop item_file")
+        return _prepare_builtin(BUILTINS[name_or_path], name, data_dir, force, progress, order)
+    items = Path(item_file) if item_file is not None else None
+    return _prepare_file(
+        Path(name_or_path), fmt, name, data_dir, force, progress, colmap, order, items
+    )
+
+
+class _TieOrder:
+    """How ties are ordered, as prepare was asked and as meta.json records it."""
+
+    def __init__(self, ties: str, seed: int) -> None:
+        self.ties, self.seed = ties, seed if ties == "hash" else 0
+
+    def matches(self, meta: DatasetMeta) -> bool:
+        return (meta.ties, meta.tie_seed) == (self.ties, self.seed)
 
 
 def load_prepared(path: PathLike, *, data_dir: PathLike | None = None) -> InteractionData:
@@ -100,19 +131,25 @@ def _prepare_builtin(
     data_dir: PathLike | None,
     force: bool,
     progress: bool | None,
+    order: _TieOrder,
 ) -> Path:
     target = dataset_dir(name or spec.name, data_dir)
     existing = _existing_meta(target)
-    if not force and _is_current(existing) and _same_builtin(existing.source, spec):
+    if (
+        not force
+        and _is_current(existing)
+        and _same_builtin(existing.source, spec)
+        and order.matches(existing)
+    ):
         return target
     _refuse_to_clobber(
         target, existing, force, f"built-in {spec.name}", lambda s: s.builtin == spec.name
     )
     with reporter(progress) as report:
         fetched = fetch_builtin(spec, data_home(data_dir), report)
-        data = _build(target.name, fetched.events, report)
+        data = _build(target.name, fetched.events, report, order, fetched.catalog)
         _check_expected(data, spec, fetched.source)
-        _write(data, fetched.source, target, report)
+        _write(data, fetched.source, target, report, order)
     return target
 
 
@@ -124,8 +161,12 @@ def _prepare_file(
     force: bool,
     progress: bool | None,
     colmap: dict[str, Any],
+    order: _TieOrder,
+    item_file: Path | None,
 ) -> Path:
     if not path.is_file():
+        if path.is_dir():
+            raise DataError("is a directory, not an interaction file", path=path)
         raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
     fmt = fmt or infer_format(path)
     if fmt is None:
@@ -134,43 +175,70 @@ def _prepare_file(
         )
     check_format_options(fmt, colmap)
     options = {key: str(value) for key, value in colmap.items() if value is not None}
+    if item_file is not None:
+        if not item_file.is_file():
+            raise DataError("no such item file", path=item_file)
+        options["item_file"] = str(item_file.resolve())
+        options["item_file_sha256"] = sha256_of(item_file)
     target = dataset_dir(name or _name_from_file(path), data_dir)
     location = str(path.resolve())
     digest = sha256_of(path)
     existing = _existing_meta(target)
     source = SourceInfo(kind="file", location=location, sha256=digest, format=fmt, options=options)
-    if not force and _is_current(existing) and existing.source == source:
+    if not force and _is_current(existing) and existing.source == source and order.matches(existing):
         return target
     _refuse_to_clobber(target, existing, force, location, lambda s: s.location == location)
     with reporter(progress) as report:
         with report.step(f"reading {path.name}"):
             events = read_events(path, fmt, **colmap)
-        data = _build(target.name, events, report)
-        _write(data, source, target, report)
+        catalog = None
+        if item_file is not None:
+            with report.step(f"reading {item_file.name}"):
+                catalog = read_item_file(item_file, colmap.get("item_col"))
+        data = _build(target.name, events, report, order, catalog)
+        _write(data, source, target, report, order)
     return target
 
 
-def _build(name: str, events: RawEvents, report: Reporter) -> InteractionData:
+def _build(
+    name: str, events: RawEvents, report: Reporter, order: _TieOrder, catalog: pa.Array | None
+) -> InteractionData:
     with report.step(f"indexing and sorting {len(events):,} events"):
-        return build_interactions(name, events)
+        return build_interactions(
+            name, events, ties=order.ties, tie_seed=order.seed, catalog=catalog
+        )
 
 
-def _write(data: InteractionData, source: SourceInfo, target: Path, report: Reporter) -> None:
+def counts_of(data: InteractionData) -> Counts:
+    return Counts(
+        users=data.num_users,
+        items=data.num_items,
+        events=data.num_events,
+        catalog_items=data.num_catalog_items,
+    )
+
+
+def _write(
+    data: InteractionData, source: SourceInfo, target: Path, report: Reporter, order: _TieOrder
+) -> None:
     import flexgr  # deferred: flexgr/__init__ pulls in the model code
 
     meta = DatasetMeta(
         name=target.name,
         source=source,
-        counts=Counts(users=data.num_users, items=data.num_items, events=data.num_events),
+        counts=counts_of(data),
         created=DatasetMeta.now(),
         flexgr_version=flexgr.__version__,
+        event_order=EVENT_ORDERS[order.ties],
+        ties=order.ties,
+        tie_seed=order.seed,
     )
     with report.step(f"writing {target}"):
         write_dataset(data, meta, target)
 
 
 def _check_expected(data: InteractionData, spec: BuiltinDataset, source: SourceInfo) -> None:
-    got = Counts(users=data.num_users, items=data.num_items, events=data.num_events)
+    got = counts_of(data)
     if got != spec.expected:
         raise DataError(
             f"{spec.name} from {source.location} holds {got}, expected {spec.expected}; "

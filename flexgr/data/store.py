@@ -2,7 +2,8 @@
 
 <dir>/events.parquet  user int32, item int32 (1..I), rating float32, timestamp int64
 <dir>/users.parquet   user int32 (0..U-1), raw_id string
-<dir>/items.parquet   item int32 (1..I), raw_id string
+<dir>/items.parquet   item int32 (1..C), raw_id string, rated bool (true for 1..I, the items
+                      some event mentions; false for the catalogue's never-rated items I+1..C)
 <dir>/meta.json       see flexgr.data.meta
 """
 
@@ -56,10 +57,12 @@ def write_dataset(data: InteractionData, meta: DatasetMeta, target: Path) -> Non
             }
         )
         pq.write_table(users, directory / USERS_FILE)
+        rated = np.arange(1, data.num_catalog_items + 1) <= data.num_items
         items = pa.table(
             {
-                "item": pa.array(np.arange(1, data.num_items + 1), pa.int32()),
-                "raw_id": pa.array(data.item_ids, pa.string()),
+                "item": pa.array(np.arange(1, data.num_catalog_items + 1), pa.int32()),
+                "raw_id": pa.array(data.pool_item_ids("catalog"), pa.string()),
+                "rated": pa.array(rated, pa.bool_()),
             }
         )
         pq.write_table(items, directory / ITEMS_FILE)
@@ -130,7 +133,9 @@ def read_dataset(directory: Path) -> tuple[InteractionData, DatasetMeta]:
         raise DataError(f"damaged prepared dataset ({err})", path=directory) from None
     user_column = events.column("user").to_numpy()
     user_ids = _raw_ids_in_order(users, "user", 0, directory)
-    item_ids = _raw_ids_in_order(items, "item", 1, directory)
+    all_item_ids = _raw_ids_in_order(items, "item", 1, directory)
+    num_rated = _rated_prefix(items, directory)
+    item_ids, catalog_ids = all_item_ids[:num_rated], all_item_ids[num_rated:]
     data = InteractionData(
         name=meta.name,
         user_offsets=_offsets(user_column, len(user_ids), directory),
@@ -140,6 +145,7 @@ def read_dataset(directory: Path) -> tuple[InteractionData, DatasetMeta]:
         num_items=len(item_ids),
         user_ids=user_ids,
         item_ids=item_ids,
+        catalog_ids=catalog_ids,
     )
     _check_consistent(data, meta, directory)
     return data, meta
@@ -150,6 +156,19 @@ def _raw_ids_in_order(table: pa.Table, key: str, base: int, directory: Path) -> 
     if not np.array_equal(index, np.arange(base, base + len(index))):
         raise DataError(f"damaged prepared dataset ({key} index is not {base}..n)", path=directory)
     return table.column("raw_id").to_pylist()
+
+
+def _rated_prefix(items: pa.Table, directory: Path) -> int:
+    """How many items are rated; they must come first (1..I), the unrated catalogue after."""
+    if "rated" not in items.column_names:
+        raise DataError("damaged prepared dataset (items.parquet has no rated column)", path=directory)
+    rated = items.column("rated").to_numpy(zero_copy_only=False).astype(bool)
+    count = int(rated.sum())
+    if not rated[:count].all():
+        raise DataError(
+            "damaged prepared dataset (rated items are not numbered first)", path=directory
+        )
+    return count
 
 
 def _offsets(user_column: np.ndarray, num_users: int, directory: Path) -> np.ndarray:
@@ -164,10 +183,11 @@ def _offsets(user_column: np.ndarray, num_users: int, directory: Path) -> np.nda
 
 def _check_consistent(data: InteractionData, meta: DatasetMeta, directory: Path) -> None:
     counts = meta.counts
-    if (data.num_users, data.num_items, data.num_events) != (
+    if (data.num_users, data.num_items, data.num_events, data.num_catalog_items) != (
         counts.users,
         counts.items,
         counts.events,
+        counts.catalog_items,
     ):
         raise DataError("damaged prepared dataset (counts differ from meta.json)", path=directory)
     if data.num_events and (data.items.min() < 1 or data.items.max() > data.num_items):

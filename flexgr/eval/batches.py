@@ -27,8 +27,9 @@ class EvalBatch:
     """B users, each with the most recent ``max_seq_len`` events before its target.
 
     ``query_time`` is the target's timestamp, the time the prediction is made for (as in the
-    reference HSTU). ``exclude_items`` / ``exclude_offsets`` list, per user, the items of its
-    whole history before the target (empty when history exclusion is off).
+    reference HSTU). ``exclude_items`` / ``exclude_offsets`` list, per user, the items left out
+    of its ranking: its whole history before the target (``"all"``), the events in the input
+    window (``"window"``), or none.
     """
 
     item_ids: Tensor  # [T] int64
@@ -53,6 +54,10 @@ class EvalBatch:
         return self.targets.shape[0]
 
 
+Exclusion = Literal["all", "window", "none"]
+EXCLUSIONS: tuple[str, ...] = ("all", "window", "none")
+
+
 class EvalSequences:
     """The users that have a ``which`` target under ``split``, ascending, batched on demand."""
 
@@ -62,8 +67,10 @@ class EvalSequences:
         split: Split,
         which: Literal["val", "test"],
         max_seq_len: int,
-        exclude_history: bool = True,
+        exclude: Exclusion = "all",
     ) -> None:
+        if exclude not in EXCLUSIONS:
+            raise ValueError(f"exclude must be one of {', '.join(EXCLUSIONS)}, got {exclude!r}")
         self.data = data
         self.users = split.users_with(which)
         if len(self.users) == 0:
@@ -71,7 +78,7 @@ class EvalSequences:
         self.target_pos = split._targets(which)[self.users]
         self.history_start = data.user_offsets[self.users].astype(np.int64)
         self.window_start = np.maximum(self.history_start, self.target_pos - max_seq_len)
-        self.exclude_history = exclude_history
+        self.exclude = exclude
 
     def __len__(self) -> int:
         return len(self.users)
@@ -80,8 +87,9 @@ class EvalSequences:
         data = self.data
         seq_index, offsets = concat_ranges(self.window_start[rows], self.target_pos[rows])
         target_pos = self.target_pos[rows]
-        if self.exclude_history:
-            seen, seen_offsets = concat_ranges(self.history_start[rows], target_pos)
+        if self.exclude != "none":
+            first = self.history_start if self.exclude == "all" else self.window_start
+            seen, seen_offsets = concat_ranges(first[rows], target_pos)
             exclude_items = data.items[seen]
         else:
             exclude_items = np.zeros(0, dtype=np.int64)

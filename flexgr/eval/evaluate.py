@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flexgr.data import InteractionData, Split
-from flexgr.eval.batches import EvalBatch, EvalSequences
+from flexgr.eval.batches import EvalBatch, EvalSequences, Exclusion
 from flexgr.eval.metrics import MetricAccumulator
 from flexgr.eval.ranking import target_ranks
 
@@ -26,7 +26,7 @@ def evaluate(
     *,
     max_seq_len: int,
     ks: Sequence[int] = (1, 10, 50, 200),
-    exclude_history: bool = True,
+    exclude: Exclusion = "all",
     batch_size: int = 512,
     item_chunk: int = 65536,
     device: torch.device | str | None = None,
@@ -38,9 +38,11 @@ def evaluate(
     """HR@K and NDCG@K for every K in ``ks``, and MRR, over the users with a ``which`` target.
 
     Each user's query is the model's output at the last event before the target (with the
-    target's timestamp as the query time); every item 1..I is ranked against it, minus the
-    user's earlier items when ``exclude_history``. ``forward`` replaces ``model(...)`` (e.g. a
-    compiled model); the item table always comes from ``model.item_embeddings()``.
+    target's timestamp as the query time); every item of the model's table (1..I, the item
+    pool it was built for) is ranked against it, minus the user's earlier items: all of them
+    (``exclude="all"``), those in the input window of ``max_seq_len`` events (``"window"``, the
+    reference HSTU's rule) or none. ``forward`` replaces ``model(...)`` (e.g. a compiled
+    model); the item table always comes from ``model.item_embeddings()``.
 
     Split over processes: ``part=(i, n)`` ranks only batches i, i + n, ... and ``reduce`` sums a
     tensor over the n processes (an all-reduce). Every process then returns the metrics of all
@@ -53,7 +55,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     run = forward or model
-    sequences = EvalSequences(data, split, which, max_seq_len, exclude_history)
+    sequences = EvalSequences(data, split, which, max_seq_len, exclude)
     table = model.item_embeddings().float()
     acc = MetricAccumulator(ks)
     autocast = (
@@ -71,8 +73,8 @@ def evaluate(
             queries,
             table,
             batch.targets,
-            batch.exclude_items if exclude_history else None,
-            batch.exclude_offsets if exclude_history else None,
+            batch.exclude_items if exclude != "none" else None,
+            batch.exclude_offsets if exclude != "none" else None,
             chunk_size=item_chunk,
         )
 

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flexgr.data import PROTOCOLS
 from flexgr.model.registry import ARCHS, arch_fields
@@ -32,6 +32,10 @@ class DataConfig:
     data_dir: str = ""  # "" means $FLEXGR_HOME, else ~/.cache/flexgr
     protocol: str = "loo-val"  # "loo-val" or "gr-compatible"; see docs/train.md
     max_seq_len: int = 200  # the most recent events a sequence keeps
+    # Items the model ranks and samples negatives from: "rated" (every item some event
+    # mentions), "catalog" (also the item file's never-rated items, as the reference HSTU
+    # does), "auto" (catalog under gr-compatible, rated under loo-val).
+    item_pool: Literal["auto", "rated", "catalog"] = "auto"
 
 
 @dataclass
@@ -74,9 +78,28 @@ class EvalConfig:
     # out of cache).
     batch_size: int = 0
     ks: list[int] = field(default_factory=lambda: [1, 10, 50, 200])
-    exclude_history: bool = True  # rank only items the user has not interacted with before
+    # Items left out of a user's ranking: "all" its earlier items, "window" only those in the
+    # model's input (the max_seq_len most recent events; the reference HSTU rule), "none";
+    # "auto": window under gr-compatible, all under loo-val.
+    exclude_history: Literal["auto", "all", "window", "none"] = "auto"
     item_chunk: int = 65536  # items scored at once: bounds memory at batch_size x item_chunk
     metric: str = "ndcg@10"  # validation metric for best epoch and early stopping
+
+
+def item_pool(cfg: Config) -> Literal["rated", "catalog"]:
+    """The item pool the run uses, ``data.item_pool`` with "auto" resolved by the protocol."""
+    pool = cfg.data.item_pool
+    if pool == "auto":
+        return "catalog" if cfg.data.protocol == "gr-compatible" else "rated"
+    return pool
+
+
+def exclusion(cfg: Config) -> Literal["all", "window", "none"]:
+    """What evaluation excludes, ``eval.exclude_history`` with "auto" resolved by the protocol."""
+    mode = cfg.eval.exclude_history
+    if mode == "auto":
+        return "window" if cfg.data.protocol == "gr-compatible" else "all"
+    return mode
 
 
 def eval_batch_size(cfg: EvalConfig, device_type: str) -> int:
@@ -149,6 +172,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             continue
         section = getattr(cfg, name)
         hints = typing.get_type_hints(cls)
+        if name == "eval" and isinstance(table.get("exclude_history"), bool):
+            # Before the window rule, this key was a boolean (run dirs keep old config.toml).
+            table = {**table, "exclude_history": "all" if table["exclude_history"] else "none"}
         for key, value in table.items():
             if key not in hints:
                 raise ConfigError(_unknown_key(source, f"{name}.{key}", list(hints)))
@@ -274,6 +300,10 @@ def _parse_value(text: str, hint: Any, name: str) -> Any:
     inner, optional = _unwrap_optional(hint)
     if optional and text.lower() in ("none", "null", ""):
         return None
+    if typing.get_origin(inner) is Literal:
+        if text not in typing.get_args(inner):
+            raise ConfigError(f"--set {name}={text}: expected {_type_name(hint)}")
+        return text
     try:
         if inner is bool:
             lowered = text.lower()
@@ -348,7 +378,9 @@ def _require(ok: bool, message: str) -> None:
 def _check_type(value: Any, hint: Any, name: str, source: str) -> Any:
     inner, _ = _unwrap_optional(hint)
     ok: bool
-    if inner is bool:
+    if typing.get_origin(inner) is Literal:
+        ok = value in typing.get_args(inner) and isinstance(value, str)
+    elif inner is bool:
         ok = isinstance(value, bool)
     elif inner is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -381,7 +413,9 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
 
 def _type_name(hint: Any) -> str:
     inner, optional = _unwrap_optional(hint)
-    if typing.get_origin(inner) is list:
+    if typing.get_origin(inner) is Literal:
+        name = "one of " + ", ".join(map(str, typing.get_args(inner)))
+    elif typing.get_origin(inner) is list:
         name = f"a list of {_type_name(typing.get_args(inner)[0])}"
     else:
         name = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(

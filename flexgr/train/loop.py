@@ -32,7 +32,7 @@ from flexgr.train.batches import (
     train_loader,
 )
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from flexgr.train.config import Config, dump_config, eval_batch_size
+from flexgr.train.config import Config, dump_config, eval_batch_size, exclusion, item_pool
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
 from flexgr.train.parallel import (
     ParallelSetupError,
@@ -130,7 +130,9 @@ class Trainer:
         self.data: InteractionData = load_dataset(cfg)
         self.split: Split = load_split(cfg, self.data)
         seed_everything(t.seed)
-        self.model: nn.Module = new_model(cfg, self.data.num_items).to(self.device)
+        # Items 1..num_items are the ones the model ranks and draws negatives from.
+        self.num_items = self.data.pool_size(item_pool(cfg))
+        self.model: nn.Module = new_model(cfg, self.num_items).to(self.device)
         self.parallel: ParallelStep | None = None
         if ctx is not None:
             self.parallel = ParallelStep(ctx, self.model, t.seed)
@@ -279,7 +281,7 @@ class Trainer:
         with self._begin_step():
             states = self.forward(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
         negatives = sample_negatives(
-            batch.num_tokens, t.num_negatives, self.data.num_items, self.device
+            batch.num_tokens, t.num_negatives, self.num_items, self.device
         )
         # The loss runs in fp32: bf16 logits divided by a 0.05 temperature lose too much.
         loss = self.loss_fn(
@@ -319,7 +321,7 @@ class Trainer:
         # Drawn for the whole global batch, as one process draws them, after the forward's
         # dropout as in one process; then this rank's rows.
         negatives = sample_negatives(
-            part.row_total, t.num_negatives, self.data.num_items, self.device
+            part.row_total, t.num_negatives, self.num_items, self.device
         )[rows]
         loss_sum = self.loss_fn(
             states.float(),
@@ -409,7 +411,7 @@ class Trainer:
             which,  # type: ignore[arg-type]
             max_seq_len=self.cfg.data.max_seq_len,
             ks=e.ks,
-            exclude_history=e.exclude_history,
+            exclude=exclusion(self.cfg),
             batch_size=eval_batch_size(e, self.device.type),
             item_chunk=e.item_chunk,
             device=self.device,
@@ -518,6 +520,8 @@ class Trainer:
         metadata = {
             "dataset": self.data.name,
             "protocol": self.cfg.data.protocol,
+            "item_pool": item_pool(self.cfg),
+            "exclude_history": exclusion(self.cfg),
             "epoch": epoch,
             "step": state.best_step,
             "selected_by": (
@@ -527,7 +531,8 @@ class Trainer:
         }
 
         def export() -> None:
-            export_model(self.model, self.run.model, item_ids=self.data.item_ids, metadata=metadata)
+            item_ids = self.data.pool_item_ids(item_pool(self.cfg))
+            export_model(self.model, self.run.model, item_ids=item_ids, metadata=metadata)
 
         if self.ctx is None:
             export()

@@ -68,7 +68,7 @@ def test_prepare_json(write_file: WriteFile, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     meta = json.loads(result.stdout)
-    assert meta["counts"] == {"users": 2, "items": 2, "events": 3}
+    assert meta["counts"] == {"users": 2, "items": 2, "events": 3, "catalog_items": 2}
     assert meta["path"] == str(tmp_path / "d" / "log")
     assert meta["source"]["options"] == {"user_col": "who", "item_col": "what", "time_col": "when"}
 

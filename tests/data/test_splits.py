@@ -129,7 +129,7 @@ def test_no_training_input_contains_the_target_or_later(
 
 @settings(max_examples=50, deadline=None)
 @given(rows=event_tables)
-def test_each_user_is_in_time_order_with_ties_in_row_order(
+def test_each_user_is_in_time_order_with_file_ties_in_row_order(
     rows: list[tuple[int, int, int]],
 ) -> None:
     raw = RawEvents.from_lists(
@@ -137,7 +137,7 @@ def test_each_user_is_in_time_order_with_ties_in_row_order(
         items=[str(i) for _, i, _ in rows],
         timestamps=[t for _, _, t in rows],
     )
-    data = build_interactions("random", raw)
+    data = build_interactions("random", raw, ties="file")
     for user in range(data.num_users):
         raw_id = data.user_ids[user]
         expected = sorted(

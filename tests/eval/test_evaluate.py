@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -21,12 +22,15 @@ def random_data(users: int = 24, items: int = 25, seed: int = 0):
             u.append(f"u{user}")
             i.append(f"i{int(rng.integers(0, items))}")  # repeats allowed
             t.append(int(ts[k]))
-    return build_interactions("random", RawEvents.from_lists(u, i, t))
+    # The catalogue has items nobody rated, as ML-1M's movies.dat does.
+    catalog = pa.array([f"i{k}" for k in range(items + 5)])
+    return build_interactions("random", RawEvents.from_lists(u, i, t), catalog=catalog)
 
 
-def brute_force(model, data, split, which, max_seq_len, ks, exclude_history) -> dict[str, float]:
+def brute_force(model, data, split, which, max_seq_len, ks, exclude) -> dict[str, float]:
     model.eval()
     table = model.item_embeddings().double()
+    pool = table.shape[0] - 1
     targets = split.val_pos if which == "val" else split.test_pos
     per_user = []
     with torch.no_grad():
@@ -39,14 +43,11 @@ def brute_force(model, data, split, which, max_seq_len, ks, exclude_history) -> 
             state = model(ids, torch.tensor([0, len(ids)]), ts, query_time)[-1].double()
             scores = table[1:] @ state
             item = int(data.items[target])
-            seen = (
-                set(data.items[int(data.user_offsets[user]) : target].tolist())
-                if exclude_history
-                else set()
-            )
+            first = {"all": int(data.user_offsets[user]), "window": start, "none": target}
+            seen = set(data.items[first[exclude] : target].tolist())
             rank = sum(
                 1
-                for other in range(1, data.num_items + 1)
+                for other in range(1, pool + 1)
                 if other != item and other not in seen and scores[other - 1] >= scores[item - 1]
             )
             per_user.append(rank)
@@ -62,18 +63,20 @@ def brute_force(model, data, split, which, max_seq_len, ks, exclude_history) -> 
 
 @pytest.mark.parametrize("arch", ["hstu", "sasrec"])
 @pytest.mark.parametrize("which", ["val", "test"])
-@pytest.mark.parametrize("exclude_history", [True, False])
+@pytest.mark.parametrize(
+    ("exclude", "pool"), [("all", "rated"), ("window", "catalog"), ("none", "rated")]
+)
 def test_evaluate_equals_a_user_by_user_brute_force(
-    arch: str, which: str, exclude_history: bool
+    arch: str, which: str, exclude: str, pool: str
 ) -> None:
     data = random_data()
+    assert data.num_catalog_items > data.num_items
     split = make_split(data, "loo-val")
     torch.manual_seed(0)
+    num_items = data.pool_size(pool)
     if arch == "hstu":
         model = HSTU(
-            HSTUConfig(
-                num_items=data.num_items, d_model=8, num_layers=1, dqk=4, dv=4, max_seq_len=6
-            )
+            HSTUConfig(num_items=num_items, d_model=8, num_layers=1, dqk=4, dv=4, max_seq_len=6)
         )
         with torch.no_grad():  # large time/position biases: a wrong query time changes ranks
             for layer in model.layers:
@@ -81,9 +84,7 @@ def test_evaluate_equals_a_user_by_user_brute_force(
                 layer.rab.pos_w.normal_(0, 5.0)
     else:
         model = SASRec(
-            SASRecConfig(
-                num_items=data.num_items, d_model=8, num_layers=1, ffn_dim=8, max_seq_len=6
-            )
+            SASRecConfig(num_items=num_items, d_model=8, num_layers=1, ffn_dim=8, max_seq_len=6)
         )
     ks = [1, 3, 10]
     got = evaluate(
@@ -93,11 +94,11 @@ def test_evaluate_equals_a_user_by_user_brute_force(
         which,
         max_seq_len=6,
         ks=ks,
-        exclude_history=exclude_history,
+        exclude=exclude,
         batch_size=4,
         item_chunk=6,
     )
-    expected = brute_force(model, data, split, which, 6, ks, exclude_history)
+    expected = brute_force(model, data, split, which, 6, ks, exclude)
     assert got["users"] == len(split.users_with(which))
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-12), name

@@ -29,7 +29,8 @@ def dataset(lengths: list[int], seed: int = 0):
             items.append(f"{event:06d}")
             times.append(int(t))
             event += 1
-    return build_interactions("unique", RawEvents.from_lists(users, items, times))
+    # File-order ties keep "item index = global event index + 1" where timestamps repeat.
+    return build_interactions("unique", RawEvents.from_lists(users, items, times), ties="file")
 
 
 def test_batch_is_jagged_next_item_supervision() -> None:

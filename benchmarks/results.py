@@ -1,0 +1,158 @@
+"""Train a grid of presets x protocols x seeds, then report mean +- std of the test metrics.
+
+    python benchmarks/results.py --out runs/results                  # the README table
+    python benchmarks/results.py --out runs/results --jobs 6 --presets ml-1m-hstu
+    python benchmarks/results.py --out runs/results --summary-only   # just the table
+
+Each run is a plain ``flexgr train`` in ``OUT/<preset>.<protocol>.s<seed>`` (its command is in
+``OUT/logs/<run>.cmd``); up to ``--jobs`` of them run at once, which is how several small
+ML-1M runs share one GPU. The grid is resumable: finished runs are kept, runs with a
+checkpoint continue with ``--resume``, and the rest start. The table (markdown, stdout) and
+``OUT/summary.json`` hold, per preset and protocol, the mean and sample standard deviation over
+the seeds of every final test metric, the selected epoch, and the wall time per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flexgr.atomic import atomic_write_text  # noqa: E402
+
+METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
+
+
+def run_name(preset: str, protocol: str, seed: int) -> str:
+    return f"{preset}.{protocol}.s{seed}"
+
+
+def final_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    final = None
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("final"):
+            final = record
+    return final
+
+
+def command(preset: str, protocol: str, seed: int, run_dir: Path, sets: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "flexgr", "train", "--preset", preset, "-q"]
+    for value in (f"data.protocol={protocol}", f"train.seed={seed}", *sets):
+        cmd += ["--set", value]
+    cmd += ["--run-dir", str(run_dir)]
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        cmd.append("--resume")
+    return cmd
+
+
+def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]]) -> None:
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = [g for g in grid if final_record(args.out / run_name(*g)) is None]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    print(f"{len(grid) - len(pending)} of {len(grid)} runs done; starting {len(pending)}", flush=True)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            preset, protocol, seed = pending.pop(0)
+            name = run_name(preset, protocol, seed)
+            cmd = command(preset, protocol, seed, args.out / name, args.sets)
+            (logs / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
+            log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=log), time.time())
+        time.sleep(2)
+        for name, (process, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            wall = {"wall_s": time.time() - started, "returncode": process.returncode}
+            walls = args.out / "logs" / f"{name}.wall.json"
+            previous = json.loads(walls.read_text()) if walls.is_file() else {"wall_s": 0.0}
+            wall["wall_s"] += previous["wall_s"]  # a resumed run adds its earlier part
+            atomic_write_text(walls, json.dumps(wall) + "\n")
+            print(f"{name}: exit {process.returncode} after {wall['wall_s']:.0f} s", flush=True)
+
+
+def summarize(out: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for preset, protocol, seed in grid:
+        name = run_name(preset, protocol, seed)
+        final = final_record(out / name)
+        if final is None:
+            continue
+        walls = out / "logs" / f"{name}.wall.json"
+        record = dict(final, seed=seed)
+        record["wall_s"] = json.loads(walls.read_text())["wall_s"] if walls.is_file() else None
+        records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        record["train_s"] = sum(r.get("train_s", 0.0) for r in records if r["kind"] == "epoch")
+        record["eval_s"] = sum(r.get("eval_s", 0.0) for r in records if r["kind"] == "eval")
+        groups.setdefault((preset, protocol), []).append(record)
+    summary = {}
+    for (preset, protocol), records in groups.items():
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in records]}
+        for key in (*METRICS, "epoch", "wall_s", "train_s", "eval_s"):
+            values = [float(r[key]) for r in records if r.get(key) is not None]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else float("nan")
+                entry[key] = {"mean": statistics.fmean(values), "std": std, "values": values}
+        summary[f"{preset} {protocol}"] = entry
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    head = "| preset | protocol | seeds | epoch | " + " | ".join(METRICS) + " | wall s |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for key, entry in summary.items():
+        preset, protocol = key.split(" ")
+
+        def cell(name: str, digits: int = 4) -> str:
+            if name not in entry:
+                return "-"
+            mean, std = entry[name]["mean"], entry[name]["std"]
+            if digits == 0:
+                return f"{mean:.0f}"
+            text = f"{mean:.{digits}f}".lstrip("0")
+            return text + ("" if std != std else f" ± {std:.{digits}f}".replace(" 0.", " ."))
+
+        cells = [f"`{preset}`", protocol, str(len(entry["seeds"])), cell("epoch", 0)]
+        cells += [cell(m) for m in METRICS] + [cell("wall_s", 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--presets", default="ml-1m-sasrec,ml-1m-hstu,ml-1m-hstu-large")
+    parser.add_argument("--protocols", default="loo-val,gr-compatible")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--jobs", type=int, default=6, help="runs at once")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args()
+    grid = [
+        (preset, protocol, int(seed))
+        for preset in args.presets.split(",")
+        for protocol in args.protocols.split(",")
+        for seed in args.seeds.split(",")
+    ]
+    if not args.summary_only:
+        run_grid(args, grid)
+    summary = summarize(args.out, grid)
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
