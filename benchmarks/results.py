@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flexgr.atomic import atomic_write_text  # noqa: E402
+from flexgr.atomic import atomic_write_text
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
 
@@ -60,7 +61,9 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]]) -> None
     logs.mkdir(parents=True, exist_ok=True)
     pending = [g for g in grid if final_record(args.out / run_name(*g)) is None]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
-    print(f"{len(grid) - len(pending)} of {len(grid)} runs done; starting {len(pending)}", flush=True)
+    print(
+        f"{len(grid) - len(pending)} of {len(grid)} runs done; starting {len(pending)}", flush=True
+    )
     while pending or running:
         while pending and len(running) < args.jobs:
             preset, protocol, seed = pending.pop(0)
@@ -108,23 +111,24 @@ def summarize(out: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
     return summary
 
 
+def cell(entry: dict[str, Any], name: str, digits: int = 4) -> str:
+    """``.3287 ± .0032`` (the std left out for one seed); whole numbers for ``digits=0``."""
+    if name not in entry:
+        return "-"
+    mean, std = entry[name]["mean"], entry[name]["std"]
+    if digits == 0:
+        return f"{mean:.0f}"
+    text = f"{mean:.{digits}f}".lstrip("0")
+    return text + ("" if math.isnan(std) else f" ± {std:.{digits}f}".replace(" 0.", " ."))
+
+
 def table(summary: dict[str, Any]) -> str:
     head = "| preset | protocol | seeds | epoch | " + " | ".join(METRICS) + " | wall s |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for key, entry in summary.items():
         preset, protocol = key.split(" ")
-
-        def cell(name: str, digits: int = 4) -> str:
-            if name not in entry:
-                return "-"
-            mean, std = entry[name]["mean"], entry[name]["std"]
-            if digits == 0:
-                return f"{mean:.0f}"
-            text = f"{mean:.{digits}f}".lstrip("0")
-            return text + ("" if std != std else f" ± {std:.{digits}f}".replace(" 0.", " ."))
-
-        cells = [f"`{preset}`", protocol, str(len(entry["seeds"])), cell("epoch", 0)]
-        cells += [cell(m) for m in METRICS] + [cell("wall_s", 0)]
+        cells = [f"`{preset}`", protocol, str(len(entry["seeds"])), cell(entry, "epoch", 0)]
+        cells += [cell(entry, m) for m in METRICS] + [cell(entry, "wall_s", 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -112,6 +112,15 @@ def test_eval_matches_the_final_record(trained_run: Path) -> None:
         assert metrics[name] == pytest.approx(final[name], abs=1e-12)
     table = run("eval", "--run-dir", trained_run, "--split", "val", "--weights", "last")
     assert table.exit_code == 0 and "NDCG@K" in table.stdout
+    # Fewer exclusions leave more items in the way: the rank can only get worse.
+    by_rule = {}
+    for rule in ("all", "window", "none"):
+        result = run("eval", "--run-dir", trained_run, "--exclude-history", rule, "--json")
+        assert result.exit_code == 0, result.output
+        by_rule[rule] = json.loads(result.stdout)["mrr"]
+    assert by_rule["all"] == pytest.approx(metrics["mrr"], abs=1e-12)
+    assert by_rule["all"] >= by_rule["window"] >= by_rule["none"]
+    assert by_rule["all"] > by_rule["none"]
 
 
 def test_export_then_load(trained_run: Path, tmp_path: Path) -> None:

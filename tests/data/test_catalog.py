@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flexgr.cli.main import app
 from typer.testing import CliRunner
 
-from flexgr.cli.main import app
 from flexgr.data import DataError, load_prepared, prepare
 from flexgr.data.catalog import read_item_ids_text
 

@@ -21,7 +21,6 @@ from flexgr.data import (
     read_meta,
     store,
 )
-
 from flexgr.data.ties import tie_keys
 
 # flexgr.data.prepare is both a module and the function the package exports under that name.

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from flexgr.cli.main import app
 from typer.testing import CliRunner
 
-from flexgr.cli.main import app
 from flexgr.data import load_prepared, prepare, read_meta
 
 PREPARED_FILES = ("events.parquet", "users.parquet", "items.parquet")

@@ -148,3 +148,26 @@ def test_unset_model_settings_take_the_architecture_defaults() -> None:
     opts = config_from_dict({"model": {"arch": "hstu", "d_model": 8}}).model_options()
     assert opts["d_model"] == 8
     assert opts["num_time_buckets"] == HSTUConfig.num_time_buckets
+
+
+def test_protocol_picks_exclusion_and_item_pool_unless_set() -> None:
+    from flexgr.train.config import exclusion, item_pool
+
+    loo = Config()
+    assert (exclusion(loo), item_pool(loo)) == ("all", "rated")
+    gr = apply_overrides(Config(), ["data.protocol=gr-compatible"])
+    assert (exclusion(gr), item_pool(gr)) == ("window", "catalog")
+    mine = apply_overrides(gr, ["eval.exclude_history=none", "data.item_pool=rated"])
+    assert (exclusion(mine), item_pool(mine)) == ("none", "rated")
+    assert tomllib.loads(dump_config(mine))["eval"]["exclude_history"] == "none"
+
+
+def test_choice_fields_name_their_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="one of auto, all, window, none"):
+        apply_overrides(Config(), ["eval.exclude_history=most"])
+    with pytest.raises(ConfigError, match="data.item_pool must be one of auto, rated, catalog"):
+        config_from_dict({"data": {"item_pool": "every"}})
+    # Run directories from before the window rule wrote a boolean; it still reads.
+    old = tmp_path / "old.toml"
+    old.write_text("[eval]\nexclude_history = false\n")
+    assert load_config(old).eval.exclude_history == "none"
