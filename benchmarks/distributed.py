@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from flexgr.batch import JaggedBatch
 from flexgr.distributed import (
     ParallelConfig,
     ParallelContext,
@@ -55,12 +56,12 @@ from flexgr.distributed import (
     build_cp_mask,
     init_parallel,
     parallelize,
-    shard_hstu_batch,
     shard_tokens,
     single_process,
     unwrap,
 )
 from flexgr.model import HSTU, HSTUConfig
+from flexgr.model.spec import shard_inputs
 
 _START = time.time()
 GIB = 1 << 30
@@ -190,12 +191,8 @@ class Trainer:
     def step(self, batch: Batch) -> None:
         """One training step on this rank's share of ``batch`` (its dp replica's sequences)."""
         ctx = self.ctx
-        sharded = shard_hstu_batch(
-            batch.ids,
-            batch.offsets,
-            cp_rank=ctx.cp_rank,
-            cp_size=ctx.cp_size,
-            timestamps=batch.timestamps,
+        sharded = shard_inputs(
+            self.model, JaggedBatch(batch.ids, batch.offsets, batch.timestamps), ctx
         )
         total = ctx.all_reduce_sum(torch.tensor(float(sharded.item_ids.numel()), device=ctx.device))
         use_bf16 = ctx.device.type == "cuda"

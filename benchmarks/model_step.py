@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flexgr.model import HSTU, HSTUConfig
+from flexgr.batch import JaggedBatch
+from flexgr.model import HSTU, HSTUConfig, encode
 
 
 def step_flops(cfg: HSTUConfig, lengths: list[int]) -> float:
@@ -87,7 +88,7 @@ def main() -> None:
 
         def train_step() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                user = model(ids, offsets, ts)
+                user = encode(model, JaggedBatch(ids, offsets, ts))
                 pos = model.item_embeddings(ids)
                 neg = model.item_embeddings(negatives)
                 logits = torch.cat([(user * pos).sum(-1, keepdim=True), user @ neg.T], dim=-1)

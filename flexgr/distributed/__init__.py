@@ -4,8 +4,8 @@ Typical use (see docs/distributed.md):
 
     ctx = init_parallel(ParallelConfig(cp=2))           # under torchrun
     net = parallelize(model.to(ctx.device), ctx)
-    batch = shard_hstu_batch(ids, offsets, cp_rank=ctx.cp_rank, cp_size=ctx.cp_size, ...)
-    out = net(batch)                                    # this rank's tokens
+    sharded = spec_of(model).prepare_sharded(model, JaggedBatch(ids, offsets, ...), ctx)
+    out = net(sharded)                                  # this rank's tokens
 """
 
 from flexgr.distributed.balance import BalanceReport, balance_report, pairs_per_query
@@ -18,13 +18,12 @@ from flexgr.distributed.cp_attention import (
     resolve_cp_backend,
 )
 from flexgr.distributed.cp_mask import CPMask, build_cp_mask
-from flexgr.distributed.data_parallel import apply_data_parallel, parallelize, unwrap
-from flexgr.distributed.hstu_cp import (
-    ContextParallelHSTU,
-    HSTUShardBatch,
-    apply_context_parallel,
-    gather_tokens,
-    shard_hstu_batch,
+from flexgr.distributed.data_parallel import (
+    ShardedForward,
+    apply_data_parallel,
+    gather_outputs,
+    parallelize,
+    unwrap,
 )
 from flexgr.distributed.mesh import (
     ParallelContext,
@@ -43,17 +42,15 @@ from flexgr.distributed.sharding import TokenShard, shard_tokens, token_owner
 __all__ = [
     "BalanceReport",
     "CPMask",
-    "ContextParallelHSTU",
     "DropoutRows",
-    "HSTUShardBatch",
     "ParallelConfig",
     "ParallelConfigError",
     "ParallelContext",
     "ReplicatedDropout",
+    "ShardedForward",
     "TokenShard",
     "all_gather_tokens",
     "all_reduce_sum",
-    "apply_context_parallel",
     "apply_data_parallel",
     "attend_gathered",
     "balance_report",
@@ -61,14 +58,13 @@ __all__ = [
     "context_parallel_attention",
     "cp_hstu_attention",
     "destroy_parallel",
-    "gather_tokens",
+    "gather_outputs",
     "init_parallel",
     "pairs_per_query",
     "parallelize",
     "rank_local_rng",
     "replicate_dropout",
     "resolve_cp_backend",
-    "shard_hstu_batch",
     "shard_tokens",
     "single_process",
     "token_owner",

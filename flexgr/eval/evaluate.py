@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from flexgr.batch import JaggedBatch
 from flexgr.data import InteractionData, Split
 from flexgr.eval.batches import EvalBatch, EvalSequences, Exclusion
 from flexgr.eval.metrics import MetricAccumulator
 from flexgr.eval.ranking import target_ranks
+from flexgr.model.registry import spec_of
 
-Forward = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+Forward = Callable[[Tensor, Any], Tensor]  # (item ids, prepared inputs) -> states
 
 
 @torch.no_grad()
@@ -55,6 +57,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     run = forward or model
+    spec = spec_of(model)
     sequences = EvalSequences(data, split, which, max_seq_len, exclude)
     table = model.item_embeddings().float()
     acc = MetricAccumulator(ks)
@@ -66,8 +69,10 @@ def evaluate(
 
     def ranks_of(cpu_batch: EvalBatch) -> Tensor:
         batch = cpu_batch.to(device, non_blocking=True)
+        jagged = JaggedBatch(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
+        inputs = spec.prepare(model, jagged)
         with autocast:
-            states = run(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
+            states = run(batch.item_ids, inputs)
         queries = states[batch.offsets[1:] - 1].float()
         return target_ranks(
             queries,

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flexgr.batch import JaggedBatch
 from flexgr.eval.ranking import top_k
 from flexgr.export.files import load_model
+from flexgr.model.spec import encode
 
 
 class UnknownItemError(KeyError):
@@ -69,14 +71,15 @@ class Recommender:
         except KeyError:
             raise UnknownItemError(f"unknown item id {raw_id!r}") from None
 
-    @torch.no_grad()
-    def user_embedding(
+    def history_tensors(
         self,
         history: Sequence[str],
         timestamps: Sequence[int] | None = None,
         query_time: int | None = None,
-    ) -> Tensor:
-        """[d] L2-normalised representation of a user with this history (raw ids, oldest first)."""
+    ) -> tuple[Tensor, Tensor, int]:
+        """(item indices [n], timestamps [n], query time) of the most recent ``max_seq_len``
+        events, checked: ValueError for an empty history or mismatched timestamps,
+        UnknownItemError for an id the model does not know."""
         if len(history) == 0:
             raise ValueError("history is empty: the model needs at least one item")
         if timestamps is not None and len(timestamps) != len(history):
@@ -87,11 +90,50 @@ class Recommender:
             ts = torch.zeros_like(ids)
         else:
             ts = torch.tensor(list(timestamps[recent]), dtype=torch.int64)
-        query = ts[-1:].clone() if query_time is None else torch.tensor([query_time])
+        return ids, ts, int(ts[-1]) if query_time is None else int(query_time)
+
+    @torch.no_grad()
+    def embed(
+        self, histories: Sequence[tuple[Tensor, Tensor, int]], *, chunk_tokens: int = 0
+    ) -> Tensor:
+        """[B, d] user states for B histories from :meth:`history_tensors`, packed into one
+        jagged batch (``chunk_tokens`` > 0: several batches of at most that many tokens each;
+        a history is never split). Each row equals that history encoded alone."""
+        states = []
+        start = 0
+        while start < len(histories):
+            stop, tokens = start, 0
+            while stop < len(histories) and (
+                stop == start or not chunk_tokens or tokens + len(histories[stop][0]) <= chunk_tokens
+            ):
+                tokens += len(histories[stop][0])
+                stop += 1
+            states.append(self._encode(histories[start:stop]))
+            start = stop
+        return torch.cat(states) if states else torch.empty(0, self.config["d_model"])
+
+    def _encode(self, histories: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
         device = self.device
-        offsets = torch.tensor([0, ids.numel()], dtype=torch.int64, device=device)
-        states = self.model(ids.to(device), offsets, ts.to(device), query.to(device))
-        return states[-1]
+        lengths = torch.tensor([len(ids) for ids, _, _ in histories], dtype=torch.int64)
+        offsets = torch.zeros(len(histories) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        batch = JaggedBatch(
+            torch.cat([ids for ids, _, _ in histories]).to(device),
+            offsets.to(device),
+            torch.cat([ts for _, ts, _ in histories]).to(device),
+            torch.tensor([q for _, _, q in histories], dtype=torch.int64, device=device),
+        )
+        return encode(self.model, batch)[batch.offsets[1:] - 1]
+
+    @torch.no_grad()
+    def user_embedding(
+        self,
+        history: Sequence[str],
+        timestamps: Sequence[int] | None = None,
+        query_time: int | None = None,
+    ) -> Tensor:
+        """[d] L2-normalised representation of a user with this history (raw ids, oldest first)."""
+        return self.embed([self.history_tensors(history, timestamps, query_time)])[0]
 
     @torch.no_grad()
     def scores(

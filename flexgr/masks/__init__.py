@@ -11,6 +11,7 @@ from flexgr.masks.block import (
 )
 from flexgr.masks.dense import dense_hstu_mask
 from flexgr.masks.layout import PAD_SEQ, JaggedLayout, build_layout
+from flexgr.masks.registry import mask_names, register_mask
 from flexgr.masks.mods import (
     MaskMod,
     and_masks,
@@ -42,8 +43,10 @@ __all__ = [
     "hstu_mask",
     "jagged",
     "local_window",
+    "mask_names",
     "or_masks",
     "padded_length",
+    "register_mask",
     "semi_local",
     "targets",
 ]

@@ -1,4 +1,5 @@
-"""Architecture names -> (model class, config class), so configs and exported files can name one."""
+"""Architecture names -> :class:`~flexgr.model.spec.ModelSpec`, so configs and exported files
+can name a model and every caller can ask its spec instead of testing its class."""
 
 from __future__ import annotations
 
@@ -7,40 +8,43 @@ from typing import Any
 
 from torch import nn
 
-from flexgr.model.hstu import HSTU, HSTUConfig
-from flexgr.model.sasrec import SASRec, SASRecConfig
+from flexgr.model.hstu.spec import SPEC as HSTU_SPEC
+from flexgr.model.sasrec.spec import SPEC as SASREC_SPEC
+from flexgr.model.spec import ModelSpec
 
-ARCHS: dict[str, tuple[type[nn.Module], type]] = {
-    "hstu": (HSTU, HSTUConfig),
-    "sasrec": (SASRec, SASRecConfig),
-}
-
-# Set from the dataset and the data section, never by hand in [model].
-DERIVED_FIELDS = ("num_items", "max_seq_len")
+MODELS: dict[str, ModelSpec] = {}
 
 
-def config_class(arch: str) -> type:
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Make ``spec`` available as ``model.arch = spec.name`` (and to exported files)."""
+    MODELS[spec.name] = spec
+    return spec
+
+
+register_model(HSTU_SPEC)
+register_model(SASREC_SPEC)
+
+
+def get_spec(arch: str) -> ModelSpec:
     try:
-        return ARCHS[arch][1]
+        return MODELS[arch]
     except KeyError:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}") from None
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(MODELS)}") from None
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The spec of a model instance (exact class match, so a subclass must register itself)."""
+    for spec in MODELS.values():
+        if type(model) is spec.model_cls:
+            return spec
+    raise ValueError(f"{type(model).__name__} is not a registered flexgr model")
 
 
 def arch_fields(arch: str) -> dict[str, dataclasses.Field]:
     """The [model] settings an architecture accepts (its config fields minus the derived ones)."""
-    return {
-        f.name: f for f in dataclasses.fields(config_class(arch)) if f.name not in DERIVED_FIELDS
-    }
+    return get_spec(arch).fields()
 
 
 def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
     """A fresh model of ``arch`` from a complete config dict (derived fields included)."""
-    cfg_cls = config_class(arch)
-    return ARCHS[arch][0](cfg_cls(**config))
-
-
-def arch_of(model: nn.Module) -> str:
-    for name, (model_cls, _) in ARCHS.items():
-        if type(model) is model_cls:
-            return name
-    raise ValueError(f"{type(model).__name__} is not a registered architecture")
+    return get_spec(arch).build(config)

@@ -16,12 +16,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from flexgr.batch import JaggedBatch
 from flexgr.data import InteractionData, Split
 from flexgr.eval.batches import concat_ranges
 
 
 @dataclass(frozen=True)
 class TrainBatch:
+    """One step's sequences on this process, and where their tokens sit in the step's whole
+    batch: tokens ``[row_offset, row_offset + T)`` of ``row_total`` (data-parallel replicas'
+    shares laid end to end; one process holds all of them: offset 0, total T)."""
+
     item_ids: Tensor  # [T] int64, the inputs
     offsets: Tensor  # [B + 1] int64
     timestamps: Tensor  # [T] int64
@@ -30,26 +35,50 @@ class TrainBatch:
     query_time: Tensor
     targets: Tensor  # [T] int64, the item that follows each position
     users: Tensor  # [B] int64
+    row_offset: int = 0
+    row_total: int = -1  # -1: this batch is the whole step (row_total = T)
+
+    def __post_init__(self) -> None:
+        if self.row_total < 0:
+            object.__setattr__(self, "row_total", self.item_ids.shape[0])
+
+    def _map(self, fn) -> TrainBatch:  # noqa: ANN001 - Tensor -> Tensor
+        tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name in _TENSORS}
+        return TrainBatch(**tensors, row_offset=self.row_offset, row_total=self.row_total)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
-        return TrainBatch(
-            **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                for f in fields(self)
-            }
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TrainBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
-        return TrainBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return self._map(lambda t: t.pin_memory())
 
     @property
     def num_tokens(self) -> int:
         return self.item_ids.shape[0]
 
+    @property
+    def jagged(self) -> JaggedBatch:
+        """The model's view of the batch (inputs only)."""
+        return JaggedBatch(self.item_ids, self.offsets, self.timestamps, self.query_time)
+
+
+_TENSORS = ("item_ids", "offsets", "timestamps", "query_time", "targets", "users")
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """The sequences of one step that this process trains on, and where their tokens sit among
+    the step's tokens (every replica's share laid end to end; see :class:`TrainBatch`)."""
+
+    rows: list[int]
+    row_offset: int = 0
+    row_total: int = -1  # -1: the rows are the whole step
+
 
 class TrainSequences(Dataset[TrainBatch]):
-    """Indexed by a list of sequence numbers (a whole batch), so workers build batches whole."""
+    """Indexed by :class:`BatchRows` (or a plain list of sequence numbers: a whole step), so
+    workers build batches whole."""
 
     def __init__(self, data: InteractionData, split: Split, max_seq_len: int) -> None:
         starts = data.user_offsets[:-1].astype(np.int64)
@@ -75,8 +104,10 @@ class TrainSequences(Dataset[TrainBatch]):
         """[N] input tokens of each sequence."""
         return self.window_end - self.window_start - 1
 
-    def __getitem__(self, rows: list[int]) -> TrainBatch:  # type: ignore[override]
-        rows_array = np.asarray(rows, dtype=np.int64)
+    def __getitem__(self, part: BatchRows | list[int]) -> TrainBatch:  # type: ignore[override]
+        if not isinstance(part, BatchRows):
+            part = BatchRows(list(part))
+        rows_array = np.asarray(part.rows, dtype=np.int64)
         start, end = self.window_start[rows_array], self.window_end[rows_array]
         inputs, offsets = concat_ranges(start, end - 1)
         return TrainBatch(
@@ -86,6 +117,8 @@ class TrainSequences(Dataset[TrainBatch]):
             query_time=torch.from_numpy(self.timestamps[end - 1].astype(np.int64)),
             targets=torch.from_numpy(self.items[inputs + 1].astype(np.int64)),
             users=torch.from_numpy(self.users[rows_array]),
+            row_offset=part.row_offset,
+            row_total=part.row_total,
         )
 
 
@@ -123,37 +156,15 @@ class EpochBatches(Sampler[list[int]]):
         return max(0, self.batches_per_epoch - self.start_batch)
 
 
-@dataclass(frozen=True)
-class ReplicaRows:
-    """One data-parallel replica's share of a global batch: its sequence numbers, and where its
-    tokens sit among the global batch's tokens (the replicas' shares laid end to end)."""
-
-    rows: list[int]
-    row_offset: int  # tokens of the global batch before this replica's
-    row_total: int  # tokens of the whole global batch
-
-
-@dataclass(frozen=True)
-class ReplicaBatch:
-    batch: TrainBatch  # this replica's sequences
-    row_offset: int
-    row_total: int
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> ReplicaBatch:
-        return ReplicaBatch(self.batch.to(device, non_blocking), self.row_offset, self.row_total)
-
-    def pin_memory(self) -> ReplicaBatch:
-        return ReplicaBatch(self.batch.pin_memory(), self.row_offset, self.row_total)
-
-
-class ReplicaBatches(Sampler[ReplicaRows]):
+class ReplicaBatches(Sampler[BatchRows]):
     """Each global batch of ``batches`` cut into ``dp_size`` contiguous parts (sizes differing by
     at most one; a part may be empty when the batch has fewer sequences than replicas); yields
     part ``dp_rank``. ``train.batch_size`` therefore stays the global batch: every replica count
-    trains on the same batches in the same order, and resume works as for one process."""
+    trains on the same batches in the same order, and resume works as for one process. With one
+    replica the part is the whole batch."""
 
     def __init__(
-        self, batches: EpochBatches, lengths: np.ndarray, dp_size: int, dp_rank: int
+        self, batches: EpochBatches, lengths: np.ndarray, dp_size: int = 1, dp_rank: int = 0
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
@@ -166,11 +177,11 @@ class ReplicaBatches(Sampler[ReplicaRows]):
     def seed(self) -> int:
         return self.batches.seed
 
-    def __iter__(self) -> Iterator[ReplicaRows]:
+    def __iter__(self) -> Iterator[BatchRows]:
         for rows in self.batches:
             parts = np.array_split(np.asarray(rows, dtype=np.int64), self.dp_size)
             tokens = [int(self.lengths[part].sum()) for part in parts]
-            yield ReplicaRows(
+            yield BatchRows(
                 rows=parts[self.dp_rank].tolist(),
                 row_offset=sum(tokens[: self.dp_rank]),
                 row_total=sum(tokens),
@@ -178,19 +189,6 @@ class ReplicaBatches(Sampler[ReplicaRows]):
 
     def __len__(self) -> int:
         return len(self.batches)
-
-
-class ReplicaSequences(Dataset[ReplicaBatch]):
-    """:class:`TrainSequences` indexed by :class:`ReplicaRows`."""
-
-    def __init__(self, sequences: TrainSequences) -> None:
-        self.sequences = sequences
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def __getitem__(self, part: ReplicaRows) -> ReplicaBatch:  # type: ignore[override]
-        return ReplicaBatch(self.sequences[part.rows], part.row_offset, part.row_total)
 
 
 def train_loader(

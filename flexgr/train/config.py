@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flexgr.data import PROTOCOLS
-from flexgr.model.registry import ARCHS, arch_fields
+from flexgr.model.registry import MODELS, arch_fields, get_spec
 
 
 class ConfigError(ValueError):
@@ -185,8 +185,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 def _model_from_table(table: dict[str, Any], source: str) -> ModelConfig:
     arch = table.get("arch", ModelConfig.arch)
-    if arch not in ARCHS:
-        raise ConfigError(f"{source}: model.arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if arch not in MODELS:
+        raise ConfigError(f"{source}: model.arch {arch!r} is not one of {', '.join(MODELS)}")
     fields = arch_fields(arch)
     options: dict[str, Any] = {}
     for key, value in table.items():
@@ -202,7 +202,7 @@ def _model_from_table(table: dict[str, Any], source: str) -> ModelConfig:
 
 
 def _config_cls(arch: str) -> type:
-    return ARCHS[arch][1]
+    return get_spec(arch).config_cls
 
 
 def load_config(path: str | Path) -> Config:
@@ -264,8 +264,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raw["model"]["arch"] = value
                 continue
             arch = raw["model"]["arch"]
-            if arch not in ARCHS:
-                raise ConfigError(f"--set model.arch: {arch!r} is not one of {', '.join(ARCHS)}")
+            if arch not in MODELS:
+                raise ConfigError(f"--set model.arch: {arch!r} is not one of {', '.join(MODELS)}")
             fields = arch_fields(arch)
             if key not in fields:
                 raise ConfigError(
@@ -280,7 +280,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         raw[section][key] = _parse_value(value, hint, f"{section}.{key}")
     if raw["model"]["arch"] != cfg.model.arch:
         # Settings shared by both archs carry over; the rest belonged to the old arch.
-        fields = arch_fields(raw["model"]["arch"]) if raw["model"]["arch"] in ARCHS else {}
+        fields = arch_fields(raw["model"]["arch"]) if raw["model"]["arch"] in MODELS else {}
         set_keys = {k for s, k, _ in parsed if s == "model"}
         raw["model"] = {
             k: v for k, v in raw["model"].items() if k == "arch" or k in fields or k in set_keys
@@ -352,22 +352,21 @@ def validate(cfg: Config) -> None:
     _require(e.metric in allowed, f"eval.metric must be one of {', '.join(sorted(allowed))}")
     _require(p.dp >= 1, "parallel.dp must be >= 1")
     _require(p.cp >= 1, "parallel.cp must be >= 1")
-    if p.cp > 1 and cfg.model.arch != "hstu":
+    spec = get_spec(cfg.model.arch)
+    if p.cp > 1 and not spec.capabilities.context_parallel:
+        able = ", ".join(n for n, s in MODELS.items() if s.capabilities.context_parallel)
         raise ConfigError(
-            f"parallel.cp={p.cp} needs model.arch=hstu: context parallelism splits each sequence "
-            f"over ranks and adds the ranks' partial attention sums, which works for HSTU's "
-            f"pointwise attention; {cfg.model.arch}'s softmax attention would need a log-sum-exp "
-            f"merge across ranks (not implemented); use parallel.cp=1 (data parallelism only)"
+            f"parallel.cp={p.cp} needs a model with context parallelism ({able}): it splits each "
+            f"sequence over ranks and adds the ranks' partial attention sums, which works for "
+            f"HSTU's pointwise attention; {cfg.model.arch}'s softmax attention would need a "
+            f"log-sum-exp merge across ranks (not implemented); use parallel.cp=1 (data "
+            f"parallelism only)"
         )
-    if cfg.model.arch == "hstu":
-        heads = cfg.model_options()["num_heads"]
-        _require(heads >= 1, "model.num_heads must be >= 1")
-    if cfg.model.arch == "sasrec":
-        options = cfg.model_options()
-        _require(
-            options["d_model"] % options["num_heads"] == 0,
-            "model.d_model must be divisible by model.num_heads for sasrec",
-        )
+    if spec.validate is not None:
+        try:
+            spec.validate(cfg.model_options())
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _require(ok: bool, message: str) -> None:

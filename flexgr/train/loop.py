@@ -19,18 +19,11 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from flexgr.data import InteractionData, Split
-from flexgr.distributed import ParallelContext
+from flexgr.distributed import ParallelContext, single_process
 from flexgr.eval import evaluate
 from flexgr.export import export_model
-from flexgr.train.batches import (
-    EpochBatches,
-    ReplicaBatch,
-    ReplicaBatches,
-    ReplicaSequences,
-    TrainBatch,
-    TrainSequences,
-    train_loader,
-)
+from flexgr.model.registry import spec_of
+from flexgr.train.batches import EpochBatches, ReplicaBatches, TrainBatch, TrainSequences, train_loader
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from flexgr.train.config import Config, dump_config, eval_batch_size, exclusion, item_pool
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
@@ -98,8 +91,10 @@ class Callback:
 
 
 class Trainer:
-    """The state of one training process (one rank under torchrun, ``ctx`` then set). Use
-    :func:`fit`; this class keeps fit readable."""
+    """The state of one training process: one rank under torchrun, or the only process (a
+    single-process context, world size 1). Either way one step function runs: each process
+    backpropagates its token losses over the step's token count, and the reductions do
+    nothing at world size 1. Use :func:`fit`; this class keeps fit readable."""
 
     def __init__(
         self,
@@ -115,27 +110,25 @@ class Trainer:
         self.console = console
         self.show_progress = show_progress
         self.callbacks = list(callbacks)
-        self.ctx = ctx
-        self.is_main = ctx is None or ctx.is_main
         t = cfg.train
         if t.deterministic:
             set_deterministic(True)
         try:
-            self.device = ctx.device if ctx is not None else resolve_device(t.device)
+            self.ctx = ctx if ctx is not None else single_process(resolve_device(t.device))
+            self.device = self.ctx.device
             self.amp_dtype = autocast_dtype(t.precision, self.device)
         except ValueError as err:
             raise TrainError(str(err)) from None
-        if ctx is not None:
-            on_main(ctx, lambda: _prepare(cfg))  # a built-in dataset is prepared by rank 0 alone
+        ctx = self.ctx
+        self.is_main = ctx.is_main
+        on_main(ctx, lambda: _prepare(cfg))  # a built-in dataset is prepared by rank 0 alone
         self.data: InteractionData = load_dataset(cfg)
         self.split: Split = load_split(cfg, self.data)
         seed_everything(t.seed)
         # Items 1..num_items are the ones the model ranks and draws negatives from.
         self.num_items = self.data.pool_size(item_pool(cfg))
         self.model: nn.Module = new_model(cfg, self.num_items).to(self.device)
-        self.parallel: ParallelStep | None = None
-        if ctx is not None:
-            self.parallel = ParallelStep(ctx, self.model, t.seed)
+        self.spec = spec_of(self.model)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=t.lr,
@@ -145,28 +138,26 @@ class Trainer:
         )
         self.state = TrainState()
         self.best_weights: dict[str, Tensor] | None = None
-        # One process trains and evaluates with self.forward; under torchrun it only evaluates
-        # and self.parallel runs the training forward.
+        # (item ids, prepared inputs) -> states: the model, or the compiled model. Evaluation
+        # uses it on every process; training uses it inside the step at world size 1 (under
+        # torchrun the step runs the DDP-wrapped model eagerly, see ParallelStep).
         self.forward: Callable[..., Tensor] = self.model
         self.loss_fn: Callable[..., Tensor] = sampled_softmax_loss
         if t.compile and self.device.type == "cuda":
             # dynamic: the packed length T changes every batch.
             self.forward = torch.compile(self.model, dynamic=True)
             self.loss_fn = torch.compile(sampled_softmax_loss, dynamic=True)
+        self.parallel = ParallelStep(ctx, self.model, t.seed)
         self.sequences = TrainSequences(self.data, self.split, cfg.data.max_seq_len)
         if len(self.sequences) == 0:
             raise TrainError(
                 f"no user of {self.data.name!r} has two training events; nothing to train on"
             )
         self.batches = EpochBatches(len(self.sequences), t.batch_size, t.seed)
-        dataset: TrainSequences | ReplicaSequences = self.sequences
-        sampler: EpochBatches | ReplicaBatches = self.batches
-        if ctx is not None:
-            # train.batch_size stays the global batch; each replica takes a contiguous part.
-            dataset = ReplicaSequences(self.sequences)
-            sampler = ReplicaBatches(self.batches, self.sequences.lengths, ctx.dp_size, ctx.dp_rank)
+        # train.batch_size stays the global batch; each replica takes a contiguous part.
+        sampler = ReplicaBatches(self.batches, self.sequences.lengths, ctx.dp_size, ctx.dp_rank)
         self.loader = train_loader(
-            dataset,
+            self.sequences,
             sampler,
             num_workers=worker_count(t.num_workers, self.device),
             pin_memory=self.device.type == "cuda",
@@ -264,7 +255,7 @@ class Trainer:
         )
         return True
 
-    def train_step(self, batch: TrainBatch | ReplicaBatch) -> Tensor:
+    def train_step(self, batch: TrainBatch) -> Tensor:
         # A failure while compiling (forward or backward) happens before optimizer.step(), so
         # the step can simply be redone eagerly.
         try:
@@ -274,25 +265,33 @@ class Trainer:
                 raise
             return self._train_step(batch)
 
-    def _train_step(self, batch: TrainBatch | ReplicaBatch) -> Tensor:
-        if isinstance(batch, ReplicaBatch):
-            return self._parallel_train_step(batch)
-        t = self.cfg.train
-        with self._begin_step():
-            states = self.forward(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
-        negatives = sample_negatives(
-            batch.num_tokens, t.num_negatives, self.num_items, self.device
+    def _train_step(self, part: TrainBatch) -> Tensor:
+        """One step on this process's share of the step's batch; returns the loss of the whole
+        step's batch (on every process)."""
+        t, ctx = self.cfg.train, self.ctx
+        autocast = self._begin_step()
+        # The batch's attention inputs (mask, positions, bias tables) are built here, once,
+        # outside the (possibly compiled) forward.
+        states, targets, rows = self.parallel.outputs(
+            part, self.state.step, autocast, self.forward
         )
-        # The loss runs in fp32: bf16 logits divided by a 0.05 temperature lose too much.
-        loss = self.loss_fn(
-            states.float(),
-            batch.targets,
+        # Drawn for the whole step's batch, as one process draws them, after the forward's
+        # dropout as in one process; then this process's rows.
+        negatives = sample_negatives(part.row_total, t.num_negatives, self.num_items, self.device)
+        if ctx.world_size > 1:
+            negatives = negatives[rows]
+        loss_sum = self.loss_fn(
+            states.float(),  # the loss runs in fp32: bf16 logits / 0.05 lose too much
+            targets,
             negatives,
             self.model.item_embeddings().float(),
             t.temperature,
+            reduction="sum",
         )
-        self._descend(loss)
-        return loss.detach()
+        # This process's share of the step's mean; DDP sums the shares' gradients over ranks.
+        share = loss_sum / part.row_total
+        self._descend(share)
+        return ctx.all_reduce_sum(share.detach())
 
     def _begin_step(self) -> contextlib.AbstractContextManager:
         """Set this step's learning rate; the autocast context of the forward."""
@@ -312,30 +311,6 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
 
-    def _parallel_train_step(self, part: ReplicaBatch) -> Tensor:
-        """One step on this rank's share; returns the loss of the global batch (every rank)."""
-        t, ctx, parallel = self.cfg.train, self.ctx, self.parallel
-        assert ctx is not None and parallel is not None
-        autocast = self._begin_step()
-        states, targets, rows = parallel.outputs(part, self.state.step, autocast)
-        # Drawn for the whole global batch, as one process draws them, after the forward's
-        # dropout as in one process; then this rank's rows.
-        negatives = sample_negatives(
-            part.row_total, t.num_negatives, self.num_items, self.device
-        )[rows]
-        loss_sum = self.loss_fn(
-            states.float(),
-            targets,
-            negatives,
-            self.model.item_embeddings().float(),
-            t.temperature,
-            reduction="sum",
-        )
-        # This rank's share of the global mean; DDP sums the shares' gradients over all ranks.
-        share = loss_sum / part.row_total
-        self._descend(share)
-        return ctx.all_reduce_sum(share.detach())
-
     def run_epoch(self, progress: TrainProgress) -> bool:
         """Train the rest of the current epoch; False if max_steps cut it short."""
         t, state = self.cfg.train, self.state
@@ -353,7 +328,7 @@ class Trainer:
             self._loss_steps += 1
             state.step += 1
             state.batch_in_epoch += 1
-            interval_tokens += _global_tokens(cpu_batch)
+            interval_tokens += cpu_batch.row_total  # the step's tokens, all replicas
             progress.advance()
             if state.step % t.log_every == 0:
                 elapsed = time.perf_counter() - interval_start
@@ -418,8 +393,8 @@ class Trainer:
             autocast_dtype=self.amp_dtype,
             forward=self.forward,
             # Under torchrun every rank ranks a share of the batches with the plain model.
-            part=(self.ctx.rank, self.ctx.world_size) if self.ctx is not None else (0, 1),
-            reduce=self.ctx.all_reduce_sum if self.ctx is not None else None,
+            part=(self.ctx.rank, self.ctx.world_size),
+            reduce=self.ctx.all_reduce_sum if self.ctx.world_size > 1 else None,
         )
         return metrics, time.perf_counter() - start
 
@@ -534,10 +509,7 @@ class Trainer:
             item_ids = self.data.pool_item_ids(item_pool(self.cfg))
             export_model(self.model, self.run.model, item_ids=item_ids, metadata=metadata)
 
-        if self.ctx is None:
-            export()
-        else:
-            on_main(self.ctx, export)
+        on_main(self.ctx, export)
         progress.print(
             f"test at epoch {epoch}: "
             + ", ".join(f"{k} {test[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr") if k in test)
@@ -616,8 +588,3 @@ def _fit(
 
 def _prepare(cfg: Config) -> None:
     load_dataset(cfg)
-
-
-def _global_tokens(batch: TrainBatch | ReplicaBatch) -> int:
-    """Tokens of the step's whole batch (all ranks), for tokens_per_s."""
-    return batch.row_total if isinstance(batch, ReplicaBatch) else batch.num_tokens

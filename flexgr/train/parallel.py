@@ -1,11 +1,11 @@
-"""What training does differently under torchrun: the mesh, the wrapped model, sharded steps.
+"""The parallel setting of a run: the mesh, the wrapped model, and each step's forward.
 
-A run with one process never comes here, so its code path (and its numbers) are the same as
-before data and context parallelism existed.
+One process is the case world size = 1 of the same code: its step prepares the batch's inputs
+with the model's spec, runs the (possibly compiled) model, and every reduction is a no-op.
 
 Per step, with ``row_total`` tokens in the global batch (all replicas together):
 
-* the replica's sequences are sharded over its CP ranks (``shard_hstu_batch``);
+* the replica's sequences are sharded over its CP ranks (the model spec's ``prepare_sharded``);
 * dropout masks and negatives are drawn for all ``row_total`` rows from the torch generator,
   which is seeded alike and advanced alike on every rank, and each rank keeps its rows: the
   draws equal those of one process on the combined batch;
@@ -15,6 +15,7 @@ Per step, with ``row_total`` tokens in the global batch (all replicas together):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -31,10 +32,10 @@ from flexgr.distributed import (
     init_parallel,
     parallelize,
     rank_local_rng,
-    shard_hstu_batch,
 )
-from flexgr.model.hstu import HSTU
-from flexgr.train.batches import ReplicaBatch
+from flexgr.model.registry import spec_of
+from flexgr.model.spec import shard_inputs
+from flexgr.train.batches import TrainBatch
 from flexgr.train.config import Config
 
 V = TypeVar("V")
@@ -126,44 +127,48 @@ def on_main(ctx: ParallelContext, work: Callable[[], V]) -> V:
 
 
 class ParallelStep:
-    """The forward of one training step on this rank's share of a global batch.
+    """The forward of one training step on this process's share of the step's batch.
 
-    It runs eagerly, also where one process compiles the model (CUDA): compiling it would trace
-    DDP, the CP collectives, the sharding's host syncs and the dropout binding, which has not
-    been validated on GPUs yet. Attention kernels are compiled or Triton either way, and the
-    loss and evaluation stay compiled.
+    At world size 1 it calls the ``forward`` it is given (the model, or the compiled model)
+    with plain dropout.
+    Under torchrun it runs the DDP-wrapped model eagerly: compiling it would trace DDP, the CP
+    collectives and the dropout binding, which has not been validated on GPUs yet. Attention
+    kernels are Triton either way, and the loss and evaluation stay compiled.
     """
 
     def __init__(self, ctx: ParallelContext, model: nn.Module, seed: int) -> None:
         self.ctx = ctx
         self.seed = seed
-        self.hstu = isinstance(model, HSTU)
-        # HSTU's dropout is row-wise over tokens, so it can be drawn for the world batch and
-        # indexed; SASRec's attention dropout runs on a padded local batch and cannot.
-        self.net = parallelize(model, ctx, replicate_dropout=self.hstu)
+        self.model = model
+        self.spec = spec_of(model)
+        self.single = ctx.world_size == 1
+        # Row-wise dropout (HSTU) is drawn for the world batch and indexed; other models' (e.g.
+        # SASRec's attention dropout on a padded local batch) draw from a rank-local generator.
+        # One process draws as it always did.
+        self.row_wise = self.spec.capabilities.row_wise_dropout
+        self.net: nn.Module | None = None
+        if not self.single:
+            self.net = parallelize(model, ctx, replicate_dropout=self.row_wise)
 
     def outputs(
-        self, part: ReplicaBatch, step: int, autocast: AbstractContextManager
+        self,
+        part: TrainBatch,
+        step: int,
+        autocast: AbstractContextManager,
+        forward: Callable[..., Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(this rank's output states [T_r, d], their targets [T_r], their world rows [T_r])."""
-        batch = part.batch
-        if self.hstu:
-            sharded = shard_hstu_batch(
-                batch.item_ids,
-                batch.offsets,
-                cp_rank=self.ctx.cp_rank,
-                cp_size=self.ctx.cp_size,
-                timestamps=batch.timestamps,
-                query_time=batch.query_time,
-                row_offset=part.row_offset,
-                row_total=part.row_total,
-            )
-            with autocast:
-                states = self.net(sharded)
-            return states, sharded.take(batch.targets), sharded.world_rows
-        rows = torch.arange(
-            part.row_offset, part.row_offset + batch.num_tokens, device=batch.item_ids.device
+        """(this process's output states [T_r, d], their targets [T_r], their world rows)."""
+        sharded = shard_inputs(
+            self.model, part.jagged, self.ctx, part.row_offset, part.row_total, self.spec
         )
-        with rank_local_rng(self.seed, step, self.ctx.rank, self.ctx.device), autocast:
-            states = self.net(batch.item_ids, batch.offsets, batch.timestamps, batch.query_time)
-        return states, batch.targets, rows
+        rng = (
+            contextlib.nullcontext()
+            if self.row_wise or self.single
+            else rank_local_rng(self.seed, step, self.ctx.rank, self.ctx.device)
+        )
+        with rng, autocast:
+            if self.net is None:
+                states = (forward or self.model)(sharded.item_ids, sharded.inputs)
+            else:
+                states = self.net(sharded)
+        return states, sharded.take(part.targets), sharded.world_rows

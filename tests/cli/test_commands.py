@@ -67,7 +67,7 @@ def test_presets_command() -> None:
         (["train", "missing.toml"], ["no such config file: missing.toml"]),
         (
             ["train", "--set", "model.arch=sasrec", "--set", "parallel.cp=2", "--print-config"],
-            ["parallel.cp=2 needs model.arch=hstu", "sasrec"],
+            ["parallel.cp=2 needs a model with context parallelism (hstu)", "sasrec"],
         ),
         (
             ["train", "--set", "parallel.cp=2", "--run-dir", "never/created"],

@@ -17,15 +17,16 @@ from flexgr.distributed import (
     cp_attention,
     cp_flex,
     cp_hstu_attention,
-    gather_tokens,
+    gather_outputs,
     init_parallel,
     parallelize,
-    shard_hstu_batch,
     shard_tokens,
     unwrap,
 )
 from flexgr.masks import and_masks, build_custom_mask, jagged, semi_local
-from flexgr.model import HSTU, HSTUConfig
+from flexgr.batch import JaggedBatch
+from flexgr.model import HSTU, HSTUConfig, encode
+from flexgr.model.spec import shard_inputs
 from flexgr.ops import flex as ops_flex
 from flexgr.ops import hstu_attention
 from tests.conftest import make_offsets
@@ -198,7 +199,7 @@ def _train_two_steps(ref: HSTU, net: torch.nn.Module, ctx, global_batches, local
         W = torch.randn(ids.shape[0], 16, generator=torch.Generator().manual_seed(step))
         W = W.to(ids.device)
         opt_ref.zero_grad()
-        out_ref = ref(ids, off, ts, qt, nt)
+        out_ref = encode(ref, JaggedBatch(ids, off, ts, qt, nt))
         ((out_ref * W).sum() / ids.shape[0]).backward()
 
         batch, rows = local  # rows: which global rows this rank's batch covers
@@ -214,7 +215,7 @@ def _train_two_steps(ref: HSTU, net: torch.nn.Module, ctx, global_batches, local
         for name, grad in _param_grads(unwrap(net)).items():
             check(f"step {step} grad {name}", grad, want[name])
         if ctx.cp_size > 1:
-            full = gather_tokens(out, batch.shard, ctx.cp_group)
+            full = gather_outputs(out, batch.shard, ctx.cp_group)
             check(f"step {step} gathered output", full, out_ref[rows])
         opt_ref.step()
         opt.step()
@@ -257,15 +258,7 @@ def model_parallel(dp: int, cp: int, backend: str = "reference", device: str = "
         glob, rows, (ids, off, ts, qt, nt) = _split_for_dp(
             L, ctx.dp_rank, ctx.dp_size, seed=step, device=dev
         )
-        batch = shard_hstu_batch(
-            ids,
-            off,
-            cp_rank=ctx.cp_rank,
-            cp_size=ctx.cp_size,
-            timestamps=ts,
-            query_time=qt,
-            num_targets=nt,
-        )
+        batch = shard_inputs(model, JaggedBatch(ids, off, ts, qt, nt), ctx)
         global_batches.append(glob)
         local_batches.append((batch, rows))
     _train_two_steps(ref, net, ctx, global_batches, local_batches)

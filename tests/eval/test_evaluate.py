@@ -7,9 +7,10 @@ import pyarrow as pa
 import pytest
 import torch
 
+from flexgr.batch import JaggedBatch
 from flexgr.data import RawEvents, build_interactions, make_split
 from flexgr.eval import evaluate
-from flexgr.model import HSTU, HSTUConfig, SASRec, SASRecConfig
+from flexgr.model import HSTU, HSTUConfig, SASRec, SASRecConfig, encode
 
 
 def random_data(users: int = 24, items: int = 25, seed: int = 0):
@@ -40,7 +41,8 @@ def brute_force(model, data, split, which, max_seq_len, ks, exclude) -> dict[str
             ids = torch.from_numpy(data.items[start:target].astype(np.int64))
             ts = torch.from_numpy(data.timestamps[start:target])
             query_time = torch.tensor([int(data.timestamps[target])])
-            state = model(ids, torch.tensor([0, len(ids)]), ts, query_time)[-1].double()
+            state = encode(model, JaggedBatch(ids, torch.tensor([0, len(ids)]), ts, query_time))
+            state = state[-1].double()
             scores = table[1:] @ state
             item = int(data.items[target])
             first = {"all": int(data.user_offsets[user]), "window": start, "none": target}

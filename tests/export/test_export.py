@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import flexgr
+from flexgr.batch import JaggedBatch
 from flexgr.export import ExportError, Recommender, UnknownItemError, export_model, load
-from flexgr.model import HSTU, HSTUConfig, SASRec, SASRecConfig
+from flexgr.batch import JaggedBatch
+from flexgr.model import HSTU, HSTUConfig, SASRec, SASRecConfig, encode, encode
 
 ITEMS = [f"m{i}" for i in range(1, 21)]
 
@@ -41,7 +43,10 @@ def test_export_then_load_gives_identical_scores(arch: str, tmp_path: Path) -> N
     history, times = ["m3", "m7", "m1", "m12", "m5", "m9", "m2"], [10, 20, 30, 40, 50, 60, 70]
     ids = torch.tensor([ITEMS.index(h) + 1 for h in history[-5:]])
     with torch.no_grad():
-        state = model(ids, torch.tensor([0, 5]), torch.tensor(times[-5:]), torch.tensor([70]))[-1]
+        state = encode(
+            model,
+            JaggedBatch(ids, torch.tensor([0, 5]), torch.tensor(times[-5:]), torch.tensor([70])),
+        )[-1]
         expected = model.item_embeddings()[1:] @ state
     assert torch.equal(rec.scores(history, times), expected)
     for other in (tmp_path / "m.safetensors", tmp_path / "m.json"):

@@ -1,17 +1,19 @@
-"""The seam distributed code uses to run HSTU's layers: token tables + an attention callable."""
+"""The seam parallel code uses: a layer calls the prepared inputs' attention, nothing else."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from flexgr.model import HSTU, HSTUConfig
-from flexgr.ops import hstu_attention
+from flexgr.batch import JaggedBatch
+from flexgr.model import HSTU, HSTUConfig, get_spec
 from tests.conftest import make_offsets
 
 
-def test_model_attention_seam_is_the_only_change():
-    """HSTU.encode with an attention callable uses it in every layer; with hstu_attention it is
-    the model's forward."""
+def test_every_layer_calls_the_prepared_attention_and_nothing_else():
+    """HSTU with inputs whose attention is a spy equals the plain forward; the spy saw every
+    layer. So inputs restricted to one rank's tokens (CP) change the attention and nothing else."""
     torch.manual_seed(0)
     model = HSTU(
         HSTUConfig(
@@ -27,16 +29,16 @@ def test_model_attention_seam_is_the_only_change():
     ).eval()
     offsets = make_offsets([5, 1, 12])
     ids = torch.randint(1, 31, (18,))
-    ts = torch.arange(18) * 1000
+    batch = JaggedBatch(ids, offsets, torch.arange(18) * 1000)
+    inputs = get_spec("hstu").prepare(model, batch)
     calls = []
 
     def spy(*args, **kwargs):
         calls.append(kwargs["max_seq_len"])
-        return hstu_attention(*args, **kwargs)
+        return inputs.attention(*args, **kwargs)
 
     with torch.no_grad():
-        tokens = model.token_tables(ids, offsets, ts)
-        out = model.encode(ids, tokens, attention=spy)
-        plain = model(ids, offsets, ts)
+        out = model(ids, dataclasses.replace(inputs, attention=spy))
+        plain = model(ids, inputs)
     assert calls == [model.cfg.attn_len] * 3
     torch.testing.assert_close(out, plain, rtol=0, atol=0)

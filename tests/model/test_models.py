@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexgr.model import HSTU, SASRec, HSTUConfig, SASRecConfig
+from flexgr.batch import JaggedBatch
+from flexgr.model import HSTU, HSTUConfig, SASRec, SASRecConfig, encode
 from tests.conftest import make_offsets
+
+
+def encode_batch(model, ids, offsets, ts=None, query=None, num_targets=None):
+    """The model on one packed batch, its inputs prepared as training does."""
+    return encode(model, JaggedBatch(ids, offsets, ts, query, num_targets))
 
 
 def batch(lengths: list[int], num_items: int = 50, seed: int = 0):
@@ -32,10 +38,10 @@ def test_hstu_packed_equals_each_sequence_alone(backend, over):
     ids, offsets, ts = batch(lengths)
     query = ts[offsets[1:] - 1] + 7
     with torch.no_grad():
-        packed = model(ids, offsets, ts, query)
+        packed = encode_batch(model, ids, offsets, ts, query)
         for b, L in enumerate(lengths):
             s = int(offsets[b])
-            alone = model(ids[s:s + L], make_offsets([L]), ts[s:s + L], query[b:b + 1])
+            alone = encode_batch(model, ids[s:s + L], make_offsets([L]), ts[s:s + L], query[b:b + 1])
             torch.testing.assert_close(packed[s:s + L], alone, rtol=1e-9, atol=1e-9)
 
 
@@ -46,8 +52,8 @@ def test_hstu_flex_equals_reference_forward():
     ref = hstu(backend="reference").eval()
     flx = hstu(backend="flex").eval()
     with torch.no_grad():
-        a = ref(ids, offsets, ts, num_targets=nt)
-        b = flx(ids, offsets, ts, num_targets=nt)
+        a = encode_batch(ref, ids, offsets, ts, num_targets=nt)
+        b = encode_batch(flx, ids, offsets, ts, num_targets=nt)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -69,7 +75,7 @@ def test_target_invariance():
             captured["emb"] = out
 
         handle = model.item_emb.register_forward_hook(keep)
-        out = model(ids[order], offsets, ts, num_targets=nt)
+        out = encode_batch(model, ids[order], offsets, ts, num_targets=nt)
         handle.remove()
         (out * weights[order]).sum().backward()
         return out.detach(), captured["emb"].grad
@@ -85,10 +91,10 @@ def test_targets_do_not_see_each_other():
     model = hstu(backend="reference").eval()
     ids, offsets, ts = batch([10])
     nt = torch.tensor([3])
-    base = model(ids, offsets, ts, num_targets=nt).detach()
+    base = encode_batch(model, ids, offsets, ts, num_targets=nt).detach()
     changed = ids.clone()
     changed[9] = (ids[9] % 50) + 1  # change the last target
-    out = model(changed, offsets, ts, num_targets=nt).detach()
+    out = encode_batch(model, changed, offsets, ts, num_targets=nt).detach()
     torch.testing.assert_close(out[:9], base[:9])
     assert not torch.allclose(out[9], base[9])
 
@@ -101,7 +107,7 @@ def test_forward_backward_on_jagged_batch(model_cls):
     else:
         model = SASRec(SASRecConfig(num_items=50, d_model=16, num_heads=2, ffn_dim=32, max_seq_len=40))
     ids, offsets, ts = batch([7, 1, 40, 3])
-    out = model.train()(ids, offsets, ts)
+    out = encode_batch(model.train(), ids, offsets, ts)
     assert out.shape == (ids.numel(), 16)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(ids.numel()))
     scores = out @ model.item_embeddings().T
@@ -116,17 +122,17 @@ def test_sasrec_packed_equals_each_sequence_alone():
     lengths = [5, 1, 33]
     ids, offsets, _ = batch(lengths)
     with torch.no_grad():
-        packed = model(ids, offsets)
+        packed = encode_batch(model, ids, offsets)
         for b, L in enumerate(lengths):
             s = int(offsets[b])
-            torch.testing.assert_close(packed[s:s + L], model(ids[s:s + L], make_offsets([L])))
+            torch.testing.assert_close(packed[s:s + L], encode_batch(model, ids[s:s + L], make_offsets([L])))
 
 
 def test_hstu_relative_bias_is_used():
     model = hstu(backend="reference").eval()
     ids, offsets, ts = batch([12])
-    a = model(ids, offsets, ts).detach()
-    b = model(ids, offsets, ts * 1000).detach()
+    a = encode_batch(model, ids, offsets, ts).detach()
+    b = encode_batch(model, ids, offsets, ts * 1000).detach()
     assert not torch.allclose(a, b)
     model_nobias = hstu(backend="reference", rel_bias=False).eval()
     assert all(layer.rab is None for layer in model_nobias.layers)
@@ -146,7 +152,7 @@ def test_gpu_hstu_flex_matches_reference_in_training_mode():
     nt = torch.tensor([0, 3, 5, 1], device="cuda")
     outs = []
     for model in (ref, flx):
-        out = model(ids, offsets, ts, num_targets=nt)
+        out = encode_batch(model, ids, offsets, ts, num_targets=nt)
         out.square().sum().backward()
         outs.append((out, [p.grad for p in model.parameters()]))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)

@@ -10,7 +10,6 @@ from flexgr.data import RawEvents, build_interactions, make_split
 from flexgr.train.batches import (
     EpochBatches,
     ReplicaBatches,
-    ReplicaSequences,
     TrainSequences,
     train_loader,
 )
@@ -149,23 +148,24 @@ def test_replica_parts_tile_the_global_batch_in_token_order(dp: int) -> None:
     batches = EpochBatches(len(sequences), batch_size=4, seed=3)
     batches.set_epoch(2, start_batch=1)
     parts = [
-        [ReplicaSequences(sequences)[p] for p in ReplicaBatches(batches, sequences.lengths, dp, r)]
+        [sequences[p] for p in ReplicaBatches(batches, sequences.lengths, dp, r)]
         for r in range(dp)
     ]
     whole = [sequences[rows] for rows in batches]
     assert all(len(p) == len(whole) for p in parts)
+    assert all(full.row_offset == 0 and full.row_total == full.num_tokens for full in whole)
     for b, full in enumerate(whole):
         pieces = [p[b] for p in parts]
         assert all(piece.row_total == full.num_tokens for piece in pieces)
         # Replica r's tokens are rows [row_offset, row_offset + T_r) of the global batch.
         assert [piece.row_offset for piece in pieces] == np.cumsum(
-            [0] + [piece.batch.num_tokens for piece in pieces[:-1]]
+            [0] + [piece.num_tokens for piece in pieces[:-1]]
         ).tolist()
-        joined = torch.cat([piece.batch.item_ids for piece in pieces])
+        joined = torch.cat([piece.item_ids for piece in pieces])
         assert torch.equal(joined, full.item_ids)
-        assert torch.equal(torch.cat([piece.batch.users for piece in pieces]), full.users)
-        sizes = [piece.batch.users.numel() for piece in pieces]
+        assert torch.equal(torch.cat([piece.users for piece in pieces]), full.users)
+        sizes = [piece.users.numel() for piece in pieces]
         assert max(sizes) - min(sizes) <= 1
     if dp == 7:  # batches of 4 (and a last one of 2) leave replicas with nothing
-        empty = parts[6][0].batch
+        empty = parts[6][0]
         assert empty.num_tokens == 0 and empty.offsets.tolist() == [0]

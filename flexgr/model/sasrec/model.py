@@ -1,4 +1,6 @@
-"""SASRec (Kang & McAuley 2018): the softmax causal Transformer baseline, pre-LN with an FFN."""
+"""SASRec (Kang & McAuley 2018): the softmax causal Transformer baseline, pre-LN with an FFN.
+
+Architecture only; its per-batch inputs come from :mod:`flexgr.model.sasrec.inputs`."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexgr.masks.layout import seq_ids_and_local
 from flexgr.model.embedding import ItemEmbedding, SequenceInput, l2_normalize
-from flexgr.ops.jagged import lengths_of, to_jagged, to_padded
+from flexgr.model.sasrec.inputs import SASRecInputs
+from flexgr.ops.jagged import to_jagged, to_padded
 
 
 @dataclass
@@ -71,22 +73,10 @@ class SASRec(nn.Module):
         self.layers = nn.ModuleList(SASRecLayer(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=1e-8)
 
-    def forward(
-        self,
-        item_ids: Tensor,
-        offsets: Tensor,
-        timestamps: Tensor | None = None,
-        query_time: Tensor | None = None,
-        num_targets: Tensor | None = None,
-    ) -> Tensor:
-        if num_targets is not None:
-            raise ValueError("SASRec does not support num_targets (target-aware masks are HSTU's)")
-        # An empty batch (B = 0) is allowed: a data-parallel replica can draw no sequences.
-        max_len = int(lengths_of(offsets).max()) if offsets.numel() > 1 else 0
-        _, positions = seq_ids_and_local(offsets, item_ids.shape[0])
-        x = self.input(self.item_emb(item_ids), positions.long())
+    def forward(self, item_ids: Tensor, inputs: SASRecInputs) -> Tensor:
+        x = self.input(self.item_emb(item_ids), inputs.positions)
         for layer in self.layers:
-            x = layer(x, offsets, max_len)
+            x = layer(x, inputs.offsets, inputs.max_len)
         return l2_normalize(self.final_norm(x))
 
     def item_embeddings(self, ids: Tensor | None = None) -> Tensor:

@@ -1,0 +1,157 @@
+"""HSTU's per-batch inputs, prepared once per batch outside the forward and shared by every layer.
+
+:func:`prepare` turns a :class:`~flexgr.batch.JaggedBatch` into :class:`HSTUInputs`: the
+position ids the embedding reads and an attention call with the batch's mask, backend and
+per-token bias tables bound. Context parallelism prepares the same object restricted to one
+rank's tokens (:mod:`flexgr.model.hstu.parallelize`), so the layers never know which they got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+from flexgr.batch import JaggedBatch
+from flexgr.masks.block import HSTUMask, build_custom_mask, build_hstu_mask
+from flexgr.masks.layout import JaggedLayout, build_layout
+from flexgr.masks.mods import MaskMod, and_masks, jagged
+from flexgr.masks.registry import BUILTIN_RULE, mask_rule
+from flexgr.ops.attention import default_backend, hstu_attention
+from flexgr.ops.rab import RelativeBias, next_timestamps
+
+if TYPE_CHECKING:
+    from flexgr.model.hstu.model import HSTU, HSTUConfig
+
+BiasWeights = tuple[Tensor, Tensor]  # (pos_w [2N - 1], ts_w [num_buckets + 1])
+
+
+class Attention(Protocol):
+    """A batch's attention: q, k, v of the tokens the process computes -> [T, H, Dv]."""
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
+        bias: BiasWeights | None,
+    ) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class BiasTables:
+    """The per-token tables the relative bias is gathered with (global under CP)."""
+
+    timestamps: Tensor  # [T] int64
+    next_timestamps: Tensor  # [T] int64: the next token's timestamp, or the query time
+    positions: Tensor  # [T] int64 HSTU position ids
+
+    def bias(self, weights: BiasWeights | None) -> RelativeBias | None:
+        if weights is None:
+            return None
+        pos_w, ts_w = weights
+        return RelativeBias(pos_w, ts_w, self.timestamps, self.next_timestamps, self.positions)
+
+
+@dataclass(frozen=True)
+class LocalAttention:
+    """Attention over the whole batch on one device, with its mask built once."""
+
+    offsets: Tensor
+    backend: str
+    tables: BiasTables
+    mask: HSTUMask | None  # None: the dense reference evaluates the built-in rule itself
+    num_targets: Tensor | None
+    contextual_len: int
+    max_attn_len: int
+    full_attn_tail: int
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
+        bias: BiasWeights | None,
+    ) -> Tensor:
+        return hstu_attention(
+            q, k, v, self.offsets,
+            max_seq_len=max_seq_len, alpha=alpha, num_targets=self.num_targets,
+            contextual_len=self.contextual_len, max_attn_len=self.max_attn_len,
+            full_attn_tail=self.full_attn_tail, rab=self.tables.bias(bias),
+            backend=self.backend, mask=self.mask, validate=False,
+        )
+
+
+@dataclass(frozen=True)
+class HSTUInputs:
+    """What :class:`~flexgr.model.hstu.HSTU` reads besides the item ids."""
+
+    positions: Tensor  # [T] position ids of the tokens this process computes
+    attention: Attention
+
+
+def resolve_backend(cfg: HSTUConfig, device: torch.device) -> str:
+    """The backend a batch of this model runs on ``device``: the configured one, with "auto"
+    picked for the device, and custom mask rules (which the Triton kernel cannot evaluate)
+    on flex (CUDA) or the dense reference."""
+    backend = cfg.backend if cfg.backend != "auto" else default_backend(device)
+    if cfg.mask != BUILTIN_RULE and backend == "triton":
+        return "flex" if device.type == "cuda" else "reference"
+    return backend
+
+
+def batch_layout(cfg: HSTUConfig, batch: JaggedBatch) -> JaggedLayout:
+    """Per-token tables of the whole batch: sequence ids, HSTU position ids, targets."""
+    return build_layout(
+        batch.offsets,
+        num_targets=batch.num_targets,
+        contextual_len=cfg.contextual_len,
+        total_len=batch.num_tokens,
+        padded_len=max(batch.num_tokens, 1),
+    )
+
+
+def custom_mask_mod(cfg: HSTUConfig, layout: JaggedLayout) -> MaskMod:
+    """The configured named rule over global token indices, never across sequences."""
+    return and_masks(jagged(layout), mask_rule(cfg.mask)(layout, cfg))
+
+
+def bias_tables(batch: JaggedBatch, positions: Tensor) -> BiasTables:
+    T = batch.num_tokens
+    timestamps = batch.timestamps
+    if timestamps is None:
+        timestamps = torch.zeros(T, dtype=torch.int64, device=batch.device)
+    next_ts = next_timestamps(timestamps, batch.offsets, batch.query_time)
+    return BiasTables(timestamps.to(torch.int64), next_ts, positions)
+
+
+def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs:
+    """The inputs of one batch on one device (any backend, any configured mask)."""
+    cfg = model.cfg
+    T = batch.num_tokens
+    backend = resolve_backend(cfg, batch.device)
+    mask: HSTUMask | None = None
+    if cfg.mask != BUILTIN_RULE:
+        layout = batch_layout(cfg, batch)
+        mask = build_custom_mask(custom_mask_mod(cfg, layout), batch.offsets, total_len=T)
+    elif backend == "reference":
+        layout = build_layout(
+            batch.offsets, num_targets=batch.num_targets, contextual_len=cfg.contextual_len,
+            total_len=T,
+        )
+    else:
+        mask = build_hstu_mask(
+            batch.offsets, num_targets=batch.num_targets, contextual_len=cfg.contextual_len,
+            max_attn_len=cfg.max_attn_len, full_attn_tail=cfg.full_attn_tail, total_len=T,
+        )
+        layout = mask.layout
+    # HSTU position ids: the in-sequence index, except that contextual tokens share 0 and all
+    # candidates share the first candidate's position (so they are interchangeable).
+    positions = layout.pos_id[:T].long()
+    attention = LocalAttention(
+        offsets=batch.offsets,
+        backend=backend,
+        tables=bias_tables(batch, positions),
+        mask=mask,
+        num_targets=batch.num_targets,
+        contextual_len=cfg.contextual_len,
+        max_attn_len=cfg.max_attn_len,
+        full_attn_tail=cfg.full_attn_tail,
+    )
+    return HSTUInputs(positions=positions, attention=attention)

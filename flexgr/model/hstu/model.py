@@ -1,0 +1,131 @@
+"""HSTU (Zhai et al. 2024), the research model behind the public MovieLens and Amazon tables.
+
+Architecture only: the per-batch inputs (mask, position ids, bias tables, the attention call
+bound to them) come prepared from :mod:`flexgr.model.hstu.inputs`, so ``HSTU.forward`` is the
+same function on one device, under context parallelism and when compiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexgr.model.embedding import ItemEmbedding, SequenceInput, l2_normalize
+from flexgr.model.hstu.inputs import HSTUInputs
+
+
+@dataclass
+class HSTUConfig:
+    num_items: int
+    d_model: int = 50
+    num_layers: int = 2
+    num_heads: int = 1
+    dqk: int = 50
+    dv: int = 50
+    max_seq_len: int = 200
+    # The reference pads to max_seq_len + gr_output_length + 1 (= 211 on ML-1M); that length is
+    # both the attention divisor N and the size of the position tables.
+    len_margin: int = 11
+    dropout: float = 0.2
+    input_dropout: float = 0.2
+    alpha: float | None = None  # None means 1.0, as in the reference; 1/sqrt(dqk) is an option
+    norm_affine: bool = False
+    norm_eps: float = 1e-6
+    concat_ua: bool = False  # production variant: out = W [u, attn, u * LN(attn)]
+    rel_bias: bool = True
+    num_time_buckets: int = 128
+    backend: Literal["auto", "reference", "flex", "triton"] = "auto"
+    # The attention mask (docs/attention.md). "hstu": the built-in rule below, which the Triton
+    # kernel evaluates inline; "semi_local": ULTRA-HSTU's SLA (flex on CUDA); any other name: a
+    # mask registered with flexgr.masks.register_mask (flex on CUDA, dense on CPU).
+    mask: str = "hstu"
+    contextual_len: int = 0  # the first c tokens of every sequence see each other in full
+    max_attn_len: int = 0  # local window: a query sees the last w keys (0: causal, unbounded)
+    full_attn_tail: int = 0  # with a window, the last f rows of a sequence keep full causal rows
+    sla_local: int = 256  # semi_local: keys at most this far behind the query
+    sla_global: int = 256  # semi_local: the global part's size (see sla_mode)
+    # "global_keys": the first sla_global tokens are visible to every row; "tail_rows": the last
+    # sla_global rows keep full causal attention (the reference code's reading).
+    sla_mode: Literal["global_keys", "tail_rows"] = "global_keys"
+
+    @property
+    def attn_len(self) -> int:
+        return self.max_seq_len + self.len_margin
+
+
+class RelativePositionTimeBias(nn.Module):
+    """One bias shared by all heads: w_pos[N - 1 + j - i] + w_time[bucket(ts_next[i] - ts[j])].
+
+    Holds the two tables; the per-token tables it is gathered with belong to the batch and come
+    with the prepared inputs."""
+
+    def __init__(self, max_len: int, num_buckets: int) -> None:
+        super().__init__()
+        self.pos_w = nn.Parameter(torch.empty(2 * max_len - 1).normal_(0, 0.02))
+        self.ts_w = nn.Parameter(torch.empty(num_buckets + 1).normal_(0, 0.02))
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        return self.pos_w, self.ts_w
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, cfg: HSTUConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, d = cfg.num_heads, cfg.d_model
+        self.splits = [H * cfg.dv, H * cfg.dv, H * cfg.dqk, H * cfg.dqk]
+        self.uvqk = nn.Parameter(torch.empty(d, sum(self.splits)).normal_(0, 0.02))
+        self.input_norm = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine)
+        self.attn_norm = nn.LayerNorm(
+            H * cfg.dv, eps=cfg.norm_eps, elementwise_affine=cfg.norm_affine
+        )
+        self.out = nn.Linear(H * cfg.dv * (3 if cfg.concat_ua else 1), d)
+        nn.init.xavier_uniform_(self.out.weight)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.rab = (
+            RelativePositionTimeBias(cfg.attn_len, cfg.num_time_buckets) if cfg.rel_bias else None
+        )
+
+    def forward(self, x_TD: Tensor, inputs: HSTUInputs) -> Tensor:
+        cfg = self.cfg
+        T, H = x_TD.shape[0], cfg.num_heads
+        u, v, q, k = torch.split(F.silu(self.input_norm(x_TD) @ self.uvqk), self.splits, dim=-1)
+        attn_THD = inputs.attention(
+            q.reshape(T, H, cfg.dqk),
+            k.reshape(T, H, cfg.dqk),
+            v.reshape(T, H, cfg.dv),
+            max_seq_len=cfg.attn_len,
+            alpha=1.0 if cfg.alpha is None else cfg.alpha,
+            bias=self.rab() if self.rab is not None else None,
+        )
+        attn = attn_THD.reshape(T, H * cfg.dv)
+        gated = u * self.attn_norm(attn)
+        if cfg.concat_ua:
+            gated = torch.cat([u, attn, gated], dim=-1)
+        return x_TD + self.out(self.dropout(gated))
+
+
+class HSTU(nn.Module):
+    """Jagged in, jagged out: item ids [T] and the batch's prepared inputs -> L2-normalised
+    states [T, d]. Inputs come from :func:`flexgr.model.hstu.prepare` (or the model's spec)."""
+
+    def __init__(self, cfg: HSTUConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = ItemEmbedding(cfg.num_items, cfg.d_model)
+        self.input = SequenceInput(cfg.attn_len, cfg.d_model, cfg.input_dropout)
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, item_ids: Tensor, inputs: HSTUInputs) -> Tensor:
+        x = self.input(self.item_emb(item_ids), inputs.positions)
+        for layer in self.layers:
+            x = layer(x, inputs)
+        return l2_normalize(x)
+
+    def item_embeddings(self, ids: Tensor | None = None) -> Tensor:
+        """L2-normalised item embeddings (all items when ids is None)."""
+        return self.item_emb.normalized(ids)

@@ -1,0 +1,37 @@
+"""The HSTU entry of the model registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flexgr.masks.registry import BUILTIN_RULE, mask_rule
+from flexgr.model.hstu.inputs import prepare
+from flexgr.model.hstu.model import HSTU, HSTUConfig
+from flexgr.model.hstu.parallelize import prepare_sharded
+from flexgr.model.spec import Capabilities, ModelSpec
+
+
+def validate(options: dict[str, Any]) -> None:
+    """Checks the field types cannot express; ValueError naming the model key."""
+    if options["num_heads"] < 1:
+        raise ValueError("model.num_heads must be >= 1")
+    for key in ("contextual_len", "max_attn_len", "full_attn_tail", "sla_local", "sla_global"):
+        if options[key] < 0:
+            raise ValueError(f"model.{key} must be >= 0")
+    if options["full_attn_tail"] and not options["max_attn_len"]:
+        raise ValueError("model.full_attn_tail needs a local window (model.max_attn_len > 0)")
+    if options["mask"] != BUILTIN_RULE:
+        mask_rule(options["mask"])  # raises for an unknown name, listing the known ones
+
+
+SPEC = ModelSpec(
+    name="hstu",
+    model_cls=HSTU,
+    config_cls=HSTUConfig,
+    prepare=prepare,
+    # Pointwise attention: partial sums over key shards add, so sequences can be split; every
+    # dropout acts on token rows, so masks can be drawn for the world batch.
+    capabilities=Capabilities(context_parallel=True, row_wise_dropout=True, num_targets=True),
+    prepare_sharded=prepare_sharded,
+    validate=validate,
+)

@@ -1,0 +1,6 @@
+"""SASRec: the architecture (:mod:`.model`), its inputs (:mod:`.inputs`), its spec."""
+
+from flexgr.model.sasrec.inputs import SASRecInputs, prepare
+from flexgr.model.sasrec.model import SASRec, SASRecConfig, SASRecLayer
+
+__all__ = ["SASRec", "SASRecConfig", "SASRecInputs", "SASRecLayer", "prepare"]
