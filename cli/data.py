@@ -11,12 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flexgr.data import BUILTINS, DataError, DatasetMeta, read_meta
+from flexgr.data import BUILTINS, GENERATORS, DataError, DatasetMeta, read_meta
 from flexgr.data import prepare as prepare_dataset
 from flexgr.data.prepare import data_home
 
 app = typer.Typer(
-    help="Prepare interaction datasets (built-in MovieLens or your own files).",
+    help="Prepare interaction datasets (built-in MovieLens, synthetic, or your own files).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -41,7 +41,9 @@ class Format(str, Enum):
 def prepare(
     dataset: Annotated[
         str | None,
-        typer.Argument(help=f"Built-in dataset: {', '.join(BUILTINS)}. Omit when using --path."),
+        typer.Argument(
+            help=f"Built-in dataset: {', '.join([*BUILTINS, *GENERATORS])}. Omit when using --path."
+        ),
     ] = None,
     path: Annotated[
         Path | None, typer.Option("--path", help="Interaction file to prepare.")
@@ -85,6 +87,21 @@ def prepare(
         ),
     ] = Ties.hash,
     tie_seed: Annotated[int, typer.Option("--tie-seed", help="Seed of the tie hash.")] = 0,
+    users: Annotated[
+        int | None, typer.Option(help="Synthetic: records (users), in stream order.")
+    ] = None,
+    items: Annotated[int | None, typer.Option(help="Synthetic: items in the catalogue.")] = None,
+    categories: Annotated[int | None, typer.Option(help="Synthetic: item categories.")] = None,
+    length: Annotated[
+        int | None, typer.Option(help="Synthetic: events per user (sets min and max length).")
+    ] = None,
+    min_length: Annotated[
+        int | None, typer.Option(help="Synthetic: shortest user history (log-uniform lengths).")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Synthetic: longest user history (log-uniform lengths).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Synthetic: generator seed.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print meta.json to stdout.")] = False,
 ) -> None:
@@ -112,11 +129,32 @@ def prepare(
     }
     if sep == "\\t":  # a shell passes the two characters; nobody means a backslash separator
         sep = "\t"
+    synthetic = _synthetic_overrides(users, items, categories, length, min_length, max_length, seed)
+    if synthetic and dataset not in GENERATORS:
+        _fail(
+            f"--users, --items, --categories, --length, --min-length, --max-length and --seed "
+            f"apply to the synthetic datasets ({', '.join(GENERATORS)})"
+        )
     try:
-        if dataset is not None:
+        if dataset in GENERATORS:
+            if fmt is not None or item_file is not None or any(
+                v is not None for v in colmap.values()
+            ):
+                _fail(f"--format, --item-file and column options apply to --path, not {dataset}")
+            directory = prepare_dataset(
+                dataset,
+                name=name,
+                data_dir=data_dir,
+                force=force,
+                ties=ties.value,
+                tie_seed=tie_seed,
+                synthetic=synthetic,
+            )
+        elif dataset is not None:
             if dataset not in BUILTINS:
                 _fail(
-                    f"unknown built-in dataset {dataset!r} (built-ins: {', '.join(BUILTINS)}); "
+                    f"unknown built-in dataset {dataset!r} "
+                    f"(built-ins: {', '.join([*BUILTINS, *GENERATORS])}); "
                     "for a file use --path FILE --format FORMAT"
                 )
             if fmt is not None or item_file is not None or any(
@@ -202,6 +240,30 @@ def _summary_table(rows: list[tuple[Path, DatasetMeta]], title: str) -> Table:
             str(directory),
         )
     return table
+
+
+def _synthetic_overrides(
+    users: int | None,
+    items: int | None,
+    categories: int | None,
+    length: int | None,
+    min_length: int | None,
+    max_length: int | None,
+    seed: int | None,
+) -> dict[str, object]:
+    if length is not None and (min_length is not None or max_length is not None):
+        _fail("give --length or --min-length/--max-length, not both")
+    if length is not None:
+        min_length = max_length = length
+    given = {
+        "users": users,
+        "items": items,
+        "categories": categories,
+        "min_length": min_length,
+        "max_length": max_length,
+        "seed": seed,
+    }
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _fail(message: str) -> NoReturn:

@@ -16,10 +16,12 @@ from flexgr.data.meta import DatasetMeta
 from flexgr.data.prepare import data_home, dataset_dir, load_prepared, prepare, read_meta
 from flexgr.data.readers import FORMATS, read_events
 from flexgr.data.splits import PROTOCOLS, Split, history_for, make_split, target_for
+from flexgr.data.synthetic import GENERATORS, SyntheticParams, generate, synthetic_params
 
 __all__ = [
     "BUILTINS",
     "FORMATS",
+    "GENERATORS",
     "PROTOCOLS",
     "DataError",
     "DatasetMeta",
@@ -27,14 +29,17 @@ __all__ = [
     "InteractionData",
     "RawEvents",
     "Split",
+    "SyntheticParams",
     "build_interactions",
     "data_home",
     "dataset_dir",
+    "generate",
     "history_for",
     "load_prepared",
     "make_split",
     "prepare",
     "read_events",
     "read_meta",
+    "synthetic_params",
     "target_for",
 ]

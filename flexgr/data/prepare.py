@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -26,6 +26,13 @@ from flexgr.data.meta import EVENT_ORDERS, FORMAT_VERSION, Counts, DatasetMeta, 
 from flexgr.data.progress import Reporter, reporter
 from flexgr.data.readers import FORMATS, check_format_options, infer_format, read_events
 from flexgr.data.store import read_dataset, write_dataset
+from flexgr.data.synthetic import (
+    GENERATORS,
+    generate,
+    params_as_options,
+    source_digest,
+    synthetic_params,
+)
 from flexgr.data.ties import DEFAULT_TIE_SEED, TIE_ORDERS
 
 HOME_ENV = "FLEXGR_HOME"
@@ -63,6 +70,7 @@ def prepare(
     ties: str = "hash",
     tie_seed: int = DEFAULT_TIE_SEED,
     item_file: PathLike | None = None,
+    synthetic: Mapping[str, object] | None = None,
     **colmap: Any,
 ) -> Path:
     """Prepare a built-in dataset (``"ml-1m"``, ``"ml-100k"``) or a file; return its directory.
@@ -77,11 +85,25 @@ def prepare(
     file's item order into evaluation (docs/evaluation.md). ``item_file`` (files only; the
     built-ins bring their own) lists every item of the catalogue, one raw id per line or a
     Parquet column (``item_col``), so never-rated items can be ranked and sampled too.
+
+    ``"synthetic-streaming"`` and ``"synthetic-long"`` are generated, not read
+    (:mod:`flexgr.data.synthetic`); ``synthetic`` overrides their parameters, e.g.
+    ``{"users": 1000, "seed": 3}``, and a changed parameter rebuilds the directory.
     """
     colmap = {key: value for key, value in colmap.items() if value is not None}
     if ties not in TIE_ORDERS:
         raise DataError(f"ties must be one of {', '.join(TIE_ORDERS)}, got {ties!r}")
     order = _TieOrder(ties, int(tie_seed))
+    if isinstance(name_or_path, str) and name_or_path in GENERATORS:
+        if fmt is not None or colmap or item_file is not None:
+            raise DataError(
+                f"{name_or_path} is generated; format, columns and item_file do not apply"
+            )
+        return _prepare_synthetic(name_or_path, synthetic, name, data_dir, force, progress, order)
+    if synthetic is not None:
+        raise DataError(
+            f"synthetic= applies to {', '.join(GENERATORS)}, not to {str(name_or_path)!r}"
+        )
     if fmt is None and not colmap and isinstance(name_or_path, str) and name_or_path in BUILTINS:
         if item_file is not None:
             raise DataError(f"built-in {name_or_path} brings its own item file; drop item_file")
@@ -150,6 +172,42 @@ def _prepare_builtin(
         data = _build(target.name, fetched.events, report, order, fetched.catalog)
         _check_expected(data, spec, fetched.source)
         _write(data, fetched.source, target, report, order)
+    return target
+
+
+def _prepare_synthetic(
+    generator: str,
+    overrides: Mapping[str, object] | None,
+    name: str | None,
+    data_dir: PathLike | None,
+    force: bool,
+    progress: bool | None,
+    order: _TieOrder,
+) -> Path:
+    params = synthetic_params(generator, overrides)
+    source = SourceInfo(
+        kind="synthetic",
+        location=f"flexgr.data.synthetic:{generator}",
+        sha256=source_digest(generator, params),
+        format="synthetic",
+        builtin=generator,
+        options=params_as_options(params),
+    )
+    target = dataset_dir(name or generator, data_dir)
+    existing = _existing_meta(target)
+    if (
+        not force
+        and _is_current(existing)
+        and existing.source == source
+        and order.matches(existing)
+    ):
+        return target
+    _refuse_to_clobber(target, existing, force, generator, lambda s: s.builtin == generator)
+    with reporter(progress) as report:
+        with report.step(f"generating {generator} ({params.users:,} users)"):
+            stream = generate(params)
+        data = _build(target.name, stream.events, report, order, stream.catalog)
+        _write(data, source, target, report, order)
     return target
 
 
