@@ -62,6 +62,7 @@ from flexgr.distributed import (
 )
 from flexgr.model import HSTU, HSTUConfig
 from flexgr.model.spec import shard_inputs
+from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
 
 _START = time.time()
 GIB = 1 << 30
@@ -106,6 +107,12 @@ def parse_args() -> argparse.Namespace:
         "--rel-bias", action="store_true", help="with HSTU's relative bias (off: see docs)"
     )
     p.add_argument("--mem-cap-gib", type=float, default=24.0)
+    p.add_argument(
+        "--pass-mib", type=float, default=64.0,
+        help="kernel.cp_pass_mib: MiB of gathered K/V per head pass (0: one head per pass, "
+        "negative: no passes)",
+    )
+    p.add_argument("--autotune", action="store_true", help="kernel.autotune (default off)")
     p.add_argument("--cpu-token-cap", type=int, default=300)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -446,6 +453,7 @@ def fmt_ranks(values: list[float], unit: str, digits: int = 1) -> str:
 
 def main() -> None:
     args = parse_args()
+    set_kernel_options(KernelOptions(autotune=args.autotune, cp_pass_mib=args.pass_mib))
     local_rank = 0 if args.share_gpu else int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device("cpu")
     nccl = device.type == "cuda" and not args.share_gpu
@@ -564,10 +572,10 @@ def main() -> None:
         model = f"HSTU {sz.layers} layers, d={sz.d_model}, H={sz.heads}, dqk={sz.dqk}, dv={sz.dv}"
         dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        passes = os.environ.get("FLEXGR_CP_PASS_MIB", "64 (default)")
+        passes = args.pass_mib
         print(
             f"\n{W} x {where}, torch {torch.__version__}, {model}, {dtype}, backend {backend}, "
-            f"relative bias {'on' if args.rel_bias else 'off'}, FLEXGR_CP_PASS_MIB {passes}\n"
+            f"relative bias {'on' if args.rel_bias else 'off'}, kernel.cp_pass_mib {passes}\n"
         )
         print("| measurement | setup | GPUs | tokens/step | result | per rank |")
         print("|---|---|---|---|---|---|")

@@ -11,7 +11,6 @@ and the attention's causal pairs, forward and backward) over the measured bf16 m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from flexgr.batch import JaggedBatch
 from flexgr.model import HSTU, HSTUConfig, encode
+from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
 
 
 def step_flops(cfg: HSTUConfig, lengths: list[int]) -> float:
@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--backends", default="triton,flex")
     parser.add_argument("--no-rel-bias", action="store_true", help="drop the relative attention bias")
     parser.add_argument(
-        "--rab-copies", default="",
-        help="comma list of R:L, time triton once per FLEXGR_TRITON_RAB_REPLICAS=R and "
-        "FLEXGR_TRITON_RAB_LANES=L (bias on only; default: the library's defaults)",
+        "--rab-lanes", default="",
+        help="comma list of L, time triton once per kernel.rab_lanes=L (bias on only; "
+        "default: the library's default)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -69,16 +69,14 @@ def main() -> None:
     ts = torch.cumsum(torch.randint(0, 1000, (sum(lengths),), generator=gen), 0).to(device)
     negatives = torch.randint(1, num_items + 1, (512,), generator=gen).to(device)
     names = ["reference"] if device.type == "cpu" else args.backends.split(",")
-    copies = args.rab_copies.split(",") if args.rab_copies and not args.no_rel_bias else [""]
+    copies = args.rab_lanes.split(",") if args.rab_lanes and not args.no_rel_bias else [""]
     runs = [(b, c) for b in names for c in (copies if b == "triton" else [""])]
     rows = []
     for backend, copy in runs:
         label = backend
         if copy:
-            rep, lanes = copy.split(":")
-            os.environ["FLEXGR_TRITON_RAB_REPLICAS"] = rep
-            os.environ["FLEXGR_TRITON_RAB_LANES"] = lanes
-            label = f"{backend} R={rep} L={lanes}"
+            set_kernel_options(KernelOptions(rab_lanes=int(copy)))
+            label = f"{backend} L={copy}"
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,

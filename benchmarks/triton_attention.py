@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flexgr.ops.kernel_options import kernel_options_set
 from flexgr.masks import build_hstu_mask, dense_hstu_mask
 from flexgr.ops.flex import hstu_attention_flex
 from flexgr.ops.triton_backend import hstu_attention_triton
@@ -102,17 +102,10 @@ def sdpa_row(shape: str, B: int, N: int, pairs: int) -> Row:
                median_ms(with_backward(fwd, [q, k, v])), pairs)
 
 
-def run_env(env: dict[str, str], fn: Callable[[], Row]) -> Row:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+def run_with(options: dict[str, object], fn: Callable[[], Row]) -> Row:
+    """``fn()`` with some kernel options changed (flexgr.ops.kernel_options)."""
+    with kernel_options_set(**options):
         return fn()
-    finally:
-        for k, val in old.items():
-            if val is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = val
 
 
 def safe(rows: list[Row], make: Callable[[], Row], label: Row) -> None:
@@ -149,17 +142,17 @@ def bench_shape(B: int, N: int, gen: torch.Generator, args: argparse.Namespace) 
              Row(case, shape, "triton"))
         if case == "causal":
             for mode in ("split", "fused", "merged"):
-                safe(rows, lambda: run_env({"FLEXGR_TRITON_BWD": mode}, lambda: triton_row(
+                safe(rows, lambda: run_with({"backward": mode}, lambda: triton_row(
                     case, shape, q, k, v, mask, N, f"triton bwd={mode}", pairs)),
                     Row(case, shape, f"triton bwd={mode}"))
         if (case == "causal" or args.flex_all) and not args.no_flex:
             safe(rows, lambda: flex_row(case, shape, q, k, v, mask, N, pairs),
                  Row(case, shape, "flex"))
         if case == "causal" and args.ablations and N == 8192:
-            for label, env in (("no fast silu", {"FLEXGR_TRITON_FAST_SILU": "0"}),
-                               ("no LPT tile order", {"FLEXGR_TRITON_TILE_ORDER": "0"}),
-                               ("LPT order in bwd too", {"FLEXGR_TRITON_BWD_TILE_ORDER": "lpt"})):
-                safe(rows, lambda: run_env(env, lambda: triton_row(
+            for label, opts in (("no fast silu", {"fast_silu": False}),
+                                ("no LPT tile order", {"tile_order": "natural"}),
+                                ("LPT order in bwd too", {"tile_order": "lpt_all"})):
+                safe(rows, lambda: run_with(opts, lambda: triton_row(
                     case, shape, q, k, v, build_hstu_mask(offsets), N, f"triton {label}", pairs)),
                     Row(case, shape, f"triton {label}"))
             mask64 = build_hstu_mask(offsets, block_size=64)

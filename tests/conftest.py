@@ -13,6 +13,22 @@ import torch.nn.attention.flex_attention as flex_module
 os.environ.setdefault("FLEXGR_TRITON_TILE_CACHE", "0")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kernel-autotune",
+        action="store_true",
+        help="time the Triton tile candidates (kernel.autotune); off by default in tests",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
+
+    # Tile timing only picks the fastest correct tile; tests check correctness, so they take
+    # the first candidate and start faster on a GPU.
+    set_kernel_options(KernelOptions(autotune=config.getoption("--kernel-autotune")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -21,7 +21,6 @@ shrink by the number of passes.
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from flexgr.distributed.collectives import gather_tokens, reduce_scatter_tokens
 from flexgr.distributed.cp_mask import CPMask
 from flexgr.distributed.sharding import TokenShard
 from flexgr.masks.block import BLOCK_SIZE, HSTUMask
+from flexgr.ops.kernel_options import kernel_options
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, and_masks, hstu_mask
 from flexgr.masks.sparse import jagged_block_mask
@@ -141,13 +141,11 @@ def attend_gathered_triton(
 def _pass_bytes() -> int:
     """Bytes of gathered K/V (T rows) one pass may hold: past it the heads are attended in
     several passes, each gathering only its heads, so the global-size transients of the longest
-    sequences stay a fraction of one layer's activations. FLEXGR_CP_PASS_MIB sets it (0: one
-    head per pass)."""
-    raw = os.environ.get("FLEXGR_CP_PASS_MIB", "64")
-    try:
-        mib = float(raw)
-    except ValueError:
-        raise ValueError(f"FLEXGR_CP_PASS_MIB must be a number of MiB, got {raw!r}") from None
+    sequences stay a fraction of one layer's activations. ``kernel.cp_pass_mib`` sets it (0: one
+    head per pass; negative: no limit, all heads in one pass)."""
+    mib = kernel_options().cp_pass_mib
+    if mib < 0:
+        return 1 << 62
     return int(mib * (1 << 20))
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from flexgr.masks.band import hstu_band_block_mask
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, hstu_mask
 from flexgr.masks.sparse import jagged_block_mask
@@ -98,8 +99,13 @@ def build_hstu_mask(
     total_len: int | None = None,
     padded_len: int | None = None,
     block_size: int = BLOCK_SIZE,
+    max_len: int | None = None,
 ) -> HSTUMask:
-    """Build the HSTU mask of one packed batch (see :func:`hstu_mask` for the rule)."""
+    """Build the HSTU mask of one packed batch (see :func:`hstu_mask` for the rule).
+
+    With ``max_len`` (no sequence is longer; the model's attention length) the block tables
+    come from per-block statistics over a fixed band (:mod:`flexgr.masks.band`): no host sync.
+    Without it, the rule is evaluated on every block pair that shares a sequence."""
     device = offsets.device
     if total_len is None:
         total_len = int(offsets[-1])
@@ -119,9 +125,15 @@ def build_hstu_mask(
         full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
         has_targets=num_targets is not None,
     )
-    # The rule implies jagged, so only block pairs that share a sequence need evaluating; without
-    # contextual rows (which see later tokens) it is also causal.
-    block_mask = jagged_block_mask(mod, layout.seq_id, block_size, causal=contextual_len == 0)
+    if max_len is not None:
+        block_mask = hstu_band_block_mask(
+            layout, mod, max_len=max_len, max_attn_len=max_attn_len,
+            full_attn_tail=spec.full_attn_tail, block_size=block_size,
+        )
+    else:
+        # The rule implies jagged, so only block pairs that share a sequence need evaluating;
+        # without contextual rows (which see later tokens) it is also causal.
+        block_mask = jagged_block_mask(mod, layout.seq_id, block_size, causal=contextual_len == 0)
     return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 
 

@@ -95,6 +95,8 @@ class ModelSpec:
     prepare_sharded: PrepareSharded | None = None  # needed when context_parallel
     parallelize: Parallelize | None = None  # default: data parallel only
     validate: Callable[[dict[str, Any]], None] | None = None  # option checks, ValueError
+    # (config, device, training, strict) -> BackendChoice: the attention backend batches run on
+    backend: Callable[..., Any] | None = None
     # Set from the dataset and the data section, never by hand in [model].
     derived_fields: tuple[str, ...] = ("num_items", "max_seq_len")
 

@@ -58,15 +58,19 @@ class RelativeBias:
 
 
 def next_timestamps(timestamps: Tensor, offsets: Tensor, query_time: Tensor | None = None) -> Tensor:
-    """ts[i + 1] inside each sequence; the last token takes ``query_time[b]`` (or its own ts)."""
+    """ts[i + 1] inside each sequence; the last token takes ``query_time[b]`` (or its own ts).
+
+    Per token, with no boolean indexing, so it never waits for the device."""
     T = timestamps.shape[0]
     ts = timestamps.to(torch.int64)
-    nxt = torch.cat([ts[1:], ts[-1:]]) if T > 0 else ts.clone()
-    ends = (offsets[1:] - 1).to(torch.int64)
-    nonempty = offsets[1:] > offsets[:-1]
-    ends = ends[nonempty]
-    last = ts[ends] if query_time is None else query_time.to(ts.device, torch.int64)[nonempty]
-    return nxt.index_put((ends,), last)
+    if T == 0:
+        return ts.clone()
+    nxt = torch.cat([ts[1:], ts[-1:]])
+    seq, _ = seq_ids_and_local(offsets, T)
+    seq = seq.long()
+    is_last = torch.arange(T, device=ts.device) == offsets[1:].to(torch.int64)[seq] - 1
+    last = ts if query_time is None else query_time.to(ts.device, torch.int64)[seq]
+    return torch.where(is_last, last, nxt)
 
 
 def time_bucket(dt: Tensor, num_buckets: int, divisor: float = BUCKET_DIVISOR) -> Tensor:

@@ -1,6 +1,7 @@
 """Run configuration: one small dataclass per concern, read from TOML, overridable by ``--set``.
 
-A config file has the sections ``[data]``, ``[model]``, ``[train]``, ``[eval]`` and ``[parallel]``;
+A config file has the sections ``[data]``, ``[model]``, ``[train]``, ``[eval]``, ``[parallel]``
+and ``[kernel]`` (:class:`flexgr.ops.kernel_options.KernelOptions`);
 every key is optional and takes the default below. ``[model]`` holds ``arch`` plus the settings of
 that architecture's config class (:class:`flexgr.model.HSTUConfig` or
 :class:`flexgr.model.SASRecConfig`), except ``num_items`` and ``max_seq_len``, which come from the
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flexgr.data import PROTOCOLS
+from flexgr.ops.kernel_options import KernelOptions
 from flexgr.model.registry import MODELS, arch_fields, get_spec
 
 
@@ -65,6 +67,9 @@ class TrainConfig:
     # Opt-in: on the H100, a compiled ml-1m-hstu run had not finished its first epoch after 100 s
     # (a recompile per new packed length), while eager runs at ~18 ms a step.
     compile: bool = False  # torch.compile the model on CUDA; CPU runs stay eager
+    # Refuse to start when model.backend cannot run as configured (instead of running the
+    # backend it would fall back to); the choice is logged in metrics.jsonl either way.
+    strict_backend: bool = False
     deterministic: bool = False
     num_workers: int = -1  # DataLoader workers; -1 = auto (0: batches build in the main process)
     log_every: int = 50  # steps between training records (and host syncs for the loss)
@@ -124,6 +129,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernel: KernelOptions = field(default_factory=KernelOptions)  # the Triton kernels' knobs
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Resolved config: every key with its value (model settings included), for TOML."""
@@ -149,6 +155,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "parallel": ParallelConfig,
+    "kernel": KernelOptions,
 }
 
 
@@ -350,6 +357,10 @@ def validate(cfg: Config) -> None:
     _require(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks must be a list of K >= 1")
     allowed = {f"{m}@{k}" for m in ("hr", "ndcg") for k in e.ks} | {"mrr"}
     _require(e.metric in allowed, f"eval.metric must be one of {', '.join(sorted(allowed))}")
+    try:
+        dataclasses.replace(cfg.kernel)  # runs KernelOptions' own checks
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _require(p.dp >= 1, "parallel.dp must be >= 1")
     _require(p.cp >= 1, "parallel.cp must be >= 1")
     spec = get_spec(cfg.model.arch)

@@ -23,6 +23,7 @@ from flexgr.distributed import ParallelContext, single_process
 from flexgr.eval import evaluate
 from flexgr.export import export_model
 from flexgr.model.registry import spec_of
+from flexgr.ops.kernel_options import set_kernel_options
 from flexgr.train.batches import EpochBatches, ReplicaBatches, TrainBatch, TrainSequences, train_loader
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from flexgr.train.config import Config, dump_config, eval_batch_size, exclusion, item_pool
@@ -113,6 +114,7 @@ class Trainer:
         t = cfg.train
         if t.deterministic:
             set_deterministic(True)
+        set_kernel_options(cfg.kernel)
         try:
             self.ctx = ctx if ctx is not None else single_process(resolve_device(t.device))
             self.device = self.ctx.device
@@ -129,6 +131,7 @@ class Trainer:
         self.num_items = self.data.pool_size(item_pool(cfg))
         self.model: nn.Module = new_model(cfg, self.num_items).to(self.device)
         self.spec = spec_of(self.model)
+        self.backends = self._choose_backends()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=t.lr,
@@ -167,6 +170,30 @@ class Trainer:
         # Losses summed on the device since the last training record or checkpoint.
         self._loss_acc: Tensor | None = None
         self._loss_steps = 0
+
+    def _choose_backends(self) -> dict[str, Any]:
+        """The attention backend of training and of evaluation, decided once (and refused in
+        strict mode when it is not the configured one)."""
+        if self.spec.backend is None:
+            return {}
+        strict = self.cfg.train.strict_backend
+        try:
+            train = self.spec.backend(self.model.cfg, self.device, training=True, strict=strict)
+            evals = self.spec.backend(self.model.cfg, self.device, training=False, strict=strict)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+        record: dict[str, Any] = {"requested": train.requested, "train": train.backend}
+        record["eval"] = evals.backend
+        if train.reason or evals.reason:
+            record["reason"] = train.reason or evals.reason
+        return record
+
+    def log_setup(self) -> None:
+        """The run's first record: what it resolved (backends, item pool, exclusion)."""
+        record = {"kind": "setup", "step": 0, "backend": self.backends}
+        record.update(item_pool=item_pool(self.cfg), exclude_history=exclusion(self.cfg))
+        record["items"] = self.num_items
+        self._write(record)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -582,6 +609,7 @@ def _fit(
     if resume:
         trainer.resume()
     else:
+        trainer.log_setup()
         trainer.save()  # so that --resume works from the very first step on
     return trainer.fit()
 

@@ -20,16 +20,16 @@ def test_cp_attention_flex_matches_single_process():
 
 
 @pytest.mark.parametrize("backend", ["reference", "flex", "triton", "triton-per-head"])
-def test_hstu_model_cp2_matches_single_process(backend, monkeypatch):
+def test_hstu_model_cp2_matches_single_process(backend):
     """triton runs in Triton's interpreter here: the CP path (queries at their global rows, keys
     back in global order, rows restricted by the block mask) against one process's kernel.
     ``triton-per-head`` attends (and gathers) one head per pass, as long sequences do."""
     if backend.startswith("triton"):
         pytest.importorskip("triton")
+    pass_mib = 64.0
     if backend == "triton-per-head":
-        monkeypatch.setenv("FLEXGR_CP_PASS_MIB", "0")  # inherited by the spawned ranks
-        backend = "triton"
-    run_world(workers.model_parallel, 2, 1, 2, backend)
+        backend, pass_mib = "triton", 0.0  # kernel.cp_pass_mib = 0: one head per pass
+    run_world(workers.model_parallel, 2, 1, 2, backend, "cpu", pass_mib)
 
 
 def test_hstu_model_dp2_matches_combined_batch():

@@ -28,6 +28,7 @@ from flexgr.batch import JaggedBatch
 from flexgr.model import HSTU, HSTUConfig, encode
 from flexgr.model.spec import shard_inputs
 from flexgr.ops import flex as ops_flex
+from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
 from flexgr.ops import hstu_attention
 from tests.conftest import make_offsets
 from tests.ops.helpers import random_problem
@@ -231,7 +232,10 @@ def _split_for_dp(lengths: list[int], dp_rank: int, dp_size: int, seed: int, dev
     return (ids, off, ts, qt, nt), rows, (ids[rows], sub_off, ts[rows], qt[lo:hi], nt[lo:hi])
 
 
-def model_parallel(dp: int, cp: int, backend: str = "reference", device: str = "cpu") -> None:
+def model_parallel(
+    dp: int, cp: int, backend: str = "reference", device: str = "cpu", pass_mib: float = 64.0
+) -> None:
+    set_kernel_options(KernelOptions(cp_pass_mib=pass_mib))
     if backend == "flex" and device == "cpu":
         _allow_cpu_flex_backward()
     if backend == "triton" and device == "cpu":

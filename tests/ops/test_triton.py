@@ -23,6 +23,7 @@ from flexgr.masks import build_custom_mask, build_hstu_mask, build_layout, causa
 from flexgr.masks.mods import and_masks  # noqa: E402
 from flexgr.ops import triton_backend  # noqa: E402
 from flexgr.ops.attention import hstu_attention  # noqa: E402
+from flexgr.ops.kernel_options import KernelOptions, kernel_options_set  # noqa: E402
 from flexgr.ops.rab import RelativeBias  # noqa: E402
 from flexgr.ops.triton_hstu import launch, tuning  # noqa: E402
 from flexgr.ops.triton_hstu.tuning import TileConfig  # noqa: E402
@@ -152,34 +153,27 @@ def test_interpreter_matches_fp64(name: str, with_rab: bool) -> None:
 
 @cpu_only
 @pytest.mark.parametrize("mode", ["split", "fused", "merged"])
-def test_interpreter_backward_modes(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
-    check_fp32_against_fp64(CASES["all"], with_rab=True, seed=3)
+def test_interpreter_backward_modes(mode: str) -> None:
+    with kernel_options_set(backward=mode):
+        check_fp32_against_fp64(CASES["all"], with_rab=True, seed=3)
 
 
 @cpu_only
-@pytest.mark.parametrize(
-    "mode,replicas,lanes", [("split", 3, 1), ("merged", 3, 4), ("merged", 1, 1)]
-)
-def test_interpreter_bias_gradient_copies(
-    mode: str, replicas: int, lanes: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The table-gradient atomics go into program replicas x lane copies (the other tests run the
-    # default, 16 lane copies); the sum over the copies must match fp64 for any layout.
-    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
-    monkeypatch.setenv("FLEXGR_TRITON_RAB_REPLICAS", str(replicas))
-    monkeypatch.setenv("FLEXGR_TRITON_RAB_LANES", str(lanes))
-    check_fp32_against_fp64(CASES["all"], with_rab=True, seed=5)
+@pytest.mark.parametrize("mode,lanes", [("split", 1), ("merged", 4), ("fused", 2)])
+def test_interpreter_bias_gradient_copies(mode: str, lanes: int) -> None:
+    # The table-gradient atomics go into lane copies (the other tests run the default, 16);
+    # the sum over the copies must match fp64 for any layout.
+    with kernel_options_set(backward=mode, rab_lanes=lanes):
+        assert launch.rab_lanes() == lanes
+        check_fp32_against_fp64(CASES["all"], with_rab=True, seed=5)
 
 
-def test_rab_copy_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLEXGR_TRITON_RAB_REPLICAS", "0")
-    with pytest.raises(ValueError, match="FLEXGR_TRITON_RAB_REPLICAS"):
-        launch.rab_replicas()
-    for bad in ("6", "0", "x", "128"):
-        monkeypatch.setenv("FLEXGR_TRITON_RAB_LANES", bad)
-        with pytest.raises(ValueError, match="FLEXGR_TRITON_RAB_LANES"):
-            launch.rab_lanes()
+def test_kernel_settings_are_checked() -> None:
+    for bad in (6, 0, 128):
+        with pytest.raises(ValueError, match="kernel.rab_lanes must be a power of two"):
+            KernelOptions(rab_lanes=bad)
+    with pytest.raises(ValueError, match="kernel.backward"):
+        KernelOptions(backward="both")  # type: ignore[arg-type]
 
 
 @cpu_only

@@ -156,3 +156,24 @@ def test_an_eager_failure_is_not_swallowed(tiny_home: Path, tmp_path: Path) -> N
     with pytest.raises(IndexError):
         trainer.train_step(broken)
     trainer.metrics.close()
+
+
+def test_the_backend_is_chosen_once_logged_and_strict_refuses_a_fallback(
+    tiny_home: Path, tmp_path: Path
+) -> None:
+    from flexgr.train.loop import TrainError
+
+    fit(tiny_config(tiny_home, "train.max_steps=1"), tmp_path / "run", console=quiet(),
+        show_progress=False)
+    setup = RunDir(tmp_path / "run").read_metrics()[0]
+    assert setup["kind"] == "setup" and setup["items"] == 30
+    assert setup["backend"]["train"] == setup["backend"]["eval"] == "reference"  # auto on CPU
+    assert (setup["item_pool"], setup["exclude_history"]) == ("rated", "all")
+    # flex has no CPU backward: training would run the reference; strict says so and stops.
+    cfg = tiny_config(tiny_home, "model.backend=flex", "train.strict_backend=true")
+    with pytest.raises(TrainError, match="model.backend='flex' cannot run here.*no backward"):
+        fit(cfg, tmp_path / "strict", console=quiet(), show_progress=False)
+    fit(tiny_config(tiny_home, "model.backend=flex", "train.max_steps=1"), tmp_path / "lax",
+        console=quiet(), show_progress=False)
+    lax = RunDir(tmp_path / "lax").read_metrics()[0]["backend"]
+    assert (lax["train"], lax["eval"]) == ("reference", "flex") and "CPU" in lax["reason"]

@@ -19,7 +19,8 @@ from flexgr.masks.block import HSTUMask, build_custom_mask, build_hstu_mask
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, and_masks, jagged
 from flexgr.masks.registry import BUILTIN_RULE, mask_rule
-from flexgr.ops.attention import default_backend, hstu_attention
+from flexgr.ops.attention import hstu_attention
+from flexgr.ops.backends import BackendChoice, choose_backend
 from flexgr.ops.rab import RelativeBias, next_timestamps
 
 if TYPE_CHECKING:
@@ -86,14 +87,19 @@ class HSTUInputs:
     attention: Attention
 
 
-def resolve_backend(cfg: HSTUConfig, device: torch.device) -> str:
-    """The backend a batch of this model runs on ``device``: the configured one, with "auto"
-    picked for the device, and custom mask rules (which the Triton kernel cannot evaluate)
-    on flex (CUDA) or the dense reference."""
-    backend = cfg.backend if cfg.backend != "auto" else default_backend(device)
-    if cfg.mask != BUILTIN_RULE and backend == "triton":
-        return "flex" if device.type == "cuda" else "reference"
-    return backend
+def backend_choice(
+    cfg: HSTUConfig, device: torch.device, *, training: bool, strict: bool = False
+) -> BackendChoice:
+    """The backend this model's batches run on ``device`` (:func:`flexgr.ops.choose_backend`,
+    the one resolver: a run logs this choice before its first step)."""
+    return choose_backend(
+        cfg.backend,
+        device,
+        builtin_mask=cfg.mask == BUILTIN_RULE,
+        head_dim=max(cfg.dqk, cfg.dv),
+        training=training,
+        strict=strict,
+    )
 
 
 def batch_layout(cfg: HSTUConfig, batch: JaggedBatch) -> JaggedLayout:
@@ -125,7 +131,7 @@ def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs:
     """The inputs of one batch on one device (any backend, any configured mask)."""
     cfg = model.cfg
     T = batch.num_tokens
-    backend = resolve_backend(cfg, batch.device)
+    backend = backend_choice(cfg, batch.device, training=torch.is_grad_enabled()).backend
     mask: HSTUMask | None = None
     if cfg.mask != BUILTIN_RULE:
         layout = batch_layout(cfg, batch)
@@ -139,6 +145,7 @@ def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs:
         mask = build_hstu_mask(
             batch.offsets, num_targets=batch.num_targets, contextual_len=cfg.contextual_len,
             max_attn_len=cfg.max_attn_len, full_attn_tail=cfg.full_attn_tail, total_len=T,
+            max_len=cfg.attn_len,  # block tables from a fixed band: no host sync
         )
         layout = mask.layout
     # HSTU position ids: the in-sequence index, except that contextual tokens share 0 and all

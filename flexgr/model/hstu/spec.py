@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flexgr.masks.registry import BUILTIN_RULE, mask_rule
-from flexgr.model.hstu.inputs import prepare
+from flexgr.model.hstu.inputs import backend_choice, prepare
 from flexgr.model.hstu.model import HSTU, HSTUConfig
 from flexgr.model.hstu.parallelize import prepare_sharded
 from flexgr.model.spec import Capabilities, ModelSpec
@@ -34,4 +34,5 @@ SPEC = ModelSpec(
     capabilities=Capabilities(context_parallel=True, row_wise_dropout=True, num_targets=True),
     prepare_sharded=prepare_sharded,
     validate=validate,
+    backend=backend_choice,
 )

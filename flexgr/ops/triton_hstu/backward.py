@@ -119,15 +119,9 @@ def _dkdv_program(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     start_n = pid_n * BLOCK_N
-    if HAS_RAB and RAB_REPLICAS > 1:
-        # Spread the table-gradient atomics over copies (summed afterwards), so programs running
-        # at the same time rarely add into the same addresses.
-        replica = (pid_n + head * 61) % RAB_REPLICAS
-        DPosW += replica * RAB_LANES * (2 * rab_n - 1)
-        DTsW += replica * RAB_LANES * RAB_LANES * (num_buckets + 1)
     mask_col = start_n // MASK_BLOCK_KV
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < T
@@ -213,7 +207,7 @@ def hstu_bwd_dkdv_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
     pid_n = tl.load(TileOrder + tl.program_id(1))
@@ -224,7 +218,7 @@ def hstu_bwd_dkdv_kernel(
         NextTs, PosW, TsW, DPosW, DTsW, QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, T,
         alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div, DQK, DV, BLOCK_DQK,
         BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
-        HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_REPLICAS, RAB_LANES,
+        HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_LANES,
     )
 
 
@@ -394,7 +388,7 @@ def hstu_bwd_merged_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, RAB_REPLICAS: tl.constexpr, RAB_LANES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     """dk/dv programs and dq programs in one launch, heaviest first across both kinds, so the
     tail of one kernel no longer idles the GPU before the other starts."""
@@ -411,7 +405,7 @@ def hstu_bwd_merged_kernel(
             T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
             DQK, DV, BLOCK_DQK, BLOCK_DV, KV_BLOCK_M, KV_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
             HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, False, FAST, DOT_PRECISION,
-            RAB_REPLICAS, RAB_LANES,
+            RAB_LANES,
         )
     else:
         _dq_program(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,6 +13,7 @@ import triton
 from torch import Tensor
 
 from flexgr.masks.block import HSTUMask, MaskSpec
+from flexgr.ops.kernel_options import kernel_options
 from flexgr.ops.rab import RelativeBias
 from flexgr.ops.triton_hstu import tuning
 from flexgr.ops.triton_hstu.backward import (
@@ -58,7 +58,7 @@ class MaskTables:
         longest-processing-time rule, so the short tiles of a jagged batch fill in behind the
         long ones (measured 6% faster at 8 x 8192). Split backward kernels ("kv" for dk/dv,
         "q_bwd" for dq): tile order, which measured ~5% faster than heaviest-first in two of
-        three runs (docs/triton-kernel.md); FLEXGR_TRITON_BWD_TILE_ORDER=lpt restores LPT."""
+        three runs (docs/triton-kernel.md); kernel.tile_order = "lpt_all" restores LPT there."""
         key = (side, block)
         if key not in self._orders:
             if side in ("q", "q_bwd"):  # query tiles walk KV blocks
@@ -66,9 +66,8 @@ class MaskTables:
             else:
                 work, mask_block = self.q_num + self.full_q_num, self.mask_block_kv
             per_tile = work.repeat_interleave(mask_block // block)
-            lpt = os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") != "0"
-            if side != "q":
-                lpt = lpt and os.environ.get("FLEXGR_TRITON_BWD_TILE_ORDER", "natural") == "lpt"
+            order_rule = kernel_options().tile_order
+            lpt = order_rule == "lpt_all" or (order_rule == "lpt" and side == "q")
             if lpt:
                 order = torch.argsort(per_tile, descending=True, stable=True)
             else:
@@ -85,7 +84,7 @@ class MaskTables:
             kv_work = (self.q_num + self.full_q_num).repeat_interleave(self.mask_block_kv // kv_block)
             q_work = (self.kv_num + self.full_kv_num).repeat_interleave(self.mask_block_q // q_block)
             cost = torch.cat([4 * kv_block * kv_work, 3 * q_block * q_work])
-            if os.environ.get("FLEXGR_TRITON_TILE_ORDER", "1") == "0":
+            if kernel_options().tile_order == "natural":
                 order = torch.arange(cost.numel(), device=cost.device)
             else:
                 order = torch.argsort(cost, descending=True, stable=True)
@@ -204,7 +203,7 @@ def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
         BLOCK_DV=_block_dim(dv),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST=q.dtype != torch.float32 and not tuning.interpreting()
-        and os.environ.get("FLEXGR_TRITON_FAST_SILU", "1") != "0",
+        and kernel_options().fast_silu,
     )
 
 
@@ -312,41 +311,19 @@ _bwd_modes: dict[tuple, str] = {}
 BWD_MODES = ("split", "fused", "merged")
 
 
-def _env_int(name: str, default: int, allowed: range) -> int:
-    raw = os.environ.get(name, str(default))
-    if not raw.isdigit() or int(raw) not in allowed:
-        raise ValueError(
-            f"{name} must be an integer in {allowed.start}..{allowed.stop - 1}, got {raw!r}"
-        )
-    return int(raw)
-
-
-def rab_replicas() -> int:
-    """Copies of the bias-table gradient buffers per dk/dv program group
-    (``FLEXGR_TRITON_RAB_REPLICAS``, default 1): programs running at the same time add into
-    different copies. Timed against lane copies in BENCHMARKS.md."""
-    return _env_int("FLEXGR_TRITON_RAB_REPLICAS", 1, range(1, 4097))
-
-
 def rab_lanes() -> int:
-    """L of the lane copies of the bias-table gradients (``FLEXGR_TRITON_RAB_LANES``, 1 = off):
-    pair (key n, query m) adds into positional copy n mod L and time copy (n mod L, m mod L), so
-    one atomic instruction never hits one address twice. Long sequences otherwise serialise on a
+    """L of the lane copies of the bias-table gradients (``kernel.rab_lanes``, 1 = off): pair
+    (key n, query m) adds into positional copy n mod L and time copy (n mod L, m mod L), so one
+    atomic instruction never hits one address twice. Long sequences otherwise serialise on a
     few time-bucket addresses (BENCHMARKS.md)."""
-    lanes = _env_int("FLEXGR_TRITON_RAB_LANES", 16, range(1, 65))
-    if lanes & (lanes - 1):
-        raise ValueError(f"FLEXGR_TRITON_RAB_LANES must be a power of two, got {lanes}")
-    return lanes
+    return kernel_options().rab_lanes
 
 
 def bwd_mode() -> str:
     """'split' (dk/dv kernel, then dq kernel), 'fused' (dq by fp32 atomics in the dk/dv kernel),
     'merged' (dk/dv and dq programs in one launch) or 'auto' (time the three on the first call of
     a shape bucket and keep the fastest)."""
-    mode = os.environ.get("FLEXGR_TRITON_BWD", "auto")
-    if mode not in ("auto",) + BWD_MODES:
-        raise ValueError(f"FLEXGR_TRITON_BWD must be auto, split, fused or merged, got {mode!r}")
-    return mode
+    return kernel_options().backward
 
 
 def _backward(
@@ -364,9 +341,8 @@ def _backward(
     dims = _dims(q, v)
     pos_w_ = _placeholder(pos_w, tab.seq_id)
     ts_w_ = _placeholder(ts_w, tab.seq_id)
-    replicas = rab_replicas() if has_rab else 1
     lanes = rab_lanes() if has_rab else 1
-    pos_copies, ts_copies = replicas * lanes, replicas * lanes * lanes
+    pos_copies, ts_copies = lanes, lanes * lanes
     if has_rab:
         dpos = torch.zeros(pos_copies * pos_w.numel(), dtype=torch.float32, device=q.device)
         dts = torch.zeros(ts_copies * ts_w.numel(), dtype=torch.float32, device=q.device)
@@ -388,8 +364,7 @@ def _backward(
             q, k, v, do, dk, dv, dq_acc, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
             *side, dpos, dts, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse,
-            RAB_REPLICAS=replicas, RAB_LANES=lanes,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse, RAB_LANES=lanes,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
 
@@ -410,8 +385,7 @@ def _backward(
             *side, dpos, dts, *q_lists, *kv_lists,
             tab.merged_order(kv_cfg.block_n, q_cfg.block_m), n_kv, *scalars,
             KV_BLOCK_M=kv_cfg.block_m, KV_BLOCK_N=kv_cfg.block_n,
-            Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n, RAB_REPLICAS=replicas,
-            RAB_LANES=lanes,
+            Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n, RAB_LANES=lanes,
             num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages, **common,
         )
 

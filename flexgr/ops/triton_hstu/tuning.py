@@ -22,6 +22,8 @@ from typing import Any, Callable, Hashable
 import torch
 import triton
 
+from flexgr.ops.kernel_options import kernel_options
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -75,7 +77,7 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    return not interpreting() and os.environ.get("FLEXGR_TRITON_AUTOTUNE", "1") != "0"
+    return not interpreting() and kernel_options().autotune
 
 
 def force(kind: str, config: TileConfig | None) -> None:
@@ -221,7 +223,9 @@ def time_ms(launch: Callable[[], None]) -> float:
 
 
 def pick(key: Hashable, options: list, launch: Callable[[object], None]):  # noqa: ANN201
-    """Fastest of ``options`` for ``key``; ``launch(cfg)`` runs the kernel once."""
+    """Fastest of ``options`` for ``key``; ``launch(cfg)`` runs the kernel once. The kernel
+    options that change the timings are part of the key (in this process and on disk)."""
+    key = (key, kernel_options().cache_key())
     if key in _chosen:
         return _chosen[key]  # type: ignore[return-value]
     if len(options) == 1:

@@ -1,0 +1,79 @@
+"""Settings of flexgr's Triton kernels: one typed object, set from the run config's [kernel].
+
+These used to be environment variables read at every launch. Now a run sets them once
+(``flexgr.train`` calls :func:`set_kernel_options` with ``cfg.kernel``), library users call
+:func:`set_kernel_options` or use :func:`kernel_options_set` for a block, and the tuned-tile
+cache key includes them (a tile tuned under one backward mode is not reused under another).
+Environment variables are left for paths and launcher values only (docs/train.md#environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class KernelOptions:
+    # Time 2-3 tile candidates per shape bucket on the first call and keep the fastest; off:
+    # the first candidate (faster start, e.g. for tests and short runs).
+    autotune: bool = True
+    # Backward kernels: "auto" times split / fused / merged on the first call of a bucket and
+    # keeps the fastest (docs/triton-kernel.md); the others pin one.
+    backward: Literal["auto", "split", "fused", "merged"] = "auto"
+    # Lane copies L of the bias-table gradients (a power of two, 1..64): one atomic instruction
+    # never adds twice into one address. 16 measured 18x faster than 1 (BENCHMARKS.md).
+    rab_lanes: int = 16
+    # Launch order of tiles: heaviest first ("lpt") in the forward only (measured fastest), in
+    # the backward too ("lpt_all"), or natural order everywhere ("natural"). For ablations.
+    tile_order: Literal["lpt", "lpt_all", "natural"] = "lpt"
+    # The approximate SiLU of the bf16/fp16 kernels (fp32 always runs exact). For ablations.
+    fast_silu: bool = True
+    # Context parallelism: MiB of gathered K/V one head pass may hold (docs/distributed.md);
+    # 0 = one head per pass, a negative value = all heads in one pass (no head passes).
+    cp_pass_mib: float = 64.0
+
+    def __post_init__(self) -> None:
+        lanes = self.rab_lanes
+        if not 1 <= lanes <= 64 or lanes & (lanes - 1):
+            raise ValueError(f"kernel.rab_lanes must be a power of two in 1..64, got {lanes}")
+        if self.backward not in ("auto", "split", "fused", "merged"):
+            raise ValueError(
+                f"kernel.backward must be auto, split, fused or merged, got {self.backward!r}"
+            )
+        if self.tile_order not in ("lpt", "lpt_all", "natural"):
+            raise ValueError(
+                f"kernel.tile_order must be lpt, lpt_all or natural, got {self.tile_order!r}"
+            )
+
+    def cache_key(self) -> str:
+        """The settings that change which tile or backward mode tuning picks."""
+        return f"bwd={self.backward},lanes={self.rab_lanes},order={self.tile_order},fast={self.fast_silu}"
+
+
+_current = KernelOptions()
+
+
+def kernel_options() -> KernelOptions:
+    return _current
+
+
+def set_kernel_options(options: KernelOptions) -> None:
+    """Use ``options`` from now on (a checked copy: later changes to the object do not leak)."""
+    global _current
+    _current = dataclasses.replace(options)
+
+
+@contextlib.contextmanager
+def kernel_options_set(**changes: object) -> Iterator[KernelOptions]:
+    """``with kernel_options_set(backward="split"): ...``: the current options with some
+    fields changed, restored afterwards."""
+    previous = _current
+    set_kernel_options(dataclasses.replace(previous, **changes))  # type: ignore[arg-type]
+    try:
+        yield _current
+    finally:
+        set_kernel_options(previous)
