@@ -8,7 +8,7 @@ validation or test event is ever read or predicted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from flexgr.batch import JaggedBatch
 from flexgr.data import InteractionData, Split
 from flexgr.eval.batches import concat_ranges
+from flexgr.train.length_sampling import LengthSampler
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,21 @@ class BatchRows:
     rows: list[int]
     row_offset: int = 0
     row_total: int = -1  # -1: the rows are the whole step
+    epoch: int = 0  # Stochastic Length draws per (seed, epoch, sequence)
 
 
 class TrainSequences(Dataset[TrainBatch]):
     """Indexed by :class:`BatchRows` (or a plain list of sequence numbers: a whole step), so
     workers build batches whole."""
 
-    def __init__(self, data: InteractionData, split: Split, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        data: InteractionData,
+        split: Split,
+        max_seq_len: int,
+        sampler: LengthSampler | None = None,
+    ) -> None:
+        self.sampler = sampler  # Stochastic Length (flexgr.train.length_sampling), or None
         starts = data.user_offsets[:-1].astype(np.int64)
         ends = split.train_end.astype(np.int64)
         # A sequence needs two training events: one to read and one to predict.
@@ -101,21 +110,39 @@ class TrainSequences(Dataset[TrainBatch]):
 
     @property
     def lengths(self) -> np.ndarray:
-        """[N] input tokens of each sequence."""
+        """[N] input tokens of each sequence's full window."""
         return self.window_end - self.window_start - 1
+
+    def lengths_in(self, rows: np.ndarray, epoch: int) -> np.ndarray:
+        """Input tokens of sequences ``rows`` in ``epoch`` (shorter under Stochastic Length)."""
+        full = self.lengths[rows]
+        return full if self.sampler is None else self.sampler.input_lengths(rows, full, epoch)
 
     def __getitem__(self, part: BatchRows | list[int]) -> TrainBatch:  # type: ignore[override]
         if not isinstance(part, BatchRows):
             part = BatchRows(list(part))
         rows_array = np.asarray(part.rows, dtype=np.int64)
         start, end = self.window_start[rows_array], self.window_end[rows_array]
-        inputs, offsets = concat_ranges(start, end - 1)
+        if self.sampler is None:
+            inputs, offsets = concat_ranges(start, end - 1)
+            targets = inputs + 1
+        else:
+            # The kept events of each window; position t is supervised by the next kept one.
+            kept, kept_offsets = self.sampler.events(
+                rows_array, start, end, self.timestamps, part.epoch
+            )
+            last = np.zeros(len(kept), dtype=bool)
+            last[kept_offsets[1:] - 1] = True
+            first = np.zeros(len(kept), dtype=bool)
+            first[kept_offsets[:-1]] = True
+            inputs, targets = kept[~last], kept[~first]
+            offsets = kept_offsets - np.arange(len(kept_offsets))
         return TrainBatch(
             item_ids=torch.from_numpy(self.items[inputs].astype(np.int64)),
             offsets=torch.from_numpy(offsets),
             timestamps=torch.from_numpy(self.timestamps[inputs].astype(np.int64)),
             query_time=torch.from_numpy(self.timestamps[end - 1].astype(np.int64)),
-            targets=torch.from_numpy(self.items[inputs + 1].astype(np.int64)),
+            targets=torch.from_numpy(self.items[targets].astype(np.int64)),
             users=torch.from_numpy(self.users[rows_array]),
             row_offset=part.row_offset,
             row_total=part.row_total,
@@ -164,12 +191,22 @@ class ReplicaBatches(Sampler[BatchRows]):
     replica the part is the whole batch."""
 
     def __init__(
-        self, batches: EpochBatches, lengths: np.ndarray, dp_size: int = 1, dp_rank: int = 0
+        self,
+        batches: EpochBatches,
+        lengths: np.ndarray | Callable[[np.ndarray, int], np.ndarray],
+        dp_size: int = 1,
+        dp_rank: int = 0,
     ) -> None:
+        """``lengths``: input tokens per sequence, or ``(rows, epoch) -> tokens`` when they
+        change by epoch (:meth:`TrainSequences.lengths_in` under Stochastic Length)."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         self.batches = batches
-        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if callable(lengths):
+            self.lengths_in = lengths
+        else:
+            fixed = np.asarray(lengths, dtype=np.int64)
+            self.lengths_in = lambda rows, epoch: fixed[rows]
         self.dp_size = dp_size
         self.dp_rank = dp_rank
 
@@ -179,12 +216,14 @@ class ReplicaBatches(Sampler[BatchRows]):
 
     def __iter__(self) -> Iterator[BatchRows]:
         for rows in self.batches:
+            epoch = self.batches.epoch
             parts = np.array_split(np.asarray(rows, dtype=np.int64), self.dp_size)
-            tokens = [int(self.lengths[part].sum()) for part in parts]
+            tokens = [int(self.lengths_in(part, epoch).sum()) for part in parts]
             yield BatchRows(
                 rows=parts[self.dp_rank].tolist(),
                 row_offset=sum(tokens[: self.dp_rank]),
                 row_total=sum(tokens),
+                epoch=epoch,
             )
 
     def __len__(self) -> int:

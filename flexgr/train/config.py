@@ -60,6 +60,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up to lr, then constant
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
+    # Stochastic Length (HSTU paper 3.2): alpha in (1, 2] shortens long training windows at
+    # random so a step's attention cost is O(N^alpha); 0 = off. sl_selection picks the events
+    # kept: "recent", "random" or "weighted" (docs/stochastic-length.md).
+    sl_alpha: float = 0.0
+    sl_selection: Literal["recent", "random", "weighted"] = "recent"
     num_negatives: int = 128
     temperature: float = 0.05
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -348,6 +353,7 @@ def validate(cfg: Config) -> None:
     _require(t.batch_size >= 1, "train.batch_size must be >= 1")
     _require(t.lr > 0, "train.lr must be > 0")
     _require(t.num_negatives >= 1, "train.num_negatives must be >= 1")
+    _require(t.sl_alpha == 0 or 1 < t.sl_alpha <= 2, "train.sl_alpha must be 0 (off) or in (1, 2]")
     _require(t.temperature > 0, "train.temperature must be > 0")
     _require(t.log_every >= 1, "train.log_every must be >= 1")
     _require(t.num_workers >= -1, "train.num_workers must be >= 0, or -1 for auto")

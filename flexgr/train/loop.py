@@ -25,6 +25,7 @@ from flexgr.export import export_model
 from flexgr.model.registry import spec_of
 from flexgr.ops.kernel_options import set_kernel_options
 from flexgr.train.batches import EpochBatches, ReplicaBatches, TrainBatch, TrainSequences, train_loader
+from flexgr.train.length_sampling import LengthSampler
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from flexgr.train.config import Config, dump_config, eval_batch_size, exclusion, item_pool
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
@@ -151,17 +152,22 @@ class Trainer:
             self.forward = torch.compile(self.model, dynamic=True)
             self.loss_fn = torch.compile(sampled_softmax_loss, dynamic=True)
         self.parallel = ParallelStep(ctx, self.model, t.seed)
-        self.sequences = TrainSequences(self.data, self.split, cfg.data.max_seq_len)
+        sampler = None
+        if t.sl_alpha:
+            sampler = LengthSampler(t.sl_alpha, cfg.data.max_seq_len, t.sl_selection, t.seed)
+        self.sequences = TrainSequences(self.data, self.split, cfg.data.max_seq_len, sampler)
         if len(self.sequences) == 0:
             raise TrainError(
                 f"no user of {self.data.name!r} has two training events; nothing to train on"
             )
         self.batches = EpochBatches(len(self.sequences), t.batch_size, t.seed)
         # train.batch_size stays the global batch; each replica takes a contiguous part.
-        sampler = ReplicaBatches(self.batches, self.sequences.lengths, ctx.dp_size, ctx.dp_rank)
+        replica_batches = ReplicaBatches(
+            self.batches, self.sequences.lengths_in, ctx.dp_size, ctx.dp_rank
+        )
         self.loader = train_loader(
             self.sequences,
-            sampler,
+            replica_batches,
             num_workers=worker_count(t.num_workers, self.device),
             pin_memory=self.device.type == "cuda",
         )
