@@ -72,6 +72,9 @@ class TrainConfig:
     # Opt-in: on the H100, a compiled ml-1m-hstu run had not finished its first epoch after 100 s
     # (a recompile per new packed length), while eager runs at ~18 ms a step.
     compile: bool = False  # torch.compile the model on CUDA; CPU runs stay eager
+    # "layers": run each layer under activation checkpointing (keep its input only, recompute
+    # the rest in backward; docs/train.md); "none": keep every activation.
+    recompute: Literal["none", "layers"] = "none"
     # Refuse to start when model.backend cannot run as configured (instead of running the
     # backend it would fall back to); the choice is logged in metrics.jsonl either way.
     strict_backend: bool = False

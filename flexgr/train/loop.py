@@ -26,6 +26,7 @@ from flexgr.model.registry import spec_of
 from flexgr.ops.kernel_options import set_kernel_options
 from flexgr.train.batches import EpochBatches, ReplicaBatches, TrainBatch, TrainSequences, train_loader
 from flexgr.train.length_sampling import LengthSampler
+from flexgr.train.recompute import apply_recompute
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from flexgr.train.config import Config, dump_config, eval_batch_size, exclusion, item_pool
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
@@ -131,6 +132,7 @@ class Trainer:
         # Items 1..num_items are the ones the model ranks and draws negatives from.
         self.num_items = self.data.pool_size(item_pool(cfg))
         self.model: nn.Module = new_model(cfg, self.num_items).to(self.device)
+        apply_recompute(self.model, t.recompute)
         self.spec = spec_of(self.model)
         self.backends = self._choose_backends()
         self.optimizer = torch.optim.AdamW(
