@@ -44,3 +44,36 @@ def require_run_dir(path: Path) -> Path:
 
 def stdout() -> Console:
     return Console()
+
+
+def os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: itself, or one it was raised from or while handling (torch's
+    checkpoint writer turns a full disk into ``RuntimeError: ... unexpected pos``)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def os_error_text(err: OSError, fallback_path: Path | str) -> str:
+    """``PATH: No space left on device`` (the path the error names, else ``fallback_path``)."""
+    import errno as errno_codes
+
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno is not None and err.errno in errno_codes.errorcode:
+        reason += f" ({errno_codes.errorcode[err.errno]})"
+    if err.filename is None:
+        return f"{reason} while writing into {fallback_path}"
+    return f"{_target_of(Path(err.filename))}: {reason}"
+
+
+def _target_of(path: Path) -> Path:
+    """The file a temp file of flexgr.atomic stands for (``.last.pt.tmp-123`` -> ``last.pt``)."""
+    import re
+
+    match = re.fullmatch(r"\.(.+)\.tmp-\d+", path.name)
+    return path.with_name(match.group(1)) if match else path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -14,6 +15,7 @@ from rich.table import Table
 from flexgr.data import BUILTINS, GENERATORS, DataError, DatasetMeta, read_meta
 from flexgr.data import prepare as prepare_dataset
 from flexgr.data.prepare import data_home
+from flexgr.data.readers import DuplicateEventsWarning
 
 app = typer.Typer(
     help="Prepare interaction datasets (built-in MovieLens, synthetic, or your own files).",
@@ -102,6 +104,14 @@ def prepare(
         int | None, typer.Option(help="Synthetic: longest user history (log-uniform lengths).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Synthetic: generator seed.")] = None,
+    dedup: Annotated[
+        bool,
+        typer.Option(
+            "--dedup",
+            help="--path only: drop repeated events (same user, item and timestamp), keeping "
+            "the first row of each; without it they are kept and reported.",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print meta.json to stdout.")] = False,
 ) -> None:
@@ -135,59 +145,78 @@ def prepare(
             f"--users, --items, --categories, --length, --min-length, --max-length and --seed "
             f"apply to the synthetic datasets ({', '.join(GENERATORS)})"
         )
+    if dedup and path is None:
+        _fail("--dedup applies to --path FILE, not to built-in or synthetic datasets")
     try:
-        if dataset in GENERATORS:
-            if fmt is not None or item_file is not None or any(
-                v is not None for v in colmap.values()
-            ):
-                _fail(f"--format, --item-file and column options apply to --path, not {dataset}")
-            directory = prepare_dataset(
-                dataset,
-                name=name,
-                data_dir=data_dir,
-                force=force,
-                ties=ties.value,
-                tie_seed=tie_seed,
-                synthetic=synthetic,
-            )
-        elif dataset is not None:
-            if dataset not in BUILTINS:
-                _fail(
-                    f"unknown built-in dataset {dataset!r} "
-                    f"(built-ins: {', '.join([*BUILTINS, *GENERATORS])}); "
-                    "for a file use --path FILE --format FORMAT"
+        # Duplicate events are reported as one warning line, not as a Python warning.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DuplicateEventsWarning)
+            if dataset in GENERATORS:
+                if (
+                    fmt is not None
+                    or item_file is not None
+                    or any(v is not None for v in colmap.values())
+                ):
+                    _fail(
+                        f"--format, --item-file and column options apply to --path, not {dataset}"
+                    )
+                directory = prepare_dataset(
+                    dataset,
+                    name=name,
+                    data_dir=data_dir,
+                    force=force,
+                    ties=ties.value,
+                    tie_seed=tie_seed,
+                    synthetic=synthetic,
                 )
-            if fmt is not None or item_file is not None or any(
-                v is not None for v in colmap.values()
-            ):
-                _fail(
-                    "--format, --item-file and column options apply to --path, not to built-in "
-                    "datasets"
+            elif dataset is not None:
+                if dataset not in BUILTINS:
+                    _fail(
+                        f"unknown built-in dataset {dataset!r} "
+                        f"(built-ins: {', '.join([*BUILTINS, *GENERATORS])}); "
+                        "for a file use --path FILE --format FORMAT"
+                    )
+                if (
+                    fmt is not None
+                    or item_file is not None
+                    or any(v is not None for v in colmap.values())
+                ):
+                    _fail(
+                        "--format, --item-file and column options apply to --path, not to built-in "
+                        "datasets"
+                    )
+                directory = prepare_dataset(
+                    dataset,
+                    name=name,
+                    data_dir=data_dir,
+                    force=force,
+                    ties=ties.value,
+                    tie_seed=tie_seed,
                 )
-            directory = prepare_dataset(
-                dataset,
-                name=name,
-                data_dir=data_dir,
-                force=force,
-                ties=ties.value,
-                tie_seed=tie_seed,
-            )
-        else:
-            directory = prepare_dataset(
-                str(path),
-                fmt=fmt.value if fmt else None,
-                name=name,
-                data_dir=data_dir,
-                force=force,
-                ties=ties.value,
-                tie_seed=tie_seed,
-                item_file=item_file,
-                user_col=user_col,
-                item_col=item_col,
-                time_col=time_col,
-                rating_col=rating_col,
-                sep=sep,
-            )
+            else:
+                directory = prepare_dataset(
+                    str(path),
+                    fmt=fmt.value if fmt else None,
+                    name=name,
+                    data_dir=data_dir,
+                    force=force,
+                    ties=ties.value,
+                    tie_seed=tie_seed,
+                    item_file=item_file,
+                    user_col=user_col,
+                    item_col=item_col,
+                    time_col=time_col,
+                    rating_col=rating_col,
+                    sep=sep,
+                    dedup=dedup,
+                )
+        for warning in caught:
+            if issubclass(warning.category, DuplicateEventsWarning):
+                typer.echo(f"warning: {warning.message}", err=True)
+            else:
+                warnings.showwarning(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
         meta = read_meta(directory)
     except DataError as err:
         _fail(str(err))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from flexgr.cli.common import fail, metrics_table, print_json, stdout
-from flexgr.cli.runs import Weights, load_weights, open_run
+from flexgr.cli.runs import WEIGHTS_HELP, Weights, load_weights, open_run
 
 
 class SplitName(str, Enum):
@@ -27,10 +27,7 @@ def eval_command(
     split: Annotated[
         SplitName, typer.Option("--split", help="Which targets to rank.")
     ] = SplitName.test,
-    weights: Annotated[
-        Weights,
-        typer.Option("--weights", help="model: the exported model; best / last: a checkpoint."),
-    ] = Weights.model,
+    weights: Annotated[Weights, typer.Option("--weights", help=WEIGHTS_HELP)] = Weights.model,
     exclude_history: Annotated[
         Exclude | None,
         typer.Option(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 from flexgr.cli.common import fail, print_json, stdout
-from flexgr.cli.runs import Weights, load_weights, open_run
+from flexgr.cli.runs import WEIGHTS_HELP, Weights, load_recommender, open_run
 from rich.table import Table
 
 
@@ -16,42 +16,29 @@ def export_command(
     out: Annotated[
         Path, typer.Option("--out", help="Output path stem: writes OUT.safetensors and OUT.json.")
     ],
-    weights: Annotated[
-        Weights,
-        typer.Option(
-            "--weights", help="model: the run's selected model; best / last: a checkpoint."
-        ),
-    ] = Weights.model,
+    weights: Annotated[Weights, typer.Option("--weights", help=WEIGHTS_HELP)] = Weights.model,
 ) -> None:
     """Write a run's model as OUT.safetensors + OUT.json (load with flexgr.load)."""
     from flexgr.data import DataError
     from flexgr.export import ExportError, export_model, read_model_json
     from flexgr.train.rundir import RunDirError
-    from flexgr.train.setup import load_dataset
 
     try:
         run, cfg = open_run(run_dir)
-        if weights is Weights.model:
-            # The exported files already hold the id map: no dataset needed.
-            from flexgr.export import load_model
-
-            model, description = load_model(run.model)
-            item_ids, metadata = description["item_ids"], description.get("metadata", {})
-        else:
-            data = load_dataset(cfg)
-            model = load_weights(run, cfg, data, weights)
-            item_ids = data.item_ids
-            metadata = {
-                "dataset": data.name,
-                "protocol": cfg.data.protocol,
-                "weights": weights.value,
-            }
+        recommender = load_recommender(run, cfg, weights)
         stem = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
-        weights_path, json_path = export_model(model, stem, item_ids=item_ids, metadata=metadata)
+        weights_path, json_path = export_model(
+            recommender.model,
+            stem,
+            item_ids=recommender.item_ids,
+            metadata=recommender.metadata,
+        )
         read_model_json(json_path)  # fail here, not at load time, if something went wrong
-    except (RunDirError, DataError, ExportError, OSError) as err:
+    except (RunDirError, DataError, ExportError) as err:
         fail(str(err))
-    typer.echo(f"wrote {weights_path} and {json_path}")
+    except OSError as err:
+        fail(f"cannot write {err.filename or out}: {err.strerror or err}; nothing was replaced")
+    typer.echo(f"wrote {weights_path} and {json_path} ({weights.value} weights)")
 
 
 def recommend_command(
@@ -61,6 +48,7 @@ def recommend_command(
     include_seen: Annotated[
         bool, typer.Option("--include-seen", help="Also recommend items the user already has.")
     ] = False,
+    weights: Annotated[Weights, typer.Option("--weights", help=WEIGHTS_HELP)] = Weights.model,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON list of raw item ids.")
     ] = False,
@@ -71,14 +59,14 @@ def recommend_command(
     out unless --include-seen.
     """
     from flexgr.data import DataError
-    from flexgr.export import ExportError, load
+    from flexgr.export import ExportError
     from flexgr.train.rundir import RunDirError
     from flexgr.train.setup import load_dataset
 
     try:
         run, cfg = open_run(run_dir)
-        recommender = load(run.model)
         data = load_dataset(cfg)
+        recommender = load_recommender(run, cfg, weights, data)
         events = data.events_of(data.user_index(user))
         history = [data.item_ids[i - 1] for i in data.items[events]]
         scored = recommender.recommend_scored(
@@ -89,13 +77,38 @@ def recommend_command(
         )
     except (RunDirError, DataError, ExportError, KeyError, ValueError) as err:
         fail(str(err))
+    seen = 0 if include_seen else len(set(history))
+    if not scored:
+        typer.echo(
+            f"user {user} has interacted with all {recommender.num_items:,} items of the model; "
+            "nothing is left to recommend (--include-seen lists them anyway)",
+            err=True,
+        )
     if as_json:
         print_json([item for item, _ in scored])
         return
-    table = Table(title=f"user {user}: top {k} of {recommender.num_items:,} items")
+    if not scored:
+        return
+    console = stdout()
+    console.print(_header(user, len(scored), k, recommender.num_items, seen), highlight=False)
+    console.print(_table(scored))
+
+
+def _header(user: str, shown: int, k: int, num_items: int, seen: int) -> str:
+    """What the list is: "user 42: top 10 of 1,682 items (40 already seen, left out)"; when
+    fewer than k are left, it says so."""
+    left_out = f" ({seen:,} already seen, left out)" if seen else ""
+    header = f"user {user}: top {shown:,} of {num_items:,} items{left_out}"
+    if shown < k:
+        header += f"; asked for {k:,}, only {shown:,} are left"
+    return header
+
+
+def _table(scored: list[tuple[str, float]]) -> Table:
+    table = Table()
     table.add_column("rank", justify="right")
     table.add_column("item")
     table.add_column("score", justify="right")
     for rank, (item, score) in enumerate(scored, start=1):
         table.add_row(str(rank), item, f"{score:.4f}")
-    stdout().print(table)
+    return table

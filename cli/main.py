@@ -6,13 +6,15 @@ import typer
 from flexgr.cli.data import app as data_app
 from flexgr.cli.eval import eval_command
 from flexgr.cli.export import export_command, recommend_command
+from flexgr.cli.plot import plot_command
+from flexgr.cli.serve import serve_command
 from flexgr.cli.train import presets, train
 
 import flexgr
 
 app = typer.Typer(
     name="flexgr",
-    help="HSTU generative recommenders: prepare data, train, evaluate, export, recommend.",
+    help="HSTU generative recommenders: prepare data, train, evaluate, export, recommend, serve.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -21,6 +23,8 @@ app.command("train")(train)
 app.command("eval")(eval_command)
 app.command("export")(export_command)
 app.command("recommend")(recommend_command)
+app.command("serve")(serve_command)
+app.command("plot")(plot_command)
 app.command("presets")(presets)
 
 

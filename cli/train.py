@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from flexgr.cli.common import fail, metrics_table, print_json, stdout
+from flexgr.cli.common import fail, metrics_table, os_error_in, os_error_text, print_json, stdout
 from rich.console import Console
 
 from flexgr.data import DataError
@@ -23,6 +24,9 @@ from flexgr.train.config import (
     preset_text,
 )
 from flexgr.train.rundir import RunDir, RunDirError
+
+if TYPE_CHECKING:
+    from flexgr.cli.tensorboard import TensorBoardLogger
 
 DEFAULT_PRESET = "ml-1m-hstu"
 
@@ -72,6 +76,14 @@ def train(
     as_json: Annotated[
         bool, typer.Option("--json", help="At the end, print the test metrics as JSON.")
     ] = False,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write the metrics as TensorBoard scalars to RUN_DIR/tensorboard "
+            "(needs pip install 'flexgr[tensorboard]').",
+        ),
+    ] = False,
 ) -> None:
     """Train a model; with no arguments, the ml-1m-hstu preset.
 
@@ -91,23 +103,48 @@ def train(
     if run_dir is None:
         run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+    from flexgr.cli.keep import StepTracker, interrupted, kept
+
     from flexgr.export import ExportError
-    from flexgr.train.loop import TrainError, fit
+    from flexgr.train.loop import Callback, TrainError, fit
     from flexgr.train.parallel import FailedOnMain
 
     # With --json, stdout carries the JSON alone; progress and summaries go to stderr.
     console = Console(stderr=True) if as_json else stdout()
+    tracker = StepTracker()
+    callbacks: list[Callback] = [tracker]
+    main = launch_rank() == 0
+    board = None
     try:
-        result = fit(
-            cfg, run_dir, resume=resume, console=console, show_progress=False if quiet else None
-        )
+        # Rank 0 holds the run directory's lock (the other ranks share rank 0's directory).
+        lock = RunDir(run_dir).lock() if main else contextlib.nullcontext()
+        with lock:
+            board = _tensorboard(run_dir, resume) if tensorboard and main else None
+            if board is not None:
+                callbacks.append(board)
+            result = fit(
+                cfg,
+                run_dir,
+                resume=resume,
+                console=console,
+                show_progress=False if quiet else None,
+                callbacks=callbacks,
+            )
     except (ConfigError, RunDirError, DataError, ExportError, TrainError, FailedOnMain) as err:
         _fail_once(err)
     except KeyboardInterrupt:
-        if launch_rank() != 0:
+        if not main:
             raise typer.Exit(130) from None
-        fail(f"interrupted; continue with: flexgr train --run-dir {run_dir} --resume", code=130)
-    if launch_rank() != 0:
+        fail(interrupted(run_dir, tracker), code=130)
+    except (OSError, RuntimeError) as err:
+        cause = os_error_in(err)
+        if cause is None:
+            raise
+        _fail_once(RunDirError(f"{os_error_text(cause, run_dir)}; {kept(run_dir)}"))
+    finally:
+        if board is not None:
+            board.close()
+    if not main:
         return  # rank 0 reports the run
     if as_json:
         print_json({"run_dir": str(result.run_dir), "epoch": result.epoch, "test": result.test})
@@ -115,6 +152,26 @@ def train(
         console.print(
             metrics_table(result.test, f"test, epoch {result.epoch} ({result.stop_reason})")
         )
+
+
+def _tensorboard(run_dir: Path, resume: bool) -> TensorBoardLogger | None:
+    """The TensorBoard callback, or a warning and None when tensorboard is not installed."""
+    from flexgr.cli.keep import checkpoint_state
+    from flexgr.cli.tensorboard import INSTALL_HINT, TensorBoardLogger, tensorboard_available
+
+    if not tensorboard_available():
+        typer.echo(
+            f"warning: --tensorboard needs the tensorboard package ({INSTALL_HINT}); "
+            "training without it (metrics.jsonl has every record)",
+            err=True,
+        )
+        return None
+    run = RunDir(run_dir)
+    purge = None
+    if resume and run.last_checkpoint.is_file():
+        state = checkpoint_state(run.last_checkpoint)
+        purge = int(state["step"]) + 1 if state is not None else None
+    return TensorBoardLogger(run.root / "tensorboard", purge_step=purge)
 
 
 def launch_rank() -> int:
@@ -156,9 +213,22 @@ def _resolve_config(
     if config_file is not None and preset is not None:
         raise ConfigError("give a config file or --preset, not both")
     if config_file is not None:
-        return apply_overrides(load_config(config_file), overrides), config_file.stem
+        return apply_overrides(_read_config_file(config_file), overrides), config_file.stem
     name = preset or DEFAULT_PRESET
     return apply_overrides(load_preset(name), overrides), name
+
+
+def _read_config_file(path: Path) -> Config:
+    """load_config, with a file that is not UTF-8 or cannot be read as a one-line ConfigError."""
+    try:
+        return load_config(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save the config as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
 
 
 def presets(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -24,7 +25,16 @@ from flexgr.data.fetch import BUILTINS, BuiltinDataset, fetch_builtin, sha256_of
 from flexgr.data.indexing import build_interactions
 from flexgr.data.meta import EVENT_ORDERS, FORMAT_VERSION, Counts, DatasetMeta, SourceInfo
 from flexgr.data.progress import Reporter, reporter
-from flexgr.data.readers import FORMATS, check_format_options, infer_format, read_events
+from flexgr.data.readers import (
+    FORMATS,
+    DuplicateEventsWarning,
+    check_format_options,
+    describe_duplicates,
+    drop_rows,
+    find_duplicates,
+    infer_format,
+    read_events,
+)
 from flexgr.data.store import read_dataset, write_dataset
 from flexgr.data.synthetic import (
     GENERATORS,
@@ -71,6 +81,7 @@ def prepare(
     tie_seed: int = DEFAULT_TIE_SEED,
     item_file: PathLike | None = None,
     synthetic: Mapping[str, object] | None = None,
+    dedup: bool = False,
     **colmap: Any,
 ) -> Path:
     """Prepare a built-in dataset (``"ml-1m"``, ``"ml-100k"``) or a file; return its directory.
@@ -86,6 +97,10 @@ def prepare(
     built-ins bring their own) lists every item of the catalogue, one raw id per line or a
     Parquet column (``item_col``), so never-rated items can be ranked and sampled too.
 
+    A file that repeats an event (the same user, item and timestamp on two rows) is reported
+    with a :class:`DuplicateEventsWarning` (how many, the first example); ``dedup=True`` (files
+    only) drops the repeats, keeping the first row of each, and is recorded in meta.json.
+
     ``"synthetic-streaming"`` and ``"synthetic-long"`` are generated, not read
     (:mod:`flexgr.data.synthetic`); ``synthetic`` overrides their parameters, e.g.
     ``{"users": 1000, "seed": 3}``, and a changed parameter rebuilds the directory.
@@ -99,6 +114,8 @@ def prepare(
             raise DataError(
                 f"{name_or_path} is generated; format, columns and item_file do not apply"
             )
+        if dedup:
+            raise DataError(f"dedup applies to files; generated {name_or_path} has no duplicates")
         return _prepare_synthetic(name_or_path, synthetic, name, data_dir, force, progress, order)
     if synthetic is not None:
         raise DataError(
@@ -107,10 +124,12 @@ def prepare(
     if fmt is None and not colmap and isinstance(name_or_path, str) and name_or_path in BUILTINS:
         if item_file is not None:
             raise DataError(f"built-in {name_or_path} brings its own item file; drop item_file")
+        if dedup:
+            raise DataError(f"dedup applies to files; built-in {name_or_path} has no duplicates")
         return _prepare_builtin(BUILTINS[name_or_path], name, data_dir, force, progress, order)
     items = Path(item_file) if item_file is not None else None
     return _prepare_file(
-        Path(name_or_path), fmt, name, data_dir, force, progress, colmap, order, items
+        Path(name_or_path), fmt, name, data_dir, force, progress, colmap, order, items, dedup
     )
 
 
@@ -221,6 +240,7 @@ def _prepare_file(
     colmap: dict[str, Any],
     order: _TieOrder,
     item_file: Path | None,
+    dedup: bool = False,
 ) -> Path:
     if not path.is_file():
         if path.is_dir():
@@ -238,17 +258,25 @@ def _prepare_file(
             raise DataError("no such item file", path=item_file)
         options["item_file"] = str(item_file.resolve())
         options["item_file_sha256"] = sha256_of(item_file)
+    if dedup:
+        options["dedup"] = "true"  # recorded only when on, so older datasets stay current
     target = dataset_dir(name or _name_from_file(path), data_dir)
     location = str(path.resolve())
     digest = sha256_of(path)
     existing = _existing_meta(target)
     source = SourceInfo(kind="file", location=location, sha256=digest, format=fmt, options=options)
-    if not force and _is_current(existing) and existing.source == source and order.matches(existing):
+    if (
+        not force
+        and _is_current(existing)
+        and existing.source == source
+        and order.matches(existing)
+    ):
         return target
     _refuse_to_clobber(target, existing, force, location, lambda s: s.location == location)
     with reporter(progress) as report:
         with report.step(f"reading {path.name}"):
             events = read_events(path, fmt, **colmap)
+        events = _duplicates_checked(events, str(path), dedup)
         catalog = None
         if item_file is not None:
             with report.step(f"reading {item_file.name}"):
@@ -256,6 +284,19 @@ def _prepare_file(
         data = _build(target.name, events, report, order, catalog)
         _write(data, source, target, report, order)
     return target
+
+
+def _duplicates_checked(events: RawEvents, display: str, dedup: bool) -> RawEvents:
+    """Warn about repeated events; without them when ``dedup``."""
+    found = find_duplicates(events)
+    if found.count == 0:
+        return events
+    warnings.warn(
+        describe_duplicates(found, events, display, dropped=dedup),
+        DuplicateEventsWarning,
+        stacklevel=4,
+    )
+    return drop_rows(events, found.rows) if dedup else events
 
 
 def _build(

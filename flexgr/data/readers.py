@@ -8,10 +8,13 @@ the file, the line and the offending text for bad input.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flexgr.data import columns
@@ -219,3 +222,76 @@ def _read_parquet(path: Path, display: str, colmap: dict[str, Any]) -> RawEvents
 def _one_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- duplicate events
+
+
+class DuplicateEventsWarning(UserWarning):
+    """A file repeats events: the same user, item and timestamp on more than one row."""
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Rows that repeat an earlier row's (user, item, timestamp), ratings aside."""
+
+    rows: np.ndarray  # int64, 0-based data rows of the repeats, ascending
+    first: tuple[int, int] | None  # (first repeat's row, the row it repeats)
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+
+def find_duplicates(events: RawEvents) -> Duplicates:
+    """Every row whose (user, item, timestamp) an earlier row already has."""
+    n = len(events)
+    if n < 2:
+        return Duplicates(np.empty(0, dtype=np.int64), None)
+    users = pc.dictionary_encode(events.users).indices.to_numpy(zero_copy_only=False)
+    items = pc.dictionary_encode(events.items).indices.to_numpy(zero_copy_only=False)
+    rows = np.arange(n, dtype=np.int64)
+    order = np.lexsort((rows, events.timestamps, items, users))
+    same = (
+        (users[order][1:] == users[order][:-1])
+        & (items[order][1:] == items[order][:-1])
+        & (events.timestamps[order][1:] == events.timestamps[order][:-1])
+    )
+    repeats = order[1:][same]
+    if len(repeats) == 0:
+        return Duplicates(np.empty(0, dtype=np.int64), None)
+    # The row each repeat repeats: the first of its run in sorted order.
+    run_start = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(n), 0))
+    origin = order[run_start[1:][same]]
+    first = int(np.argmin(repeats))
+    return Duplicates(np.sort(repeats), (int(repeats[first]), int(origin[first])))
+
+
+def drop_rows(events: RawEvents, rows: np.ndarray) -> RawEvents:
+    keep = np.ones(len(events), dtype=bool)
+    keep[rows] = False
+    mask = pa.array(keep)
+    return RawEvents(
+        users=events.users.filter(mask),
+        items=events.items.filter(mask),
+        ratings=events.ratings[keep],
+        timestamps=events.timestamps[keep],
+    )
+
+
+def describe_duplicates(found: Duplicates, events: RawEvents, display: str, dropped: bool) -> str:
+    """One line: how many, the first example, and what was done with them."""
+    assert found.first is not None
+    repeat, origin = found.first
+    user, item = events.users[repeat].as_py(), events.items[repeat].as_py()
+    done = (
+        "dropped (--dedup), keeping the first of each"
+        if dropped
+        else "kept; --dedup (dedup=True) drops the repeats"
+    )
+    plural = "s" if found.count != 1 else ""
+    return (
+        f"{display}: {found.count:,} duplicate event{plural} (same user, item and timestamp as "
+        f"an earlier row); first: data row {repeat + 1} repeats row {origin + 1} (user "
+        f"{user!r}, item {item!r}, timestamp {int(events.timestamps[repeat])}); {done}"
+    )

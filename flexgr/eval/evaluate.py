@@ -36,6 +36,7 @@ def evaluate(
     forward: Forward | None = None,
     part: tuple[int, int] = (0, 1),
     reduce: Callable[[Tensor], Tensor] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """HR@K and NDCG@K for every K in ``ks``, and MRR, over the users with a ``which`` target.
 
@@ -50,6 +51,8 @@ def evaluate(
     tensor over the n processes (an all-reduce). Every process then returns the metrics of all
     users, computed from the same batches in the same order as one process would, so they equal
     the single-process metrics bit for bit given the same weights.
+
+    ``on_batch(done, total)`` is called after each batch this process ranks (a progress bar).
 
     The result also holds ``"users"``, the number of users evaluated.
     """
@@ -73,7 +76,9 @@ def evaluate(
         inputs = spec.prepare(model, jagged)
         with autocast:
             states = run(batch.item_ids, inputs)
-        queries = states[batch.offsets[1:] - 1].float()
+        # Each user's last position (attention truncation keeps it, under other offsets).
+        ends = getattr(inputs, "output_offsets", None)
+        queries = states[(batch.offsets if ends is None else ends)[1:] - 1].float()
         return target_ranks(
             queries,
             table,
@@ -83,12 +88,24 @@ def evaluate(
             chunk_size=item_chunk,
         )
 
+    # The batches this process ranks (all of them unless the evaluation is split).
+    total = len(range(part[0], -(-len(sequences) // batch_size), part[1]))
+    done = 0
+
+    def ranked(cpu_batch: EvalBatch) -> Tensor:
+        nonlocal done
+        ranks = ranks_of(cpu_batch)
+        done += 1
+        if on_batch is not None:
+            on_batch(done, total)
+        return ranks
+
     try:
         if part == (0, 1) and reduce is None:
             for cpu_batch in sequences.batches(batch_size):
-                acc.add(ranks_of(cpu_batch))
+                acc.add(ranked(cpu_batch))
         else:
-            _add_split(acc, sequences, batch_size, part, reduce, ranks_of, device)
+            _add_split(acc, sequences, batch_size, part, reduce, ranked, device)
     finally:
         model.train(was_training)
     return {**acc.result(), "users": len(sequences)}

@@ -104,13 +104,17 @@ class Recommender:
         while start < len(histories):
             stop, tokens = start, 0
             while stop < len(histories) and (
-                stop == start or not chunk_tokens or tokens + len(histories[stop][0]) <= chunk_tokens
+                stop == start
+                or not chunk_tokens
+                or tokens + len(histories[stop][0]) <= chunk_tokens
             ):
                 tokens += len(histories[stop][0])
                 stop += 1
             states.append(self._encode(histories[start:stop]))
             start = stop
-        return torch.cat(states) if states else torch.empty(0, self.config["d_model"])
+        if not states:
+            return torch.empty(0, self.model.item_embeddings().shape[1], device=self.device)
+        return torch.cat(states)
 
     def _encode(self, histories: Sequence[tuple[Tensor, Tensor, int]]) -> Tensor:
         device = self.device

@@ -15,9 +15,22 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(
-        path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
-    )
+    """Write ``state`` atomically. A failed write (a full disk) raises an OSError naming
+    ``path``: a failed write names no file, and torch.save may report it as
+    ``RuntimeError: ... unexpected pos`` with the OSError only in its context."""
+    try:
+        atomic_write_bytes(
+            path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
+        )
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+    except RuntimeError as err:
+        cause = err.__context__
+        if isinstance(cause, OSError):
+            raise type(cause)(cause.errno, cause.strerror or str(cause), str(path)) from err
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

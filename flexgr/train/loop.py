@@ -313,7 +313,8 @@ class Trainer:
         # Drawn for the whole step's batch, as one process draws them, after the forward's
         # dropout as in one process; then this process's rows.
         negatives = sample_negatives(part.row_total, t.num_negatives, self.num_items, self.device)
-        if ctx.world_size > 1:
+        truncated = states.shape[0] != part.num_tokens  # attention truncation: kept rows only
+        if ctx.world_size > 1 or truncated:
             negatives = negatives[rows]
         loss_sum = self.loss_fn(
             states.float(),  # the loss runs in fp32: bf16 logits / 0.05 lose too much
@@ -324,7 +325,10 @@ class Trainer:
             reduction="sum",
         )
         # This process's share of the step's mean; DDP sums the shares' gradients over ranks.
-        share = loss_sum / part.row_total
+        count: Tensor | int = part.row_total
+        if truncated:  # the mean over the positions that have outputs, on every rank
+            count = ctx.all_reduce_sum(torch.tensor(float(states.shape[0]), device=self.device))
+        share = loss_sum / count
         self._descend(share)
         return ctx.all_reduce_sum(share.detach())
 
@@ -364,7 +368,7 @@ class Trainer:
             state.step += 1
             state.batch_in_epoch += 1
             interval_tokens += cpu_batch.row_total  # the step's tokens, all replicas
-            progress.advance()
+            progress.advance(loss)  # read only until the first training record
             if state.step % t.log_every == 0:
                 elapsed = time.perf_counter() - interval_start
                 self._log_train(progress, interval_tokens / max(elapsed, 1e-9))
@@ -403,15 +407,25 @@ class Trainer:
         """The split that picks the epoch: val, or test under gr-compatible (no val there)."""
         return "test" if self.cfg.data.protocol == "gr-compatible" else "val"
 
-    def evaluate(self, which: str) -> tuple[dict[str, float], float]:
+    def evaluate(
+        self, which: str, progress: TrainProgress | None = None
+    ) -> tuple[dict[str, float], float]:
+        if progress is not None:
+            progress.start_eval(which)
         try:
-            return self._evaluate(which)
-        except Exception as err:
-            if not self._drop_compile(err):
-                raise
-            return self._evaluate(which)
+            try:
+                return self._evaluate(which, progress)
+            except Exception as err:
+                if not self._drop_compile(err):
+                    raise
+                return self._evaluate(which, progress)
+        finally:
+            if progress is not None:
+                progress.end_eval()
 
-    def _evaluate(self, which: str) -> tuple[dict[str, float], float]:
+    def _evaluate(
+        self, which: str, progress: TrainProgress | None = None
+    ) -> tuple[dict[str, float], float]:
         e = self.cfg.eval
         start = time.perf_counter()
         metrics = evaluate(
@@ -430,13 +444,14 @@ class Trainer:
             # Under torchrun every rank ranks a share of the batches with the plain model.
             part=(self.ctx.rank, self.ctx.world_size),
             reduce=self.ctx.all_reduce_sum if self.ctx.world_size > 1 else None,
+            on_batch=progress.eval_batch if progress is not None else None,
         )
         return metrics, time.perf_counter() - start
 
     def end_of_epoch(self, progress: TrainProgress, partial: bool) -> dict[str, float]:
         """Evaluate the selection split and track the best epoch."""
         state, which = self.state, self.selection_split
-        metrics, seconds = self.evaluate(which)
+        metrics, seconds = self.evaluate(which, progress)
         record: dict[str, Any] = {
             "kind": "eval",
             "split": which,
@@ -475,7 +490,7 @@ class Trainer:
     def fit(self) -> RunResult:
         t, state = self.cfg.train, self.state
         stop_reason = "max_epochs"
-        with TrainProgress(self.console, self.show_progress) as progress:
+        with TrainProgress(self.console, self.show_progress, max_epochs=t.max_epochs) as progress:
             while state.epoch <= t.max_epochs and not state.stopped_early:
                 if t.max_steps and state.step >= t.max_steps:
                     stop_reason = "max_steps"
@@ -515,7 +530,7 @@ class Trainer:
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
         epoch = state.best_epoch if self.best_weights is not None else state.epoch
-        test, seconds = self.evaluate("test")
+        test, seconds = self.evaluate("test", progress)
         self._write(
             {
                 "kind": "eval",
@@ -598,28 +613,36 @@ def _fit(
         run_dir = ctx.from_main(str(run_dir))
     run = RunDir(Path(run_dir))
 
+    # Rank 0 holds the run directory's lock for the whole run; taking it in open_run makes a
+    # busy directory fail every rank at once (FailedOnMain). Re-entrant: the CLI takes it too.
+    lock = run.lock()
+
     def open_run() -> None:
+        lock.acquire()
         if resume:
             run.require_checkpoint()
             run.write_config(cfg)
         else:
             run.create(cfg)
 
-    if ctx is None:
-        open_run()
-    else:
-        on_main(ctx, open_run)
-        if not ctx.is_main:
-            console, show_progress = Console(quiet=True), False
-    console = console or Console()
-    console.print(f"run directory: {run.root}", highlight=False)
-    trainer = Trainer(cfg, run, console, show_progress, callbacks, ctx)
-    if resume:
-        trainer.resume()
-    else:
-        trainer.log_setup()
-        trainer.save()  # so that --resume works from the very first step on
-    return trainer.fit()
+    try:
+        if ctx is None:
+            open_run()
+        else:
+            on_main(ctx, open_run)
+            if not ctx.is_main:
+                console, show_progress = Console(quiet=True), False
+        console = console or Console()
+        console.print(f"run directory: {run.root}", highlight=False)
+        trainer = Trainer(cfg, run, console, show_progress, callbacks, ctx)
+        if resume:
+            trainer.resume()
+        else:
+            trainer.log_setup()
+            trainer.save()  # so that --resume works from the very first step on
+        return trainer.fit()
+    finally:
+        lock.release()  # nothing to release where it was not taken
 
 
 def _prepare(cfg: Config) -> None:

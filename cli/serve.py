@@ -1,0 +1,109 @@
+"""``flexgr serve``: a run's model over HTTP (docs/serving.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from flexgr.cli.common import fail
+from flexgr.cli.runs import WEIGHTS_HELP, Weights, load_recommender, open_run
+
+
+def serve_command(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="The run whose model serves.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port (0: any free port).")
+    ] = 8000,
+    weights: Annotated[Weights, typer.Option("--weights", help=WEIGHTS_HELP)] = Weights.model,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto.")] = "cpu",
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Most requests run as one batch.")
+    ] = 32,
+    max_wait_ms: Annotated[
+        float,
+        typer.Option("--max-wait-ms", min=0, help="Longest wait for a batch to fill (ms)."),
+    ] = 2.0,
+    max_k: Annotated[
+        int, typer.Option("--max-k", min=1, help="Largest k a request may ask.")
+    ] = 1000,
+    max_body_kb: Annotated[
+        int, typer.Option("--max-body-kb", min=1, help="Largest request body (KiB).")
+    ] = 1024,
+    users: Annotated[
+        bool,
+        typer.Option(
+            "--users/--no-users",
+            help="Load the run's dataset so requests can name a user id (--no-users: "
+            "histories only, no dataset needed).",
+        ),
+    ] = True,
+    ann: Annotated[
+        bool,
+        typer.Option("--ann", help="Approximate top-k with FAISS (pip install 'flexgr[ann]')."),
+    ] = False,
+    ann_probe: Annotated[
+        int, typer.Option("--ann-probe", min=1, help="FAISS cells scanned per query.")
+    ] = 32,
+    ann_lists: Annotated[
+        int, typer.Option("--ann-lists", min=0, help="FAISS cells (0: about 4 sqrt(items)).")
+    ] = 0,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="uvicorn's log level: warning, info, debug.")
+    ] = "warning",
+) -> None:
+    """Serve /recommend, /score, /health and /metadata for a run's model.
+
+    Requests from concurrent callers are batched (--max-batch, --max-wait-ms). Errors are JSON
+    with a 4xx status for bad input; see docs/serving.md.
+    """
+    try:
+        from flexgr.serve.app import create_app
+        from flexgr.serve.server import bind, serve, url_of
+    except ImportError:
+        fail("flexgr serve needs FastAPI and uvicorn: pip install 'flexgr[serve]'")
+    from flexgr.data import DataError
+    from flexgr.export import ExportError
+    from flexgr.serve import DatasetUsers, Limits, Service
+    from flexgr.serve.ann import AnnUnavailable, ApproximateIndex
+    from flexgr.train.rundir import RunDirError
+    from flexgr.train.runtime import resolve_device
+    from flexgr.train.setup import load_dataset
+
+    try:
+        target = resolve_device(device)
+    except (ValueError, RuntimeError) as err:  # torch.device("x") raises RuntimeError
+        fail(f"--device {device}: {str(err).splitlines()[0]}")
+    try:
+        run, cfg = open_run(run_dir)
+        data = load_dataset(cfg) if users or weights is not Weights.model else None
+        recommender = load_recommender(run, cfg, weights, data).to(target)
+        service = Service(
+            recommender,
+            users=DatasetUsers.of(data, recommender) if users and data is not None else None,
+            limits=Limits(max_k=max_k),
+            weights=weights.value,
+        )
+        if ann:
+            service.ann = ApproximateIndex(service.table, lists=ann_lists, probe=ann_probe)
+    except AnnUnavailable as err:
+        fail(str(err))
+    except (RunDirError, DataError, ExportError) as err:
+        fail(str(err))
+    app = create_app(
+        service, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_kb * 1024
+    )
+    try:
+        sock = bind(host, port)
+    except OSError as err:
+        fail(f"cannot listen on {host}:{port}: {err.strerror or err}")
+    who = f", {service.users.count:,} users of {service.users.name}" if service.users else ""
+    typer.echo(
+        f"serving {run_dir} ({weights.value} weights, {service.num_items:,} items{who}) on "
+        f"{url_of(sock)} (Ctrl-C stops)",
+    )
+    try:
+        serve(app, sock, log_level=log_level)
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the SIGINT
+        typer.echo("stopped", err=True)
