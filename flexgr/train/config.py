@@ -373,6 +373,8 @@ def validate(cfg: Config) -> None:
     _require(p.dp >= 1, "parallel.dp must be >= 1")
     _require(p.cp >= 1, "parallel.cp must be >= 1")
     spec = get_spec(cfg.model.arch)
+    if p.cp > 1 and cfg.model_options().get("truncate_after", 0):
+        raise ConfigError("attention truncation (model.truncate_after) needs parallel.cp=1")
     if p.cp > 1 and not spec.capabilities.context_parallel:
         able = ", ".join(n for n, s in MODELS.items() if s.capabilities.context_parallel)
         raise ConfigError(

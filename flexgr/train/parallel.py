@@ -171,4 +171,8 @@ class ParallelStep:
                 states = (forward or self.model)(sharded.item_ids, sharded.inputs)
             else:
                 states = self.net(sharded)
-        return states, sharded.take(part.targets), sharded.world_rows
+        targets, rows = sharded.take(part.targets), sharded.world_rows
+        kept = getattr(sharded.inputs, "output_rows", None)
+        if kept is not None:  # attention truncation: outputs for the kept rows only
+            targets, rows = targets[kept], rows[kept]
+        return states, targets, rows

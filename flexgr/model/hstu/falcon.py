@@ -58,6 +58,8 @@ def encode_history(
     values per layer. The history's last token reads ``query_time`` as its next timestamp."""
     if model.training:
         raise ValueError("M-FALCON scoring runs in eval mode (model.eval())")
+    if model.cfg.truncate_after > 0 and model.cfg.truncate_len > 0:
+        raise ValueError("M-FALCON does not support attention truncation yet")
     L = item_ids.shape[0]
     if L == 0:
         raise ValueError("the history is empty: M-FALCON needs at least one event")

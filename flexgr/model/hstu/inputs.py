@@ -8,6 +8,7 @@ rank's tokens (:mod:`flexgr.model.hstu.parallelize`), so the layers never know w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from flexgr.batch import JaggedBatch
 from flexgr.masks.block import HSTUMask, build_custom_mask, build_hstu_mask
-from flexgr.masks.layout import JaggedLayout, build_layout
+from flexgr.masks.layout import JaggedLayout, build_layout, seq_ids_and_local
 from flexgr.masks.mods import MaskMod, and_masks, jagged
 from flexgr.masks.registry import BUILTIN_RULE, mask_rule
 from flexgr.ops.attention import hstu_attention
@@ -65,6 +66,7 @@ class LocalAttention:
     contextual_len: int
     max_attn_len: int
     full_attn_tail: int
+    divisor: int | None = None  # replaces the layer's N (the truncated layers' shorter N)
 
     def __call__(
         self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
@@ -72,11 +74,20 @@ class LocalAttention:
     ) -> Tensor:
         return hstu_attention(
             q, k, v, self.offsets,
-            max_seq_len=max_seq_len, alpha=alpha, num_targets=self.num_targets,
+            max_seq_len=self.divisor or max_seq_len, alpha=alpha, num_targets=self.num_targets,
             contextual_len=self.contextual_len, max_attn_len=self.max_attn_len,
             full_attn_tail=self.full_attn_tail, rab=self.tables.bias(bias),
             backend=self.backend, mask=self.mask, validate=False,
         )
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Attention truncation: the rows the later layers keep and their own inputs."""
+
+    keep: Tensor  # [T'] rows of the batch, per sequence in order
+    offsets: Tensor  # [B + 1] of the kept rows
+    inputs: HSTUInputs
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,16 @@ class HSTUInputs:
 
     positions: Tensor  # [T] position ids of the tokens this process computes
     attention: Attention
+    truncation: Truncation | None = None
+
+    @property
+    def output_rows(self) -> Tensor | None:
+        """Rows of the batch the model's outputs belong to (None: all of them, in order)."""
+        return self.truncation.keep if self.truncation is not None else None
+
+    @property
+    def output_offsets(self) -> Tensor | None:
+        return self.truncation.offsets if self.truncation is not None else None
 
 
 def backend_choice(
@@ -129,7 +150,46 @@ def bias_tables(batch: JaggedBatch, positions: Tensor) -> BiasTables:
 
 def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs:
     """The inputs of one batch on one device (any backend, any configured mask)."""
+    inputs = _prepare(model.cfg, batch)
     cfg = model.cfg
+    if cfg.truncate_after <= 0 or cfg.truncate_len <= 0:
+        return inputs
+    keep, offsets = truncation_rows(cfg, batch)
+    short = JaggedBatch(
+        batch.item_ids[keep],
+        offsets,
+        batch.timestamps[keep] if batch.timestamps is not None else None,
+        batch.query_time,
+        batch.num_targets,
+    )
+    later = _prepare(cfg, short, divisor=truncated_divisor(cfg))
+    return dataclasses.replace(inputs, truncation=Truncation(keep, offsets, later))
+
+
+def truncated_divisor(cfg: HSTUConfig) -> int:
+    """N of the truncated layers: the longest sequence they can see, plus the model's margin
+    (as for the full layers), capped by the full N."""
+    return min(cfg.attn_len, cfg.contextual_len + cfg.truncate_len + cfg.len_margin)
+
+
+def truncation_rows(cfg: HSTUConfig, batch: JaggedBatch) -> tuple[Tensor, Tensor]:
+    """(kept rows, their offsets): per sequence its contextual prefix, its ``truncate_len``
+    most recent history tokens and its targets, in order. One host sync (the kept count)."""
+    offsets = batch.offsets.to(torch.int64)
+    T = batch.num_tokens
+    seq, local = seq_ids_and_local(offsets, T)
+    seq, local = seq.long(), local.long()
+    lengths = (offsets[1:] - offsets[:-1])[seq]
+    targets = batch.num_targets.to(torch.int64)[seq] if batch.num_targets is not None else 0
+    tail = lengths - (cfg.truncate_len + targets)
+    kept = (local < cfg.contextual_len) | (local >= tail)
+    keep = kept.nonzero().squeeze(1)
+    counts = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
+    counts.index_add_(0, seq, kept.long())
+    return keep, torch.cat([offsets[:1], counts.cumsum(0)])
+
+
+def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) -> HSTUInputs:
     T = batch.num_tokens
     backend = backend_choice(cfg, batch.device, training=torch.is_grad_enabled()).backend
     mask: HSTUMask | None = None
@@ -160,5 +220,6 @@ def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs:
         contextual_len=cfg.contextual_len,
         max_attn_len=cfg.max_attn_len,
         full_attn_tail=cfg.full_attn_tail,
+        divisor=divisor,
     )
     return HSTUInputs(positions=positions, attention=attention)

@@ -51,6 +51,11 @@ class HSTUConfig:
     # "global_keys": the first sla_global tokens are visible to every row; "tail_rows": the last
     # sla_global rows keep full causal attention (the reference code's reading).
     sla_mode: Literal["global_keys", "tail_rows"] = "global_keys"
+    # Attention truncation (ULTRA-HSTU): the first truncate_after layers run on the whole
+    # sequence, the rest on its contextual prefix, its truncate_len most recent history tokens
+    # and its targets (0 = off). docs/attention.md#attention-truncation.
+    truncate_after: int = 0
+    truncate_len: int = 0
 
     @property
     def attn_len(self) -> int:
@@ -121,9 +126,14 @@ class HSTU(nn.Module):
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, item_ids: Tensor, inputs: HSTUInputs) -> Tensor:
+        """[T, d], or [T', d] for the rows ``inputs.output_rows`` under attention truncation."""
         x = self.input(self.item_emb(item_ids), inputs.positions)
-        for layer in self.layers:
-            x = layer(x, inputs)
+        current = inputs
+        for index, layer in enumerate(self.layers):
+            if inputs.truncation is not None and index == self.cfg.truncate_after:
+                x = x[inputs.truncation.keep]
+                current = inputs.truncation.inputs
+            x = layer(x, current)
         return l2_normalize(x)
 
     def item_embeddings(self, ids: Tensor | None = None) -> Tensor:

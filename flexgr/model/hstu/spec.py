@@ -20,6 +20,12 @@ def validate(options: dict[str, Any]) -> None:
             raise ValueError(f"model.{key} must be >= 0")
     if options["full_attn_tail"] and not options["max_attn_len"]:
         raise ValueError("model.full_attn_tail needs a local window (model.max_attn_len > 0)")
+    if options["truncate_after"] < 0 or options["truncate_len"] < 0:
+        raise ValueError("model.truncate_after and model.truncate_len must be >= 0")
+    if (options["truncate_after"] > 0) != (options["truncate_len"] > 0):
+        raise ValueError("attention truncation needs both model.truncate_after and truncate_len")
+    if options["truncate_after"] >= max(options["num_layers"], 1) and options["truncate_len"]:
+        raise ValueError("model.truncate_after must be below model.num_layers")
     if options["mask"] != BUILTIN_RULE:
         mask_rule(options["mask"])  # raises for an unknown name, listing the known ones
 
