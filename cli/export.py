@@ -112,3 +112,51 @@ def _table(scored: list[tuple[str, float]]) -> Table:
     for rank, (item, score) in enumerate(scored, start=1):
         table.add_row(str(rank), item, f"{score:.4f}")
     return table
+
+
+def score_command(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="The run whose model scores.")],
+    user: Annotated[str, typer.Option("--user", help="Raw user id, as in the dataset file.")],
+    candidates: Annotated[
+        str, typer.Option("--candidates", help="Comma-separated raw item ids to score.")
+    ],
+    microbatch: Annotated[
+        int, typer.Option("--microbatch", min=1, help="Candidates per M-FALCON pass.")
+    ] = 1024,
+    weights: Annotated[Weights, typer.Option("--weights", help=WEIGHTS_HELP)] = Weights.model,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON [[id, score], ...].")] = False,
+) -> None:
+    """Score candidates for a user of the run's dataset, after the user's whole history.
+
+    HSTU models score with M-FALCON: every candidate is a target of the history (it sees the
+    history and itself, never another candidate) and the history is encoded once
+    (docs/m-falcon.md); other models score with the retrieval dot product.
+    """
+    from flexgr.data import DataError
+    from flexgr.export import ExportError
+    from flexgr.train.rundir import RunDirError
+    from flexgr.train.setup import load_dataset
+
+    names = [c.strip() for c in candidates.split(",") if c.strip()]
+    if not names:
+        fail("--candidates is empty: give comma-separated item ids")
+    try:
+        run, cfg = open_run(run_dir)
+        data = load_dataset(cfg)
+        recommender = load_recommender(run, cfg, weights, data)
+        events = data.events_of(data.user_index(user))
+        history = [data.item_ids[i - 1] for i in data.items[events]]
+        scored = recommender.score_candidates(
+            history, names, timestamps=data.timestamps[events].tolist(), microbatch=microbatch
+        )
+    except (RunDirError, DataError, ExportError, KeyError, ValueError) as err:
+        fail(str(err))
+    if as_json:
+        print_json([[item, score] for item, score in scored])
+        return
+    console = stdout()
+    console.print(
+        f"user {user}: {len(scored)} candidates, scored after {len(history)} events",
+        highlight=False,
+    )
+    console.print(_table(scored))

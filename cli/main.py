@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from flexgr.cli.data import app as data_app
 from flexgr.cli.eval import eval_command
-from flexgr.cli.export import export_command, recommend_command
+from flexgr.cli.export import export_command, recommend_command, score_command
 from flexgr.cli.plot import plot_command
 from flexgr.cli.serve import serve_command
 from flexgr.cli.train import presets, train
@@ -23,6 +23,7 @@ app.command("train")(train)
 app.command("eval")(eval_command)
 app.command("export")(export_command)
 app.command("recommend")(recommend_command)
+app.command("score")(score_command)
 app.command("serve")(serve_command)
 app.command("plot")(plot_command)
 app.command("presets")(presets)

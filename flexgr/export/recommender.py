@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from flexgr.batch import JaggedBatch
 from flexgr.eval.ranking import top_k
 from flexgr.export.files import load_model
-from flexgr.model.spec import encode
+from flexgr.model.registry import spec_of
 
 
 class UnknownItemError(KeyError):
@@ -127,7 +127,45 @@ class Recommender:
             torch.cat([ts for _, ts, _ in histories]).to(device),
             torch.tensor([q for _, _, q in histories], dtype=torch.int64, device=device),
         )
-        return encode(self.model, batch)[batch.offsets[1:] - 1]
+        inputs = spec_of(self.model).prepare(self.model, batch)
+        states = self.model(batch.item_ids, inputs)
+        ends = getattr(inputs, "output_offsets", None)  # attention truncation keeps the last row
+        return states[(batch.offsets if ends is None else ends)[1:] - 1]
+
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        history: Sequence[str],
+        candidates: Sequence[str],
+        *,
+        timestamps: Sequence[int] | None = None,
+        query_time: int | None = None,
+        microbatch: int = 1024,
+    ) -> list[tuple[str, float]]:
+        """(raw id, score) of every candidate, in the order given. HSTU models score with
+        M-FALCON (each candidate a target of the history, the history's keys and values
+        computed once; docs/m-falcon.md); other models with the retrieval dot product."""
+        if len(candidates) == 0:
+            raise ValueError("no candidates to score")
+        ids, ts, qt = self.history_tensors(history, timestamps, query_time)
+        cand = torch.tensor([self.item_index(raw) for raw in candidates], dtype=torch.int64)
+        device = self.device
+        falcon = spec_of(self.model).name == "hstu" and not self.model.cfg.truncate_after
+        if falcon and len(ids) + 1 <= self.model.cfg.attn_len:
+            from flexgr.model.hstu.falcon import score_candidates
+
+            scores, _ = score_candidates(
+                self.model,
+                ids.to(device),
+                ts.to(device),
+                qt,
+                cand.to(device),
+                microbatch=microbatch,
+            )
+        else:
+            user = self.embed([(ids, ts, qt)])[0].float()
+            scores = self.model.item_embeddings(cand.to(device)).float() @ user
+        return list(zip(candidates, scores.tolist(), strict=True))
 
     @torch.no_grad()
     def user_embedding(

@@ -11,7 +11,7 @@ from flexgr.train import dump_config, load_preset
 from tests.cli.helpers import assert_one_line_error, run
 from tests.conftest import tiny_config
 
-COMMANDS = ["train", "eval", "export", "recommend", "presets", "data", "env"]
+COMMANDS = ["train", "eval", "export", "recommend", "score", "presets", "data", "env"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -208,3 +208,35 @@ def test_unavailable_device_is_a_one_line_error(tiny_home: Path, tmp_path: Path)
     # Nothing was trained, so the same run directory can be used once the config is fixed.
     config.write_text(dump_config(tiny_config(tiny_home, "train.max_steps=1")))
     assert run("train", config, "--run-dir", run_dir, "-q").exit_code == 0
+
+
+def test_score_candidates_with_m_falcon(trained_run: Path, tiny_home: Path) -> None:
+    import torch
+
+    from flexgr.batch import JaggedBatch
+    from flexgr.data import load_prepared
+    from flexgr.model import encode
+
+    result = run("score", "--run-dir", trained_run, "--user", "u3", "--candidates",
+                 "i1,i5,i9", "--microbatch", "2", "--json")
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)
+    assert [item for item, _ in scored] == ["i1", "i5", "i9"]
+    # Each score is the candidate scored alone as the one target after the user's history.
+    rec = flexgr.load(trained_run)
+    data = load_prepared("tiny", data_dir=tiny_home)
+    events = data.events_of(data.user_index("u3"))
+    ids, ts, qt = rec.history_tensors([data.item_ids[i - 1] for i in data.items[events]],
+                                      data.timestamps[events].tolist())
+    for item, score in scored:
+        c = rec.item_index(item)
+        batch = JaggedBatch(torch.cat([ids, torch.tensor([c])]), torch.tensor([0, len(ids) + 1]),
+                            torch.cat([ts, torch.tensor([qt])]), torch.tensor([qt]),
+                            torch.tensor([1]))
+        with torch.no_grad():
+            want = float(encode(rec.model, batch)[-1] @ rec.model.item_embeddings()[c])
+        assert score == pytest.approx(want, abs=1e-5)
+    assert_one_line_error(run("score", "--run-dir", trained_run, "--user", "u3",
+                              "--candidates", "nope"), "unknown item id 'nope'")
+    assert_one_line_error(run("score", "--run-dir", trained_run, "--user", "u3",
+                              "--candidates", ","), "--candidates is empty")
