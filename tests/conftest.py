@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.attention.flex_attention as flex_module
+
+# Without CUDA the Triton kernels run in Triton's interpreter. The variable must be set before
+# anything imports triton.language: its standard functions are decorated at import time, and ones
+# decorated outside interpreter mode fail inside an interpreted kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.attention.flex_attention as flex_module  # noqa: E402
 
 # Tuned Triton tiles stay in the test process instead of the user's ~/.cache; the tuning tests
 # point the cache at a temporary file themselves.

@@ -80,32 +80,6 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec | None) -
     return None
 
 
-class _HSTUAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pos_w, ts_w, tables, alpha, max_seq_len):  # type: ignore[override]
-        from flexgr.ops.triton_hstu import launch
-
-        out = launch.forward(
-            q, k, v, tables, alpha=alpha, max_seq_len=max_seq_len, pos_w=pos_w, ts_w=ts_w
-        )
-        ctx.save_for_backward(q, k, v, pos_w, ts_w)
-        ctx.tables = tables
-        ctx.alpha = alpha
-        ctx.max_seq_len = max_seq_len
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        from flexgr.ops.triton_hstu import launch
-
-        q, k, v, pos_w, ts_w = ctx.saved_tensors
-        dq, dk, dv, dpos, dts = launch.backward(
-            dout, q, k, v, ctx.tables, alpha=ctx.alpha, max_seq_len=ctx.max_seq_len,
-            pos_w=pos_w, ts_w=ts_w,
-        )
-        return dq, dk, dv, dpos, dts, None, None, None
-
-
 def hstu_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, mask: HSTUMask, *, max_seq_len: int, alpha: float,
     rab: RelativeBias | None = None,
@@ -121,7 +95,12 @@ def hstu_attention_triton(
         return v.new_zeros(v.shape)
     from flexgr.ops.triton_hstu import launch
 
-    tables = launch.mask_tables(mask, rab)
+    from flexgr.ops import triton_ops
+
+    tensors, ints, inv_bucket_div = triton_ops.pack(launch.mask_tables(mask, rab))
     pos_w = rab.pos_w if rab is not None else None
     ts_w = rab.ts_w if rab is not None else None
-    return _HSTUAttention.apply(q, k, v, pos_w, ts_w, tables, float(alpha), int(max_seq_len))
+    # A custom op (flexgr/ops/triton_ops.py): torch.compile sees one opaque call per layer.
+    return triton_ops.hstu_attention_fwd(
+        q, k, v, pos_w, ts_w, tensors, ints, inv_bucket_div, float(alpha), int(max_seq_len)
+    )

@@ -27,7 +27,8 @@ from flexgr.ops.rab import RelativeBias, next_timestamps
 if TYPE_CHECKING:
     from flexgr.model.hstu.model import HSTU, HSTUConfig
 
-BiasWeights = tuple[Tensor, Tensor]  # (pos_w [2N - 1], ts_w [num_buckets + 1])
+BiasWeights = tuple[Tensor, Tensor]
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others: the per-call path  # (pos_w [2N - 1], ts_w [num_buckets + 1])
 
 
 class Attention(Protocol):
@@ -67,11 +68,23 @@ class LocalAttention:
     max_attn_len: int
     full_attn_tail: int
     divisor: int | None = None  # replaces the layer's N (the truncated layers' shorter N)
+    # The Triton kernel's tables, flattened (flexgr.ops.triton_ops.pack), built in prepare:
+    # the forward then calls the kernel's custom op directly and traces as one op per layer.
+    kernel_tables: tuple[list[Tensor], list[int], float] | None = None
 
     def __call__(
         self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
         bias: BiasWeights | None,
     ) -> Tensor:
+        if self.kernel_tables is not None and q.dtype in _KERNEL_DTYPES:
+            from flexgr.ops.triton_ops import hstu_attention_fwd
+
+            tensors, ints, inv_div = self.kernel_tables
+            pos_w, ts_w = bias if bias is not None else (None, None)
+            return hstu_attention_fwd(
+                q, k, v, pos_w, ts_w, tensors, ints, inv_div, float(alpha),
+                int(self.divisor or max_seq_len),
+            )
         return hstu_attention(
             q, k, v, self.offsets,
             max_seq_len=self.divisor or max_seq_len, alpha=alpha, num_targets=self.num_targets,
@@ -211,15 +224,43 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
     # HSTU position ids: the in-sequence index, except that contextual tokens share 0 and all
     # candidates share the first candidate's position (so they are interchangeable).
     positions = layout.pos_id[:T].long()
+    tables = bias_tables(batch, positions)
     attention = LocalAttention(
         offsets=batch.offsets,
         backend=backend,
-        tables=bias_tables(batch, positions),
+        tables=tables,
         mask=mask,
         num_targets=batch.num_targets,
         contextual_len=cfg.contextual_len,
         max_attn_len=cfg.max_attn_len,
         full_attn_tail=cfg.full_attn_tail,
         divisor=divisor,
+        kernel_tables=_kernel_tables(cfg, mask, tables) if backend == "triton" else None,
     )
     return HSTUInputs(positions=positions, attention=attention)
+
+
+def _kernel_tables(
+    cfg: HSTUConfig, mask: HSTUMask | None, tables: BiasTables
+) -> tuple[list[Tensor], list[int], float] | None:
+    """The Triton kernel's flattened tables for this batch, or None where the kernel would not
+    take the call (an empty batch; the per-call path then decides)."""
+    if mask is None or mask.spec is None or mask.total_len == 0:
+        return None
+    from flexgr.ops import triton_ops
+    from flexgr.ops.rab import BUCKET_DIVISOR
+    from flexgr.ops.triton_hstu import launch
+
+    if not cfg.rel_bias:
+        return triton_ops.pack(launch.bias_tables(mask))
+    return triton_ops.pack(
+        launch.bias_tables(
+            mask,
+            positions=tables.positions,
+            timestamps=tables.timestamps,
+            next_timestamps=tables.next_timestamps,
+            rab_n=cfg.attn_len,
+            num_buckets=cfg.num_time_buckets,
+            bucket_divisor=BUCKET_DIVISOR,
+        )
+    )

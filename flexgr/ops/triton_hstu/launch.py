@@ -104,6 +104,33 @@ _tables_cache: "weakref.WeakKeyDictionary[object, MaskTables]" = weakref.WeakKey
 
 
 def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
+    if rab is None:
+        return bias_tables(mask)
+    return bias_tables(
+        mask,
+        positions=rab.positions,
+        timestamps=rab.timestamps,
+        next_timestamps=rab.next_timestamps,
+        rab_n=rab.max_len,
+        num_buckets=rab.num_buckets,
+        bucket_divisor=rab.bucket_divisor,
+    )
+
+
+def bias_tables(
+    mask: HSTUMask,
+    *,
+    positions: Tensor | None = None,
+    timestamps: Tensor | None = None,
+    next_timestamps: Tensor | None = None,
+    rab_n: int = 0,
+    num_buckets: int = 0,
+    bucket_divisor: float = 1.0,
+) -> MaskTables:
+    """The kernel's tables for ``mask``, with the relative bias's per-token tables when
+    ``timestamps`` is given (``rab_n`` = N of the position table, ``num_buckets`` of the time
+    table). Callers that know the bias's sizes ahead of the weights (a model's prepare) use
+    this directly."""
     try:
         base = _tables_cache.get(mask.block_mask)
     except TypeError:  # not weak-referenceable
@@ -114,20 +141,20 @@ def mask_tables(mask: HSTUMask, rab: RelativeBias | None) -> MaskTables:
             _tables_cache[mask.block_mask] = base
         except TypeError:
             pass
-    if rab is None:
+    if timestamps is None or next_timestamps is None:
         return base
     local = base.local
-    if rab.positions is not None:  # e.g. HSTU position ids, so that candidates share a position
+    if positions is not None:  # e.g. HSTU position ids, so that candidates share a position
         pad = mask.padded_len - mask.total_len
-        local = torch.nn.functional.pad(rab.positions.to(torch.int32), (0, pad)).contiguous()
+        local = torch.nn.functional.pad(positions.to(torch.int32), (0, pad)).contiguous()
     return dataclasses.replace(
         base,
         local=local,
-        ts=rab.timestamps.to(torch.int64).contiguous(),
-        next_ts=rab.next_timestamps.to(torch.int64).contiguous(),
-        rab_n=rab.max_len,
-        num_buckets=rab.num_buckets,
-        inv_bucket_div=float(np.float32(1.0) / np.float32(rab.bucket_divisor)),
+        ts=timestamps.to(torch.int64).contiguous(),
+        next_ts=next_timestamps.to(torch.int64).contiguous(),
+        rab_n=rab_n,
+        num_buckets=num_buckets,
+        inv_bucket_div=float(np.float32(1.0) / np.float32(bucket_divisor)),
     )
 
 
