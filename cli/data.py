@@ -66,6 +66,10 @@ def prepare(
     sep: Annotated[
         str | None, typer.Option(help="csv: field separator (default ','; '\\t' for a tab).")
     ] = None,
+    action_cols: Annotated[
+        str | None,
+        typer.Option(help="csv/parquet: integer action columns, comma-separated (ranking)."),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -136,6 +140,7 @@ def prepare(
         "time_col": time_col,
         "rating_col": rating_col,
         "sep": sep,
+        "action_cols": action_cols,
     }
     if sep == "\\t":  # a shell passes the two characters; nobody means a backslash separator
         sep = "\t"
@@ -208,6 +213,7 @@ def prepare(
                     time_col=time_col,
                     rating_col=rating_col,
                     sep=sep,
+                    action_cols=action_cols,
                     dedup=dedup,
                 )
         for warning in caught:

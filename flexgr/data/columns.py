@@ -15,6 +15,10 @@ import pyarrow.compute as pc
 # a user's history.
 TIMESTAMP_PATTERN = r"^\s*[+-]?[0-9]+(\.0*)?\s*$"
 _TIMESTAMP_RE = re.compile(TIMESTAMP_PATTERN)
+# Action values: non-negative integers (a category, a count, or a bit field of several actions).
+ACTION_PATTERN = r"^\s*\+?[0-9]+(\.0*)?\s*$"
+_ACTION_RE = re.compile(ACTION_PATTERN)
+ACTION_MAX = 2**62  # bit fields up to 62 bits; larger values are an error, not a wrap-around
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _UNITS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
@@ -52,6 +56,16 @@ def parse_rating(text: str) -> float:
     return value
 
 
+def parse_action(text: str) -> int:
+    """One action value by the shared rule: a non-negative integer; ValueError says why not."""
+    if not _ACTION_RE.match(text):
+        raise ValueError(f"action {text.strip()!r} is not a non-negative integer")
+    value = int(text.strip().lstrip("+").split(".")[0])
+    if value >= ACTION_MAX:
+        raise ValueError(f"action {text.strip()!r} is too large (at most 2**62 - 1)")
+    return value
+
+
 def check_id(text: str, what: str) -> None:
     if not text.strip():
         raise ValueError(f"empty {what} id")
@@ -80,6 +94,39 @@ def ratings_from_text(column: pa.Array) -> np.ndarray:
     if np.isinf(out).any():
         _raise_first_python_failure(column, parse_rating)
     return out.astype(np.float32)
+
+
+def actions_from_text(column: pa.Array) -> np.ndarray:
+    valid = pc.match_substring_regex(column, ACTION_PATTERN)
+    _raise_first_false(valid, column, "action is not a non-negative integer")
+    integral = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")
+    try:
+        values = pc.cast(pc.utf8_ltrim(integral, "+"), pa.int64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:
+        _raise_first_python_failure(column, parse_action)
+        raise
+    if len(values) and values.max() >= ACTION_MAX:
+        _raise_first_python_failure(column, parse_action)
+    return values
+
+
+def actions_from_typed(column: pa.Array) -> np.ndarray:
+    """Action values from a typed (Parquet) column: integers or booleans, never missing."""
+    _raise_first_null(column, "missing action value")
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return actions_from_text(pc.cast(column, pa.string()))
+    if pa.types.is_boolean(kind):
+        return pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(kind):
+        values = pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False)
+        bad = (values < 0) | (values >= ACTION_MAX)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            problem = "action is not a non-negative integer below 2**62"
+            raise ColumnProblem(row, problem, str(values[row]))
+        return values
+    raise ColumnProblem(0, f"action column has unsupported type {kind}", str(column[0]))
 
 
 def ids_from_text(column: pa.Array, what: str) -> pa.Array:

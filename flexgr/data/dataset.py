@@ -36,6 +36,8 @@ class InteractionData:
     user_ids: list[str]  # index -> raw id
     item_ids: list[str]  # item_ids[i - 1] is the raw id of item index i
     catalog_ids: list[str] = field(default_factory=list)  # raw ids of num_items+1, ...
+    # Action columns by name, int64 [E] each, in event order (empty: the source had none).
+    actions: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         events = len(self.items)
@@ -43,6 +45,8 @@ class InteractionData:
             raise ValueError("user_offsets must have one entry more than user_ids")
         if len(self.timestamps) != events or len(self.ratings) != events:
             raise ValueError("items, timestamps and ratings must have equal length")
+        if any(len(values) != events for values in self.actions.values()):
+            raise ValueError("every action column must have one value per event")
         if len(self.item_ids) != self.num_items:
             raise ValueError("item_ids must have num_items entries")
         if len(self.user_offsets) and (

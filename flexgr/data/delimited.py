@@ -12,6 +12,7 @@ import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
@@ -27,12 +28,14 @@ _BLOCK_SIZE = 16 << 20  # bigger blocks parse faster; memory is dominated by the
 
 @dataclass(frozen=True)
 class Fields:
-    """Where the four event fields sit: header names (files with a header) or 0-based positions."""
+    """Where the event fields sit: header names (files with a header) or 0-based positions.
+    ``actions`` are the action columns (ranking labels and inputs), by header name."""
 
     user: str | int
     item: str | int
     time: str | int
     rating: str | int | None = None
+    actions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Positions:
     item: int
     time: int
     rating: int | None
+    actions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def read_delimited(data: bytes, layout: TextLayout, display: str) -> RawEvents:
         if table.num_rows == 0:
             line = 2 if layout.has_header else 1
             raise DataError("no data rows", path=display, line=line)
-        return _events_from_table(table)
+        return _events_from_table(table, tuple(layout.fields.actions))
     except (pa.ArrowInvalid, columns.ColumnProblem) as fast_error:
         _locate_first_problem(data, layout, positions, field_count, display)
         # The line walk found nothing it rejects: report what pyarrow said, still on one line.
@@ -110,7 +114,19 @@ def _resolve_positions(data: bytes, layout: TextLayout, display: str) -> tuple[P
         item=position(fields.item),
         time=position(fields.time),
         rating=None if rating_absent else position(fields.rating),  # type: ignore[arg-type]
+        actions=tuple(position(name) for name in fields.actions),
     )
+    taken = [positions.user, positions.item, positions.time, positions.rating]
+    for name, at in zip(fields.actions, positions.actions, strict=True):
+        if at in taken:
+            raise DataError(
+                f"action column {name!r} is already used as another field (user, item, "
+                "timestamp, rating or an earlier action column)",
+                path=display,
+                line=1,
+                text=header_text,
+            )
+        taken.append(at)
     return positions, len(names)
 
 
@@ -134,7 +150,7 @@ def _parse_fast(
         n
         for n in (positions.user, positions.item, positions.time, positions.rating)
         if n is not None
-    ]
+    ] + list(positions.actions)
     return pacsv.read_csv(
         pa.BufferReader(data),
         read_options=pacsv.ReadOptions(
@@ -150,11 +166,13 @@ def _parse_fast(
             quoted_strings_can_be_null=False,
         ),
     ).rename_columns(
-        ["user", "item", "time"] + (["rating"] if positions.rating is not None else [])
+        ["user", "item", "time"]
+        + (["rating"] if positions.rating is not None else [])
+        + [f"action.{k}" for k in range(len(positions.actions))]
     )
 
 
-def _events_from_table(table: pa.Table) -> RawEvents:
+def _events_from_table(table: pa.Table, action_names: tuple[str, ...]) -> RawEvents:
     def column(name: str) -> pa.Array:
         return table.column(name).combine_chunks()
 
@@ -168,7 +186,20 @@ def _events_from_table(table: pa.Table) -> RawEvents:
         items=columns.ids_from_text(column("item"), "item"),
         ratings=ratings,
         timestamps=columns.timestamps_from_text(column("time")),
+        actions={
+            name: _action_column(column(f"action.{k}"), name)
+            for k, name in enumerate(action_names)
+        },
     )
+
+
+def _action_column(column: pa.Array, name: str) -> np.ndarray:
+    try:
+        return columns.actions_from_text(column)
+    except columns.ColumnProblem as problem:  # name the column: there may be several
+        raise columns.ColumnProblem(
+            problem.row, f"{name}: {problem.problem}", problem.text
+        ) from None
 
 
 def _locate_first_problem(
@@ -189,6 +220,10 @@ def _locate_first_problem(
             (positions.time, columns.parse_timestamp),
             (positions.rating, columns.parse_rating),
         ]
+        checks += [
+            (at, _named(name, columns.parse_action))
+            for name, at in zip(layout.fields.actions, positions.actions, strict=True)
+        ]
         for position, rule in checks:
             if position is None:
                 continue
@@ -196,6 +231,18 @@ def _locate_first_problem(
                 rule(cells[position])  # type: ignore[index]
             except ValueError as err:
                 raise DataError(str(err), path=display, line=line_number, text=raw_line) from None
+
+
+def _named(name: str, rule: Callable[[str], object]) -> Callable[[str], object]:
+    """``rule`` with errors prefixed by the column's name (a file may have several actions)."""
+
+    def check(text: str) -> object:
+        try:
+            return rule(text)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+
+    return check
 
 
 def _rows(data: bytes, layout: TextLayout, display: str) -> Iterator[tuple[int, str, list[str]]]:

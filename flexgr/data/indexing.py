@@ -46,6 +46,10 @@ def build_interactions(
         items=(item_codes[order] + 1).astype(np.int32),
         timestamps=np.ascontiguousarray(raw.timestamps[order], dtype=np.int64),
         ratings=np.ascontiguousarray(raw.ratings[order], dtype=np.float32),
+        actions={
+            name: np.ascontiguousarray(values[order], dtype=np.int64)
+            for name, values in raw.actions.items()
+        },
         num_items=len(item_ids),
         user_ids=user_ids,
         item_ids=item_ids,

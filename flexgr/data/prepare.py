@@ -28,6 +28,7 @@ from flexgr.data.progress import Reporter, reporter
 from flexgr.data.readers import (
     FORMATS,
     DuplicateEventsWarning,
+    action_names,
     check_format_options,
     describe_duplicates,
     drop_rows,
@@ -87,8 +88,9 @@ def prepare(
     """Prepare a built-in dataset (``"ml-1m"``, ``"ml-100k"``) or a file; return its directory.
 
     ``fmt`` is one of :data:`flexgr.data.FORMATS` (inferred from the file name where it can
-    be); ``colmap`` is ``user_col``, ``item_col``, ``time_col``, ``rating_col`` and ``sep``
-    for the ``csv`` and ``parquet`` formats. ``progress=None`` shows progress bars only on a
+    be); ``colmap`` is ``user_col``, ``item_col``, ``time_col``, ``rating_col``, ``sep`` and
+    ``action_cols`` (integer action columns, ``"click,like"`` or a list, kept per event for
+    ranking) for the ``csv`` and ``parquet`` formats. ``progress=None`` shows progress bars only on a
     terminal. Raises :class:`DataError` for bad input and FileNotFoundError for a missing file.
 
     Events of a user with the same timestamp are ordered by a hash of (``tie_seed``, user id,
@@ -106,6 +108,8 @@ def prepare(
     ``{"users": 1000, "seed": 3}``, and a changed parameter rebuilds the directory.
     """
     colmap = {key: value for key, value in colmap.items() if value is not None}
+    if "action_cols" in colmap:  # one spelling in meta.json whether given as "a,b" or a list
+        colmap["action_cols"] = ",".join(action_names(colmap["action_cols"]))
     if ties not in TIE_ORDERS:
         raise DataError(f"ties must be one of {', '.join(TIE_ORDERS)}, got {ties!r}")
     order = _TieOrder(ties, int(tie_seed))

@@ -54,7 +54,21 @@ _LAYOUTS: dict[str, TextLayout] = {
 }
 
 FORMATS: tuple[str, ...] = (*_LAYOUTS, "csv", "parquet")
-COLUMN_OPTIONS = ("user_col", "item_col", "time_col", "rating_col", "sep")
+COLUMN_OPTIONS = ("user_col", "item_col", "time_col", "rating_col", "sep", "action_cols")
+
+
+def action_names(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Action column names from ``"a,b"`` or a list; DataError for an empty or repeated name."""
+    if value is None:
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(str(p).strip() for p in parts)
+    if not names or any(not n for n in names):
+        raise DataError(f"--action-cols {value!r}: give comma-separated column names")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"--action-cols names {repeated[0]!r} twice")
+    return names
 
 
 def read_movielens_dat(path: PathLike) -> RawEvents:
@@ -85,6 +99,7 @@ def read_csv(
     time_col: str,
     rating_col: str | None = None,
     sep: str = ",",
+    action_cols: str | list[str] | None = None,
 ) -> RawEvents:
     return read_events(
         path,
@@ -94,11 +109,18 @@ def read_csv(
         time_col=time_col,
         rating_col=rating_col,
         sep=sep,
+        action_cols=action_cols,
     )
 
 
 def read_parquet(
-    path: PathLike, *, user_col: str, item_col: str, time_col: str, rating_col: str | None = None
+    path: PathLike,
+    *,
+    user_col: str,
+    item_col: str,
+    time_col: str,
+    rating_col: str | None = None,
+    action_cols: str | list[str] | None = None,
 ) -> RawEvents:
     return read_events(
         path,
@@ -107,11 +129,13 @@ def read_parquet(
         item_col=item_col,
         time_col=time_col,
         rating_col=rating_col,
+        action_cols=action_cols,
     )
 
 
 def read_events(path: PathLike, fmt: str, **colmap: Any) -> RawEvents:
-    """Read ``path`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    """Read ``path`` in format ``fmt`` (one of :data:`FORMATS`). ``action_cols`` (csv and
+    parquet) names integer action columns, kept in :attr:`RawEvents.actions`."""
     check_format_options(fmt, colmap)
     display = os.fspath(path)
     if fmt == "parquet":
@@ -174,7 +198,11 @@ def _layout(fmt: str, colmap: dict[str, Any]) -> TextLayout:
         True,
         len(sep) == 1,  # the csv quoting rules only exist for one-character separators
         Fields(
-            colmap["user_col"], colmap["item_col"], colmap["time_col"], colmap.get("rating_col")
+            colmap["user_col"],
+            colmap["item_col"],
+            colmap["time_col"],
+            colmap.get("rating_col"),
+            action_names(colmap.get("action_cols")),
         ),
     )
 
@@ -189,6 +217,13 @@ def _read_parquet(path: Path, display: str, colmap: dict[str, Any]) -> RawEvents
     roles = {"user": colmap["user_col"], "item": colmap["item_col"], "time": colmap["time_col"]}
     if colmap.get("rating_col"):
         roles["rating"] = colmap["rating_col"]
+    actions = action_names(colmap.get("action_cols"))
+    for name in actions:
+        if name in roles.values():
+            raise DataError(
+                f"action column {name!r} is already used as another field", path=display
+            )
+        roles[f"action:{name}"] = name
     for name in roles.values():
         if name not in schema.names:
             raise DataError(
@@ -212,10 +247,20 @@ def _read_parquet(path: Path, display: str, colmap: dict[str, Any]) -> RawEvents
                 else RawEvents.unknown_ratings(table.num_rows)
             ),
             timestamps=columns.timestamps_from_typed(column("time")),
+            actions={name: _typed_action(column(f"action:{name}"), name) for name in actions},
         )
     except columns.ColumnProblem as problem:
         raise DataError(
             problem.problem, path=display, line=problem.row + 1, text=problem.text, where="row"
+        ) from None
+
+
+def _typed_action(column: pa.Array, name: str) -> np.ndarray:
+    try:
+        return columns.actions_from_typed(column)
+    except columns.ColumnProblem as problem:
+        raise columns.ColumnProblem(
+            problem.row, f"{name}: {problem.problem}", problem.text
         ) from None
 
 
@@ -276,6 +321,7 @@ def drop_rows(events: RawEvents, rows: np.ndarray) -> RawEvents:
         items=events.items.filter(mask),
         ratings=events.ratings[keep],
         timestamps=events.timestamps[keep],
+        actions={name: values[keep] for name, values in events.actions.items()},
     )
 
 

@@ -1,6 +1,8 @@
 """The on-disk layout of a prepared dataset, written atomically and validated on load.
 
-<dir>/events.parquet  user int32, item int32 (1..I), rating float32, timestamp int64
+<dir>/events.parquet  user int32, item int32 (1..I), rating float32, timestamp int64, and one
+                      int64 column "action.NAME" per action column of the source (none for
+                      MovieLens, whose action is the rating); older directories simply have none
 <dir>/users.parquet   user int32 (0..U-1), raw_id string
 <dir>/items.parquet   item int32 (1..C), raw_id string, rated bool (true for 1..I, the items
                       some event mentions; false for the catalogue's never-rated items I+1..C)
@@ -28,6 +30,7 @@ from flexgr.data.meta import FORMAT_VERSION, DatasetMeta
 EVENTS_FILE = "events.parquet"
 USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
+ACTION_PREFIX = "action."  # events.parquet column of action NAME: "action.NAME"
 _TEMP_SUFFIX = ".partial"
 # A build directory this old belongs to a process that was killed; nothing finishes it any more.
 _STALE_TEMP_SECONDS = 6 * 3600
@@ -47,6 +50,10 @@ def write_dataset(data: InteractionData, meta: DatasetMeta, target: Path) -> Non
                 "item": pa.array(data.items, pa.int32()),
                 "rating": pa.array(data.ratings, pa.float32()),
                 "timestamp": pa.array(data.timestamps, pa.int64()),
+                **{
+                    ACTION_PREFIX + name: pa.array(values, pa.int64())
+                    for name, values in data.actions.items()
+                },
             }
         )
         pq.write_table(events, directory / EVENTS_FILE)
@@ -146,6 +153,11 @@ def read_dataset(directory: Path) -> tuple[InteractionData, DatasetMeta]:
         user_ids=user_ids,
         item_ids=item_ids,
         catalog_ids=catalog_ids,
+        actions={
+            name[len(ACTION_PREFIX) :]: events.column(name).to_numpy().astype(np.int64, copy=False)
+            for name in events.column_names
+            if name.startswith(ACTION_PREFIX)
+        },
     )
     _check_consistent(data, meta, directory)
     return data, meta
