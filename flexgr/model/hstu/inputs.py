@@ -68,6 +68,7 @@ class LocalAttention:
     max_attn_len: int
     full_attn_tail: int
     divisor: int | None = None  # replaces the layer's N (the truncated layers' shorter N)
+    softmax: bool = False  # model.attention = "softmax" (flexgr.model.hstu.softmax)
     # The Triton kernel's tables, flattened (flexgr.ops.triton_ops.pack), built in prepare:
     # the forward then calls the kernel's custom op directly and traces as one op per layer.
     kernel_tables: tuple[list[Tensor], list[int], float] | None = None
@@ -76,6 +77,14 @@ class LocalAttention:
         self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
         bias: BiasWeights | None,
     ) -> Tensor:
+        if self.softmax:
+            from flexgr.model.hstu.softmax import softmax_attention
+
+            return softmax_attention(
+                q, k, v, self.offsets, alpha=alpha, mask=self.mask, num_targets=self.num_targets,
+                contextual_len=self.contextual_len, max_attn_len=self.max_attn_len,
+                full_attn_tail=self.full_attn_tail, rab=self.tables.bias(bias),
+            )
         if self.kernel_tables is not None and q.dtype in _KERNEL_DTYPES:
             from flexgr.ops.triton_ops import hstu_attention_fwd
 
@@ -125,9 +134,19 @@ def backend_choice(
     cfg: HSTUConfig, device: torch.device, *, training: bool, strict: bool = False
 ) -> BackendChoice:
     """The backend this model's batches run on ``device`` (:func:`flexgr.ops.choose_backend`,
-    the one resolver: a run logs this choice before its first step)."""
+    the one resolver: a run logs this choice before its first step). Softmax attention runs on
+    flex (CUDA) or the dense path: the Triton kernel is pointwise SiLU only."""
+    requested = cfg.backend
+    if cfg.attention == "softmax":
+        if requested == "triton":
+            raise ValueError(
+                "model.attention='softmax' cannot run on model.backend='triton' (the kernel is "
+                "pointwise SiLU only); use model.backend='auto', 'flex' or 'reference'"
+            )
+        if requested == "auto":
+            requested = "flex" if device.type == "cuda" else "reference"
     return choose_backend(
-        cfg.backend,
+        requested,
         device,
         builtin_mask=cfg.mask == BUILTIN_RULE,
         head_dim=max(cfg.dqk, cfg.dv),
@@ -235,6 +254,7 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
         max_attn_len=cfg.max_attn_len,
         full_attn_tail=cfg.full_attn_tail,
         divisor=divisor,
+        softmax=cfg.attention == "softmax",
         kernel_tables=_kernel_tables(cfg, mask, tables) if backend == "triton" else None,
     )
     return HSTUInputs(positions=positions, attention=attention)

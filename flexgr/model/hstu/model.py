@@ -32,7 +32,12 @@ class HSTUConfig:
     len_margin: int = 11
     dropout: float = 0.2
     input_dropout: float = 0.2
-    alpha: float | None = None  # None means 1.0, as in the reference; 1/sqrt(dqk) is an option
+    # Score scale. None: 1.0 for "silu" (the reference HSTU), 1/sqrt(dqk) for "softmax".
+    alpha: float | None = None
+    # "silu": HSTU's pointwise silu(s) / N; "softmax": the paper's "HSTU w/ softmax" ablation
+    # (Table 2), a row softmax over the same mask (flex on CUDA, dense otherwise;
+    # docs/long-sequences.md).
+    attention: Literal["silu", "softmax"] = "silu"
     norm_affine: bool = False
     norm_eps: float = 1e-6
     concat_ua: bool = False  # production variant: out = W [u, attn, u * LN(attn)]
@@ -60,6 +65,12 @@ class HSTUConfig:
     @property
     def attn_len(self) -> int:
         return self.max_seq_len + self.len_margin
+
+    @property
+    def score_scale(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return self.dqk**-0.5 if self.attention == "softmax" else 1.0
 
 
 class RelativePositionTimeBias(nn.Module):
@@ -104,7 +115,7 @@ class HSTULayer(nn.Module):
             k.reshape(T, H, cfg.dqk),
             v.reshape(T, H, cfg.dv),
             max_seq_len=cfg.attn_len,
-            alpha=1.0 if cfg.alpha is None else cfg.alpha,
+            alpha=cfg.score_scale,
             bias=self.rab() if self.rab is not None else None,
         )
         attn = attn_THD.reshape(T, H * cfg.dv)

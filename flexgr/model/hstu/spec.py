@@ -26,6 +26,11 @@ def validate(options: dict[str, Any]) -> None:
         raise ValueError("attention truncation needs both model.truncate_after and truncate_len")
     if options["truncate_after"] >= max(options["num_layers"], 1) and options["truncate_len"]:
         raise ValueError("model.truncate_after must be below model.num_layers")
+    if options["attention"] == "softmax" and options["backend"] == "triton":
+        raise ValueError(
+            "model.attention='softmax' cannot run on model.backend='triton' (the kernel is "
+            "pointwise SiLU only); use model.backend='auto', 'flex' or 'reference'"
+        )
     if options["mask"] != BUILTIN_RULE:
         mask_rule(options["mask"])  # raises for an unknown name, listing the known ones
 
