@@ -1,7 +1,7 @@
 """Run configuration: one small dataclass per concern, read from TOML, overridable by ``--set``.
 
-A config file has the sections ``[data]``, ``[model]``, ``[train]``, ``[eval]``, ``[parallel]``
-and ``[kernel]`` (:class:`flexgr.ops.kernel_options.KernelOptions`);
+A config file has the sections ``[data]``, ``[model]``, ``[train]``, ``[eval]``, ``[parallel]``,
+``[kernel]`` (:class:`flexgr.ops.kernel_options.KernelOptions`) and ``[versioned]``;
 every key is optional and takes the default below. ``[model]`` holds ``arch`` plus the settings of
 that architecture's config class (:class:`flexgr.model.HSTUConfig` or
 :class:`flexgr.model.SASRecConfig`), except ``num_items`` and ``max_seq_len``, which come from the
@@ -38,6 +38,20 @@ class DataConfig:
     # mentions), "catalog" (also the item file's never-rated items, as the reference HSTU
     # does), "auto" (catalog under gr-compatible, rated under loo-val).
     item_pool: Literal["auto", "rated", "catalog"] = "auto"
+    # Where training sequences come from: "table" (the prepared dataset) or "versioned" (a
+    # versioned-example store rebuilt by the late-materialization loader, docs/late-
+    # materialization.md; dataset then names the store, evaluation reads its table).
+    source: Literal["table", "versioned"] = "table"
+
+
+@dataclass
+class VersionedConfig:
+    """The versioned-example loader (data.source = "versioned")."""
+
+    affinity: bool = False  # group each shuffle window by user: one tier scan per user and batch
+    shuffle_window: int = 1024  # examples grouped together under affinity
+    prefetch: int = 0  # batches rebuilt ahead on a background thread; 0 = inline
+    cache_stripes: int = 64  # decoded tier stripes kept for neighbouring batches
 
 
 @dataclass
@@ -138,6 +152,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kernel: KernelOptions = field(default_factory=KernelOptions)  # the Triton kernels' knobs
+    versioned: VersionedConfig = field(default_factory=VersionedConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Resolved config: every key with its value (model settings included), for TOML."""
@@ -164,6 +179,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "parallel": ParallelConfig,
     "kernel": KernelOptions,
+    "versioned": VersionedConfig,
 }
 
 
@@ -370,6 +386,13 @@ def validate(cfg: Config) -> None:
         dataclasses.replace(cfg.kernel)  # runs KernelOptions' own checks
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    v = cfg.versioned
+    _require(v.shuffle_window >= 1, "versioned.shuffle_window must be >= 1")
+    _require(v.prefetch >= 0 and v.cache_stripes >= 0, "versioned.prefetch/cache_stripes >= 0")
+    _require(
+        d.source == "table" or t.sl_alpha == 0,
+        "train.sl_alpha (Stochastic Length) needs data.source=table",
+    )
     _require(p.dp >= 1, "parallel.dp must be >= 1")
     _require(p.cp >= 1, "parallel.cp must be >= 1")
     spec = get_spec(cfg.model.arch)

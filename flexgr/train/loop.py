@@ -24,7 +24,7 @@ from flexgr.eval import evaluate
 from flexgr.export import export_model
 from flexgr.model.registry import spec_of
 from flexgr.ops.kernel_options import set_kernel_options
-from flexgr.train.batches import EpochBatches, ReplicaBatches, TrainBatch, TrainSequences, train_loader
+from flexgr.train.batches import ReplicaBatches, TrainBatch, train_loader
 from flexgr.train.length_sampling import LengthSampler
 from flexgr.train.recompute import apply_recompute
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -47,6 +47,7 @@ from flexgr.train.runtime import (
     worker_count,
 )
 from flexgr.train.setup import load_dataset, load_split, new_model
+from flexgr.train.versioned_source import epoch_batches, train_sequences, with_prefetch
 
 # Timing fields of metrics.jsonl records: they differ between otherwise identical runs.
 TIMING_KEYS = frozenset({"tokens_per_s", "elapsed_s", "eval_s", "train_s"})
@@ -157,12 +158,12 @@ class Trainer:
         sampler = None
         if t.sl_alpha:
             sampler = LengthSampler(t.sl_alpha, cfg.data.max_seq_len, t.sl_selection, t.seed)
-        self.sequences = TrainSequences(self.data, self.split, cfg.data.max_seq_len, sampler)
+        self.sequences = train_sequences(cfg, self.data, self.split, sampler)
         if len(self.sequences) == 0:
             raise TrainError(
                 f"no user of {self.data.name!r} has two training events; nothing to train on"
             )
-        self.batches = EpochBatches(len(self.sequences), t.batch_size, t.seed)
+        self.batches = epoch_batches(cfg, self.sequences)  # affinity order for versioned
         # train.batch_size stays the global batch; each replica takes a contiguous part.
         replica_batches = ReplicaBatches(
             self.batches, self.sequences.lengths_in, ctx.dp_size, ctx.dp_rank
@@ -173,6 +174,7 @@ class Trainer:
             num_workers=worker_count(t.num_workers, self.device),
             pin_memory=self.device.type == "cuda",
         )
+        self.loader = with_prefetch(cfg, self.loader)  # versioned.prefetch: a thread ahead
         # Rank 0 writes the run's files; the other ranks compute the same records.
         self.metrics = MetricsLog(run.metrics) if self.is_main else None
         # Losses summed on the device since the last training record or checkpoint.

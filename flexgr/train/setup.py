@@ -13,7 +13,12 @@ from flexgr.train.config import Config
 
 def load_dataset(cfg: Config, *, prepare_builtin: bool = True) -> InteractionData:
     """The run's dataset. A built-in name is prepared first (a no-op once it is); any other
-    name or path must already be prepared (``flexgr data prepare``)."""
+    name or path must already be prepared (``flexgr data prepare``). Under
+    ``data.source = "versioned"`` it is the table the versioned store was built from."""
+    if cfg.data.source == "versioned":
+        from flexgr.train.versioned_source import evaluation_table
+
+        return evaluation_table(cfg, prepare_missing=prepare_builtin)
     data_dir = cfg.data.data_dir or None
     if prepare_builtin and cfg.data.dataset in BUILTINS:
         return load_prepared(prepare(cfg.data.dataset, data_dir=data_dir))

@@ -1,7 +1,8 @@
 """Which events each request saw: the one definition both converters and the baseline share.
 
 **Requests.** A user's events at or after ``start_ts`` are grouped into requests (same
-timestamp, a session gap, or fixed counts); a request's events are its candidates (the
+timestamp, a session gap, fixed counts, or ``last``: only the events at the user's newest
+timestamp, one request per user, the generative-training example); a request's events are its candidates (the
 impressions) and their action bits its labels. Its ``request_ts`` is the timestamp of its first
 event.
 
@@ -30,8 +31,8 @@ from flexgr.data.errors import DataError
 from flexgr.vlm.hashing import canonical_order
 from flexgr.vlm.schema import EventLog
 
-GroupBy = Literal["timestamp", "session", "count"]
-GROUP_BY: tuple[str, ...] = ("timestamp", "session", "count")
+GroupBy = Literal["timestamp", "session", "count", "last"]
+GROUP_BY: tuple[str, ...] = ("timestamp", "session", "count", "last")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def plan_requests(log: EventLog, spec: RequestSpec, watermarks: Sequence[int]) -
 def _groups(timestamps: np.ndarray, spec: RequestSpec) -> list[np.ndarray]:
     """Index ranges (into ``timestamps``, sorted) of the requests."""
     n = len(timestamps)
+    if spec.group_by == "last":  # the events at the newest timestamp
+        return [np.arange(int(np.searchsorted(timestamps, timestamps[-1])), n)]
     if spec.group_by == "timestamp":
         new = np.r_[True, timestamps[1:] != timestamps[:-1]]
     elif spec.group_by == "session":

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from flexgr.vlm.examples import ExampleChunk, ExampleRows
 from flexgr.vlm.hashing import mix64, user_hash
 
 ShardBy = Literal["user", "request"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,8 @@ class Loader:
         rng = np.random.default_rng([config.seed, number])
         order = rng.permutation(n)
         if config.affinity:
-            users = rows.table.column("user").to_numpy()[order]
-            salt = np.uint64(config.seed * 1_000_003 + number)
-            order = order[np.argsort(mix64(user_hash(users) ^ salt), kind="stable")]
+            users = rows.table.column("user").to_numpy()
+            order = group_by_user(order, users, config.seed * 1_000_003 + number)
         batches = [rows.take(order[i : i + size]) for i in range(0, full, size)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches, rows.take(order[full:])
@@ -152,42 +152,57 @@ class Loader:
             yield self.materialize(rows)
 
     def _prefetched(self) -> Iterator[JaggedBatch]:
-        ready: queue.Queue[object] = queue.Queue(maxsize=self.config.prefetch)
-        stop = threading.Event()
+        return prefetch(self._inline, self.config.prefetch)
 
-        def put(item: object) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
 
-        def produce() -> None:
+def group_by_user(order: np.ndarray, users: np.ndarray, salt: int) -> np.ndarray:
+    """``order`` (row numbers) regrouped so each user's rows are adjacent, users in a salted
+    hash order, each user's rows in their order in ``order`` (stable)."""
+    keys = mix64(user_hash(users[order]) ^ np.uint64(salt))
+    return order[np.argsort(keys, kind="stable")]
+
+
+def prefetch(make: Callable[[], Iterator[T]], depth: int) -> Iterator[T]:
+    """The items of ``make()``, produced on a background thread up to ``depth`` ahead.
+
+    Same items in the same order as iterating ``make()`` inline; an error on the thread is
+    raised here, in the consumer; leaving early stops the thread at its next item."""
+    ready: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
             try:
-                for batch in self._inline():
-                    if not put(batch):
-                        return
-                put(_END)
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-                put(_Failed(err))
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        worker = threading.Thread(target=produce, name="vlm-prefetch", daemon=True)
-        worker.start()
+    def produce() -> None:
         try:
-            while True:
-                item = ready.get()
-                if item is _END:
+            for item in make():
+                if not put(item):
                     return
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item  # type: ignore[misc]
-        finally:
-            stop.set()
-            # The producer sees `stop` at its next batch; one blocked in `follow` waiting for a
-            # part would hold a plain join() forever, so wait only briefly (it is a daemon).
-            worker.join(timeout=5.0)
+            put(_END)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            put(_Failed(err))
+
+    worker = threading.Thread(target=produce, name="vlm-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        # The producer sees `stop` at its next item; one blocked in `follow` waiting for a
+        # part would hold a plain join() forever, so wait only briefly (it is a daemon).
+        worker.join(timeout=5.0)
 
 
 class _Failed:
