@@ -6,9 +6,11 @@ import typer
 from flexgr.cli.data import app as data_app
 from flexgr.cli.eval import eval_command
 from flexgr.cli.export import export_command, recommend_command, score_command
+from flexgr.cli.flops import flops_command
 from flexgr.cli.plot import plot_command
 from flexgr.cli.serve import serve_command
 from flexgr.cli.train import presets, train
+from flexgr.cli.vlm import app as vlm_app
 
 import flexgr
 
@@ -19,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(vlm_app, name="vlm")
 app.command("train")(train)
 app.command("eval")(eval_command)
 app.command("export")(export_command)
@@ -27,6 +30,7 @@ app.command("score")(score_command)
 app.command("serve")(serve_command)
 app.command("plot")(plot_command)
 app.command("presets")(presets)
+app.command("flops")(flops_command)
 
 
 def _version(value: bool) -> None:
