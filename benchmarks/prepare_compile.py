@@ -70,23 +70,50 @@ def syncs(fn: Callable[[], object]) -> str:
 
 
 def mask_rows(device: torch.device, reps: int) -> list[dict]:
+    from flexgr.ops.kernel_options import kernel_options_set
     from flexgr.ops.triton_hstu import launch
 
     rows = []
     for B, N in SHAPES:
-        batch = jagged(B, N, 0, device, 1000)
-        T, off = batch.num_tokens, batch.offsets
+        # Four batches of different packed lengths, called in turn: a builder that recompiled
+        # or re-tuned per length would show here.
+        batches = [jagged(B, N, seed, device, 1000) for seed in range(4)]
         model = HSTU(HSTUConfig(num_items=1000, max_seq_len=N, d_model=64, dqk=32, dv=32,
                                 num_layers=1, backend="triton")).to(device)
         prep = get_spec("hstu").prepare
+        turn = iter(range(1 << 30))
+
+        def next_batch() -> JaggedBatch:
+            return batches[next(turn) % len(batches)]
+
+        def band(compiled: bool) -> Callable[[], object]:
+            def build() -> object:
+                b = next_batch()
+                with kernel_options_set(compile_prepare=compiled):
+                    return launch.mask_tables(
+                        build_hstu_mask(b.offsets, total_len=b.num_tokens, max_len=N), None)
+            return build
+
+        def whole_prepare(compiled: bool) -> Callable[[], object]:
+            def run() -> object:
+                with kernel_options_set(compile_prepare=compiled):
+                    return prep(model, next_batch())
+            return run
+
+        def exact() -> object:
+            b = next_batch()
+            return launch.mask_tables(build_hstu_mask(b.offsets, total_len=b.num_tokens), None)
+
         cases = {
-            "exact mask + tables": lambda: launch.mask_tables(
-                build_hstu_mask(off, total_len=T), None),
-            "band mask + tables": lambda: launch.mask_tables(
-                build_hstu_mask(off, total_len=T, max_len=N), None),
-            "HSTU prepare (band)": lambda: prep(model, batch),
+            "exact mask + tables": exact,
+            "band mask + tables, eager": band(False),
+            "band mask + tables, compiled": band(True),
+            "HSTU prepare, eager band": whole_prepare(False),
+            "HSTU prepare, compiled band": whole_prepare(True),
         }
         for name, fn in cases.items():
+            for _ in range(4):  # every length once: compilation happens here, not timed
+                fn()
             rows.append({"shape": f"{B}x{N}", "what": name,
                          "ms": per_call_ms(fn, device, reps), "host_syncs": syncs(fn)})
     return rows
@@ -94,6 +121,8 @@ def mask_rows(device: torch.device, reps: int) -> list[dict]:
 
 def step_rows(device: torch.device, steps: int) -> list[dict]:
     from torch._dynamo.utils import counters
+
+    from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
 
     configs = {
         "ml-1m-hstu-large": (dict(num_items=3883, d_model=50, num_layers=8, num_heads=2,
@@ -105,11 +134,12 @@ def step_rows(device: torch.device, steps: int) -> list[dict]:
     for name, (dims, B, N) in configs.items():
         batches = [jagged(B, N, seed, torch.device("cpu"), dims["num_items"])
                    for seed in range(steps + 4)]
-        for mode in ("eager", "compiled"):
+        for mode in ("eager", "eager, compiled prepare", "compiled"):
             torch.manual_seed(0)
             model = HSTU(HSTUConfig(dropout=0.0, input_dropout=0.0, **dims)).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             forward = torch.compile(model, dynamic=True) if mode == "compiled" else model
+            set_kernel_options(KernelOptions(autotune=False, compile_prepare=mode != "eager"))
             prep = get_spec("hstu").prepare
 
             def step(cpu_batch: JaggedBatch) -> None:
@@ -154,6 +184,10 @@ def main() -> None:
     parser.add_argument("--skip-steps", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda")
+    # Tile tuning off: the timed steps meet new length buckets, and tuning them would be timed.
+    from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
+
+    set_kernel_options(KernelOptions(autotune=False))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     masks = mask_rows(device, 5 if args.quick else 20)
     print("| shape | what | ms per batch | host syncs |\n| --- | --- | --- | --- |")

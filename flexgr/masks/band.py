@@ -20,11 +20,15 @@ knows, so building the mask enqueues kernels and waits for none (unlike the nonz
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from flexgr.masks.layout import JaggedLayout
+from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod
 
 _BIG = torch.iinfo(torch.int32).max
@@ -57,6 +61,28 @@ def _block_stats(layout: JaggedLayout, block_size: int) -> dict[str, Tensor]:
     }
 
 
+class BandTables(NamedTuple):
+    """A batch's layout and block tables as plain tensors (what the compiled builder returns).
+
+    Block tables are ``[NQ]`` / ``[NQ, NKV]`` int32 (key blocks per query block, ascending) and
+    their transposes ``q_*`` (query blocks per key block), as BlockMask stores them."""
+
+    seq_id: Tensor
+    local: Tensor
+    seq_len: Tensor
+    pos_id: Tensor
+    max_id: Tensor
+    is_target: Tensor
+    kv_num: Tensor
+    kv_idx: Tensor
+    full_kv_num: Tensor
+    full_kv_idx: Tensor
+    q_num: Tensor
+    q_idx: Tensor
+    full_q_num: Tensor
+    full_q_idx: Tensor
+
+
 def hstu_band_block_mask(
     layout: JaggedLayout,
     mask_mod: MaskMod,
@@ -69,9 +95,84 @@ def hstu_band_block_mask(
     """The BlockMask of the built-in HSTU rule over ``layout`` (padded to whole blocks), for
     sequences of at most ``max_len`` tokens. ``mask_mod`` is the rule itself (flex evaluates it
     on partial blocks); see the module docstring for how blocks are classified."""
+    if layout.padded_len % block_size:
+        raise ValueError(
+            f"padded length {layout.padded_len} is not a multiple of block_size {block_size}"
+        )
+    blocks = _block_tables(
+        layout, max_len=max_len, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail,
+        block_size=block_size,
+    )
+    return block_mask_of(blocks, layout.padded_len, block_size, mask_mod)
+
+
+def block_mask_of(
+    blocks: tuple[Tensor, ...], padded_len: int, block_size: int, mask_mod: MaskMod
+) -> BlockMask:
+    """Wrap the eight block tables (kv, full kv, q, full q; count and indices each) without
+    recomputing the transposes."""
+    kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = (
+        t[None, None] for t in blocks
+    )
+    return BlockMask(
+        seq_lengths=(padded_len, padded_len),
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=fkv_num,
+        full_kv_indices=fkv_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=fq_num,
+        full_q_indices=fq_idx,
+        BLOCK_SIZE=(block_size, block_size),
+        mask_mod=mask_mod,
+    )
+
+
+def band_tables(
+    offsets: Tensor,
+    num_targets: Tensor | None,
+    total_len: int,
+    padded_len: int,
+    contextual_len: int,
+    max_attn_len: int,
+    full_attn_tail: int,
+    max_len: int,
+    block_size: int,
+) -> BandTables:
+    """Layout and block tables of one batch from its offsets: pure tensor code with shapes
+    fixed by the host's integers, so ``torch.compile`` fuses it into a few kernels
+    (:func:`compiled_band_tables`; a few dozen launches eagerly)."""
+    layout = build_layout(
+        offsets, num_targets=num_targets, contextual_len=contextual_len,
+        total_len=total_len, padded_len=padded_len,
+    )
+    blocks = _block_tables(
+        layout, max_len=max_len, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail,
+        block_size=block_size,
+    )
+    return BandTables(
+        layout.seq_id, layout.local, layout.seq_len, layout.pos_id, layout.max_id,
+        layout.is_target, *blocks,
+    )
+
+
+@functools.cache
+def compiled_band_tables() -> Callable[..., BandTables]:
+    """:func:`band_tables` under ``torch.compile`` with dynamic shapes: one graph for every
+    packed length (the host ints become symbols), measured in BENCHMARKS.md."""
+    return torch.compile(band_tables, dynamic=True, fullgraph=True)
+
+
+def _block_tables(
+    layout: JaggedLayout,
+    *,
+    max_len: int,
+    max_attn_len: int,
+    full_attn_tail: int,
+    block_size: int,
+) -> tuple[Tensor, ...]:
     P = layout.padded_len
-    if P % block_size:
-        raise ValueError(f"padded length {P} is not a multiple of block_size {block_size}")
     nb = P // block_size
     device = layout.seq_id.device
     st = _block_stats(layout, block_size)
@@ -117,25 +218,30 @@ def hstu_band_block_mask(
     partial = any_ & ~full
     kv_num, kv_idx = _compact(partial, kb, nb)
     full_num, full_idx = _compact(full, kb, nb)
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks=kv_num,
-        kv_indices=kv_idx,
-        full_kv_num_blocks=full_num,
-        full_kv_indices=full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=mask_mod,
-        seq_lengths=(P, P),
-    )
+    q_num, q_idx = _transposed(partial, kb, k, nb)
+    full_q_num, full_q_idx = _transposed(full, kb, k, nb)
+    return kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx
+
+
+def _transposed(select: Tensor, kb: Tensor, k: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+    """Per key block: the query blocks that selected it, ascending (BlockMask's q_* tables).
+    Scattered into a dense [NKV, NQ] table first: NQ * NKV is small (a few 100k at 64k tokens)."""
+    qb = torch.arange(nb, device=kb.device)[:, None].expand_as(kb)
+    # Accumulated: clamped out-of-range slots repeat an index (with select False there).
+    dense = torch.zeros(nb, nb, dtype=torch.int32, device=kb.device)
+    dense.index_put_((k.reshape(-1), qb.reshape(-1)), select.reshape(-1).int(), accumulate=True)
+    cols = torch.arange(nb, device=kb.device)[None, :].expand(nb, nb)
+    return _compact(dense > 0, cols, nb)
 
 
 def _compact(select: Tensor, kb: Tensor, nb: int) -> tuple[Tensor, Tensor]:
     """Per query block: the number of selected key blocks and their indices ascending, as
-    BlockMask wants them ([1, 1, NQ] and [1, 1, NQ, NKV]), with sorts instead of nonzero."""
+    BlockMask stores them ([NQ] and [NQ, NQ]), with sorts instead of nonzero."""
     keys = torch.where(select, kb, _BIG).to(torch.int32)
     ordered = keys.sort(dim=1).values
     count = select.sum(1, dtype=torch.int32)
-    width = min(ordered.shape[1], nb)
-    indices = torch.zeros(nb, nb, dtype=torch.int32, device=kb.device)
-    head = ordered[:, :width]
-    indices[:, :width] = torch.where(head == _BIG, 0, head)
-    return count[None, None], indices[None, None]
+    # Exactly nb columns whether the band is wider or narrower than the batch (no branch on
+    # the sizes, so one compiled graph serves every length).
+    head = torch.nn.functional.pad(ordered, (0, nb), value=_BIG)[:, :nb]
+    indices = torch.where(head == _BIG, 0, head)
+    return count, indices.contiguous()

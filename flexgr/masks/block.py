@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from flexgr.masks.band import hstu_band_block_mask
+from flexgr.masks.band import band_tables, block_mask_of, compiled_band_tables
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, hstu_mask
 from flexgr.masks.sparse import jagged_block_mask
+from flexgr.ops.kernel_options import kernel_options
 
 BLOCK_SIZE = 128
 
@@ -111,6 +112,31 @@ def build_hstu_mask(
         total_len = int(offsets[-1])
     if padded_len is None:
         padded_len = padded_length(total_len, device, block_size)
+    spec = MaskSpec(
+        contextual_len=contextual_len,
+        max_attn_len=max_attn_len,
+        full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
+        has_targets=num_targets is not None,
+    )
+    if max_len is not None:
+        if padded_len % block_size:
+            raise ValueError(f"padded length {padded_len} is not a multiple of block_size {block_size}")
+        # One compiled graph on CUDA (a few dozen kernel launches eagerly: ~3.5 ms of host time
+        # per batch on an H200, BENCHMARKS.md); eager elsewhere, where compiling costs more
+        # than it saves.
+        compiled = device.type == "cuda" and kernel_options().compile_prepare
+        build = compiled_band_tables() if compiled else band_tables
+        tables = build(
+            offsets, num_targets, total_len, padded_len, contextual_len, max_attn_len,
+            spec.full_attn_tail, max_len, block_size,
+        )
+        layout = JaggedLayout(
+            *tables[:6], total_len=total_len, padded_len=padded_len,
+            contextual_len=contextual_len, has_targets=num_targets is not None,
+        )
+        mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)
+        block_mask = block_mask_of(tables[6:], padded_len, block_size, mod)
+        return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
     layout = build_layout(
         offsets,
         num_targets=num_targets,
@@ -119,21 +145,9 @@ def build_hstu_mask(
         padded_len=padded_len,
     )
     mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)
-    spec = MaskSpec(
-        contextual_len=contextual_len,
-        max_attn_len=max_attn_len,
-        full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
-        has_targets=num_targets is not None,
-    )
-    if max_len is not None:
-        block_mask = hstu_band_block_mask(
-            layout, mod, max_len=max_len, max_attn_len=max_attn_len,
-            full_attn_tail=spec.full_attn_tail, block_size=block_size,
-        )
-    else:
-        # The rule implies jagged, so only block pairs that share a sequence need evaluating;
-        # without contextual rows (which see later tokens) it is also causal.
-        block_mask = jagged_block_mask(mod, layout.seq_id, block_size, causal=contextual_len == 0)
+    # The rule implies jagged, so only block pairs that share a sequence need evaluating;
+    # without contextual rows (which see later tokens) it is also causal.
+    block_mask = jagged_block_mask(mod, layout.seq_id, block_size, causal=contextual_len == 0)
     return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 
 

@@ -35,6 +35,9 @@ class KernelOptions:
     # Context parallelism: MiB of gathered K/V one head pass may hold (docs/distributed.md);
     # 0 = one head per pass, a negative value = all heads in one pass (no head passes).
     cp_pass_mib: float = 64.0
+    # On CUDA, build each batch's mask tables (flexgr/masks/band.py) as one compiled graph with
+    # dynamic shapes instead of a few dozen eager launches (BENCHMARKS.md, mask preparation).
+    compile_prepare: bool = True
 
     def __post_init__(self) -> None:
         lanes = self.rab_lanes

@@ -91,3 +91,53 @@ def test_attention_with_the_band_mask_equals_the_reference(options) -> None:
             q, k, v, offsets, max_seq_len=140, alpha=0.7, backend="reference", **kw
         )
     torch.testing.assert_close(flex, ref)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=6),
+    options=options_strategy(),
+)
+def test_band_transposed_tables_equal_blockmask_transposes(lengths, options) -> None:
+    """The band builder computes the q_* tables itself (BlockMask's own transpose would be a
+    dozen more launches); they must equal what ``BlockMask.from_kv_blocks`` derives."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nt = None
+    if options["targets"]:
+        nt = torch.tensor([min(3, max(0, L - 1 - options["contextual_len"])) for L in lengths])
+    band = build_hstu_mask(
+        make_offsets(lengths), num_targets=nt, contextual_len=options["contextual_len"],
+        max_attn_len=options["max_attn_len"], block_size=32, max_len=max(lengths),
+    ).block_mask
+    derived = BlockMask.from_kv_blocks(
+        band.kv_num_blocks, band.kv_indices, band.full_kv_num_blocks, band.full_kv_indices,
+        BLOCK_SIZE=32,
+    )
+    for name in ("q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(band, name), getattr(derived, name).to(torch.int32)), name
+    for num, name in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        counts = getattr(band, num)[0, 0]
+        mine, ref = getattr(band, name)[0, 0], getattr(derived, name)[0, 0]
+        for row, n in enumerate(counts.tolist()):
+            assert torch.equal(mine[row, :n], ref[row, :n].to(torch.int32)), (name, row)
+
+
+def test_compiled_band_tables_equal_eager_without_recompiles() -> None:
+    """The compiled builder (used on CUDA) is the eager one, one graph for every length."""
+    import torch._dynamo.testing
+
+    from flexgr.masks.band import band_tables
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(band_tables, backend=counter, dynamic=True, fullgraph=True)
+    for lengths in ([5, 130, 77], [300, 2, 41, 99], [64, 64, 1, 200, 17]):
+        offsets = make_offsets(lengths)
+        T = int(offsets[-1])
+        P = -(-T // 32) * 32
+        nt = torch.tensor([min(2, L - 1) for L in lengths])
+        args = (offsets, nt, T, P, 0, 40, 3, 300, 32)
+        for got, want in zip(compiled(*args), band_tables(*args), strict=True):
+            assert torch.equal(got, want)
+    assert counter.frame_count == 1
