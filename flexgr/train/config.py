@@ -82,7 +82,9 @@ class TrainConfig:
     num_negatives: int = 128
     temperature: float = 0.05
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
+    # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32", or "tf32" (fp32 with TF32
+    # matmuls on CUDA: the reference HSTU trainer's enable_tf32 setting)
+    precision: str = "auto"
     # Opt-in: on the H100, a compiled ml-1m-hstu run had not finished its first epoch after 100 s
     # (a recompile per new packed length), while eager runs at ~18 ms a step.
     compile: bool = False  # torch.compile the model on CUDA; CPU runs stay eager
@@ -376,7 +378,10 @@ def validate(cfg: Config) -> None:
     _require(t.temperature > 0, "train.temperature must be > 0")
     _require(t.log_every >= 1, "train.log_every must be >= 1")
     _require(t.num_workers >= -1, "train.num_workers must be >= 0, or -1 for auto")
-    _require(t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32")
+    _require(
+        t.precision in ("auto", "bf16", "fp32", "tf32"),
+        "train.precision must be auto, bf16, fp32 or tf32",
+    )
     _require(e.batch_size >= 0, "eval.batch_size must be >= 1, or 0 for auto")
     _require(e.item_chunk >= 1, "eval.item_chunk must be >= 1")
     _require(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks must be a list of K >= 1")

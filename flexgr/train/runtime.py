@@ -22,14 +22,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """The autocast dtype, or None for fp32 (``tf32``: fp32 tensors, see :func:`set_tf32`)."""
+    if precision in ("fp32", "tf32") or (precision == "auto" and device.type != "cuda"):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(
             "bf16 autocast needs a GPU with bfloat16 support; use train.precision=fp32"
         )
     return torch.bfloat16
+
+
+def set_tf32(precision: str) -> None:
+    """TF32 tensor-core matmuls for fp32 tensors under ``tf32``, full fp32 otherwise. Set per
+    run because the flags are process-wide and an earlier run in the process may have set them."""
+    enabled = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def seed_everything(seed: int) -> None:
