@@ -44,6 +44,7 @@ from flexgr.train.runtime import (
     resolve_device,
     seed_everything,
     set_deterministic,
+    set_tf32,
     worker_count,
 )
 from flexgr.train.setup import load_dataset, load_split, new_model
@@ -122,6 +123,7 @@ class Trainer:
             self.ctx = ctx if ctx is not None else single_process(resolve_device(t.device))
             self.device = self.ctx.device
             self.amp_dtype = autocast_dtype(t.precision, self.device)
+            set_tf32(t.precision)
         except ValueError as err:
             raise TrainError(str(err)) from None
         ctx = self.ctx
