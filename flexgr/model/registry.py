@@ -48,3 +48,7 @@ def arch_fields(arch: str) -> dict[str, dataclasses.Field]:
 def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
     """A fresh model of ``arch`` from a complete config dict (derived fields included)."""
     return get_spec(arch).build(config)
+
+
+# Last: the ranking package registers its models itself (it imports register_model from here).
+import flexgr.ranking.spec  # noqa: F401

@@ -99,6 +99,10 @@ class ModelSpec:
     backend: Callable[..., Any] | None = None
     # Set from the dataset and the data section, never by hand in [model].
     derived_fields: tuple[str, ...] = ("num_items", "max_seq_len")
+    # "retrieval": next-item states and an item table (this module's SequenceModel); "ranking":
+    # per-task predictions for candidates after a history with actions (flexgr.ranking), trained
+    # and evaluated by flexgr.ranking's trainer, read by [ranking] settings.
+    task: str = "retrieval"
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         """A fresh model from a complete config dict (derived fields included)."""

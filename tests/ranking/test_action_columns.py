@@ -144,9 +144,8 @@ def test_action_columns_are_part_of_the_source_identity(tmp_path: Path) -> None:
 
 
 def test_cli_prepares_action_columns(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from flexgr.cli.main import app
+    from typer.testing import CliRunner
 
     path = _csv(tmp_path, "u,i,t,click\n1,a,1,1\n1,b,2,0\n")
     home = tmp_path / "home"

@@ -1,0 +1,71 @@
+"""Token layouts of a ranking batch: where each history event, action and candidate sits.
+
+``interleaved`` (the HSTU paper): ``[item_0, action_0, ..., item_{n-1}, action_{n-1}, c_0 ...]``;
+``merged`` (ULTRA-HSTU): ``[event_0, ..., event_{n-1}, c_0, ...]``, one token per event holding
+item and action. The candidates are the sequence's targets in both. Everything here is index
+arithmetic on the batch's offsets, done once per batch outside the forward (no host sync: the
+token count is known from the tensor shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from flexgr.ranking.batch import RankingBatch
+
+TokenLayout = Literal["interleaved", "merged"]
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Row of every token kind in the packed token sequence of a batch."""
+
+    offsets: Tensor  # [B + 1] token offsets
+    item_rows: Tensor  # [H] row of each history event's item (merged: its only) token
+    action_rows: Tensor | None  # [H] row of each action token (interleaved), None for merged
+    candidate_rows: Tensor  # [C] row of each candidate token
+    timestamps: Tensor  # [T] int64: the event's time; candidates at their query time
+    num_targets: Tensor  # [B] candidates per sequence
+    num_tokens: int
+
+
+def segments(offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """(segment id, index inside the segment) of each of ``total`` packed entries."""
+    lengths = offsets[1:] - offsets[:-1]
+    seg = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
+    )
+    return seg, torch.arange(total, device=offsets.device) - offsets[seg]
+
+
+def token_rows(batch: RankingBatch, layout: TokenLayout) -> TokenRows:
+    per_event = 2 if layout == "interleaved" else 1
+    H, C = batch.num_history, batch.num_candidates
+    hist_len = batch.history_offsets[1:] - batch.history_offsets[:-1]
+    cand_len = batch.candidate_offsets[1:] - batch.candidate_offsets[:-1]
+    lengths = per_event * hist_len + cand_len
+    offsets = torch.zeros_like(batch.history_offsets)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    T = per_event * H + C
+    h_seq, h_local = segments(batch.history_offsets, H)
+    c_seq, c_local = segments(batch.candidate_offsets, C)
+    item_rows = offsets[h_seq] + per_event * h_local
+    action_rows = item_rows + 1 if layout == "interleaved" else None
+    candidate_rows = offsets[c_seq] + per_event * hist_len[c_seq] + c_local
+    timestamps = torch.empty(T, dtype=torch.int64, device=batch.device)
+    timestamps[item_rows] = batch.history_timestamps
+    if action_rows is not None:
+        timestamps[action_rows] = batch.history_timestamps
+    timestamps[candidate_rows] = batch.query_time[c_seq]
+    return TokenRows(offsets, item_rows, action_rows, candidate_rows, timestamps, cand_len, T)
+
+
+def place(rows: list[Tensor], values: list[Tensor], num_tokens: int) -> Tensor:
+    """[T, d]: ``values[i]`` written at ``rows[i]`` (differentiable in the values)."""
+    first = values[0]
+    out = first.new_zeros(num_tokens, first.shape[-1])
+    return out.index_copy(0, torch.cat(rows), torch.cat(values))
