@@ -22,6 +22,7 @@ from typing import Any, Literal
 from flexgr.data import PROTOCOLS
 from flexgr.ops.kernel_options import KernelOptions
 from flexgr.model.registry import MODELS, arch_fields, get_spec
+from flexgr.ranking.config import RankingConfig, validate_ranking
 
 
 class ConfigError(ValueError):
@@ -155,11 +156,20 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     kernel: KernelOptions = field(default_factory=KernelOptions)  # the Triton kernels' knobs
     versioned: VersionedConfig = field(default_factory=VersionedConfig)
+    # What a ranking model predicts and how events become examples (flexgr.ranking); written
+    # out for ranking archs only.
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+
+    @property
+    def is_ranking(self) -> bool:
+        return get_spec(self.model.arch).task == "ranking"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Resolved config: every key with its value (model settings included), for TOML."""
         out: dict[str, dict[str, Any]] = {}
         for name in SECTIONS:
+            if name == "ranking" and not self.is_ranking:
+                continue
             if name == "model":
                 out[name] = {"arch": self.model.arch, **self.model_options()}
             else:
@@ -182,6 +192,7 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig,
     "kernel": KernelOptions,
     "versioned": VersionedConfig,
+    "ranking": RankingConfig,
 }
 
 
@@ -212,6 +223,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             if key not in hints:
                 raise ConfigError(_unknown_key(source, f"{name}.{key}", list(hints)))
             setattr(section, key, _check_type(value, hints[key], f"{name}.{key}", source))
+    if raw.get("ranking") and not cfg.is_ranking:
+        raise ConfigError(
+            f"{source}: [ranking] applies to ranking models (model.arch one of "
+            f"{', '.join(n for n, s in MODELS.items() if s.task == 'ranking')}), not "
+            f"{cfg.model.arch!r}"
+        )
     validate(cfg)
     return cfg
 
@@ -286,6 +303,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     raw["model"] = {"arch": cfg.model.arch, **cfg.model.options}  # keep "unset" unset
     parsed = [_split_override(text) for text in overrides]
     parsed.sort(key=lambda item: (item[0], item[1]) != ("model", "arch"))
+    raw.setdefault("ranking", {})
     for section, key, value in parsed:
         if section not in SECTIONS:
             raise ConfigError(
@@ -311,6 +329,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise ConfigError(_unknown_key("--set", f"{section}.{key}", list(hints)))
             hint = hints[key]
         raw[section][key] = _parse_value(value, hint, f"{section}.{key}")
+    new_arch = raw["model"]["arch"]
+    if new_arch in MODELS and MODELS[new_arch].task != "ranking":
+        if not any(s == "ranking" for s, _, _ in parsed):
+            raw.pop("ranking")  # the old arch's [ranking]; a --set ranking.* is still refused
     if raw["model"]["arch"] != cfg.model.arch:
         # Settings shared by both archs carry over; the rest belonged to the old arch.
         fields = arch_fields(raw["model"]["arch"]) if raw["model"]["arch"] in MODELS else {}
@@ -415,6 +437,16 @@ def validate(cfg: Config) -> None:
     if spec.validate is not None:
         try:
             spec.validate(cfg.model_options())
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if spec.task == "ranking":
+        if p.cp > 1 or p.dp > 1 or d.source != "table":
+            raise ConfigError(
+                "ranking models train in one process from the prepared table "
+                "(parallel.dp = cp = 1, data.source = table)"
+            )
+        try:
+            validate_ranking(cfg.ranking)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
