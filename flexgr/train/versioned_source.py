@@ -76,28 +76,34 @@ SYNTHETIC: dict[str, tuple[SyntheticSpec, int]] = {
 
 
 def versioned_dir(cfg: Config, *, prepare_missing: bool = True) -> Path:
-    """The store ``data.dataset`` names: a directory holding vlm.json, or a name, kept under
-    ``<data dir>/versioned/<name>-<protocol>`` and built on first use from the synthetic log
-    or from the prepared (or built-in) dataset of that name."""
-    name, protocol = cfg.data.dataset, cfg.data.protocol
+    """The store ``data.dataset`` names (see :func:`store_dir`)."""
+    d = cfg.data
+    return store_dir(d.dataset, d.protocol, d.data_dir or None, build=prepare_missing)
+
+
+def store_dir(name: str, protocol: str, data_dir: str | None, *, build: bool = True) -> Path:
+    """A directory holding vlm.json, or a name, kept under ``<data dir>/versioned/<name>-
+    <protocol>`` and built on first use (``build``) from the synthetic log or from the
+    prepared (or built-in) flexgr dataset of that name."""
     if (Path(name) / META).is_file():
         return Path(name)
-    data_dir = cfg.data.data_dir or None
-    home = data_home(data_dir) / "versioned" / f"{Path(name).name}-{protocol}"
-    if (home / META).is_file() or not prepare_missing:
+    home = default_store(name, protocol, data_dir)
+    if (home / META).is_file() or not build:
         return home
     if name in SYNTHETIC:
         spec, log_max_len = SYNTHETIC[name]
         return prepare_synthetic(home, spec, protocol=protocol, log_max_len=log_max_len)
-    if name in BUILTINS:
-        table = prepare(name, data_dir=data_dir)
-    else:
-        table = _prepared_dir(name, data_dir)
+    table = prepare(name, data_dir=data_dir) if name in BUILTINS else prepared_dir(name, data_dir)
     data = load_prepared(table)
     return prepare_from_table(home, data, make_split(data, protocol), table=str(table))
 
 
-def _prepared_dir(name: str, data_dir: str | None) -> Path:
+def default_store(name: str, protocol: str, data_dir: str | None) -> Path:
+    return data_home(data_dir) / "versioned" / f"{Path(name).name}-{protocol}"
+
+
+def prepared_dir(name: str, data_dir: str | None) -> Path:
+    """A prepared flexgr dataset's directory, by path or name."""
     path = Path(name)
     if (path / "meta.json").is_file():
         return path
@@ -105,8 +111,8 @@ def _prepared_dir(name: str, data_dir: str | None) -> Path:
     if (path / "meta.json").is_file():
         return path
     raise DataError(
-        f"no versioned dataset or prepared dataset {name!r} (create one with: flexgr vlm "
-        f"prepare {name} --out DIR, then data.dataset=DIR)"
+        f"no versioned dataset and no prepared flexgr dataset named {name!r} (prepare it "
+        f"with flexgr data prepare, or use synthetic-multitenant)"
     )
 
 
@@ -201,7 +207,8 @@ def train_batch(
     into_hist = gather_ranges(starts, starts + hist_len)
     into_cand = gather_ranges(starts + hist_len, merged_off[1:])
     items[into_hist], stamps[into_hist] = batch.item_ids.numpy(), batch.timestamps.numpy()
-    items[into_cand], stamps[into_cand] = batch.candidates.numpy(), batch.candidate_timestamps.numpy()
+    items[into_cand] = batch.candidates.numpy()
+    stamps[into_cand] = batch.candidate_timestamps.numpy()
     keep = np.minimum(merged_off[1:] - starts, max_seq_len + 1)
     first = merged_off[1:] - keep
     inputs = gather_ranges(first, merged_off[1:] - 1)
@@ -239,7 +246,8 @@ class AffinityBatches(EpochBatches):
         rng = np.random.default_rng([self.seed, epoch, 1])
         size, out = self.batch_size, []
         for start in range(0, len(order), self.window):
-            rows = group_by_user(order[start : start + self.window], self.users, rng.integers(2**62))
+            window = order[start : start + self.window]
+            rows = group_by_user(window, self.users, int(rng.integers(2**62)))
             full = len(rows) // size
             blocks = [rows[b * size : (b + 1) * size] for b in rng.permutation(full)]
             out.extend([*blocks, rows[full * size :]])  # a short last batch stays last

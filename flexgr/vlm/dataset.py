@@ -167,9 +167,7 @@ def prepare_synthetic(
     force: bool = False,
 ) -> Path:
     """The synthetic multi-tenant log as a store of its training events, its table beside it."""
-    full = EventLog.from_table(synthetic_log(spec), source="synthetic log")
-    order = canonical_order(full.users, full.timestamps, full.ties, np.zeros(len(full), np.int64))
-    log = full.take(order)  # the table is written in this order, ties included
+    log = canonical_log(spec)  # the table is written in this order, ties included
 
     request = spec.request_spec(log_max_len)
 
@@ -191,13 +189,7 @@ def prepare_synthetic(
         ):
             raise RuntimeError("the prepared table does not keep the log's event order")
         split = make_split(data, protocol)
-        index, digest = train_digest(data, split)
-        train = log.take(index)
-        # The table's item indices (1..I), as the model and the evaluation use them.
-        train = EventLog(
-            train.users, data.items[index].astype(np.int64), train.timestamps,
-            train.arrivals, train.actions, train.side,
-        )  # fmt: skip
+        train, digest = training_log(log, data, split), train_digest(data, split)[1]
         meta = VersionedMeta(
             source="synthetic", table=TABLE, protocol=protocol, train_digest=digest,
             time_scale=1, group_by=request.group_by, log_max_len=log_max_len,
@@ -207,6 +199,24 @@ def prepare_synthetic(
         return train, request, meta
 
     return _write(Path(target), build, num_buckets, force)
+
+
+def canonical_log(spec: SyntheticSpec) -> EventLog:
+    """The synthetic log in the tier's canonical order (the order its table is written in)."""
+    full = EventLog.from_table(synthetic_log(spec), source="synthetic log")
+    order = canonical_order(full.users, full.timestamps, full.ties, np.zeros(len(full), np.int64))
+    return full.take(order)
+
+
+def training_log(log: EventLog, data: InteractionData, split: Split) -> EventLog:
+    """The training events of ``log`` (canonical order, = ``data``'s order), with the table's
+    item indices (1..I) as the model and the evaluation use them."""
+    index, _ = train_digest(data, split)
+    train = log.take(index)
+    return EventLog(
+        train.users, data.items[index].astype(np.int64), train.timestamps,
+        train.arrivals, train.actions, train.side,
+    )  # fmt: skip
 
 
 def _write(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from flexgr.data.errors import DataError
 from flexgr.vlm.asof import RequestSpec
 from flexgr.vlm.schema import ACTIONS, SIDE, Tenant
 
@@ -48,6 +49,17 @@ class SyntheticSpec:
     max_lateness: int = 2 * DAY
     seed: int = 0
     start_ts: int = 1_700_006_400  # a UTC midnight
+
+    def __post_init__(self) -> None:
+        for name in ("users", "days", "requests_per_day", "impressions", "items", "history_max"):
+            if getattr(self, name) < 1:
+                raise DataError(f"synthetic log: {name} must be >= 1, got {getattr(self, name)}")
+        if self.requests_per_day >= DAY:
+            raise DataError(f"synthetic log: requests_per_day must be < {DAY}")
+        if not (self.history_median > 0 and self.history_sigma >= 0):
+            raise DataError("synthetic log: history_median must be > 0, history_sigma >= 0")
+        if not (0 <= self.tie_fraction < 1 and 0 <= self.late_fraction <= 1):
+            raise DataError("synthetic log: tie_fraction must be in [0, 1), late_fraction [0, 1]")
 
     def watermarks(self) -> list[int]:
         return [self.start_ts + day * DAY for day in range(self.days + 1)]
