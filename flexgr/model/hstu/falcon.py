@@ -46,7 +46,7 @@ class HistoryCache:
 def _projections(layer: HSTULayer, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cfg = layer.cfg
     T, H = x_TD.shape[0], cfg.num_heads
-    u, v, q, k = torch.split(F.silu(layer.input_norm(x_TD) @ layer.uvqk), layer.splits, dim=-1)
+    u, v, q, k = torch.split(layer.project(x_TD), layer.splits, dim=-1)
     return u, v.reshape(T, H, cfg.dv), q.reshape(T, H, cfg.dqk), k.reshape(T, H, cfg.dqk)
 
 
@@ -109,7 +109,7 @@ def _candidate_layer(layer: HSTULayer, x_MD: Tensor, cache: HistoryCache, index:
     gated = u * layer.attn_norm(attn)
     if cfg.concat_ua:
         gated = torch.cat([u, attn, gated], dim=-1)
-    return x_MD + layer.out(layer.dropout(gated))
+    return layer.output(x_MD, gated)
 
 
 @torch.no_grad()

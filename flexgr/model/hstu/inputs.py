@@ -27,8 +27,8 @@ from flexgr.ops.rab import RelativeBias, next_timestamps
 if TYPE_CHECKING:
     from flexgr.model.hstu.model import HSTU, HSTUConfig
 
-BiasWeights = tuple[Tensor, Tensor]
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others: the per-call path  # (pos_w [2N - 1], ts_w [num_buckets + 1])
+BiasWeights = tuple[Tensor, Tensor]  # (pos_w [2N - 1], ts_w [num_buckets + 1])
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others: the per-call path
 
 
 class Attention(Protocol):

@@ -61,6 +61,9 @@ class HSTUConfig:
     # and its targets (0 = off). docs/attention.md#attention-truncation.
     truncate_after: int = 0
     truncate_len: int = 0
+    # FP8 (e4m3, row-wise scales) for the UVQK and output projections, attention in the
+    # compute dtype (flexgr.ops.fp8: torch._scaled_mm on H100/H200, emulated elsewhere).
+    fp8: bool = False
 
     @property
     def attn_len(self) -> int:
@@ -106,10 +109,28 @@ class HSTULayer(nn.Module):
             RelativePositionTimeBias(cfg.attn_len, cfg.num_time_buckets) if cfg.rel_bias else None
         )
 
+    def project(self, x_TD: Tensor) -> Tensor:
+        """silu(LN(x) @ W_uvqk): [T, 2 H dv + 2 H dqk], split in the order u, v, q, k."""
+        normed = self.input_norm(x_TD)
+        if self.cfg.fp8:
+            from flexgr.ops.fp8 import fp8_linear
+
+            return F.silu(fp8_linear(normed, self.uvqk))
+        return F.silu(normed @ self.uvqk)
+
+    def output(self, x_TD: Tensor, gated: Tensor) -> Tensor:
+        """The residual plus the output projection of the (dropped-out) gated values."""
+        dropped = self.dropout(gated)
+        if self.cfg.fp8:
+            from flexgr.ops.fp8 import fp8_linear
+
+            return x_TD + fp8_linear(dropped, self.out.weight.t(), self.out.bias)
+        return x_TD + self.out(dropped)
+
     def forward(self, x_TD: Tensor, inputs: HSTUInputs) -> Tensor:
         cfg = self.cfg
         T, H = x_TD.shape[0], cfg.num_heads
-        u, v, q, k = torch.split(F.silu(self.input_norm(x_TD) @ self.uvqk), self.splits, dim=-1)
+        u, v, q, k = torch.split(self.project(x_TD), self.splits, dim=-1)
         attn_THD = inputs.attention(
             q.reshape(T, H, cfg.dqk),
             k.reshape(T, H, cfg.dqk),
@@ -122,7 +143,7 @@ class HSTULayer(nn.Module):
         gated = u * self.attn_norm(attn)
         if cfg.concat_ua:
             gated = torch.cat([u, attn, gated], dim=-1)
-        return x_TD + self.out(self.dropout(gated))
+        return self.output(x_TD, gated)
 
 
 class HSTU(nn.Module):
