@@ -60,6 +60,8 @@ def encode_history(
         raise ValueError("M-FALCON scoring runs in eval mode (model.eval())")
     if model.cfg.truncate_after > 0 and model.cfg.truncate_len > 0:
         raise ValueError("M-FALCON does not support attention truncation yet")
+    if model.cfg.mot_streams > 1:
+        raise ValueError("M-FALCON does not support a mixture of transducers yet")
     if model.cfg.attention != "silu":
         raise ValueError("M-FALCON's cached scoring is for pointwise (silu) attention only")
     L = item_ids.shape[0]

@@ -20,6 +20,7 @@ from flexgr.masks.block import HSTUMask, build_custom_mask, build_hstu_mask
 from flexgr.masks.layout import JaggedLayout, build_layout, seq_ids_and_local
 from flexgr.masks.mods import MaskMod, and_masks, jagged
 from flexgr.masks.registry import BUILTIN_RULE, mask_rule
+from flexgr.model.hstu.mot import MixtureInputs, StreamInputs, stream_batch
 from flexgr.ops.attention import hstu_attention
 from flexgr.ops.backends import BackendChoice, choose_backend
 from flexgr.ops.rab import RelativeBias, next_timestamps
@@ -180,10 +181,13 @@ def bias_tables(batch: JaggedBatch, positions: Tensor) -> BiasTables:
     return BiasTables(timestamps.to(torch.int64), next_ts, positions)
 
 
-def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs:
-    """The inputs of one batch on one device (any backend, any configured mask)."""
-    inputs = _prepare(model.cfg, batch)
+def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs | MixtureInputs:
+    """The inputs of one batch on one device (any backend, any configured mask); under a
+    mixture of transducers (``mot_streams > 1``) one set per stream."""
     cfg = model.cfg
+    if cfg.mot_streams > 1:
+        return prepare_streams(model, batch)
+    inputs = _prepare(model.cfg, batch)
     if cfg.truncate_after <= 0 or cfg.truncate_len <= 0:
         return inputs
     keep, offsets = truncation_rows(cfg, batch)
@@ -196,6 +200,18 @@ def prepare(model: HSTU, batch: JaggedBatch) -> HSTUInputs:
     )
     later = _prepare(cfg, short, divisor=truncated_divisor(cfg))
     return dataclasses.replace(inputs, truncation=Truncation(keep, offsets, later))
+
+
+def prepare_streams(model: HSTU, batch: JaggedBatch) -> MixtureInputs:
+    """Each stream's rows as their own jagged batch (flexgr.model.hstu.mot)."""
+    if batch.num_targets is not None:
+        raise ValueError("a mixture of transducers does not take targets (num_targets) yet")
+    stream_of_row = model.item_stream[batch.item_ids]
+    streams = []
+    for s in range(model.cfg.mot_streams):
+        rows, sub, latest = stream_batch(batch, stream_of_row, s)
+        streams.append(StreamInputs(rows, _prepare(model.cfg, sub), latest))
+    return MixtureInputs(tuple(streams))
 
 
 def truncated_divisor(cfg: HSTUConfig) -> int:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from flexgr.model.embedding import ItemEmbedding, SequenceInput, l2_normalize
 from flexgr.model.hstu.inputs import HSTUInputs
+from flexgr.model.hstu.mot import MixtureInputs, gather_latest
 
 
 @dataclass
@@ -64,6 +65,11 @@ class HSTUConfig:
     # FP8 (e4m3, row-wise scales) for the UVQK and output projections, attention in the
     # compute dtype (flexgr.ops.fp8: torch._scaled_mm on H100/H200, emulated elsewhere).
     fp8: bool = False
+    # Mixture of transducers (ULTRA-HSTU): mot_streams > 1 splits each user's events by their
+    # item's stream (HSTU.item_stream) into separate stacks of num_layers layers, fused before
+    # the heads by "sum" or "concat" (flexgr/model/hstu/mot.py, docs/long-sequences.md).
+    mot_streams: int = 1
+    mot_fusion: Literal["sum", "concat"] = "sum"
 
     @property
     def attn_len(self) -> int:
@@ -155,10 +161,28 @@ class HSTU(nn.Module):
         self.cfg = cfg
         self.item_emb = ItemEmbedding(cfg.num_items, cfg.d_model)
         self.input = SequenceInput(cfg.attn_len, cfg.d_model, cfg.input_dropout)
-        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+        streams = max(cfg.mot_streams, 1)
+        # Under a mixture of transducers, stream s owns layers [s L, (s + 1) L).
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers * streams))
+        if streams > 1:
+            self.register_buffer("item_stream", torch.arange(cfg.num_items + 1) % streams)
+            if cfg.mot_fusion == "concat":
+                self.fuse = nn.Linear(streams * cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, item_ids: Tensor, inputs: HSTUInputs) -> Tensor:
+    def set_item_streams(self, item_stream: Tensor) -> None:
+        """The stream (0..mot_streams-1) of every item index 0..num_items (an event type or
+        category column); saved with the weights."""
+        S = self.cfg.mot_streams
+        if item_stream.shape != self.item_stream.shape:
+            raise ValueError(f"item_stream must be [{self.item_stream.numel()}] (items + 1)")
+        if item_stream.numel() and (item_stream.min() < 0 or item_stream.max() >= S):
+            raise ValueError(f"item streams must be in [0, {S})")
+        self.item_stream.copy_(item_stream)
+
+    def forward(self, item_ids: Tensor, inputs: HSTUInputs | MixtureInputs) -> Tensor:
         """[T, d], or [T', d] for the rows ``inputs.output_rows`` under attention truncation."""
+        if isinstance(inputs, MixtureInputs):
+            return self._mixture(item_ids, inputs)
         x = self.input(self.item_emb(item_ids), inputs.positions)
         current = inputs
         for index, layer in enumerate(self.layers):
@@ -167,6 +191,18 @@ class HSTU(nn.Module):
                 current = inputs.truncation.inputs
             x = layer(x, current)
         return l2_normalize(x)
+
+    def _mixture(self, item_ids: Tensor, inputs: MixtureInputs) -> Tensor:
+        L = self.cfg.num_layers
+        emb = self.item_emb(item_ids)
+        parts = []
+        for s, stream in enumerate(inputs.streams):
+            x = self.input(emb[stream.rows], stream.inputs.positions)
+            for layer in self.layers[s * L : (s + 1) * L]:
+                x = layer(x, stream.inputs)
+            parts.append(gather_latest(x, stream.latest))
+        fused = self.fuse(torch.cat(parts, dim=-1)) if hasattr(self, "fuse") else sum(parts)
+        return l2_normalize(fused)
 
     def item_embeddings(self, ids: Tensor | None = None) -> Tensor:
         """L2-normalised item embeddings (all items when ids is None)."""

@@ -67,6 +67,8 @@ def prepare_sharded(
     needs the next chunk's first timestamp, which may live on another rank). ``row_offset`` and
     ``row_total`` place the replica's batch in the world batch (see :class:`ShardedInputs`).
     """
+    if model.cfg.mot_streams > 1:
+        raise ValueError("a mixture of transducers runs in one process (model.mot_streams = 1)")
     if model.cfg.attention != "silu" and ctx.cp_size > 1:
         raise ValueError("context parallelism sums partial attention: model.attention must be silu")
     T = batch.num_tokens

@@ -31,6 +31,10 @@ def validate(options: dict[str, Any]) -> None:
             "model.attention='softmax' cannot run on model.backend='triton' (the kernel is "
             "pointwise SiLU only); use model.backend='auto', 'flex' or 'reference'"
         )
+    if options["mot_streams"] < 1:
+        raise ValueError("model.mot_streams must be >= 1 (1: one stack, no mixture)")
+    if options["mot_streams"] > 1 and options["truncate_after"]:
+        raise ValueError("a mixture of transducers (model.mot_streams > 1) cannot truncate yet")
     if options["mask"] != BUILTIN_RULE:
         mask_rule(options["mask"])  # raises for an unknown name, listing the known ones
 
