@@ -19,12 +19,13 @@ For an example with history length ``n`` and a tenant reading ``max_len`` events
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from flexgr.vlm.batch import JaggedBatch, offsets_of, tensor
+from flexgr.vlm.batch import JaggedBatch, gather_ranges, offsets_of, tensor
 from flexgr.vlm.examples import CANDIDATE_COLUMNS, POINTER_COLUMNS, ExampleRows, list_parts
 from flexgr.vlm.hashing import event_hashes, read_length
 from flexgr.vlm.schema import Tenant
@@ -89,14 +90,9 @@ class Reconstructor:
         self._check_version(rows, p.col["history_version"])
         plans = [self._plan(rows, p, i) for i in range(len(rows))]
         found = self._scan(p, plans)
-        names = ("timestamp", "item", *self.features)
-        out: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for i, plan in enumerate(plans):
-            events = self._merge(rows, p, i, plan, found.get(i))
-            keep = min(self.tenant.max_len, int(p.col["history_len"][i]))
-            for name, values in events.items():
-                out[name].append(values[len(values) - keep :])
-        return self._emit(rows.table, p.col, out)
+            self._check_rows(rows, p, i, plan, found.get(i))
+        return self._emit(rows.table, p.col, self._merge(rows, p, plans, found))
 
     def _check_version(self, rows: ExampleRows, versions: np.ndarray) -> None:
         if len(versions) and versions.max() > self.tier.version and not self.tier.refresh():
@@ -135,13 +131,17 @@ class Reconstructor:
         return _Plan(length, expected, length - in_tail, recent)
 
     def _scan(self, p: _Pointers, plans: list[_Plan]) -> dict[int, Columns]:
-        """Per example needing tier rows, the last ``m`` visible ones; one scan per user."""
+        """Per example needing tier rows, the last ``m`` visible ones; one scan per user.
+
+        The first pass of every user's scan is one batched read (one pyarrow call per data
+        file, not per user: per-call overhead, not bytes, dominated the short tenant's time);
+        a user whose rows were thinned by later versions reads further back on its own."""
         by_user: dict[int, list[int]] = {}
         for i, plan in enumerate(plans):
             if plan.need:
                 by_user.setdefault(int(p.col["user"][i]), []).append(i)
-        found = {}
         tier = self.tier
+        scans = []  # (members, the user's overlapping segments, how many newest to read first)
         for user, members in by_user.items():
             first, stop = tier.segments(user)
             end = max(p.col["history_end_ts"][i] for i in members)
@@ -153,24 +153,46 @@ class Reconstructor:
             # rows and read further back only if later versions' rows were filtered out.
             rows_back = np.cumsum(tier.segment_rows(segs)[::-1])
             count = min(len(segs), int(np.searchsorted(rows_back, need)) + 1)
-            parts: list[Columns] = []
-            have = 0
+            scans.append((members, segs, count))
+        firsts = [segs[len(segs) - count :] for _, segs, count in scans]
+        batched = self._read_many(firsts)
+        found = {}
+        for (members, segs, count), data in zip(scans, batched, strict=True):
+            parts, have = [data], count
             while True:
-                new = segs[len(segs) - count : len(segs) - have]
-                parts.insert(0, tier.read_segments(new, self.tier_columns))
-                have = count
-                data = {k: np.concatenate([part[k] for part in parts]) for k in self.tier_columns}
                 picks = {i: _visible(data, p.col, i, plans[i].need) for i in members}
                 if count == len(segs) or all(len(picks[i]) >= plans[i].need for i in members):
                     break
                 count = min(len(segs), 2 * count)
+                new = segs[len(segs) - count : len(segs) - have]
+                parts.insert(0, tier.read_segments(new, self.tier_columns))
+                have = count
+                data = {k: np.concatenate([part[k] for part in parts]) for k in self.tier_columns}
             for i in members:
                 found[i] = {k: v[picks[i]] for k, v in data.items()}
         return found
 
-    def _merge(
+    def _read_many(self, runs: list[np.ndarray]) -> list[Columns]:
+        """``tier.read_segments`` of each run, read with one call per data file."""
+        if not runs:
+            return []
+        segs = np.concatenate(runs).astype(np.int64)
+        by_file = np.argsort(self.tier.segment_files(segs), kind="stable")
+        data = self.tier.read_segments(segs[by_file], self.tier_columns)
+        rows = self.tier.segment_rows(segs)
+        sorted_starts = offsets_of(rows[by_file])[:-1]
+        starts = np.empty_like(sorted_starts)
+        starts[by_file] = sorted_starts  # where each segment's rows landed
+        index = gather_ranges(starts, starts + rows)  # back in the order of the runs
+        flat = {k: v[index] for k, v in data.items()}
+        run_of = np.repeat(np.arange(len(runs)), [len(run) for run in runs])
+        totals = np.bincount(run_of, weights=rows, minlength=len(runs)).astype(np.int64)
+        bounds = offsets_of(totals)
+        return [{k: v[a:b] for k, v in flat.items()} for a, b in pairwise(bounds)]
+
+    def _check_rows(
         self, rows: ExampleRows, p: _Pointers, i: int, plan: _Plan, tier_rows: Columns | None
-    ) -> Columns:
+    ) -> None:
         n = int(p.col["history_len"][i])
         got = 0 if tier_rows is None else len(tier_rows["timestamp"])
         if got < plan.need:
@@ -185,34 +207,57 @@ class Reconstructor:
                 plan.length == n and stamps[0] != p.col["history_start_ts"][i]
             ):
                 raise rows.error(i, "the tier's events do not span the recorded history range")
-        slots = np.zeros(plan.length, dtype=bool)
-        slots[p.recent["pos"][plan.recent] - (n - plan.length)] = True
+
+    def _merge(
+        self, rows: ExampleRows, p: _Pointers, plans: list[_Plan], found: dict[int, Columns]
+    ) -> Columns:
+        """Every example's ``L`` events (snapshot at its recorded positions, tier rows in the
+        others), verified against its checksum, then its last ``min(max_len, n)`` events; flat
+        over the batch, one numpy pass (a per-example loop cost more than the reads)."""
+        count = len(plans)
+        lengths = np.array([plan.length for plan in plans], dtype=np.int64)
+        offsets = offsets_of(lengths)
+        n = p.col["history_len"].astype(np.int64)
+        # Snapshot events: their flat positions, and where they sit in the recent columns.
+        recent_start = np.array([plan.recent.start for plan in plans], dtype=np.int64)
+        recent_stop = np.array([plan.recent.stop for plan in plans], dtype=np.int64)
+        recent = gather_ranges(recent_start, recent_stop)
+        of_recent = np.repeat(np.arange(count), recent_stop - recent_start)
+        slots = np.zeros(int(offsets[-1]), dtype=bool)
+        slots[p.recent["pos"][recent] - (n - lengths)[of_recent] + offsets[of_recent]] = True
+        with_rows = [i for i in range(count) if plans[i].need]
         events = {}
         for name in ("timestamp", "item", *self.features):
-            source = p.recent[name][plan.recent]
-            values = np.empty(plan.length, dtype=source.dtype)  # the log's dtype on both sides
-            values[slots] = source
-            values[~slots] = tier_rows[name] if tier_rows is not None else source[:0]
+            source = p.recent[name]
+            values = np.empty(int(offsets[-1]), dtype=source.dtype)  # the log's dtype throughout
+            values[slots] = source[recent]
+            tier = [found[i][name] for i in with_rows]
+            values[~slots] = np.concatenate(tier) if tier else source[:0]
             events[name] = values
         # No event can be at or after request_ts here: the snapshot and history_end_ts were
         # checked against it in _plan, and tier rows are filtered to ts <= history_end_ts.
-        terms = event_hashes(events["timestamp"], events["item"], np.arange(plan.length)[::-1])
-        rebuilt = int(np.sum(terms, dtype=np.uint64)) if plan.length else 0
-        if rebuilt != plan.expected:
+        owner = np.repeat(np.arange(count), lengths)
+        from_end = offsets[1:][owner] - 1 - np.arange(int(offsets[-1]))
+        terms = event_hashes(events["timestamp"], events["item"], from_end)
+        rebuilt = np.zeros(count, dtype=np.uint64)
+        if len(terms):
+            np.add.at(rebuilt, owner, terms)  # modular, like the recorded sums
+        expected = np.array([plan.expected for plan in plans], dtype=np.uint64)
+        wrong = np.flatnonzero(rebuilt != expected)
+        if len(wrong):
+            i = int(wrong[0])
             raise rows.error(
                 i,
-                f"history checksum mismatch over the last {plan.length} events "
-                f"(recorded {plan.expected:#018x}, rebuilt {rebuilt:#018x})",
+                f"history checksum mismatch over the last {plans[i].length} events "
+                f"(recorded {int(expected[i]):#018x}, rebuilt {int(rebuilt[i]):#018x})",
             )
-        return events
+        keep = np.minimum(self.tenant.max_len, n)
+        index = gather_ranges(offsets[1:] - keep, offsets[1:])
+        return {name: values[index] for name, values in events.items()}
 
-    def _emit(self, table: pa.Table, col: Columns, out: dict[str, list[np.ndarray]]) -> JaggedBatch:
+    def _emit(self, table: pa.Table, col: Columns, flat: Columns) -> JaggedBatch:
         cand_offsets, candidates = list_parts(table.column("candidates"))
-        lengths = np.array([len(values) for values in out["item"]], dtype=np.int64)
-        flat = {
-            name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            for name, parts in out.items()
-        }
+        lengths = np.minimum(self.tenant.max_len, col["history_len"].astype(np.int64))
         return JaggedBatch(
             request_ids=tensor(col["request_id"]),
             users=tensor(col["user"]),

@@ -172,6 +172,9 @@ class Tier:
     def segment_rows(self, segments: np.ndarray) -> np.ndarray:
         return self._seg_rows[segments]
 
+    def segment_files(self, segments: np.ndarray) -> np.ndarray:
+        return self._seg_file[segments]
+
     # ------------------------------------------------------------------ reads
 
     def read_segments(self, segments: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
