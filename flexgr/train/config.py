@@ -80,6 +80,14 @@ class TrainConfig:
     # kept: "recent", "random" or "weighted" (docs/stochastic-length.md).
     sl_alpha: float = 0.0
     sl_selection: Literal["recent", "random", "weighted"] = "recent"
+    # Load-balanced SL (ULTRA-HSTU) for data parallelism: after sl_balance_warmup plain-SL
+    # steps, each rank's lengths are chosen so its cost sum n^2 + beta n is close to the mean
+    # plain-SL rank load, re-estimated every sl_balance_every steps; beta < 0 derives it from
+    # the model's FLOPs (flexgr/train/load_balance.py, docs/long-sequences.md).
+    sl_balance: bool = False
+    sl_balance_warmup: int = 20
+    sl_balance_every: int = 100
+    sl_balance_beta: float = -1.0
     num_negatives: int = 128
     temperature: float = 0.05
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -397,6 +405,11 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr must be > 0")
     _require(t.num_negatives >= 1, "train.num_negatives must be >= 1")
     _require(t.sl_alpha == 0 or 1 < t.sl_alpha <= 2, "train.sl_alpha must be 0 (off) or in (1, 2]")
+    _require(not t.sl_balance or t.sl_alpha > 0, "train.sl_balance needs train.sl_alpha")
+    _require(
+        t.sl_balance_warmup >= 1 and t.sl_balance_every >= 1,
+        "train.sl_balance_warmup and train.sl_balance_every must be >= 1",
+    )
     _require(t.temperature > 0, "train.temperature must be > 0")
     _require(t.log_every >= 1, "train.log_every must be >= 1")
     _require(t.num_workers >= -1, "train.num_workers must be >= 0, or -1 for auto")

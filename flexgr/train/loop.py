@@ -24,8 +24,9 @@ from flexgr.eval import evaluate
 from flexgr.export import export_model
 from flexgr.model.registry import spec_of
 from flexgr.ops.kernel_options import set_kernel_options
-from flexgr.train.batches import ReplicaBatches, TrainBatch, train_loader
+from flexgr.train.batches import ReplicaBatches, TrainBatch, TrainSequences, train_loader
 from flexgr.train.length_sampling import LengthSampler
+from flexgr.train.load_balance import balanced_sampler, load_ratio
 from flexgr.train.recompute import apply_recompute
 from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from flexgr.train.config import Config, dump_config, eval_batch_size, exclusion, item_pool
@@ -161,6 +162,15 @@ class Trainer:
         if t.sl_alpha:
             sampler = LengthSampler(t.sl_alpha, cfg.data.max_seq_len, t.sl_selection, t.seed)
         self.sequences = train_sequences(cfg, self.data, self.split, sampler)
+        # Load-balanced SL; the same object meters the ranks' loads (metrics.jsonl) either way.
+        self.load_meter = None
+        if t.sl_alpha and isinstance(self.sequences, TrainSequences):
+            self.load_meter = balanced_sampler(
+                t, cfg.data.max_seq_len, self.sequences.lengths, ctx.dp_size, self.model.cfg
+            )
+            if t.sl_balance:
+                self.sequences.sampler = self.load_meter
+        self._load_ratios: list[float] = []
         if len(self.sequences) == 0:
             raise TrainError(
                 f"no user of {self.data.name!r} has two training events; nothing to train on"
@@ -369,6 +379,10 @@ class Trainer:
             # Summed on the device: a host sync only at log intervals.
             self._loss_acc = loss if self._loss_acc is None else self._loss_acc + loss
             self._loss_steps += 1
+            if self.load_meter is not None and self.ctx.dp_size > 1:
+                g = self.load_meter.global_step(state.epoch, state.batch_in_epoch)
+                loads = self.load_meter.rank_loads(g, balanced=t.sl_balance)
+                self._load_ratios.append(load_ratio(loads))
             state.step += 1
             state.batch_in_epoch += 1
             interval_tokens += cpu_batch.row_total  # the step's tokens, all replicas
@@ -395,6 +409,9 @@ class Trainer:
             "lr": self.lr_at(state.step - 1),
             "tokens_per_s": tokens_per_s,
         }
+        if self._load_ratios:  # max / mean attention load over the ranks, this interval
+            record["rank_load_max_mean"] = sum(self._load_ratios) / len(self._load_ratios)
+            self._load_ratios = []
         self._write(record)
         progress.log(state.step, loss, record["lr"], tokens_per_s)
 
