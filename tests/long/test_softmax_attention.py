@@ -136,14 +136,6 @@ def test_softmax_is_refused_where_it_cannot_run(tiny_home) -> None:
         tiny_config(tiny_home, "model.attention=softmax", "model.backend=triton")
 
 
-def test_softmax_trains_from_the_config(tiny_home, tmp_path) -> None:
-    from flexgr.train import fit
-
-    cfg = tiny_config(tiny_home, "model.attention=softmax", "train.max_steps=3")
-    result = fit(cfg, tmp_path / "run", show_progress=False)
-    assert result.steps == 3 and math.isfinite(result.test["hr@10"])
-
-
 def test_the_flex_path_matches_the_dense_path_forward() -> None:
     """CUDA runs flex's softmax over the BlockMask; eager flex runs forward-only on CPU."""
     from flexgr.model.hstu.softmax import softmax_attention_dense, softmax_attention_flex
