@@ -52,6 +52,9 @@ def eval_command(
         run, cfg = open_run(run_dir)
         if split is SplitName.val and cfg.data.protocol == "gr-compatible":
             fail("protocol gr-compatible has no validation targets; use --split test")
+        if cfg.is_ranking:
+            _eval_ranking(run, cfg, split.value, weights, device, as_json)
+            return
         data = load_dataset(cfg)
         model = load_weights(run, cfg, data, weights)
         target_device = resolve_device(device)
@@ -73,3 +76,34 @@ def eval_command(
         print_json({"split": split.value, "weights": weights.value, **metrics})
     else:
         stdout().print(metrics_table(metrics, f"{split.value}, {weights.value} weights"))
+
+
+def _eval_ranking(run, cfg, split: str, weights: Weights, device: str, as_json: bool) -> None:
+    """Per-task NE, AUC and GAUC of a ranking run on its split's requests (docs/ranking.md)."""
+    from flexgr.data import DataError
+    from flexgr.export import ExportError
+    from flexgr.ranking.evaluate import evaluate_ranking
+    from flexgr.ranking.report import ranking_table
+    from flexgr.ranking.setup import ranking_data
+    from flexgr.train.config import eval_batch_size
+    from flexgr.train.rundir import RunDirError
+    from flexgr.train.runtime import resolve_device
+    from flexgr.train.setup import load_dataset
+
+    try:
+        data = load_dataset(cfg)
+        model = load_weights(run, cfg, data, weights)
+        target = resolve_device(device)
+        metrics = evaluate_ranking(
+            model.to(target),
+            ranking_data(cfg, data),
+            split,  # type: ignore[arg-type]
+            batch_size=eval_batch_size(cfg.eval, target.type),
+            device=target,
+        )
+    except (RunDirError, DataError, ExportError, ValueError) as err:
+        fail(str(err))
+    if as_json:
+        print_json({"split": split, "weights": weights.value, **metrics})
+    else:
+        stdout().print(ranking_table(metrics, f"{split}, {weights.value} weights"))

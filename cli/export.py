@@ -146,6 +146,9 @@ def score_command(
         recommender = load_recommender(run, cfg, weights, data)
         events = data.events_of(data.user_index(user))
         history = [data.item_ids[i - 1] for i in data.items[events]]
+        if hasattr(recommender, "tasks"):  # a ranking model: per-task predictions
+            _score_ranking(recommender, data, events, history, names, user, microbatch, as_json)
+            return
         scored = recommender.score_candidates(
             history, names, timestamps=data.timestamps[events].tolist(), microbatch=microbatch
         )
@@ -160,3 +163,34 @@ def score_command(
         highlight=False,
     )
     console.print(_table(scored))
+
+
+def _score_ranking(ranker, data, events, history, names, user, microbatch, as_json) -> None:
+    """A ranking model's per-task predictions after the user's most recent events (the model's
+    max_seq_len of them, with their actions); raises what score_command turns into one line."""
+    actions = {
+        name: (data.ratings[events] if name == "rating" else data.actions[name][events]).tolist()
+        for name in ranker.action_inputs
+        if name == "rating" or name in data.actions
+    }
+    scored = ranker.score(
+        history, names, actions=actions, timestamps=data.timestamps[events].tolist(),
+        microbatch=microbatch, truncate=True,
+    )
+    if as_json:
+        print_json([[item, predictions] for item, predictions in scored])
+        return
+    read = min(len(history), ranker.max_seq_len)
+    console = stdout()
+    console.print(
+        f"user {user}: {len(scored)} candidates, scored after the last {read} of "
+        f"{len(history)} events; probabilities for BCE tasks, values for MSE tasks",
+        highlight=False,
+    )
+    table = Table()
+    table.add_column("item")
+    for task in ranker.tasks:
+        table.add_column(task, justify="right")
+    for item, predictions in scored:
+        table.add_row(item, *(f"{predictions[t]:.4f}" for t in ranker.tasks))
+    console.print(table)

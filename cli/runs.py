@@ -59,7 +59,12 @@ def load_weights(run: RunDir, cfg: Config, data: InteractionData, weights: Weigh
     path = run.best_checkpoint if weights is Weights.best else run.last_checkpoint
     if not path.is_file():
         raise RunDirError(f"{run.root} has no {path.relative_to(run.root)}")
-    model = new_model(cfg, data.pool_size(item_pool(cfg)))
+    if cfg.is_ranking:
+        from flexgr.ranking.setup import new_ranking_model
+
+        model = new_ranking_model(cfg, data)
+    else:
+        model = new_model(cfg, data.pool_size(item_pool(cfg)))
     try:
         state = load_checkpoint(path)
     except (OSError, RuntimeError) as err:  # torch reports a torn zip as RuntimeError
@@ -80,7 +85,7 @@ def load_recommender(
 
     if weights is Weights.model:
         require_exported(run)
-        return load(run.model)
+        return load(run.model)  # a Ranker for ranking models
     data = data if data is not None else load_dataset(cfg)
     model = load_weights(run, cfg, data, weights)
     description = {
@@ -88,6 +93,10 @@ def load_recommender(
         "config": dataclasses.asdict(model.cfg),
         "metadata": {"dataset": data.name, "protocol": cfg.data.protocol, "weights": weights.value},
     }
+    if cfg.is_ranking:
+        from flexgr.ranking.scorer import Ranker
+
+        return Ranker(model, data.item_ids, description)  # type: ignore[return-value]
     return Recommender(model, data.pool_item_ids(item_pool(cfg)), description)
 
 

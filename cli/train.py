@@ -148,6 +148,11 @@ def train(
         return  # rank 0 reports the run
     if as_json:
         print_json({"run_dir": str(result.run_dir), "epoch": result.epoch, "test": result.test})
+    elif cfg.is_ranking:
+        from flexgr.ranking.report import ranking_table
+
+        title = f"test, epoch {result.epoch} ({result.stop_reason})"
+        console.print(ranking_table(result.test, title))
     else:
         console.print(
             metrics_table(result.test, f"test, epoch {result.epoch} ({result.stop_reason})")

@@ -239,7 +239,18 @@ class Recommender:
         return f"Recommender(arch={self.arch!r}, items={self.num_items}, device={self.device})"
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
     """Load an exported model: ``PATH`` (``PATH.safetensors`` + ``PATH.json``), either file, or a
-    run directory (its ``model.safetensors``). Raises :class:`ExportError` on a bad export."""
+    run directory (its ``model.safetensors``). Raises :class:`ExportError` on a bad export.
+
+    A retrieval model comes back as a :class:`Recommender`; a ranking model (``hstu-ranking``
+    and its baselines) as a :class:`flexgr.ranking.scorer.Ranker` (``.score`` gives per-task
+    predictions)."""
+    from flexgr.export.files import read_model_json
+    from flexgr.model.registry import get_spec
+
+    if get_spec(read_model_json(path)["arch"]).task == "ranking":
+        from flexgr.ranking.scorer import Ranker
+
+        return Ranker.load(path, device)
     return Recommender.load(path, device)

@@ -42,6 +42,10 @@ class RankingConfig:
     # "request" (ROO): one sequence per request, its impressions the targets of one pass;
     # "impression": one sequence per impression, the history repeated (the baseline layout).
     examples: ExampleLayout = "request"
+    # Requests trained per user and epoch: 0 = all of them; n > 0 = n drawn at random each
+    # epoch (seeded by train.seed and the epoch), the HSTU paper's per-user sampling that keeps
+    # an epoch's cost proportional to the users instead of their events.
+    sample_per_user: int = 0
     # Validation metric that selects the epoch: PREFIX:TASK with PREFIX ne, logloss, auc or gauc
     # for BCE tasks and mse for MSE tasks (lower is better for ne, logloss and mse).
     metric: str = "ne:like"
@@ -74,6 +78,8 @@ def validate_ranking(cfg: RankingConfig) -> None:
         raise ValueError("ranking.request_size must be >= 1")
     if cfg.session_gap < 0:
         raise ValueError("ranking.session_gap must be >= 0")
+    if cfg.sample_per_user < 0:
+        raise ValueError("ranking.sample_per_user must be >= 0 (0: every request)")
     if cfg.min_history < 1:
         raise ValueError("ranking.min_history must be >= 1 (a model needs a history)")
     prefix, _, task = cfg.metric.partition(":")

@@ -133,3 +133,15 @@ def impressions_of(requests: Requests) -> tuple[np.ndarray, np.ndarray]:
     row = np.repeat(np.arange(len(requests), dtype=np.int64), sizes)
     first = np.repeat(requests.start - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
     return row, first + np.arange(int(sizes.sum()), dtype=np.int64)
+
+
+def sample_per_user(users: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions into ``users`` (grouped by user): at most ``n`` per user, drawn without
+    replacement, ascending."""
+    if n <= 0 or len(users) == 0:
+        return np.arange(len(users), dtype=np.int64)
+    keys = rng.random(len(users))
+    order = np.lexsort((keys, users))  # by user, then at random
+    starts = np.flatnonzero(np.concatenate([[True], users[order][1:] != users[order][:-1]]))
+    rank = np.arange(len(users)) - np.repeat(starts, np.diff(np.append(starts, len(users))))
+    return np.sort(order[rank < n]).astype(np.int64)

@@ -52,7 +52,9 @@ from flexgr.train.setup import load_dataset, load_split, new_model
 from flexgr.train.versioned_source import epoch_batches, train_sequences, with_prefetch
 
 # Timing fields of metrics.jsonl records: they differ between otherwise identical runs.
-TIMING_KEYS = frozenset({"tokens_per_s", "elapsed_s", "eval_s", "train_s"})
+TIMING_KEYS = frozenset(
+    {"tokens_per_s", "impressions_per_s", "elapsed_s", "eval_s", "train_s"}
+)
 
 
 @dataclass
@@ -655,7 +657,12 @@ def _fit(
                 console, show_progress = Console(quiet=True), False
         console = console or Console()
         console.print(f"run directory: {run.root}", highlight=False)
-        trainer = Trainer(cfg, run, console, show_progress, callbacks, ctx)
+        trainer_cls: Any = Trainer
+        if cfg.is_ranking:  # per-task predictions for candidates (flexgr.ranking.train)
+            from flexgr.ranking.train import RankingTrainer
+
+            trainer_cls = RankingTrainer
+        trainer = trainer_cls(cfg, run, console, show_progress, callbacks, ctx)
         if resume:
             trainer.resume()
         else:

@@ -1,0 +1,173 @@
+"""A loaded ranking model: candidates after a history with actions in, per-task predictions out.
+
+``flexgr.load(path)`` returns a :class:`Ranker` for ranking models. Histories are raw item ids,
+oldest first, with each event's actions (for MovieLens its rating); every candidate is scored as
+a target of the history (it sees the history and itself, never another candidate), so scores do
+not depend on which other candidates are asked for, and candidates go through in microbatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flexgr.export.files import load_model
+from flexgr.export.recommender import UnknownItemError
+from flexgr.model.registry import spec_of
+from flexgr.ranking.batch import RankingBatch
+from flexgr.ranking.modules import check_codes
+from flexgr.ranking.tasks import predictions, rating_codes
+
+Actions = Sequence[float] | Mapping[str, Sequence[float]]
+
+
+class Ranker:
+    """``model`` (eval mode), ``item_ids`` (raw id of item index i is ``item_ids[i - 1]``) and
+    the exported description. ``tasks`` are the model's outputs; BCE tasks give probabilities,
+    MSE tasks values (a rating)."""
+
+    def __init__(self, model: nn.Module, item_ids: list[str], description: dict[str, Any]) -> None:
+        self.model = model
+        self.item_ids = list(item_ids)
+        self.arch: str = description["arch"]
+        self.config: dict[str, Any] = description["config"]
+        self.metadata: dict[str, Any] = description.get("metadata", {})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Ranker:
+        model, description = load_model(path, device)
+        return cls(model, description["item_ids"], description)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.model.cfg.tasks)
+
+    @property
+    def action_inputs(self) -> list[str]:
+        return list(self.model.cfg.action_inputs)
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.model.cfg.max_seq_len)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {raw: i for i, raw in enumerate(self.item_ids, start=1)}
+
+    def item_index(self, raw_id: str) -> int:
+        try:
+            return self._index[str(raw_id)]
+        except KeyError:
+            raise UnknownItemError(f"unknown item id {raw_id!r}") from None
+
+    def _codes(self, actions: Actions | None, n: int) -> np.ndarray:
+        """int64 [n, A] action codes of the history, checked against the model's tables."""
+        names = self.action_inputs
+        if actions is None:
+            raise ValueError(
+                f"a ranking model reads each history event's actions ({', '.join(names)}); "
+                "pass actions=[...] (one value per event) or a dict by name"
+            )
+        columns = dict(actions) if isinstance(actions, Mapping) else None
+        if columns is None:
+            if len(names) != 1:
+                raise ValueError(f"the model reads {len(names)} actions; pass a dict {names}")
+            columns = {names[0]: actions}  # type: ignore[dict-item]
+        missing = [name for name in names if name not in columns]
+        if missing:
+            raise ValueError(f"actions lack {', '.join(map(repr, missing))} (need {names})")
+        codes = np.zeros((n, len(names)), dtype=np.int64)
+        for a, name in enumerate(names):
+            values = np.asarray(list(columns[name]), dtype=np.float64)
+            if len(values) != n:
+                raise ValueError(f"{len(values)} {name!r} actions for {n} history items")
+            if name == "rating":
+                known = values[~np.isnan(values)]
+                if ((known < 0.5) | (known > 5.0)).any():
+                    raise ValueError("rating actions must be in 0.5 .. 5 (NaN for unknown)")
+                codes[:, a] = rating_codes(values)
+            else:
+                if (values != np.floor(values)).any() or (values < 0).any():
+                    raise ValueError(f"action {name!r} values must be non-negative integers")
+                codes[:, a] = values.astype(np.int64)
+        cfg = self.model.cfg
+        bits = [cfg.action_encoding == "bits" and name != "rating" for name in names]
+        check_codes(torch.from_numpy(codes), list(cfg.action_vocab), bits, names)
+        return codes
+
+    @torch.no_grad()
+    def score(
+        self,
+        history: Sequence[str],
+        candidates: Sequence[str],
+        *,
+        actions: Actions | None = None,
+        timestamps: Sequence[int] | None = None,
+        query_time: int | None = None,
+        microbatch: int = 1024,
+        truncate: bool = False,
+    ) -> list[tuple[str, dict[str, float]]]:
+        """(raw id, {task: prediction}) for every candidate, in the order given.
+
+        ``actions``: each history event's action inputs (one list for a single input such as
+        the rating, else a dict by name). ``timestamps`` (seconds) feed the time bias; the query
+        time defaults to the last event's. A history longer than the model's ``max_seq_len`` is
+        an error unless ``truncate=True`` (then its most recent events are read)."""
+        if len(candidates) == 0:
+            raise ValueError("no candidates to score")
+        if len(history) == 0:
+            raise ValueError("history is empty: the model needs at least one event")
+        if microbatch < 1:
+            raise ValueError(f"microbatch must be >= 1, got {microbatch}")
+        if timestamps is not None and len(timestamps) != len(history):
+            raise ValueError(f"{len(timestamps)} timestamps for {len(history)} history items")
+        codes = self._codes(actions, len(history))
+        n = len(history)
+        if n > self.max_seq_len:
+            if not truncate:
+                raise ValueError(
+                    f"history has {n} events, the model reads at most {self.max_seq_len}; pass "
+                    f"truncate=True to score after the most recent {self.max_seq_len}"
+                )
+            keep = slice(n - self.max_seq_len, n)
+            history, codes = list(history)[keep], codes[keep]
+            timestamps = list(timestamps)[keep] if timestamps is not None else None
+        items = torch.tensor([self.item_index(raw) for raw in history], dtype=torch.int64)
+        cands = torch.tensor([self.item_index(raw) for raw in candidates], dtype=torch.int64)
+        ts = torch.zeros_like(items) if timestamps is None else torch.tensor(list(timestamps))
+        qt = int(ts[-1]) if query_time is None else int(query_time)
+        device, spec = self.device, spec_of(self.model)
+        kinds = list(self.model.cfg.task_kinds)
+        out = []
+        for start in range(0, len(cands), microbatch):
+            chunk = cands[start : start + microbatch]
+            batch = RankingBatch(
+                items,
+                torch.from_numpy(codes),
+                ts.to(torch.int64),
+                torch.tensor([0, len(items)]),
+                chunk,
+                torch.tensor([0, len(chunk)]),
+                torch.tensor([qt]),
+            ).to(device)
+            logits = self.model(batch, spec.prepare(self.model, batch))
+            out.append(predictions(logits.float(), kinds).cpu())
+        values = torch.cat(out).tolist()
+        names = self.tasks
+        return [
+            (raw, dict(zip(names, row, strict=True)))
+            for raw, row in zip(candidates, values, strict=True)
+        ]
+
+    def __repr__(self) -> str:
+        return f"Ranker(arch={self.arch!r}, tasks={self.tasks}, items={len(self.item_ids)})"
