@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +54,22 @@ def serve_command(
     log_level: Annotated[
         str, typer.Option("--log-level", help="uvicorn's log level: warning, info, debug.")
     ] = "warning",
+    warm_up: Annotated[
+        bool,
+        typer.Option(
+            "--warm-up/--no-warm-up",
+            help="Run each batch size once before listening, so first requests do not compile "
+            "kernels (on CUDA; CPU skips it unless asked).",
+        ),
+    ] = True,
+    kernel_autotune: Annotated[
+        bool,
+        typer.Option(
+            "--kernel-autotune",
+            help="Time Triton tile candidates per new shape (off: the first candidate; timing "
+            "on the request path stalls requests for seconds).",
+        ),
+    ] = False,
 ) -> None:
     """Serve /recommend, /score, /health and /metadata for a run's model.
 
@@ -91,6 +109,13 @@ def serve_command(
         fail(str(err))
     except (RunDirError, DataError, ExportError) as err:
         fail(str(err))
+    from flexgr.ops.kernel_options import kernel_options, set_kernel_options
+
+    set_kernel_options(dataclasses.replace(kernel_options(), autotune=kernel_autotune))
+    if warm_up and target.type == "cuda":
+        start = time.perf_counter()
+        runs = service.warm_up(max_batch)
+        typer.echo(f"warmed up: {runs} batches in {time.perf_counter() - start:.1f} s")
     app = create_app(
         service, max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_bytes=max_body_kb * 1024
     )

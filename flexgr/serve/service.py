@@ -203,6 +203,25 @@ class Service:
         except UnknownItemError as err:
             raise unknown_item(f"{field_name}: {err}") from None
 
+    def warm_up(self, max_batch: int) -> int:
+        """Run the model once per batch size 1, 2, 4, ... up to ``max_batch`` at short and full
+        history lengths, so first requests do not pay for kernel compilation (on CUDA each new
+        kernel specialisation compiles on first use). Returns the number of batches run."""
+        runs = 0
+        lengths = sorted({1, max(1, self.max_seq_len // 2), self.max_seq_len})
+        size = 1
+        while True:
+            for length in lengths:
+                ids = torch.ones(length, dtype=torch.int64)
+                times = torch.arange(length, dtype=torch.int64)
+                query = Query(ids, times, length)
+                job = RecommendJob(query, 1, torch.empty(0, dtype=torch.int64))
+                self.run_batch([job] * min(size, max_batch))
+                runs += 1
+            if size >= max_batch:
+                return runs
+            size *= 2
+
     # ------------------------------------------------------------ batches (worker thread)
 
     @torch.no_grad()
