@@ -1,0 +1,279 @@
+"""Ranking measurements: the ML-1M model grid, and ROO against impression-level examples.
+
+    python benchmarks/ranking.py grid --device cuda --epochs 40            # ML-1M, 4 models x 3 seeds
+    python benchmarks/ranking.py grid --device cpu --small                 # ML-100K, tiny, minutes
+    python benchmarks/ranking.py roo --device cpu                           # k = 1 .. 32, synthetic
+
+``grid`` trains hstu-ranking (interleaved and merged), sasrec-ranking and two-tower-ranking on
+the ``ml-1m-*ranking`` presets (``--small``: the ``ml-100k`` ones, tiny widths, one short epoch)
+for seeds 42 43 44, and prints one JSON line per run: the test metrics of the epoch selected on
+validation (NE, AUC, GAUC per BCE task, MSE for rating), the selected epoch and the mean train
+step time. Runs go to ``--out`` (default runs/ranking-grid); a finished run is kept and reread.
+
+``roo`` builds synthetic requests with k impressions each (k in 1 2 4 8 16 32) after histories of
+``--history`` events and, for each k, trains the same HSTU ranking model from the same weights on
+the same impressions per step, once as ROO sequences (history once per request) and once as
+impression-level sequences (history repeated); it prints one JSON line per k: bytes of the
+examples per impression, impressions trained per second in both layouts (same run, same
+machine) and their ratio, and NE/AUC of both on held-out requests. Dropout is off, so the two
+layouts take the same optimisation path: the NE/AUC columns check that they do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+GRID = [
+    ("hstu-interleaved", "ranking", ["model.layout=interleaved"]),
+    ("hstu-merged", "ranking", ["model.layout=merged"]),
+    ("sasrec", "sasrec-ranking", []),
+    ("two-tower", "two-tower-ranking", []),
+]
+SMALL = {
+    "ranking": ["model.d_model=16", "model.dqk=16", "model.dv=16", "model.head_hidden=16"],
+    "sasrec-ranking": ["model.d_model=16", "model.ffn_dim=16", "model.head_hidden=16"],
+    "two-tower-ranking": ["model.d_model=16", "model.hidden=32"],
+}
+SMALL_COMMON = ["data.max_seq_len=20", "ranking.sample_per_user=1", "train.log_every=5"]
+
+
+class StepTimer:
+    """A fit callback: wall time between training records, over the steps they cover."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int] | None = None
+        self.seconds, self.steps = 0.0, 0
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        if record.get("kind") == "setup":
+            self.last = (time.perf_counter(), 0)
+        elif record.get("kind") == "train" and self.last is not None:
+            now = time.perf_counter()
+            self.seconds += now - self.last[0]
+            self.steps += record["step"] - self.last[1]
+            self.last = (now, record["step"])
+        elif record.get("kind") == "eval" and self.last is not None:
+            self.last = None  # evaluation time is not step time; restart at the next record
+
+    def on_epoch_end(self, state: Any, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, state: Any) -> None: ...
+
+
+def grid(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from flexgr.train.config import apply_overrides, load_preset
+    from flexgr.train.loop import fit
+
+    dataset = "ml-100k" if args.small else "ml-1m"
+    out = Path(args.out)
+    for name, preset_tail, extra in GRID:
+        for seed in args.seeds:
+            run_dir = out / f"{dataset}.{name}.s{seed}"
+            summary = run_dir / "benchmark.json"
+            if summary.is_file():
+                print(summary.read_text().strip(), flush=True)
+                continue
+            overrides = [*extra, f"train.seed={seed}", f"train.device={args.device}"]
+            overrides.append(f"train.max_epochs={args.epochs}")
+            if args.small:
+                overrides += SMALL_COMMON + SMALL[preset_tail]
+            if args.data_dir:
+                overrides.append(f"data.data_dir={args.data_dir}")
+            cfg = apply_overrides(load_preset(f"{dataset}-{preset_tail}"), overrides)
+            timer = StepTimer()
+            start = time.perf_counter()
+            result = fit(
+                cfg, run_dir, console=Console(quiet=True), show_progress=False, callbacks=[timer]
+            )
+            line = {
+                "dataset": dataset,
+                "model": name,
+                "seed": seed,
+                "device": args.device,
+                "epoch": result.epoch,
+                "steps": result.steps,
+                "stop": result.stop_reason,
+                "step_s": timer.seconds / max(timer.steps, 1),
+                "wall_s": time.perf_counter() - start,
+                **{
+                    k: v
+                    for k, v in result.test.items()
+                    if k.split(":")[0] in ("ne", "auc", "gauc", "mse")
+                },
+            }
+            text = json.dumps(line)
+            summary.write_text(text + "\n")
+            print(text, flush=True)
+
+
+# ---------------------------------------------------------------- ROO vs impression level
+
+
+def synthetic_requests(users: int, k: int, history: int, requests_per_user: int, seed: int):
+    """A log where each user has ``history`` events and then ``requests_per_user`` requests
+    of k impressions (one timestamp each); ratings depend on user and item taste vectors, so
+    the labels are learnable."""
+    from flexgr.data import RawEvents, build_interactions
+
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    items = 500
+    taste_u, taste_i = np_rng.normal(size=(users, 4)), np_rng.normal(size=(items + 1, 4))
+    cols: dict[str, list] = {"u": [], "i": [], "t": [], "r": []}
+    for u in range(users):
+        ts = 1_000_000
+        for event in range(history + requests_per_user * k):
+            if event < history or (event - history) % k == 0:
+                ts += rng.randint(60, 4000)  # a request's impressions share its timestamp
+            item = rng.randrange(1, items + 1)
+            affinity = float(taste_u[u] @ taste_i[item])
+            cols["u"].append(f"u{u}")
+            cols["i"].append(f"i{item}")
+            cols["t"].append(ts)
+            cols["r"].append(float(np.clip(np.rint(3 + affinity + rng.gauss(0, 0.7)), 1, 5)))
+    raw = RawEvents.from_lists(cols["u"], cols["i"], cols["t"], cols["r"])
+    return build_interactions("synthetic-requests", raw)
+
+
+def roo(args: argparse.Namespace) -> None:
+    from flexgr.model.registry import build_model, spec_of
+    from flexgr.ranking import RankingConfig, build_requests, split_requests
+    from flexgr.ranking.batch import RankingEvents, impression_batch, request_batch
+    from flexgr.ranking.metrics import auc, normalized_entropy
+    from flexgr.ranking.requests import impressions_of
+    from flexgr.ranking.tasks import action_codes, action_vocab, parse_tasks, task_losses
+
+    device = torch.device(args.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for k in args.ks:
+        data = synthetic_requests(args.users, k, args.history, args.requests, seed=k)
+        cfg = RankingConfig(
+            tasks=["like"],
+            requests="timestamp",
+            request_size=k,
+            min_history=args.history,
+            metric="ne:like",
+        )
+        tasks = parse_tasks(cfg.tasks)
+        events = RankingEvents.of(data, cfg.action_inputs, tasks)
+        requests = build_requests(data, cfg, args.history)
+        split = split_requests(requests)
+        options = {
+            "num_items": data.num_items,
+            "max_seq_len": args.history,
+            "action_inputs": ["rating"],
+            "action_vocab": action_vocab(["rating"], action_codes(["rating"], data), "categorical"),
+            "tasks": ["like"],
+            "task_kinds": ["bce"],
+            "d_model": args.d_model,
+            "dqk": args.d_model,
+            "dv": args.d_model,
+            "dropout": 0.0,
+            "input_dropout": 0.0,
+        }
+        train = split.train
+        per_step = max(1, args.impressions_per_step // k)  # requests per step
+        row = {"k": k, "device": args.device, "train_impressions": int(requests.sizes[train].sum())}
+        results = {}
+        for layout in ("request", "impression"):
+            torch.manual_seed(0)
+            model = build_model("hstu-ranking", options).to(device)
+            spec = spec_of(model)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            batches = []
+            for start in range(0, len(train), per_step):
+                rows = train[start : start + per_step]
+                if layout == "request":
+                    batches.append(request_batch(events, requests, rows))
+                else:
+                    r, e = impressions_of(requests.take(rows))
+                    batches.append(impression_batch(events, requests, rows[r], e))
+            stored = sum(
+                b.nbytes() - b.labels.nbytes - b.known.nbytes - b.users.nbytes for b in batches
+            )
+            impressions = sum(b.num_candidates for b in batches)
+            seconds = 0.0
+            for epoch in range(args.epochs):
+                for index, batch in enumerate(batches):
+                    batch = batch.to(device)
+                    start = time.perf_counter()
+                    logits = model(batch, spec.prepare(model, batch))
+                    loss = task_losses(logits.float(), batch.labels, batch.known, ["bce"]).sum()
+                    opt.zero_grad()
+                    (loss / batch.num_candidates).backward()
+                    opt.step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    warm_up = epoch == 0 and index == 0 and len(batches) * args.epochs > 1
+                    if not warm_up:  # the first step (allocations, first calls) is not timed
+                        seconds += time.perf_counter() - start
+            timed = impressions * args.epochs
+            if len(batches) * args.epochs > 1:
+                timed -= batches[0].num_candidates
+            model.eval()
+            with torch.no_grad():
+                test = request_batch(events, requests, split.test).to(device)
+                p = torch.sigmoid(model(test, spec.prepare(model, test))[:, 0]).cpu().numpy()
+            y = test.labels[:, 0].cpu().numpy()
+            results[layout] = {
+                "bytes_per_impression": stored / impressions,
+                "impressions_per_s": timed / seconds,
+                "ne": normalized_entropy(p, y),
+                "auc": auc(p, y),
+            }
+        for layout, values in results.items():
+            for key, value in values.items():
+                row[f"{layout}_{key}"] = value
+        row["bytes_ratio"] = (
+            results["impression"]["bytes_per_impression"]
+            / results["request"]["bytes_per_impression"]
+        )
+        row["speedup"] = (
+            results["request"]["impressions_per_s"] / results["impression"]["impressions_per_s"]
+        )
+        print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grid", help="ML-1M (or --small ML-100K) ranking grid, 3 seeds")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--epochs", type=int, default=40, help="train.max_epochs (early stopping on)")
+    g.add_argument("--small", action="store_true", help="ML-100K, tiny models, CPU minutes")
+    g.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    g.add_argument("--out", default="runs/ranking-grid")
+    g.add_argument("--data-dir", default="", help="data.data_dir (default $FLEXGR_HOME)")
+    r = sub.add_parser("roo", help="ROO vs impression-level on synthetic requests")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    r.add_argument("--users", type=int, default=64)
+    r.add_argument("--history", type=int, default=64)
+    r.add_argument("--requests", type=int, default=6, help="requests per user (2 held out)")
+    r.add_argument("--impressions-per-step", type=int, default=64)
+    r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--d-model", type=int, default=32)
+    args = parser.parse_args()
+    if args.command == "grid":
+        if args.small and args.epochs == 40:
+            args.epochs = 1
+        grid(args)
+    else:
+        roo(args)
+
+
+if __name__ == "__main__":
+    main()
