@@ -3,11 +3,13 @@
     python benchmarks/prepare_compile.py            # on a GPU: the tables in BENCHMARKS.md
     python benchmarks/prepare_compile.py --quick    # fewer steps
 
-Part 1 times building the built-in mask of one batch, two ways: the exact builder (block pairs
-that share a sequence, found with nonzero: host syncs) and the band builder (fixed-size
-per-block statistics, ``build_hstu_mask(..., max_len=N)``), each plus the Triton kernel's
-tables, and HSTU's whole ``prepare``. It also runs each under
-``torch.cuda.set_sync_debug_mode("error")``, which raises at the first host sync.
+Part 1 times building the built-in mask of one batch: the exact builder (block pairs that
+share a sequence, found with nonzero: host syncs) and the band builder (fixed-size per-block
+statistics, ``build_hstu_mask(..., max_len=N)``) under each ``kernel.prepare`` (eager ops, one
+compiled graph, the two Triton launches of flexgr/ops/triton_hstu/prepare.py), each plus the
+Triton kernel's tables, and HSTU's whole ``prepare`` under each. It also runs each under
+``torch.cuda.set_sync_debug_mode("error")``, which raises at the first host sync, and checks
+that the Triton tables equal the eager ones bit for bit on the device.
 
 Part 2 times HSTU training steps (prepare, forward, sampled-softmax loss, backward, AdamW; bf16
 autocast) eagerly and under ``torch.compile(dynamic=True)`` on batches of changing packed
@@ -86,17 +88,17 @@ def mask_rows(device: torch.device, reps: int) -> list[dict]:
         def next_batch() -> JaggedBatch:
             return batches[next(turn) % len(batches)]
 
-        def band(compiled: bool) -> Callable[[], object]:
+        def band(mode: str) -> Callable[[], object]:
             def build() -> object:
                 b = next_batch()
-                with kernel_options_set(compile_prepare=compiled):
+                with kernel_options_set(prepare=mode):
                     return launch.mask_tables(
                         build_hstu_mask(b.offsets, total_len=b.num_tokens, max_len=N), None)
             return build
 
-        def whole_prepare(compiled: bool) -> Callable[[], object]:
+        def whole_prepare(mode: str) -> Callable[[], object]:
             def run() -> object:
-                with kernel_options_set(compile_prepare=compiled):
+                with kernel_options_set(prepare=mode):
                     return prep(model, next_batch())
             return run
 
@@ -104,19 +106,45 @@ def mask_rows(device: torch.device, reps: int) -> list[dict]:
             b = next_batch()
             return launch.mask_tables(build_hstu_mask(b.offsets, total_len=b.num_tokens), None)
 
+        identical = all(triton_equals_eager(b, N) for b in batches)
         cases = {
             "exact mask + tables": exact,
-            "band mask + tables, eager": band(False),
-            "band mask + tables, compiled": band(True),
-            "HSTU prepare, eager band": whole_prepare(False),
-            "HSTU prepare, compiled band": whole_prepare(True),
+            "band mask + tables, eager": band("eager"),
+            "band mask + tables, compiled": band("compiled"),
+            "band mask + tables, triton": band("triton"),
+            "HSTU prepare, eager band": whole_prepare("eager"),
+            "HSTU prepare, compiled band": whole_prepare("compiled"),
+            "HSTU prepare, triton": whole_prepare("triton"),
         }
         for name, fn in cases.items():
             for _ in range(4):  # every length once: compilation happens here, not timed
                 fn()
-            rows.append({"shape": f"{B}x{N}", "what": name,
-                         "ms": per_call_ms(fn, device, reps), "host_syncs": syncs(fn)})
+            row = {"shape": f"{B}x{N}", "what": name, "ms": per_call_ms(fn, device, reps),
+                   "host_syncs": syncs(fn)}
+            if "triton" in name:
+                row["identical_to_eager"] = identical
+            rows.append(row)
     return rows
+
+
+def triton_equals_eager(batch: JaggedBatch, max_len: int) -> bool:
+    """The Triton tables equal the eager band_tables and bias tables bit for bit on this
+    device (the tests check it in the interpreter)."""
+    from flexgr.masks.band import band_tables
+    from flexgr.masks.block import padded_length
+    from flexgr.ops.rab import next_timestamps
+    from flexgr.ops.triton_hstu import prepare
+
+    T = batch.num_tokens
+    P = padded_length(T, batch.device)
+    args = (batch.offsets, None, T, P, 0, 0, 0, max_len, 128)
+    band, bias = prepare.band_and_bias_tables(
+        batch.offsets, None, batch.timestamps, batch.query_time, *args[2:])
+    want = band_tables(*args)
+    nxt = next_timestamps(batch.timestamps, batch.offsets, batch.query_time)
+    same = all(torch.equal(a, b) for a, b in zip(band, want, strict=True))
+    return same and torch.equal(bias.next_timestamps, nxt) and torch.equal(
+        bias.positions, want.pos_id[:T].long())
 
 
 def step_rows(device: torch.device, steps: int) -> list[dict]:
@@ -134,12 +162,15 @@ def step_rows(device: torch.device, steps: int) -> list[dict]:
     for name, (dims, B, N) in configs.items():
         batches = [jagged(B, N, seed, torch.device("cpu"), dims["num_items"])
                    for seed in range(steps + 4)]
-        for mode in ("eager", "eager, compiled prepare", "compiled"):
+        # kernel.prepare of each mode: how the per-batch tables are built.
+        prepare_of = {"eager": "eager", "eager, compiled prepare": "compiled",
+                      "eager, triton prepare": "triton", "compiled": "triton"}
+        for mode, prepare_mode in prepare_of.items():
             torch.manual_seed(0)
             model = HSTU(HSTUConfig(dropout=0.0, input_dropout=0.0, **dims)).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             forward = torch.compile(model, dynamic=True) if mode == "compiled" else model
-            set_kernel_options(KernelOptions(autotune=False, compile_prepare=mode != "eager"))
+            set_kernel_options(KernelOptions(autotune=False, prepare=prepare_mode))
             prep = get_spec("hstu").prepare
 
             def step(cpu_batch: JaggedBatch) -> None:
@@ -190,9 +221,12 @@ def main() -> None:
     set_kernel_options(KernelOptions(autotune=False))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     masks = mask_rows(device, 5 if args.quick else 20)
-    print("| shape | what | ms per batch | host syncs |\n| --- | --- | --- | --- |")
+    print("| shape | what | ms per batch | host syncs | identical to eager |")
+    print("| --- | --- | --- | --- | --- |")
     for r in masks:
-        print(f"| {r['shape']} | {r['what']} | {r['ms']:.3f} | {r['host_syncs']} |", flush=True)
+        same = {True: "yes", False: "NO"}.get(r.get("identical_to_eager"), "")
+        print(f"| {r['shape']} | {r['what']} | {r['ms']:.3f} | {r['host_syncs']} | {same} |",
+              flush=True)
     steps = [] if args.skip_steps else step_rows(device, 6 if args.quick else 16)
     if steps:
         print("| model | mode | warm-up s (4 steps) | step ms (median) | graphs after warm-up |")

@@ -11,13 +11,15 @@ empty and cost no attention work.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from flexgr.masks.band import band_tables, block_mask_of, compiled_band_tables
+from flexgr.masks.band import BandTables, band_tables, block_mask_of, compiled_band_tables
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, hstu_mask
 from flexgr.masks.sparse import jagged_block_mask
@@ -105,38 +107,27 @@ def build_hstu_mask(
     """Build the HSTU mask of one packed batch (see :func:`hstu_mask` for the rule).
 
     With ``max_len`` (no sequence is longer; the model's attention length) the block tables
-    come from per-block statistics over a fixed band (:mod:`flexgr.masks.band`): no host sync.
-    Without it, the rule is evaluated on every block pair that shares a sequence."""
+    come from per-block statistics over a fixed band (:mod:`flexgr.masks.band`): no host sync;
+    on CUDA two Triton launches by default (``kernel.prepare``, :func:`prepare_mode`). Without
+    it, the rule is evaluated on every block pair that shares a sequence."""
     device = offsets.device
     if total_len is None:
         total_len = int(offsets[-1])
     if padded_len is None:
         padded_len = padded_length(total_len, device, block_size)
-    spec = MaskSpec(
-        contextual_len=contextual_len,
-        max_attn_len=max_attn_len,
-        full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
-        has_targets=num_targets is not None,
-    )
+    spec = mask_spec(num_targets, contextual_len, max_attn_len, full_attn_tail)
     if max_len is not None:
         if padded_len % block_size:
             raise ValueError(f"padded length {padded_len} is not a multiple of block_size {block_size}")
-        # One compiled graph on CUDA (a few dozen kernel launches eagerly: ~3.5 ms of host time
-        # per batch on an H200, BENCHMARKS.md); eager elsewhere, where compiling costs more
-        # than it saves.
-        compiled = device.type == "cuda" and kernel_options().compile_prepare
-        build = compiled_band_tables() if compiled else band_tables
+        build = band_builder(prepare_mode(device, block_size))
         tables = build(
             offsets, num_targets, total_len, padded_len, contextual_len, max_attn_len,
             spec.full_attn_tail, max_len, block_size,
         )
-        layout = JaggedLayout(
-            *tables[:6], total_len=total_len, padded_len=padded_len,
-            contextual_len=contextual_len, has_targets=num_targets is not None,
+        return mask_of_band(
+            tables, offsets, spec, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail,
+            total_len=total_len, padded_len=padded_len, block_size=block_size,
         )
-        mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)
-        block_mask = block_mask_of(tables[6:], padded_len, block_size, mod)
-        return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
     layout = build_layout(
         offsets,
         num_targets=num_targets,
@@ -148,6 +139,74 @@ def build_hstu_mask(
     # The rule implies jagged, so only block pairs that share a sequence need evaluating;
     # without contextual rows (which see later tokens) it is also causal.
     block_mask = jagged_block_mask(mod, layout.seq_id, block_size, causal=contextual_len == 0)
+    return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
+
+
+def mask_spec(
+    num_targets: Tensor | None, contextual_len: int, max_attn_len: int, full_attn_tail: int
+) -> MaskSpec:
+    """The built-in rule's spec (the tail only counts with a window)."""
+    return MaskSpec(
+        contextual_len=contextual_len,
+        max_attn_len=max_attn_len,
+        full_attn_tail=full_attn_tail if max_attn_len > 0 else 0,
+        has_targets=num_targets is not None,
+    )
+
+
+PrepareMode = Literal["triton", "compiled", "eager"]
+
+
+def prepare_mode(device: torch.device, block_size: int = BLOCK_SIZE) -> PrepareMode:
+    """How a batch's band tables are built on ``device``: ``kernel.prepare`` on CUDA, where
+    "triton" becomes "compiled" when the Triton kernels cannot run (no triton, or a block
+    size they do not take); always "eager" elsewhere, where compiling costs more than it saves
+    and the tables are a few dozen cheap CPU ops."""
+    if device.type != "cuda":
+        return "eager"
+    mode = kernel_options().prepare
+    if mode == "triton" and not _triton_prepare_takes(block_size):
+        return "compiled"
+    return mode
+
+
+@functools.cache
+def _triton_prepare_takes(block_size: int) -> bool:
+    try:
+        from flexgr.ops.triton_hstu.prepare import supports_block_size
+    except ImportError:  # triton is optional
+        return False
+    return supports_block_size(block_size)
+
+
+def band_builder(mode: PrepareMode) -> Callable[..., BandTables]:
+    """The :func:`flexgr.masks.band.band_tables` of ``mode``: the two Triton launches of
+    :mod:`flexgr.ops.triton_hstu.prepare`, the compiled graph or the eager ops (one result)."""
+    if mode == "triton":
+        from flexgr.ops.triton_hstu.prepare import band_tables as triton_band_tables
+
+        return triton_band_tables
+    return compiled_band_tables() if mode == "compiled" else band_tables
+
+
+def mask_of_band(
+    tables: BandTables,
+    offsets: Tensor,
+    spec: MaskSpec,
+    *,
+    max_attn_len: int,
+    full_attn_tail: int,
+    total_len: int,
+    padded_len: int,
+    block_size: int,
+) -> HSTUMask:
+    """The HSTUMask of a batch's band tables (no launches: the tensors are wrapped)."""
+    layout = JaggedLayout(
+        *tables[:6], total_len=total_len, padded_len=padded_len,
+        contextual_len=spec.contextual_len, has_targets=spec.has_targets,
+    )
+    mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)
+    block_mask = block_mask_of(tables[6:], padded_len, block_size, mod)
     return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 
 

@@ -35,9 +35,11 @@ class KernelOptions:
     # Context parallelism: MiB of gathered K/V one head pass may hold (docs/distributed.md);
     # 0 = one head per pass, a negative value = all heads in one pass (no head passes).
     cp_pass_mib: float = 64.0
-    # On CUDA, build each batch's mask tables (flexgr/masks/band.py) as one compiled graph with
-    # dynamic shapes instead of a few dozen eager launches (BENCHMARKS.md, mask preparation).
-    compile_prepare: bool = True
+    # On CUDA, how each batch's band mask tables (flexgr/masks/band.py) are built: "triton",
+    # two launches of flexgr/ops/triton_hstu/prepare.py (with HSTU's per-token bias tables);
+    # "compiled", one torch.compile graph with dynamic shapes; "eager", a few dozen launches.
+    # "triton" runs "compiled" where the Triton kernels cannot (no triton). CPU: always eager.
+    prepare: Literal["triton", "compiled", "eager"] = "triton"
 
     def __post_init__(self) -> None:
         lanes = self.rab_lanes
@@ -46,6 +48,10 @@ class KernelOptions:
         if self.backward not in ("auto", "split", "fused", "merged"):
             raise ValueError(
                 f"kernel.backward must be auto, split, fused or merged, got {self.backward!r}"
+            )
+        if self.prepare not in ("triton", "compiled", "eager"):
+            raise ValueError(
+                f"kernel.prepare must be triton, compiled or eager, got {self.prepare!r}"
             )
         if self.tile_order not in ("lpt", "lpt_all", "natural"):
             raise ValueError(

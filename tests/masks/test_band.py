@@ -141,3 +141,29 @@ def test_compiled_band_tables_equal_eager_without_recompiles() -> None:
         for got, want in zip(compiled(*args), band_tables(*args), strict=True):
             assert torch.equal(got, want)
     assert counter.frame_count == 1
+
+
+def test_build_hstu_mask_takes_the_band_builder_of_the_prepare_mode(monkeypatch) -> None:
+    """kernel.prepare = "triton" (CPU runs eager; forced here) builds the tables with the
+    Triton kernels (in the interpreter): the same BlockMask as eager."""
+    pytest.importorskip("triton")
+    from flexgr.masks import block
+    from flexgr.ops.triton_hstu import prepare
+
+    offsets = make_offsets([70, 3, 130, 33])
+    kw = dict(num_targets=torch.tensor([2, 0, 5, 1]), max_attn_len=7, block_size=32, max_len=130)
+    want = build_hstu_mask(offsets, **kw).block_mask
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return triton_band_tables(*args)
+
+    triton_band_tables = prepare.band_tables
+    monkeypatch.setattr(prepare, "band_tables", spy)
+    monkeypatch.setattr(block, "prepare_mode", lambda *a, **k: "triton")
+    got = build_hstu_mask(offsets, **kw).block_mask
+    assert len(calls) == 1
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flexgr.batch import JaggedBatch
-from flexgr.masks.block import HSTUMask, build_custom_mask, build_hstu_mask
+from flexgr.masks.block import HSTUMask, build_custom_mask, build_hstu_mask, prepare_mode
 from flexgr.masks.layout import JaggedLayout, build_layout, seq_ids_and_local
 from flexgr.masks.mods import MaskMod, and_masks, jagged
 from flexgr.masks.registry import BUILTIN_RULE, mask_rule
@@ -27,6 +27,7 @@ from flexgr.ops.rab import RelativeBias, next_timestamps
 
 if TYPE_CHECKING:
     from flexgr.model.hstu.model import HSTU, HSTUConfig
+    from flexgr.ops.triton_hstu.prepare import BiasInputs
 
 BiasWeights = tuple[Tensor, Tensor]  # (pos_w [2N - 1], ts_w [num_buckets + 1])
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others: the per-call path
@@ -241,6 +242,7 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
     T = batch.num_tokens
     backend = backend_choice(cfg, batch.device, training=torch.is_grad_enabled()).backend
     mask: HSTUMask | None = None
+    fused: BiasInputs | None = None
     if cfg.mask != BUILTIN_RULE:
         layout = batch_layout(cfg, batch)
         mask = build_custom_mask(custom_mask_mod(cfg, layout), batch.offsets, total_len=T)
@@ -249,6 +251,17 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
             batch.offsets, num_targets=batch.num_targets, contextual_len=cfg.contextual_len,
             total_len=T,
         )
+    elif backend == "triton" and prepare_mode(batch.device) == "triton":
+        # The mask and the per-token bias tables from the same two Triton launches.
+        from flexgr.ops.triton_hstu.prepare import hstu_mask_and_bias
+
+        mask, fused = hstu_mask_and_bias(
+            batch.offsets, num_targets=batch.num_targets, timestamps=batch.timestamps,
+            query_time=batch.query_time, contextual_len=cfg.contextual_len,
+            max_attn_len=cfg.max_attn_len, full_attn_tail=cfg.full_attn_tail, total_len=T,
+            max_len=cfg.attn_len,
+        )
+        layout = mask.layout
     else:
         mask = build_hstu_mask(
             batch.offsets, num_targets=batch.num_targets, contextual_len=cfg.contextual_len,
@@ -258,8 +271,12 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
         layout = mask.layout
     # HSTU position ids: the in-sequence index, except that contextual tokens share 0 and all
     # candidates share the first candidate's position (so they are interchangeable).
-    positions = layout.pos_id[:T].long()
-    tables = bias_tables(batch, positions)
+    if fused is None:
+        positions = layout.pos_id[:T].long()
+        tables = bias_tables(batch, positions)
+    else:
+        positions = fused.positions
+        tables = BiasTables(fused.timestamps, fused.next_timestamps, positions)
     attention = LocalAttention(
         offsets=batch.offsets,
         backend=backend,
@@ -271,13 +288,13 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
         full_attn_tail=cfg.full_attn_tail,
         divisor=divisor,
         softmax=cfg.attention == "softmax",
-        kernel_tables=_kernel_tables(cfg, mask, tables) if backend == "triton" else None,
+        kernel_tables=_kernel_tables(cfg, mask, tables, fused) if backend == "triton" else None,
     )
     return HSTUInputs(positions=positions, attention=attention)
 
 
 def _kernel_tables(
-    cfg: HSTUConfig, mask: HSTUMask | None, tables: BiasTables
+    cfg: HSTUConfig, mask: HSTUMask | None, tables: BiasTables, fused: BiasInputs | None
 ) -> tuple[list[Tensor], list[int], float] | None:
     """The Triton kernel's flattened tables for this batch, or None where the kernel would not
     take the call (an empty batch; the per-call path then decides)."""
@@ -285,7 +302,13 @@ def _kernel_tables(
         return None
     from flexgr.ops import triton_ops
     from flexgr.ops.rab import BUCKET_DIVISOR
-    from flexgr.ops.triton_hstu import launch
+    from flexgr.ops.triton_hstu import launch, prepare
+
+    if fused is not None:  # already in the kernel's dtypes: no conversions
+        return triton_ops.pack(prepare.kernel_tables(
+            mask, fused, rel_bias=cfg.rel_bias, rab_n=cfg.attn_len,
+            num_buckets=cfg.num_time_buckets, bucket_divisor=BUCKET_DIVISOR,
+        ))
 
     if not cfg.rel_bias:
         return triton_ops.pack(launch.bias_tables(mask))
