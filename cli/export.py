@@ -67,6 +67,11 @@ def recommend_command(
         run, cfg = open_run(run_dir)
         data = load_dataset(cfg)
         recommender = load_recommender(run, cfg, weights, data)
+        if hasattr(recommender, "tasks"):
+            fail(
+                f"{run_dir} holds a ranking model ({cfg.model.arch}): it scores given candidates; "
+                "use flexgr score --candidates ..."
+            )
         events = data.events_of(data.user_index(user))
         history = [data.item_ids[i - 1] for i in data.items[events]]
         scored = recommender.recommend_scored(

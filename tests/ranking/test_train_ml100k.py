@@ -61,7 +61,12 @@ def test_ml100k_ranking_preset_trains_and_every_surface_reads_it(
     bad = run("score", "--run-dir", run_dir, "--user", "1", "--candidates", "50,nope")
     assert bad.exit_code == 1 and "unknown item id 'nope'" in bad.stderr
 
-    ranker = flexgr.load(run_dir)
+    recommend = run("recommend", "--run-dir", run_dir, "--user", "1")
+    assert recommend.exit_code == 1 and "use flexgr score" in recommend.stderr
+    exported = run("export", "--run-dir", run_dir, "--out", tmp_path / "exported")
+    assert exported.exit_code == 0, exported.output
+
+    ranker = flexgr.load(tmp_path / "exported")
     again = ranker.score(["1", "2", "3"], ["50", "172"], actions=[5, 3, 4], timestamps=[1, 2, 3])
     alone = ranker.score(["1", "2", "3"], ["172"], actions=[5, 3, 4], timestamps=[1, 2, 3])
     assert again[1][1] == pytest.approx(alone[0][1], rel=1e-5)  # candidates never see each other
