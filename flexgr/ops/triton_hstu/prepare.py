@@ -425,15 +425,14 @@ def _launch(
     write_ts = False
     if with_bias:
         i64 = dict(dtype=torch.int64, device=device)
-        # Empty outputs still get a real allocation (a null pointer is not a valid argument).
-        positions, next_ts = (torch.empty(max(T, 1), **i64)[:T] for _ in range(2))
+        positions, next_ts = (_tokens(T, i64) for _ in range(2))
         padded = torch.empty(P, **i32)
         if timestamps is not None:
             if timestamps.dtype.is_floating_point:
                 timestamps = timestamps.to(torch.int64)  # the cast torch's .to() does
             ts_in = timestamps.contiguous()
         write_ts = timestamps is None or timestamps.dtype != torch.int64
-        ts_out = torch.empty(max(T, 1), **i64)[:T] if write_ts else ts_in
+        ts_out = _tokens(T, i64) if write_ts else ts_in
         if query_time is not None:
             qt = query_time.to(device).contiguous()
         bias = BiasInputs(positions, ts_out, next_ts, padded)
@@ -466,6 +465,11 @@ def _launch(
             ROW_CHUNK=_ROW_CHUNK, num_warps=4,
         )
     return band, bias
+
+
+def _tokens(T: int, kind: dict) -> Tensor:
+    """[T] int64; an empty batch's still gets memory (a null pointer is no valid argument)."""
+    return torch.empty(T, **kind) if T else torch.empty(1, **kind)[:0]
 
 
 def _on(device: torch.device) -> contextlib.AbstractContextManager[object]:
