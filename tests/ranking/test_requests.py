@@ -113,3 +113,42 @@ def test_tasks_labels_and_action_codes() -> None:
 def test_bad_ranking_settings_name_the_key(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         validate_ranking(RankingConfig(**changes))
+
+
+def test_sample_per_user_draws_at_most_n_of_each_user() -> None:
+    from flexgr.ranking.requests import sample_per_user
+
+    users = np.repeat(np.arange(6), [1, 5, 2, 0, 7, 3])
+    rng = np.random.default_rng(0)
+    picked = sample_per_user(users, 2, rng)
+    assert np.all(np.diff(picked) > 0)
+    counts = np.bincount(users[picked], minlength=6)
+    assert counts.tolist() == [1, 2, 2, 0, 2, 2]
+    again = sample_per_user(users, 2, np.random.default_rng(0))
+    assert np.array_equal(picked, again)  # a function of the generator's seed
+    assert np.array_equal(sample_per_user(users, 0, rng), np.arange(len(users)))
+
+
+def test_ranking_config_round_trips_and_stays_out_of_retrieval_configs(tmp_path) -> None:
+    from flexgr.train.config import (
+        ConfigError,
+        apply_overrides,
+        dump_config,
+        load_config,
+        load_preset,
+    )
+
+    cfg = apply_overrides(
+        load_preset("ml-100k-ranking"), ["ranking.request_size=3", "ranking.tasks=[like,rating]"]
+    )
+    path = tmp_path / "c.toml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again.to_dict() == cfg.to_dict() and again.ranking.request_size == 3
+    retrieval = load_preset("ml-100k-hstu")
+    assert "ranking" not in retrieval.to_dict() and "[ranking]" not in dump_config(retrieval)
+    with pytest.raises(ConfigError, match=r"\[ranking\] applies to ranking models"):
+        apply_overrides(retrieval, ["ranking.request_size=3"])
+    assert not apply_overrides(cfg, ["model.arch=hstu"]).is_ranking
+    with pytest.raises(ConfigError, match="one process"):
+        apply_overrides(cfg, ["parallel.dp=2"])
