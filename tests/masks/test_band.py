@@ -145,13 +145,16 @@ def test_compiled_band_tables_equal_eager_without_recompiles() -> None:
 
 def test_build_hstu_mask_takes_the_band_builder_of_the_prepare_mode(monkeypatch) -> None:
     """kernel.prepare = "triton" (CPU runs eager; forced here) builds the tables with the
-    Triton kernels (in the interpreter): the same BlockMask as eager."""
+    Triton kernels (in the interpreter without CUDA): the same BlockMask as eager."""
     pytest.importorskip("triton")
     from flexgr.masks import block
     from flexgr.ops.triton_hstu import prepare
 
-    offsets = make_offsets([70, 3, 130, 33])
-    kw = dict(num_targets=torch.tensor([2, 0, 5, 1]), max_attn_len=7, block_size=32, max_len=130)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    offsets = make_offsets([70, 3, 130, 33]).to(device)
+    kw = dict(num_targets=torch.tensor([2, 0, 5, 1], device=device), max_attn_len=7,
+              block_size=32, max_len=130)
+    monkeypatch.setattr(block, "prepare_mode", lambda *a, **k: "eager")
     want = build_hstu_mask(offsets, **kw).block_mask
     calls = []
 
