@@ -123,7 +123,9 @@ def evaluation_table(cfg: Config, *, prepare_missing: bool = True) -> Interactio
     return load_prepared(meta.table_path(root))
 
 
-def check_store(meta: VersionedMeta, root: Path, cfg: Config, data: InteractionData, split: Split):
+def check_store(
+    meta: VersionedMeta, root: Path, cfg: Config, data: InteractionData, split: Split
+) -> None:
     """Refuse a store that is not the training part of this run's table and split: another
     protocol would put its validation targets into training."""
     if meta.protocol != cfg.data.protocol:
@@ -146,7 +148,9 @@ def check_store(meta: VersionedMeta, root: Path, cfg: Config, data: InteractionD
 class VersionedSequences(Dataset[TrainBatch]):
     """Training sequences rebuilt from versioned examples; indexed like TrainSequences."""
 
-    def __init__(self, root: Path, meta: VersionedMeta, max_seq_len: int, cache_stripes: int):
+    def __init__(
+        self, root: Path, meta: VersionedMeta, max_seq_len: int, cache_stripes: int
+    ) -> None:
         self.root, self.meta = Path(root), meta
         self.max_seq_len, self.cache_stripes = max_seq_len, cache_stripes
         self.tenant = Tenant("train", max_seq_len)  # the history part never exceeds this
