@@ -187,6 +187,7 @@ def roo(args: argparse.Namespace) -> None:
         train = split.train
         per_step = max(1, args.impressions_per_step // k)  # requests per step
         row = {"k": k, "device": args.device, "train_impressions": int(requests.sizes[train].sum())}
+        row["history"] = args.history
         results = {}
         for layout in ("request", "impression"):
             torch.manual_seed(0)
@@ -205,8 +206,11 @@ def roo(args: argparse.Namespace) -> None:
                 b.nbytes() - b.labels.nbytes - b.known.nbytes - b.users.nbytes for b in batches
             )
             impressions = sum(b.num_candidates for b in batches)
+            # Enough passes for args.min_steps timed steps (the same count in both layouts, so
+            # both see the same impressions in the same order).
+            epochs = max(args.epochs, -(-(args.min_steps + 1) // len(batches)))
             seconds = 0.0
-            for epoch in range(args.epochs):
+            for epoch in range(epochs):
                 for index, batch in enumerate(batches):
                     batch = batch.to(device)
                     start = time.perf_counter()
@@ -217,12 +221,9 @@ def roo(args: argparse.Namespace) -> None:
                     opt.step()
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    warm_up = epoch == 0 and index == 0 and len(batches) * args.epochs > 1
-                    if not warm_up:  # the first step (allocations, first calls) is not timed
+                    if epoch > 0 or index > 0:  # the first step (allocations) is not timed
                         seconds += time.perf_counter() - start
-            timed = impressions * args.epochs
-            if len(batches) * args.epochs > 1:
-                timed -= batches[0].num_candidates
+            timed = impressions * epochs - batches[0].num_candidates
             model.eval()
             with torch.no_grad():
                 test = request_batch(events, requests, split.test).to(device)
@@ -260,11 +261,12 @@ def main() -> None:
     r = sub.add_parser("roo", help="ROO vs impression-level on synthetic requests")
     r.add_argument("--device", default="cpu")
     r.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    r.add_argument("--users", type=int, default=64)
-    r.add_argument("--history", type=int, default=64)
+    r.add_argument("--users", type=int, default=32)
+    r.add_argument("--history", type=int, default=32)
     r.add_argument("--requests", type=int, default=6, help="requests per user (2 held out)")
     r.add_argument("--impressions-per-step", type=int, default=64)
-    r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--epochs", type=int, default=1, help="at least this many passes")
+    r.add_argument("--min-steps", type=int, default=8, help="timed steps per layout, at least")
     r.add_argument("--d-model", type=int, default=32)
     args = parser.parse_args()
     if args.command == "grid":
