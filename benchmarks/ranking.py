@@ -188,12 +188,11 @@ def roo(args: argparse.Namespace) -> None:
         per_step = max(1, args.impressions_per_step // k)  # requests per step
         row = {"k": k, "device": args.device, "train_impressions": int(requests.sizes[train].sum())}
         row["history"] = args.history
-        results = {}
-        for layout in ("request", "impression"):
-            torch.manual_seed(0)
+        layouts = ("request", "impression")
+        runs: dict[str, dict[str, Any]] = {}
+        for layout in layouts:
+            torch.manual_seed(0)  # the same initial weights in both layouts
             model = build_model("hstu-ranking", options).to(device)
-            spec = spec_of(model)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             batches = []
             for start in range(0, len(train), per_step):
                 rows = train[start : start + per_step]
@@ -202,39 +201,52 @@ def roo(args: argparse.Namespace) -> None:
                 else:
                     r, e = impressions_of(requests.take(rows))
                     batches.append(impression_batch(events, requests, rows[r], e))
+            runs[layout] = {
+                "model": model,
+                "opt": torch.optim.Adam(model.parameters(), lr=1e-3),
+                "batches": batches,
+                "seconds": 0.0,
+            }
+        count = len(runs["request"]["batches"])
+        # Enough passes for args.min_steps timed steps; the two layouts' steps alternate, so
+        # both see the same machine (a shared CPU's load moves over minutes).
+        epochs = max(args.epochs, -(-(args.min_steps + 1) // count))
+        for epoch in range(epochs):
+            for index in range(count):
+                for layout in layouts:
+                    run = runs[layout]
+                    model, batch = run["model"], run["batches"][index].to(device)
+                    start = time.perf_counter()
+                    logits = model(batch, spec_of(model).prepare(model, batch))
+                    loss = task_losses(logits.float(), batch.labels, batch.known, ["bce"]).sum()
+                    run["opt"].zero_grad()
+                    (loss / batch.num_candidates).backward()
+                    run["opt"].step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if epoch > 0 or index > 0:  # the first step (allocations) is not timed
+                        run["seconds"] += time.perf_counter() - start
+        results = {}
+        for layout in layouts:
+            run = runs[layout]
+            model, batches = run["model"], run["batches"]
             stored = sum(
                 b.nbytes() - b.labels.nbytes - b.known.nbytes - b.users.nbytes for b in batches
             )
             impressions = sum(b.num_candidates for b in batches)
-            # Enough passes for args.min_steps timed steps (the same count in both layouts, so
-            # both see the same impressions in the same order).
-            epochs = max(args.epochs, -(-(args.min_steps + 1) // len(batches)))
-            seconds = 0.0
-            for epoch in range(epochs):
-                for index, batch in enumerate(batches):
-                    batch = batch.to(device)
-                    start = time.perf_counter()
-                    logits = model(batch, spec.prepare(model, batch))
-                    loss = task_losses(logits.float(), batch.labels, batch.known, ["bce"]).sum()
-                    opt.zero_grad()
-                    (loss / batch.num_candidates).backward()
-                    opt.step()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    if epoch > 0 or index > 0:  # the first step (allocations) is not timed
-                        seconds += time.perf_counter() - start
             timed = impressions * epochs - batches[0].num_candidates
             model.eval()
             with torch.no_grad():
                 test = request_batch(events, requests, split.test).to(device)
-                p = torch.sigmoid(model(test, spec.prepare(model, test))[:, 0]).cpu().numpy()
-            y = test.labels[:, 0].cpu().numpy()
+                p = torch.sigmoid(model(test, spec_of(model).prepare(model, test))[:, 0])
+            y = test.labels[:, 0].numpy()
             results[layout] = {
                 "bytes_per_impression": stored / impressions,
-                "impressions_per_s": timed / seconds,
-                "ne": normalized_entropy(p, y),
-                "auc": auc(p, y),
+                "impressions_per_s": timed / run["seconds"],
+                "ne": normalized_entropy(p.cpu().numpy(), y),
+                "auc": auc(p.cpu().numpy(), y),
             }
+        row["steps"] = epochs * count
         for layout, values in results.items():
             for key, value in values.items():
                 row[f"{layout}_{key}"] = value
