@@ -3,5 +3,6 @@
 docs/vista.md says what is built and what is not yet."""
 
 from flexgr.vista.qla import qla
+from flexgr.vista.summariser import SeedSummariser, SummariserConfig, prepare_summary
 
-__all__ = ["qla"]
+__all__ = ["SeedSummariser", "SummariserConfig", "prepare_summary", "qla"]

@@ -1,0 +1,42 @@
+"""The summariser's mask over packed ``[seeds; history]`` segments, as a FlexAttention mask_mod.
+
+Each user's segment is its S seed tokens followed by its history. A seed row sees every token
+of its own segment (the other seeds and the whole history); a history row sees only the history
+rows at or before it, never a seed. History rows must not see seeds: a seed has read the whole
+history one layer earlier, so through it a history row would see its future.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flexgr.masks.layout import seq_ids_and_local
+from flexgr.masks.mods import MaskMod
+
+
+def packed_offsets(offsets: Tensor, num_seeds: int) -> Tensor:
+    """Offsets [B + 1] of the packed segments: user b's history offsets shifted by S per user."""
+    B = offsets.numel() - 1
+    return offsets.to(torch.int64) + num_seeds * torch.arange(B + 1, device=offsets.device)
+
+
+def seed_flags(offsets: Tensor, num_seeds: int) -> tuple[Tensor, Tensor]:
+    """(seq_id [P] int64, is_seed [P] bool) of every packed token (P = T + B S)."""
+    packed = packed_offsets(offsets, num_seeds)
+    P = int(offsets[-1]) + num_seeds * (offsets.numel() - 1)
+    seq, local = seq_ids_and_local(packed, P)
+    return seq.long(), local.long() < num_seeds
+
+
+def seed_summary_mask(offsets: Tensor, num_seeds: int) -> MaskMod:
+    """mask_mod over global packed indices: same segment and (the query is a seed, or both are
+    history and the key is not after the query). ``offsets`` are the histories' [B + 1]."""
+    seq, is_seed = seed_flags(offsets, num_seeds)
+
+    def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        same = seq[q] == seq[kv]
+        return same & (is_seed[q] | (~is_seed[kv] & (kv <= q)))
+
+    mask.__name__ = mask.__qualname__ = f"vista_seeds_{num_seeds}"
+    return mask

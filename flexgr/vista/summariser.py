@@ -1,0 +1,143 @@
+"""VISTA stage 1: S learned seeds read a user's history through HSTU layers; their outputs are
+the user's summary ``[B, S, d]``.
+
+Each user's tokens are packed as ``[seeds; history]`` (no padding) and run through
+:class:`flexgr.model.hstu.HSTULayer` under :func:`flexgr.vista.mask.seed_summary_mask` (seeds
+see everything, history rows are causal and never see seeds). The per-batch inputs (packing
+order, positions, the mask bound into the attention call) come from :func:`prepare_summary`,
+outside the forward, as for HSTU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from flexgr.masks.block import HSTUMask, build_custom_mask
+from flexgr.model.embedding import SequenceInput
+from flexgr.model.hstu.inputs import BiasWeights, HSTUInputs
+from flexgr.model.hstu.model import HSTUConfig, HSTULayer
+from flexgr.ops.attention import hstu_attention
+from flexgr.vista.mask import packed_offsets, seed_flags, seed_summary_mask
+
+
+@dataclass
+class SummariserConfig:
+    d_model: int = 64
+    num_seeds: int = 128  # the paper's S (128 seeds x 256-d in production)
+    num_layers: int = 3  # the paper's 3 summarisation layers
+    num_heads: int = 1
+    max_history_len: int = 200  # the position table; N = num_seeds + max_history_len
+    dropout: float = 0.0
+    # "auto": flex on CUDA, the dense reference elsewhere (the Triton kernel evaluates only the
+    # built-in HSTU rule, not this mask).
+    backend: Literal["auto", "reference", "flex"] = "auto"
+
+    def layer_config(self) -> HSTUConfig:
+        """The HSTU layer options: no relative bias (seeds have no position or time)."""
+        d = self.d_model
+        return HSTUConfig(
+            num_items=1, d_model=d, num_layers=self.num_layers, num_heads=self.num_heads,
+            dqk=d // self.num_heads, dv=d // self.num_heads,
+            max_seq_len=self.num_seeds + self.max_history_len, len_margin=0,
+            dropout=self.dropout, input_dropout=self.dropout, rel_bias=False,
+        )  # fmt: skip
+
+    def validate(self) -> None:
+        for name in ("d_model", "num_seeds", "num_layers", "num_heads", "max_history_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"vista.{name} must be > 0, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"vista.d_model ({self.d_model}) must be a multiple of vista.num_heads "
+                f"({self.num_heads})"
+            )
+
+
+@dataclass(frozen=True)
+class SummaryAttention:
+    """HSTU attention over the packed batch with the seed mask bound (an HSTU ``Attention``)."""
+
+    offsets: Tensor  # [B + 1] of the packed segments
+    mask: HSTUMask
+    backend: str
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
+        bias: BiasWeights | None,
+    ) -> Tensor:  # fmt: skip
+        return hstu_attention(
+            q, k, v, self.offsets, max_seq_len=max_seq_len, alpha=alpha, backend=self.backend,
+            mask=self.mask, validate=False,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SummaryInputs:
+    """One batch's packing: ``packed = cat([history, seeds repeated B times])[order]``."""
+
+    order: Tensor  # [P] int64
+    seed_rows: Tensor  # [B * S] packed rows of the seeds, user-major
+    history_rows: Tensor  # [T] packed rows of the history tokens, in order
+    positions: Tensor  # [T] in-history index of every history token
+    layers: HSTUInputs  # what the HSTU layers read (the attention call)
+    num_users: int
+
+
+def prepare_summary(cfg: SummariserConfig, offsets: Tensor) -> SummaryInputs:
+    """The packing and the mask of a batch of histories with ``offsets`` [B + 1]."""
+    cfg.validate()
+    offsets = offsets.to(torch.int64)
+    S, B, T = cfg.num_seeds, offsets.numel() - 1, int(offsets[-1])
+    lengths = offsets[1:] - offsets[:-1]
+    if B and int(lengths.max()) > cfg.max_history_len:
+        raise ValueError(
+            f"a history of {int(lengths.max())} events exceeds vista.max_history_len "
+            f"({cfg.max_history_len})"
+        )
+    seq, is_seed = seed_flags(offsets, S)
+    rows = torch.arange(T + B * S, device=offsets.device)
+    seed_rows, history_rows = rows[is_seed], rows[~is_seed]
+    order = torch.empty_like(rows)
+    order[history_rows] = torch.arange(T, device=offsets.device)
+    order[seed_rows] = T + torch.arange(B * S, device=offsets.device)
+    positions = history_rows - packed_offsets(offsets, S)[seq[history_rows]] - S
+    packed = packed_offsets(offsets, S)
+    mask = build_custom_mask(seed_summary_mask(offsets, S), packed, total_len=T + B * S)
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "flex" if offsets.device.type == "cuda" else "reference"
+    attention = SummaryAttention(packed, mask, backend)
+    return SummaryInputs(
+        order, seed_rows, history_rows, positions, HSTUInputs(positions, attention), B
+    )
+
+
+class SeedSummariser(nn.Module):
+    """History embeddings [T, d] (jagged) -> the user summaries [B, S, d]."""
+
+    def __init__(self, cfg: SummariserConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        layer_cfg = cfg.layer_config()
+        self.seeds = nn.Parameter(torch.empty(cfg.num_seeds, cfg.d_model).normal_(0, 0.02))
+        self.input = SequenceInput(cfg.max_history_len, cfg.d_model, cfg.dropout)
+        self.layers = nn.ModuleList(HSTULayer(layer_cfg) for _ in range(cfg.num_layers))
+
+    def encode(self, history_TD: Tensor, inputs: SummaryInputs) -> Tensor:
+        """The packed states [P, d] after the last layer (seed and history rows)."""
+        history = self.input(history_TD, inputs.positions)
+        seeds = self.seeds.unsqueeze(0).expand(inputs.num_users, -1, -1)
+        x = torch.cat([history, seeds.reshape(-1, self.cfg.d_model).to(history.dtype)])
+        x = x[inputs.order]
+        for layer in self.layers:
+            x = layer(x, inputs.layers)
+        return x
+
+    def forward(self, history_TD: Tensor, inputs: SummaryInputs) -> Tensor:
+        states = self.encode(history_TD, inputs)
+        return states[inputs.seed_rows].view(inputs.num_users, self.cfg.num_seeds, -1)
