@@ -85,6 +85,8 @@ class SummaryInputs:
     positions: Tensor  # [T] in-history index of every history token
     layers: HSTUInputs  # what the HSTU layers read (the attention call)
     num_users: int
+    history_offsets: Tensor  # [B + 1] of the histories
+    packed_offsets: Tensor  # [B + 1] of the packed [seeds; history] segments
 
 
 def prepare_summary(cfg: SummariserConfig, offsets: Tensor) -> SummaryInputs:
@@ -112,8 +114,9 @@ def prepare_summary(cfg: SummariserConfig, offsets: Tensor) -> SummaryInputs:
         backend = "flex" if offsets.device.type == "cuda" else "reference"
     attention = SummaryAttention(packed, mask, backend)
     return SummaryInputs(
-        order, seed_rows, history_rows, positions, HSTUInputs(positions, attention), B
-    )
+        order, seed_rows, history_rows, positions, HSTUInputs(positions, attention), B,
+        offsets, packed,
+    )  # fmt: skip
 
 
 class SeedSummariser(nn.Module):
