@@ -125,3 +125,13 @@ def test_bad_shapes_and_config():
             torch.zeros(1, 1),
             torch.tensor([0, 1]),
         )
+
+
+def test_large_ids_and_key_overflow():
+    hist = torch.tensor([[10**12], [5], [10**12]])
+    h_off, c_off = torch.tensor([0, 3]), torch.tensor([0, 2])
+    got = match_counts(hist, h_off, torch.tensor([[10**12], [6]]), c_off)
+    assert got[:, 0].tolist() == [2.0, 0.0]
+    wide = torch.tensor([[-(2**61)], [2**61]])
+    with pytest.raises(ValueError, match="overflows the int64 join key"):
+        match_counts(wide, torch.tensor([0, 1, 2]), wide, torch.tensor([0, 1, 2]))
