@@ -95,6 +95,11 @@ def serve_command(
         fail(f"--device {device}: {str(err).splitlines()[0]}")
     try:
         run, cfg = open_run(run_dir)
+        if cfg.is_ranking:
+            fail(
+                f"{run_dir} holds a ranking model ({cfg.model.arch}); flexgr serve does not serve "
+                "ranking models yet: use flexgr score or flexgr.load(...).score"
+            )
         data = load_dataset(cfg) if users or weights is not Weights.model else None
         recommender = load_recommender(run, cfg, weights, data).to(target)
         service = Service(
