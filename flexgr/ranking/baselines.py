@@ -73,6 +73,10 @@ class SASRecRanker(nn.Module):
         self.final_norm = nn.LayerNorm(d, eps=1e-8)
         self.head = MultiTaskHead(3 * d, cfg.head_hidden, len(cfg.tasks), cfg.dropout)
 
+    @property
+    def output_bias(self) -> Tensor:
+        return self.head.output_bias
+
     def forward(self, batch: RankingBatch, inputs: HistoryInputs) -> Tensor:
         tokens = self.item_emb(batch.history_items) + self.actions(batch.history_actions)
         x = self.input(tokens, inputs.positions)
@@ -116,6 +120,10 @@ class TwoTowerRanker(nn.Module):
         self.user_tower = _tower(d, cfg.hidden, K * d, cfg.dropout)
         self.item_tower = _tower(d, cfg.hidden, K * d, cfg.dropout)
         self.bias = nn.Parameter(torch.zeros(K))
+
+    @property
+    def output_bias(self) -> Tensor:
+        return self.bias
 
     def forward(self, batch: RankingBatch, inputs: HistoryInputs) -> Tensor:
         d, K, B = self.cfg.d_model, len(self.cfg.tasks), batch.num_sequences

@@ -92,6 +92,10 @@ class HSTURanker(nn.Module):
             self.placeholder = nn.Parameter(torch.empty(d).normal_(0, 0.02))
         self.head = MultiTaskHead(d, cfg.head_hidden, len(cfg.tasks), cfg.dropout)
 
+    @property
+    def output_bias(self) -> Tensor:
+        return self.head.output_bias
+
     def forward(self, batch: RankingBatch, inputs: HSTURankingInputs) -> Tensor:
         rows = inputs.rows
         items = self.item_emb(batch.history_items)

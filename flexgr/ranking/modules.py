@@ -58,6 +58,11 @@ class MultiTaskHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    @property
+    def output_bias(self) -> Tensor:
+        """[K]: each task's output bias (the trainer starts it at the training labels' mean)."""
+        return self.net[-1].bias
+
 
 def check_codes(codes_NA: Tensor, vocab: list[int], bits: list[bool], names: list[str]) -> None:
     """ValueError naming the action input whose code is outside its table (scoring input)."""

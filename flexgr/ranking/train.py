@@ -77,6 +77,8 @@ class RankingTrainer:
         seed_everything(t.seed)
         self.model = new_ranking_model(cfg, self.data, self.examples.events.actions).to(self.device)
         self.spec = spec_of(self.model)
+        with torch.no_grad():
+            self.model.output_bias.copy_(self._label_bias())
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=t.lr,
@@ -92,6 +94,23 @@ class RankingTrainer:
         self._loss_steps = 0
         # Training examples per epoch: requests (ROO) or (request, impression) pairs.
         self.batches_per_epoch = -(-len(self._epoch_examples(1)[0]) // t.batch_size)
+
+    def _label_bias(self) -> Tensor:
+        """Each task's output bias at the start: the logit of the training impressions' positive
+        rate (BCE) or their mean label (MSE), so the model starts at "predict the average" (NE
+        1) instead of at 0, where a rating's squared error (about 13) would swamp the BCE tasks'
+        gradients for the first epochs."""
+        ex = self.examples
+        _, events = impressions_of(ex.requests.take(self.split.train))
+        values = []
+        for k, kind in enumerate(ex.kinds):
+            known = ex.events.known[events, k]
+            mean = float(ex.events.labels[events, k][known].mean()) if known.any() else 0.0
+            if kind == "bce":
+                rate = min(max(mean, 1e-4), 1 - 1e-4)
+                mean = float(np.log(rate / (1 - rate)))
+            values.append(mean)
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------ records and checkpoints
 

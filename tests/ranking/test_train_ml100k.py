@@ -117,3 +117,27 @@ def test_resume_continues_exactly(ml100k_home: Path, tmp_path: Path) -> None:
     got = [r for r in strip(_records(cut)) if r["kind"] == "train"]
     assert got == want
     assert strip(_records(cut))[-1] == strip(_records(straight))[-1]
+
+
+def test_heads_start_at_the_training_labels_mean(ml100k_home: Path, tmp_path: Path) -> None:
+    import math
+
+    import numpy as np
+    from rich.console import Console
+
+    from flexgr.ranking.requests import impressions_of
+    from flexgr.ranking.train import RankingTrainer
+    from flexgr.train.config import apply_overrides, load_preset
+    from flexgr.train.rundir import RunDir
+
+    cfg = apply_overrides(
+        load_preset("ml-100k-two-tower-ranking"),
+        [f"data.data_dir={ml100k_home}", *TINY, *TINY_MODEL["ml-100k-two-tower-ranking"]],
+    )
+    trainer = RankingTrainer(cfg, RunDir(tmp_path / "run"), Console(quiet=True), False, [])
+    ex = trainer.examples
+    _, events = impressions_of(ex.requests.take(ex.split.train))
+    ratings = trainer.data.ratings[events].astype(np.float64)
+    like, dislike = (ratings >= 3.5).mean(), (ratings <= 2.0).mean()
+    want = [math.log(like / (1 - like)), math.log(dislike / (1 - dislike)), ratings.mean()]
+    assert trainer.model.output_bias.tolist() == pytest.approx(want, rel=1e-5)
