@@ -458,6 +458,11 @@ def validate(cfg: Config) -> None:
                 "ranking models train in one process from the prepared table "
                 "(parallel.dp = cp = 1, data.source = table)"
             )
+        if t.sl_alpha or t.recompute != "none" or t.compile:
+            raise ConfigError(
+                "train.sl_alpha, train.recompute and train.compile are not implemented for "
+                "ranking models; leave them at 0, none and false"
+            )
         try:
             validate_ranking(cfg.ranking)
         except ValueError as err:
