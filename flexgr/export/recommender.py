@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +23,10 @@ class UnknownItemError(KeyError):
         return str(self.args[0])
 
 
-class Recommender:
+class LoadedModel:
     """``model`` (eval mode), ``item_ids`` (raw id of item index i is ``item_ids[i - 1]``) and the
-    exported description (``arch``, ``config``, ``metadata``).
-
-    Histories are raw item ids, oldest first; the model reads the most recent ``max_seq_len``.
-    Timestamps (seconds) feed HSTU's time bias; without them every event counts as simultaneous.
-    The query time defaults to the last event's timestamp; in serving, pass the request time.
-    """
+    exported description (``arch``, ``config``, ``metadata``): what every loaded model (retrieval
+    or ranking) has, and the raw-id lookup."""
 
     def __init__(self, model: nn.Module, item_ids: list[str], description: dict[str, Any]) -> None:
         self.model = model
@@ -40,13 +36,33 @@ class Recommender:
         self.metadata: dict[str, Any] = description.get("metadata", {})
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Self:
         model, description = load_model(path, device)
         return cls(model, description["item_ids"], description)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {raw: i for i, raw in enumerate(self.item_ids, start=1)}
+
+    def item_index(self, raw_id: str) -> int:
+        """Index (1..num_items) of a raw item id; UnknownItemError naming it otherwise."""
+        try:
+            return self._index[str(raw_id)]
+        except KeyError:
+            raise UnknownItemError(f"unknown item id {raw_id!r}") from None
+
+
+class Recommender(LoadedModel):
+    """A retrieval model (see :class:`LoadedModel`).
+
+    Histories are raw item ids, oldest first; the model reads the most recent ``max_seq_len``.
+    Timestamps (seconds) feed HSTU's time bias; without them every event counts as simultaneous.
+    The query time defaults to the last event's timestamp; in serving, pass the request time.
+    """
 
     @property
     def num_items(self) -> int:
@@ -59,17 +75,6 @@ class Recommender:
     def to(self, device: str | torch.device) -> Recommender:
         self.model.to(device)
         return self
-
-    @cached_property
-    def _index(self) -> dict[str, int]:
-        return {raw: i for i, raw in enumerate(self.item_ids, start=1)}
-
-    def item_index(self, raw_id: str) -> int:
-        """Index (1..num_items) of a raw item id; UnknownItemError naming it otherwise."""
-        try:
-            return self._index[str(raw_id)]
-        except KeyError:
-            raise UnknownItemError(f"unknown item id {raw_id!r}") from None
 
     def history_tensors(
         self,

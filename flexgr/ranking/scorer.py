@@ -9,16 +9,11 @@ not depend on which other candidates are asked for, and candidates go through in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import cached_property
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from flexgr.export.files import load_model
-from flexgr.export.recommender import UnknownItemError
+from flexgr.export.recommender import LoadedModel
 from flexgr.model.registry import spec_of
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.modules import check_codes
@@ -27,22 +22,9 @@ from flexgr.ranking.tasks import predictions, rating_codes
 Actions = Sequence[float] | Mapping[str, Sequence[float]]
 
 
-class Ranker:
-    """``model`` (eval mode), ``item_ids`` (raw id of item index i is ``item_ids[i - 1]``) and
-    the exported description. ``tasks`` are the model's outputs; BCE tasks give probabilities,
-    MSE tasks values (a rating)."""
-
-    def __init__(self, model: nn.Module, item_ids: list[str], description: dict[str, Any]) -> None:
-        self.model = model
-        self.item_ids = list(item_ids)
-        self.arch: str = description["arch"]
-        self.config: dict[str, Any] = description["config"]
-        self.metadata: dict[str, Any] = description.get("metadata", {})
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Ranker:
-        model, description = load_model(path, device)
-        return cls(model, description["item_ids"], description)
+class Ranker(LoadedModel):
+    """A ranking model (see :class:`~flexgr.export.recommender.LoadedModel`). ``tasks`` are the
+    model's outputs; BCE tasks give probabilities, MSE tasks values (a rating)."""
 
     @property
     def tasks(self) -> list[str]:
@@ -56,19 +38,6 @@ class Ranker:
     def max_seq_len(self) -> int:
         return int(self.model.cfg.max_seq_len)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @cached_property
-    def _index(self) -> dict[str, int]:
-        return {raw: i for i, raw in enumerate(self.item_ids, start=1)}
-
-    def item_index(self, raw_id: str) -> int:
-        try:
-            return self._index[str(raw_id)]
-        except KeyError:
-            raise UnknownItemError(f"unknown item id {raw_id!r}") from None
 
     def _codes(self, actions: Actions | None, n: int) -> np.ndarray:
         """int64 [n, A] action codes of the history, checked against the model's tables."""
