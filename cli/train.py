@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from flexgr.cli.tensorboard import TensorBoardLogger
 
 DEFAULT_PRESET = "ml-1m-hstu"
+# How long a rank other than 0 waits before exiting on an error every rank shares (_fail_once).
+SILENT_RANK_GRACE_S = 10.0
 
 
 def train(
@@ -195,6 +197,9 @@ def _fail_once(err: Exception) -> NoReturn:
     if rank == 0:
         fail(str(err))
     if isinstance(err, (ConfigError, RunDirError, TrainError, FailedOnMain)):
+        # torchrun stops every rank as soon as one exits, so a rank that left first could
+        # silence rank 0's report: the silent ranks wait for rank 0 to say it and exit.
+        time.sleep(SILENT_RANK_GRACE_S)
         raise typer.Exit(code=1)
     fail(f"rank {rank}: {err}")
 
