@@ -2,13 +2,20 @@
 
 A candidate appended to a history as a target sees the whole history and itself, and no
 history row sees it, so the history's layer inputs, keys and values do not depend on the
-candidates. :func:`encode_history` runs the history once and keeps, per layer, its keys and
-values (:class:`HistoryCache`); :func:`candidate_states` then runs only the candidates'
-tokens, ``microbatch`` at a time, each layer attending to the cached keys plus the candidate's
-own (candidates never see each other). Every candidate sits at the target position for the
-position bias (position id = history length) and at the query time for the time bias, exactly
-as if it were scored alone on ``history + [candidate]`` with the query time as its timestamp;
-``tests/model/test_falcon.py`` checks that equality for every microbatch size.
+candidates. :func:`encode_tokens` runs a history's tokens once through a layer stack and keeps,
+per layer, the keys and values the layers computed (:class:`HistoryCache`);
+:func:`candidate_pass` then runs only candidate tokens, each layer attending to the cached keys
+plus the candidate's own (candidates never see each other). Every candidate sits at the target
+position for the position bias (position id = the history's token count) and at the query time
+for the time bias, exactly as if it were scored alone on ``history + [candidate]`` with the
+query time as its timestamp. Both functions take ready token embeddings, so the retrieval HSTU
+(:func:`encode_history`, :func:`candidate_states`: item-id tokens) and the ranking HSTU
+(:mod:`flexgr.ranking.falcon`: item and action tokens) share them; each layer runs its own
+``HSTULayer.forward``, only the attention call is swapped. ``tests/model/test_falcon.py`` and
+``tests/ranking/test_falcon.py`` check the equality for every microbatch size.
+
+:class:`HistoryStore` keeps caches across requests (LRU, bounded in entries and bytes), each
+entry checked against the content of the history it was encoded from.
 
 The candidate step is plain PyTorch over [m, H, L] scores (eval mode: no dropout). A Triton
 delta-query kernel (a few query rows against the cached keys) is not written yet.
@@ -16,16 +23,21 @@ delta-query kernel (a few query rows against the cached keys) is not written yet
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from flexgr.batch import JaggedBatch
+from flexgr.masks.registry import BUILTIN_RULE
 from flexgr.model.embedding import l2_normalize
-from flexgr.model.hstu.inputs import prepare
-from flexgr.model.hstu.model import HSTU, HSTULayer
+from flexgr.model.hstu.inputs import BiasWeights, HSTUInputs, prepare
+from flexgr.model.hstu.model import HSTU, HSTUConfig, HSTULayer
 from flexgr.ops.rab import time_bucket
 
 
@@ -35,19 +47,140 @@ class HistoryCache:
 
     keys: list[Tensor]  # per layer [L, H, Dqk]
     values: list[Tensor]  # per layer [L, H, Dv]
-    timestamps: Tensor  # [L] int64
+    timestamps: Tensor  # [L] int64, one per history token
     query_time: int
-    length: int  # L: the candidates' position id
+    length: int  # L: the history's token count, the candidates' position id
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-def _projections(layer: HSTULayer, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cfg = layer.cfg
-    T, H = x_TD.shape[0], cfg.num_heads
-    u, v, q, k = torch.split(layer.project(x_TD), layer.splits, dim=-1)
-    return u, v.reshape(T, H, cfg.dv), q.reshape(T, H, cfg.dqk), k.reshape(T, H, cfg.dqk)
+def unsupported(cfg: HSTUConfig) -> str | None:
+    """Why M-FALCON cannot score a model with this config, or None when it can."""
+    if cfg.truncate_after > 0 and cfg.truncate_len > 0:
+        return "M-FALCON does not support attention truncation yet"
+    if cfg.mot_streams > 1:
+        return "M-FALCON does not support a mixture of transducers yet"
+    if cfg.attention != "silu":
+        return "M-FALCON's cached scoring is for pointwise (silu) attention only"
+    if cfg.mask != BUILTIN_RULE or cfg.max_attn_len > 0 or cfg.contextual_len > 0:
+        # A candidate would see only part of the history, or context tokens move the positions.
+        return "M-FALCON supports the built-in causal mask without a window or context tokens"
+    return None
+
+
+def check(cfg: HSTUConfig, training: bool, num_tokens: int) -> None:
+    """ValueError when a history of ``num_tokens`` tokens cannot be encoded for M-FALCON."""
+    if training:
+        raise ValueError("M-FALCON scoring runs in eval mode (model.eval())")
+    reason = unsupported(cfg)
+    if reason is not None:
+        raise ValueError(reason)
+    if num_tokens == 0:
+        raise ValueError("the history is empty: M-FALCON needs at least one event")
+    if num_tokens + 1 > cfg.attn_len:
+        raise ValueError(
+            f"a history of {num_tokens} tokens plus a candidate exceeds the model's {cfg.attn_len}"
+        )
+
+
+@dataclass
+class _RecordingAttention:
+    """The batch's attention, keeping the keys and values each layer hands it."""
+
+    attention: object
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+        self.keys.append(k)
+        self.values.append(v)
+        return self.attention(q, k, v, **kwargs)  # type: ignore[operator]
+
+
+@torch.no_grad()
+def encode_tokens(
+    stack_input: nn.Module,
+    layers: Sequence[HSTULayer],
+    tokens_LD: Tensor,
+    inputs: HSTUInputs,
+    timestamps: Tensor,
+    query_time: int,
+) -> HistoryCache:
+    """Run one history's token embeddings [L, d] (``inputs`` prepared for that one sequence, no
+    targets) through ``stack_input`` and ``layers``, keeping each layer's keys and values.
+    ``timestamps`` [L] are the tokens' own; the last one reads ``query_time`` as its next."""
+    recorder = _RecordingAttention(inputs.attention, [], [])
+    recording = dataclasses.replace(inputs, attention=recorder)
+    x = stack_input(tokens_LD, inputs.positions)
+    for layer in layers:
+        x = layer(x, recording)
+    length = tokens_LD.shape[0]
+    return HistoryCache(
+        recorder.keys, recorder.values, timestamps.to(torch.int64), int(query_time), length
+    )
+
+
+@dataclass(frozen=True)
+class _CachedAttention:
+    """One layer's attention for candidate rows: the cached history keys plus each own key."""
+
+    cache: HistoryCache
+    index: int  # the layer
+
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        max_seq_len: int,
+        alpha: float,
+        bias: BiasWeights | None,
+    ) -> Tensor:
+        cache = self.cache
+        k_h, v_h = cache.keys[self.index], cache.values[self.index]
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, as the kernels sum
+        q_c = q.to(acc)
+        # [M, H, L]: candidate m against history key j; [M, H]: against itself.
+        s_hist = alpha * torch.einsum("mhd,lhd->mhl", q_c, k_h.to(acc))
+        s_self = alpha * (q_c * k.to(acc)).sum(-1)
+        if bias is not None:
+            pos_w, ts_w = bias
+            N, L = (pos_w.numel() + 1) // 2, cache.length
+            pos = torch.arange(L, device=q.device)
+            rel = (N - 1 + pos - L).clamp(0, 2 * N - 2)
+            buckets = time_bucket(cache.query_time - cache.timestamps, ts_w.numel() - 1)
+            s_hist = s_hist + (pos_w[rel] + ts_w[buckets]).to(acc)
+            # itself: relative position 0, time difference 0 (its timestamp is the query time)
+            zero = torch.zeros(1, dtype=torch.int64, device=q.device)
+            s_self = s_self + (pos_w[N - 1] + ts_w[time_bucket(zero, ts_w.numel() - 1)]).to(acc)
+        attn = torch.einsum("mhl,lhd->mhd", F.silu(s_hist), v_h.to(acc))
+        attn = (attn + F.silu(s_self).unsqueeze(-1) * v.to(acc)) / max_seq_len
+        return attn.to(v.dtype)
+
+
+@torch.no_grad()
+def candidate_pass(
+    stack_input: nn.Module, layers: Sequence[HSTULayer], tokens_MD: Tensor, cache: HistoryCache
+) -> Tensor:
+    """[M, d] last-layer states of candidate token embeddings [M, d] after ``cache``'s history,
+    all M in one pass (the caller microbatches)."""
+    position = torch.full((tokens_MD.shape[0],), cache.length, device=tokens_MD.device)
+    x = stack_input(tokens_MD, position)
+    for index, layer in enumerate(layers):
+        x = layer(x, HSTUInputs(position, _CachedAttention(cache, index)))
+    return x
+
+
+def microbatches(total: int, microbatch: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``microbatch`` of ``total`` candidates."""
+    if microbatch < 1:
+        raise ValueError(f"microbatch must be >= 1, got {microbatch}")
+    if total == 0:
+        raise ValueError("no candidates to score")
+    for start in range(0, total, microbatch):
+        yield slice(start, min(start + microbatch, total))
 
 
 @torch.no_grad()
@@ -56,62 +189,14 @@ def encode_history(
 ) -> HistoryCache:
     """Run one history (item ids and timestamps [L], oldest first) and cache its keys and
     values per layer. The history's last token reads ``query_time`` as its next timestamp."""
-    if model.training:
-        raise ValueError("M-FALCON scoring runs in eval mode (model.eval())")
-    if model.cfg.truncate_after > 0 and model.cfg.truncate_len > 0:
-        raise ValueError("M-FALCON does not support attention truncation yet")
-    if model.cfg.mot_streams > 1:
-        raise ValueError("M-FALCON does not support a mixture of transducers yet")
-    if model.cfg.attention != "silu":
-        raise ValueError("M-FALCON's cached scoring is for pointwise (silu) attention only")
-    L = item_ids.shape[0]
-    if L == 0:
-        raise ValueError("the history is empty: M-FALCON needs at least one event")
-    if L + 1 > model.cfg.attn_len:
-        raise ValueError(
-            f"a history of {L} events plus a candidate exceeds the model's {model.cfg.attn_len}"
-        )
+    check(model.cfg, model.training, item_ids.shape[0])
     device = item_ids.device
-    offsets = torch.tensor([0, L], device=device)
+    offsets = torch.tensor([0, item_ids.shape[0]], device=device)
     batch = JaggedBatch(item_ids, offsets, timestamps, torch.tensor([query_time], device=device))
     inputs = prepare(model, batch)
-    x = model.input(model.item_emb(item_ids), inputs.positions)
-    keys, values = [], []
-    for layer in model.layers:
-        _, v, _, k = _projections(layer, x)
-        keys.append(k)
-        values.append(v)
-        x = layer(x, inputs)
-    return HistoryCache(keys, values, timestamps.to(torch.int64), int(query_time), L)
-
-
-def _candidate_layer(layer: HSTULayer, x_MD: Tensor, cache: HistoryCache, index: int) -> Tensor:
-    cfg = layer.cfg
-    M = x_MD.shape[0]
-    alpha = 1.0 if cfg.alpha is None else cfg.alpha
-    u, v_c, q_c, k_c = _projections(layer, x_MD)
-    k_h, v_h = cache.keys[index], cache.values[index]
-    acc = torch.promote_types(q_c.dtype, torch.float32)  # fp32 at least, as the kernels sum
-    # [M, H, L]: candidate m against history key j; [M, H]: against itself.
-    s_hist = alpha * torch.einsum("mhd,lhd->mhl", q_c.to(acc), k_h.to(acc))
-    s_self = alpha * (q_c.to(acc) * k_c.to(acc)).sum(-1)
-    if layer.rab is not None:
-        pos_w, ts_w = layer.rab()
-        N, L = cfg.attn_len, cache.length
-        pos = torch.arange(L, device=x_MD.device)
-        rel = (N - 1 + pos - L).clamp(0, 2 * N - 2)
-        buckets = time_bucket(cache.query_time - cache.timestamps, ts_w.numel() - 1)
-        s_hist = s_hist + (pos_w[rel] + ts_w[buckets]).to(acc)
-        # itself: relative position 0, time difference 0 (its timestamp is the query time)
-        zero = torch.zeros(1, dtype=torch.int64, device=x_MD.device)
-        s_self = s_self + (pos_w[N - 1] + ts_w[time_bucket(zero, ts_w.numel() - 1)]).to(acc)
-    attn = torch.einsum("mhl,lhd->mhd", F.silu(s_hist), v_h.to(acc))
-    attn = (attn + F.silu(s_self).unsqueeze(-1) * v_c.to(acc)) / cfg.attn_len
-    attn = attn.to(v_c.dtype).reshape(M, cfg.num_heads * cfg.dv)
-    gated = u * layer.attn_norm(attn)
-    if cfg.concat_ua:
-        gated = torch.cat([u, attn, gated], dim=-1)
-    return layer.output(x_MD, gated)
+    assert isinstance(inputs, HSTUInputs)  # unsupported() refused a mixture of transducers
+    tokens = model.item_emb(item_ids)
+    return encode_tokens(model.input, model.layers, tokens, inputs, timestamps, query_time)
 
 
 @torch.no_grad()
@@ -120,18 +205,10 @@ def candidate_states(
 ) -> Tensor:
     """[M, d] L2-normalised output states of ``candidates`` (item ids [M]) after ``cache``'s
     history, ``microbatch`` candidates per pass."""
-    if microbatch < 1:
-        raise ValueError(f"microbatch must be >= 1, got {microbatch}")
-    if candidates.numel() == 0:
-        raise ValueError("no candidates to score")
     out = []
-    position = torch.tensor(cache.length, device=candidates.device)
-    for start in range(0, candidates.numel(), microbatch):
-        ids = candidates[start : start + microbatch]
-        x = model.input(model.item_emb(ids), position.expand(ids.numel()))
-        for index, layer in enumerate(model.layers):
-            x = _candidate_layer(layer, x, cache, index)
-        out.append(l2_normalize(x))
+    for part in microbatches(candidates.numel(), microbatch):
+        tokens = model.item_emb(candidates[part])
+        out.append(l2_normalize(candidate_pass(model.input, model.layers, tokens, cache)))
     return torch.cat(out)
 
 
@@ -154,3 +231,78 @@ def score_candidates(
     states = candidate_states(model, cache, candidates, microbatch=microbatch)
     acc = torch.promote_types(states.dtype, torch.float32)
     return (states.to(acc) * model.item_embeddings(candidates).to(acc)).sum(-1), cache
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0
+    misses: int = 0  # the key was not stored (or was evicted)
+    stale: int = 0  # the key was stored for another history: encoded again and replaced
+    evictions: int = 0
+
+
+class HistoryStore:
+    """History caches across requests: LRU by the caller's key (a user id, or (user, history
+    version)), at most ``max_entries`` entries and, when given, ``max_bytes`` of keys and values.
+
+    Each entry keeps the content of the history it encodes (``content``: any bytes that identify
+    the inputs, e.g. items, actions, timestamps and the query time where the time bias reads it),
+    so a key reused for a changed history is a miss (``stats.stale``), never a stale score.
+    Thread-safe; the caches stay on the model's device."""
+
+    def __init__(self, max_entries: int = 64, max_bytes: int | None = None) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1 or None, got {max_bytes}")
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.stats = StoreStats()
+        self._entries: OrderedDict[Hashable, tuple[bytes, HistoryCache]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(cache.nbytes() for _, cache in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, key: Hashable, content: bytes) -> HistoryCache | None:
+        """The cache stored under ``key`` for this ``content`` (now the most recent), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.stats.misses += 1
+                return None
+            if entry[0] != content:
+                self.stats.stale += 1
+                del self._entries[key]
+                return None
+            self.stats.hits += 1
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: Hashable, content: bytes, cache: HistoryCache) -> None:
+        """Store ``cache`` under ``key``, evicting the least recently used entries beyond the
+        bounds (an entry larger than ``max_bytes`` alone is not stored)."""
+        with self._lock:
+            if self.max_bytes is not None and cache.nbytes() > self.max_bytes:
+                self._entries.pop(key, None)
+                return
+            self._entries[key] = (content, cache)
+            self._entries.move_to_end(key)
+            total = sum(c.nbytes() for _, c in self._entries.values())
+            while len(self._entries) > self.max_entries or (
+                self.max_bytes is not None and total > self.max_bytes
+            ):
+                _, (_, evicted) = self._entries.popitem(last=False)
+                total -= evicted.nbytes()
+                self.stats.evictions += 1
