@@ -2,13 +2,14 @@
 validation NE/AUC/GAUC, early stopping, checkpoints, export.
 
 ``flexgr train`` runs this for ``model.arch`` values whose spec has ``task="ranking"``
-(:func:`flexgr.train.loop.fit` picks the trainer); the run directory, metrics.jsonl records,
-checkpoints and resume work as for retrieval (docs/run-dir.md, docs/ranking.md).
+(:func:`flexgr.train.loop.fit` picks the trainer). The epochs, checkpoints, resume, best-epoch
+selection and final test are the shared loop's (:class:`flexgr.train.epochs.EpochTrainer`), so
+the run directory and its records work as for retrieval (docs/run-dir.md, docs/ranking.md);
+this module has the ranking parts: request or impression batches, per-task losses, NE/AUC/GAUC.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -27,9 +28,8 @@ from flexgr.ranking.evaluate import evaluate_ranking
 from flexgr.ranking.requests import impressions_of, sample_per_user
 from flexgr.ranking.setup import new_ranking_model, ranking_data
 from flexgr.ranking.tasks import task_losses
-from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from flexgr.train.config import Config, dump_config, eval_batch_size
-from flexgr.train.loop import Callback, RunResult, TrainError, TrainState
+from flexgr.train.config import Config, eval_batch_size
+from flexgr.train.epochs import Callback, EpochTrainer, TrainError
 from flexgr.train.progress import TrainProgress
 from flexgr.train.rundir import MetricsLog, RunDir
 from flexgr.train.runtime import autocast_dtype, resolve_device, seed_everything, set_deterministic
@@ -42,7 +42,7 @@ def tokens_of(model: torch.nn.Module, batch: RankingBatch) -> int:
     return per_event * batch.num_history + batch.num_candidates
 
 
-class RankingTrainer:
+class RankingTrainer(EpochTrainer):
     """One process's ranking run; the same surface as :class:`flexgr.train.loop.Trainer`."""
 
     def __init__(
@@ -87,11 +87,9 @@ class RankingTrainer:
         )
         weights = cfg.ranking.task_weights or [1.0] * len(self.examples.tasks)
         self.task_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
-        self.state = TrainState()
-        self.best_weights: dict[str, Tensor] | None = None
-        self.metrics = MetricsLog(run.metrics)
-        self._loss_acc: Tensor | None = None
-        self._loss_steps = 0
+        self.is_main = True
+        self.metrics: MetricsLog | None = MetricsLog(run.metrics)
+        self._start_state()
         # Training examples per epoch: requests (ROO) or (request, impression) pairs.
         self.batches_per_epoch = -(-len(self._epoch_examples(1)[0]) // t.batch_size)
 
@@ -114,11 +112,6 @@ class RankingTrainer:
 
     # ------------------------------------------------------------ records and checkpoints
 
-    def _write(self, record: dict[str, Any]) -> None:
-        self.metrics.write(record)
-        for callback in self.callbacks:
-            callback.on_log(record)
-
     def log_setup(self) -> None:
         r = self.examples.requests
         record = {"kind": "setup", "step": 0, "task": "ranking", "items": self.data.num_items}
@@ -135,49 +128,6 @@ class RankingTrainer:
             choice = backend_choice(backend, self.device, training=True)
             record["backend"] = {"requested": choice.requested, "train": choice.backend}
         self._write(record)
-
-    def save(self) -> None:
-        self.state.metrics_size = self.metrics.size
-        self.metrics.sync()
-        save_checkpoint(
-            self.run.last_checkpoint,
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "state": dataclasses.asdict(self.state),
-                "rng": capture_rng(self.device),
-                "best_model": self.best_weights,
-                "loss_acc": self._loss_acc,
-                "loss_steps": self._loss_steps,
-                "config": dump_config(self.cfg),
-            },
-        )
-        for callback in self.callbacks:
-            callback.on_checkpoint(self.state)
-
-    def resume(self) -> None:
-        ckpt = load_checkpoint(self.run.require_checkpoint())
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.state = TrainState(**ckpt["state"])
-        self.best_weights = ckpt.get("best_model")
-        acc = ckpt.get("loss_acc")
-        self._loss_acc = acc.to(self.device) if acc is not None else None
-        self._loss_steps = ckpt.get("loss_steps", 0)
-        restore_rng(ckpt["rng"], self.device)
-        self.metrics.truncate(self.state.metrics_size)
-
-    def _save_best(self) -> None:
-        save_checkpoint(
-            self.run.best_checkpoint,
-            {
-                "model": self.best_weights,
-                "epoch": self.state.best_epoch,
-                "step": self.state.best_step,
-                "metric": self.cfg.ranking.metric,
-                "value": self.state.best_value,
-            },
-        )
 
     # ------------------------------------------------------------ training
 
@@ -209,29 +159,16 @@ class RankingTrainer:
             else:
                 yield impression_batch(ex.events, ex.requests, rows[take], impressions[take])
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def train_step(self, batch: RankingBatch) -> Tensor:
         """One optimizer step; the loss is the weighted sum of each task's mean over the
         batch's impressions that have its label."""
-        t = self.cfg.train
-        lr = t.lr * min(1.0, (self.state.step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         assert batch.labels is not None and batch.known is not None
-        with self._autocast():
+        with self._begin_step():
             logits = self.model(batch, self.spec.prepare(self.model, batch))
         sums = task_losses(logits.float(), batch.labels, batch.known, self.examples.kinds)
         counts = batch.known.sum(0).clamp_min(1).to(sums.dtype)
         loss = (self.task_weights * sums / counts).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
+        self._descend(loss)
         return loss.detach()
 
     def run_epoch(self, progress: TrainProgress) -> bool:
@@ -246,8 +183,7 @@ class RankingTrainer:
             if t.max_steps and state.step >= t.max_steps:
                 return False
             loss = self.train_step(cpu_batch.to(self.device))
-            self._loss_acc = loss if self._loss_acc is None else self._loss_acc + loss
-            self._loss_steps += 1
+            self._add_loss(loss)
             state.step += 1
             state.batch_in_epoch += 1
             impressions += cpu_batch.num_candidates
@@ -264,12 +200,8 @@ class RankingTrainer:
     def _log_train(
         self, progress: TrainProgress, impressions_per_s: float, tokens_per_s: float
     ) -> None:
-        loss = (
-            float(self._loss_acc) / self._loss_steps if self._loss_acc is not None else float("nan")
-        )
-        self._loss_acc, self._loss_steps = None, 0
-        t = self.cfg.train
-        lr = t.lr * min(1.0, self.state.step / t.warmup_steps) if t.warmup_steps else t.lr
+        loss = self._mean_loss()
+        lr = self.lr_at(self.state.step - 1)
         self._write(
             {
                 "kind": "train",
@@ -283,131 +215,38 @@ class RankingTrainer:
         )
         progress.log(self.state.step, loss, lr, tokens_per_s)
 
-    # ------------------------------------------------------------ evaluation and the run
+    # ------------------------------------------------------------ evaluation and export
 
     @property
-    def selection_split(self) -> str:
-        return "test" if self.cfg.data.protocol == "gr-compatible" else "val"
+    def selection_metric(self) -> str:
+        return self.cfg.ranking.metric
 
-    def evaluate(self, which: str, progress: TrainProgress | None = None) -> tuple[dict, float]:
-        start = time.perf_counter()
-        if progress is not None:
-            progress.start_eval(which)
-        try:
-            metrics = evaluate_ranking(
-                self.model,
-                self.examples,
-                which,  # type: ignore[arg-type]
-                batch_size=eval_batch_size(self.cfg.eval, self.device.type),
-                device=self.device,
-                autocast_dtype=self.amp_dtype,
-                on_batch=progress.eval_batch if progress is not None else None,
-            )
-        finally:
-            if progress is not None:
-                progress.end_eval()
-        return metrics, time.perf_counter() - start
+    def lower_is_better(self, metric: str) -> bool:
+        return LOWER_IS_BETTER[metric.split(":")[0]]
 
-    def end_of_epoch(self, progress: TrainProgress, partial: bool) -> dict[str, float]:
-        state, which, name = self.state, self.selection_split, self.cfg.ranking.metric
-        metrics, seconds = self.evaluate(which, progress)
-        record: dict[str, Any] = {"kind": "eval", "split": which, "epoch": state.epoch}
-        record.update(step=state.step, **metrics)
-        if partial:
-            record["partial"] = True
-        record["eval_s"] = seconds
-        self._write(record)
-        value = metrics[name]
-        lower = LOWER_IS_BETTER[name.split(":")[0]]
-        better = state.best_value is None or (
-            value < state.best_value if lower else value > state.best_value
+    def summary_keys(self, test: dict[str, float]) -> list[str]:
+        return [k for k in test if k.split(":")[0] in ("ne", "auc", "mse")]
+
+    def _evaluate(self, which: str, progress: TrainProgress | None) -> dict[str, float]:
+        return evaluate_ranking(
+            self.model,
+            self.examples,
+            which,  # type: ignore[arg-type]
+            batch_size=eval_batch_size(self.cfg.eval, self.device.type),
+            device=self.device,
+            autocast_dtype=self.amp_dtype,
+            on_batch=progress.eval_batch if progress is not None else None,
         )
-        if which == "test" or better:
-            state.best_value, state.best_epoch, state.best_step = value, state.epoch, state.step
-            state.bad_epochs = 0
-            self.best_weights = {
-                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
-            }
-            self._save_best()
-        else:
-            state.bad_epochs += 1
-        progress.print(
-            f"epoch {state.epoch}{' (partial)' if partial else ''}: {which} {name} {value:.4f}"
-            f"; best {state.best_value:.4f} at epoch {state.best_epoch} ({seconds:.1f} s eval)"
-        )
-        return metrics
 
-    def fit(self) -> RunResult:
-        t, state = self.cfg.train, self.state
-        stop_reason = "max_epochs"
-        with TrainProgress(self.console, self.show_progress, max_epochs=t.max_epochs) as progress:
-            while state.epoch <= t.max_epochs and not state.stopped_early:
-                if t.max_steps and state.step >= t.max_steps:
-                    stop_reason = "max_steps"
-                    break
-                epoch_start = time.perf_counter()
-                if not self.run_epoch(progress):
-                    stop_reason = "max_steps"
-                    self.save()
-                    break
-                train_seconds = time.perf_counter() - epoch_start
-                metrics = self.end_of_epoch(progress, partial=False)
-                for callback in self.callbacks:
-                    callback.on_epoch_end(state, metrics)
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if t.patience and state.bad_epochs >= t.patience:
-                    state.stopped_early = True
-                self._write(
-                    {
-                        "kind": "epoch",
-                        "epoch": state.epoch - 1,
-                        "step": state.step,
-                        "train_s": train_seconds,
-                    }
-                )
-                self.save()
-            if state.stopped_early:
-                stop_reason = "early_stopping"
-            if stop_reason == "max_steps" and state.batch_in_epoch > 0:
-                self.end_of_epoch(progress, partial=True)
-            return self.finish(progress, stop_reason)
-
-    def finish(self, progress: TrainProgress, stop_reason: str) -> RunResult:
-        state = self.state
-        if self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
-        epoch = state.best_epoch if self.best_weights is not None else state.epoch
-        test, seconds = self.evaluate("test", progress)
-        self._write(
-            {
-                "kind": "eval",
-                "split": "test",
-                "epoch": epoch,
-                "step": state.best_step,
-                "final": True,
-                **test,
-                "eval_s": seconds,
-            }
-        )
+    def _export(self, epoch: int, test: dict[str, float]) -> None:
         metadata = {
             "task": "ranking",
             "dataset": self.data.name,
             "protocol": self.cfg.data.protocol,
             "ranking": dataclasses.asdict(self.cfg.ranking),
             "epoch": epoch,
-            "step": state.best_step,
-            "selected_by": (
-                "last epoch" if self.selection_split == "test" else f"val {self.cfg.ranking.metric}"
-            ),
+            "step": self.state.best_step,
+            "selected_by": self.selected_by(),
             "test": test,
         }
         export_model(self.model, self.run.model, item_ids=self.data.item_ids, metadata=metadata)
-        shown = [k for k in test if k.split(":")[0] in ("ne", "auc", "mse")]
-        progress.print(
-            f"test at epoch {epoch}: "
-            + ", ".join(f"{k} {test[k]:.4f}" for k in shown)
-            + f"; model in {self.run.model}.safetensors"
-        )
-        self.metrics.close()
-        return RunResult(self.run.root, test, epoch, state.step, stop_reason)

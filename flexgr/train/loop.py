@@ -6,11 +6,8 @@ resolved config, metrics.jsonl, checkpoints and the exported model of the select
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +22,17 @@ from flexgr.export import export_model
 from flexgr.model.registry import spec_of
 from flexgr.ops.kernel_options import set_kernel_options
 from flexgr.train.batches import ReplicaBatches, TrainBatch, TrainSequences, train_loader
+from flexgr.train.config import Config, eval_batch_size, exclusion, item_pool
+from flexgr.train.epochs import (  # noqa: F401 (TIMING_KEYS: re-exported)
+    TIMING_KEYS,
+    Callback,
+    EpochTrainer,
+    RunResult,
+    TrainError,
+    TrainState,
+)
 from flexgr.train.length_sampling import LengthSampler
 from flexgr.train.load_balance import balanced_sampler, load_ratio
-from flexgr.train.recompute import apply_recompute
-from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from flexgr.train.config import Config, dump_config, eval_batch_size, exclusion, item_pool
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
 from flexgr.train.parallel import (
     ParallelSetupError,
@@ -39,6 +42,7 @@ from flexgr.train.parallel import (
     stop_parallel,
 )
 from flexgr.train.progress import TrainProgress
+from flexgr.train.recompute import apply_recompute
 from flexgr.train.rundir import MetricsLog, RunDir
 from flexgr.train.runtime import (
     autocast_dtype,
@@ -51,54 +55,8 @@ from flexgr.train.runtime import (
 from flexgr.train.setup import load_dataset, load_split, new_model
 from flexgr.train.versioned_source import epoch_batches, train_sequences, with_prefetch
 
-# Timing fields of metrics.jsonl records: they differ between otherwise identical runs.
-TIMING_KEYS = frozenset(
-    {"tokens_per_s", "impressions_per_s", "elapsed_s", "eval_s", "train_s"}
-)
 
-
-@dataclass
-class TrainState:
-    """Where a run is; saved in every checkpoint."""
-
-    epoch: int = 1  # the epoch in progress, 1-based
-    batch_in_epoch: int = 0  # batches of that epoch already trained
-    step: int = 0  # optimizer steps taken
-    best_value: float | None = None  # the validation metric at the best epoch so far
-    best_epoch: int = 0
-    best_step: int = 0
-    bad_epochs: int = 0  # epochs since the best one
-    stopped_early: bool = False
-    metrics_size: int = 0  # bytes of metrics.jsonl that this state accounts for
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    test: dict[str, float]  # metrics of the exported model on the test targets
-    epoch: int  # the epoch those metrics (and the exported weights) come from
-    steps: int
-    stop_reason: str  # "max_epochs", "early_stopping" or "max_steps"
-
-
-class TrainError(ValueError):
-    """A run that cannot start as configured (no CUDA, nothing to train on, ...)."""
-
-
-class Callback:
-    """Hooks into :func:`fit`; override what you need. Raising from a hook stops the run.
-
-    Under torchrun the hooks run on every rank with the same arguments (records are computed
-    everywhere and written by rank 0), so a hook that stops the run stops every rank."""
-
-    def on_log(self, record: dict[str, Any]) -> None: ...
-
-    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
-
-    def on_checkpoint(self, state: TrainState) -> None: ...
-
-
-class Trainer:
+class Trainer(EpochTrainer):
     """The state of one training process: one rank under torchrun, or the only process (a
     single-process context, world size 1). Either way one step function runs: each process
     backpropagates its token losses over the step's token count, and the reductions do
@@ -148,8 +106,7 @@ class Trainer:
             weight_decay=t.weight_decay,
             fused=self.device.type == "cuda",
         )
-        self.state = TrainState()
-        self.best_weights: dict[str, Tensor] | None = None
+        self._start_state()
         # (item ids, prepared inputs) -> states: the model, or the compiled model. Evaluation
         # uses it on every process; training uses it inside the step at world size 1 (under
         # torchrun the step runs the DDP-wrapped model eagerly, see ParallelStep).
@@ -191,9 +148,6 @@ class Trainer:
         self.loader = with_prefetch(cfg, self.loader)  # versioned.prefetch: a thread ahead
         # Rank 0 writes the run's files; the other ranks compute the same records.
         self.metrics = MetricsLog(run.metrics) if self.is_main else None
-        # Losses summed on the device since the last training record or checkpoint.
-        self._loss_acc: Tensor | None = None
-        self._loss_steps = 0
 
     def _choose_backends(self) -> dict[str, Any]:
         """The attention backend of training and of evaluation, decided once (and refused in
@@ -219,69 +173,7 @@ class Trainer:
         record["items"] = self.num_items
         self._write(record)
 
-    # ------------------------------------------------------------ checkpoints
-
-    def resume(self) -> None:
-        ckpt = load_checkpoint(self.run.require_checkpoint())
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.state = TrainState(**ckpt["state"])
-        self.best_weights = ckpt.get("best_model")
-        acc = ckpt.get("loss_acc")
-        self._loss_acc = acc.to(self.device) if acc is not None else None
-        self._loss_steps = ckpt.get("loss_steps", 0)
-        # Rank 0's generator states serve every rank: the ranks draw alike (parallel.py).
-        restore_rng(ckpt["rng"], self.device)
-        if self.metrics is not None:
-            self.metrics.truncate(self.state.metrics_size)
-        if self.best_weights is not None and self.is_main:
-            self._write_best()  # best.pt may be ahead of last.pt if the run died between them
-
-    def save(self) -> None:
-        if self.metrics is not None:
-            self._save()
-        for callback in self.callbacks:
-            callback.on_checkpoint(self.state)
-
-    def _save(self) -> None:
-        assert self.metrics is not None
-        self.state.metrics_size = self.metrics.size
-        self.metrics.sync()
-        save_checkpoint(
-            self.run.last_checkpoint,
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "state": dataclasses.asdict(self.state),
-                "rng": capture_rng(self.device),
-                "best_model": self.best_weights,
-                # The running loss sum stays a tensor, so the next training record sums the
-                # same floats in the same order whether or not the run was resumed in between.
-                "loss_acc": self._loss_acc,
-                "loss_steps": self._loss_steps,
-                "config": dump_config(self.cfg),
-            },
-        )
-
-    def _write_best(self) -> None:
-        save_checkpoint(
-            self.run.best_checkpoint,
-            {
-                "model": self.best_weights,
-                "epoch": self.state.best_epoch,
-                "step": self.state.best_step,
-                "metric": self.cfg.eval.metric,
-                "value": self.state.best_value,
-            },
-        )
-
     # ------------------------------------------------------------ training
-
-    def lr_at(self, step: int) -> float:
-        t = self.cfg.train
-        if t.warmup_steps == 0:
-            return t.lr
-        return t.lr * min(1.0, (step + 1) / t.warmup_steps)
 
     @property
     def compiled(self) -> bool:
@@ -323,9 +215,7 @@ class Trainer:
         autocast = self._begin_step()
         # The batch's attention inputs (mask, positions, bias tables) are built here, once,
         # outside the (possibly compiled) forward.
-        states, targets, rows = self.parallel.outputs(
-            part, self.state.step, autocast, self.forward
-        )
+        states, targets, rows = self.parallel.outputs(part, self.state.step, autocast, self.forward)
         # Drawn for the whole step's batch, as one process draws them, after the forward's
         # dropout as in one process; then this process's rows.
         negatives = sample_negatives(part.row_total, t.num_negatives, self.num_items, self.device)
@@ -348,24 +238,6 @@ class Trainer:
         self._descend(share)
         return ctx.all_reduce_sum(share.detach())
 
-    def _begin_step(self) -> contextlib.AbstractContextManager:
-        """Set this step's learning rate; the autocast context of the forward."""
-        lr = self.lr_at(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _descend(self, loss: Tensor) -> None:
-        """Backward and one optimizer step. Under DDP the gradients are already summed over the
-        ranks when clipping sees them, so every rank clips by the same norm."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
-
     def run_epoch(self, progress: TrainProgress) -> bool:
         """Train the rest of the current epoch; False if max_steps cut it short."""
         t, state = self.cfg.train, self.state
@@ -378,9 +250,7 @@ class Trainer:
                 return False
             batch = cpu_batch.to(self.device, non_blocking=True)
             loss = self.train_step(batch)
-            # Summed on the device: a host sync only at log intervals.
-            self._loss_acc = loss if self._loss_acc is None else self._loss_acc + loss
-            self._loss_steps += 1
+            self._add_loss(loss)  # summed on the device: a host sync only at log intervals
             if self.load_meter is not None and self.ctx.dp_size > 1:
                 g = self.load_meter.global_step(state.epoch, state.batch_in_epoch)
                 loads = self.load_meter.rank_loads(g, balanced=t.sl_balance)
@@ -399,10 +269,7 @@ class Trainer:
 
     def _log_train(self, progress: TrainProgress, tokens_per_s: float) -> None:
         state = self.state
-        loss = (
-            float(self._loss_acc) / self._loss_steps if self._loss_acc is not None else float("nan")
-        )
-        self._loss_acc, self._loss_steps = None, 0
+        loss = self._mean_loss()
         record = {
             "kind": "train",
             "step": state.step,
@@ -417,41 +284,19 @@ class Trainer:
         self._write(record)
         progress.log(state.step, loss, record["lr"], tokens_per_s)
 
-    def _write(self, record: dict[str, Any]) -> None:
-        if self.metrics is not None:
-            self.metrics.write(record)
-        for callback in self.callbacks:
-            callback.on_log(record)
+    # ------------------------------------------------------------ evaluation and export
 
-    # ------------------------------------------------------------ evaluation
-
-    @property
-    def selection_split(self) -> str:
-        """The split that picks the epoch: val, or test under gr-compatible (no val there)."""
-        return "test" if self.cfg.data.protocol == "gr-compatible" else "val"
-
-    def evaluate(
-        self, which: str, progress: TrainProgress | None = None
-    ) -> tuple[dict[str, float], float]:
-        if progress is not None:
-            progress.start_eval(which)
+    def _evaluate(self, which: str, progress: TrainProgress | None) -> dict[str, float]:
         try:
-            try:
-                return self._evaluate(which, progress)
-            except Exception as err:
-                if not self._drop_compile(err):
-                    raise
-                return self._evaluate(which, progress)
-        finally:
-            if progress is not None:
-                progress.end_eval()
+            return self._rank_split(which, progress)
+        except Exception as err:
+            if not self._drop_compile(err):
+                raise
+            return self._rank_split(which, progress)
 
-    def _evaluate(
-        self, which: str, progress: TrainProgress | None = None
-    ) -> tuple[dict[str, float], float]:
+    def _rank_split(self, which: str, progress: TrainProgress | None) -> dict[str, float]:
         e = self.cfg.eval
-        start = time.perf_counter()
-        metrics = evaluate(
+        return evaluate(
             self.model,
             self.data,
             self.split,
@@ -469,112 +314,19 @@ class Trainer:
             reduce=self.ctx.all_reduce_sum if self.ctx.world_size > 1 else None,
             on_batch=progress.eval_batch if progress is not None else None,
         )
-        return metrics, time.perf_counter() - start
 
-    def end_of_epoch(self, progress: TrainProgress, partial: bool) -> dict[str, float]:
-        """Evaluate the selection split and track the best epoch."""
-        state, which = self.state, self.selection_split
-        metrics, seconds = self.evaluate(which, progress)
-        record: dict[str, Any] = {
-            "kind": "eval",
-            "split": which,
-            "epoch": state.epoch,
-            "step": state.step,
-            **metrics,
-        }
-        if partial:
-            record["partial"] = True
-        record["eval_s"] = seconds
-        self._write(record)
-        value = metrics[self.cfg.eval.metric]
-        # gr-compatible reports the last epoch, so the latest one is always "best".
-        improved = which == "test" or state.best_value is None or value > state.best_value
-        if improved:
-            state.best_value, state.best_epoch, state.best_step = value, state.epoch, state.step
-            state.bad_epochs = 0
-            # Kept on every rank: each evaluates its share of test with these weights at the end.
-            self.best_weights = {
-                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
-            }
-            if self.is_main:
-                self._write_best()
-        else:
-            state.bad_epochs += 1
-        name = self.cfg.eval.metric
-        progress.print(
-            f"epoch {state.epoch}{' (partial)' if partial else ''}: {which} {name} {value:.4f}, "
-            f"hr@10 {metrics.get('hr@10', float('nan')):.4f}; best {state.best_value:.4f} at "
-            f"epoch {state.best_epoch} ({seconds:.1f} s eval)"
-        )
-        return metrics
+    def epoch_note(self, metrics: dict[str, float]) -> str:
+        return f", hr@10 {metrics.get('hr@10', float('nan')):.4f}"
 
-    # ------------------------------------------------------------ the run
-
-    def fit(self) -> RunResult:
-        t, state = self.cfg.train, self.state
-        stop_reason = "max_epochs"
-        with TrainProgress(self.console, self.show_progress, max_epochs=t.max_epochs) as progress:
-            while state.epoch <= t.max_epochs and not state.stopped_early:
-                if t.max_steps and state.step >= t.max_steps:
-                    stop_reason = "max_steps"
-                    break
-                epoch_start = time.perf_counter()
-                complete = self.run_epoch(progress)
-                if not complete:
-                    stop_reason = "max_steps"
-                    self.save()
-                    break
-                train_seconds = time.perf_counter() - epoch_start
-                metrics = self.end_of_epoch(progress, partial=False)
-                for callback in self.callbacks:
-                    callback.on_epoch_end(state, metrics)
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if t.patience and state.bad_epochs >= t.patience:
-                    state.stopped_early = True
-                self._write(
-                    {
-                        "kind": "epoch",
-                        "epoch": state.epoch - 1,
-                        "step": state.step,
-                        "train_s": train_seconds,
-                    }
-                )
-                self.save()
-            if state.stopped_early:
-                stop_reason = "early_stopping"
-            if stop_reason == "max_steps" and state.batch_in_epoch > 0:
-                # A cut-short epoch still gets its evaluation, so a max_steps run has a model.
-                self.end_of_epoch(progress, partial=True)
-            return self.finish(progress, stop_reason)
-
-    def finish(self, progress: TrainProgress, stop_reason: str) -> RunResult:
-        state = self.state
-        if self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
-        epoch = state.best_epoch if self.best_weights is not None else state.epoch
-        test, seconds = self.evaluate("test", progress)
-        self._write(
-            {
-                "kind": "eval",
-                "split": "test",
-                "epoch": epoch,
-                "step": state.best_step,
-                "final": True,
-                **test,
-                "eval_s": seconds,
-            }
-        )
+    def _export(self, epoch: int, test: dict[str, float]) -> None:
         metadata = {
             "dataset": self.data.name,
             "protocol": self.cfg.data.protocol,
             "item_pool": item_pool(self.cfg),
             "exclude_history": exclusion(self.cfg),
             "epoch": epoch,
-            "step": state.best_step,
-            "selected_by": (
-                "last epoch" if self.selection_split == "test" else f"val {self.cfg.eval.metric}"
-            ),
+            "step": self.state.best_step,
+            "selected_by": self.selected_by(),
             "test": test,
         }
 
@@ -583,14 +335,6 @@ class Trainer:
             export_model(self.model, self.run.model, item_ids=item_ids, metadata=metadata)
 
         on_main(self.ctx, export)
-        progress.print(
-            f"test at epoch {epoch}: "
-            + ", ".join(f"{k} {test[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr") if k in test)
-            + f"; model in {self.run.model}.safetensors"
-        )
-        if self.metrics is not None:
-            self.metrics.close()
-        return RunResult(self.run.root, test, epoch, state.step, stop_reason)
 
 
 def fit(
