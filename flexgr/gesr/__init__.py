@@ -1,7 +1,10 @@
 """GESR (Hong et al. 2025): mixture-of-attention features beside a two-tower early-stage ranker.
 
-docs/gesr.md says what is built and what is not yet."""
+docs/gesr.md says what is built and what is not yet; ``model.arch = "gesr-ranking"`` is the
+ranking model (:mod:`flexgr.gesr.model`)."""
 
+# flexgr.model first: its registry imports flexgr.gesr.spec, which needs the model modules.
+import flexgr.model  # noqa: F401  isort: skip
 from flexgr.gesr.cross import (
     CrossAttention,
     CrossAttentionConfig,
@@ -18,12 +21,16 @@ from flexgr.gesr.matching import (
     recency_weights,
 )
 from flexgr.gesr.mlpg import MLPG, MLPGConfig
+from flexgr.gesr.model import GESRInputs, GESRRanker, GESRRankingConfig
 
 __all__ = [
     "MLPG",
     "CrossAttention",
     "CrossAttentionConfig",
     "CrossPairs",
+    "GESRInputs",
+    "GESRRanker",
+    "GESRRankingConfig",
     "HardMatchConfig",
     "HardMatchEmbedding",
     "MLPGConfig",

@@ -50,5 +50,7 @@ def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
     return get_spec(arch).build(config)
 
 
-# Last: the ranking package registers its models itself (it imports register_model from here).
+# Last: the ranking and GESR packages register their models themselves (they import
+# register_model from here).
+import flexgr.gesr.spec
 import flexgr.ranking.spec  # noqa: F401

@@ -125,15 +125,26 @@ class TwoTowerRanker(nn.Module):
     def output_bias(self) -> Tensor:
         return self.bias
 
-    def forward(self, batch: RankingBatch, inputs: HistoryInputs) -> Tensor:
+    def towers(
+        self, batch: RankingBatch, history_seq: Tensor, candidate_seq: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(user [C, K, d]: the user tower of each candidate's sequence, item [C, K, d], the
+        history tokens [H, d] it pooled). GESR reads them beside the dot product."""
         d, K, B = self.cfg.d_model, len(self.cfg.tasks), batch.num_sequences
         tokens = self.item_emb(batch.history_items) + self.actions(batch.history_actions)
-        summed = tokens.new_zeros(B, d).index_add(0, inputs.history_seq, tokens)
+        summed = tokens.new_zeros(B, d).index_add(0, history_seq, tokens)
         counts = (batch.history_offsets[1:] - batch.history_offsets[:-1]).clamp_min(1)
         user = self.user_tower(summed / counts.unsqueeze(1).to(tokens.dtype)).view(B, K, d)
         item = self.item_tower(self.item_emb(batch.candidates)).view(-1, K, d)
-        dots = (user[inputs.candidate_seq] * item).sum(-1) / math.sqrt(d)
-        return dots + self.bias
+        return user[candidate_seq], item, tokens
+
+    def logits(self, user_CKd: Tensor, item_CKd: Tensor) -> Tensor:
+        """[C, K]: each task's scaled dot product plus its output bias."""
+        return (user_CKd * item_CKd).sum(-1) / math.sqrt(self.cfg.d_model) + self.bias
+
+    def forward(self, batch: RankingBatch, inputs: HistoryInputs) -> Tensor:
+        user, item, _ = self.towers(batch, inputs.history_seq, inputs.candidate_seq)
+        return self.logits(user, item)
 
 
 def validate_common(options: dict[str, Any]) -> None:

@@ -1,0 +1,258 @@
+"""GESR ranking (``model.arch = "gesr-ranking"``): a two-tower ranker whose dot product is the
+primary logit, plus a mixture of attention (MoA) over the user's history for each candidate,
+fused through multi-logit parameterised gating (MLPG):
+
+    primary_t = <user_t, item_t> / sqrt(d) + b_t                  (the two-tower ranker's logit)
+    z         = dropout(LN([match; cross; self; user; item]))     (the configured experts)
+    final_t   = primary_t + sum_k lambda_k logit_k,t(z)           (flexgr.gesr.mlpg)
+
+Experts (``experts``, any non-empty subset, in this order in z):
+
+- ``match``: hard matching counts of the candidate's item in its request's history
+  (flexgr.gesr.matching), bucketed and embedded;
+- ``cross``: the candidate's item embedding as the query over the history tokens' keys and
+  values (flexgr.gesr.cross);
+- ``self``: HSTU layers over ``[history; candidates]`` with the target-aware (M-FALCON) mask,
+  every candidate seeing its history and itself, read at the candidates' rows.
+
+No expert lets a candidate see another candidate, so a candidate's score does not depend on
+which others are scored with it. The towers are a :class:`TwoTowerRanker` (``towers``) whose
+item table and history tokens the experts share; with every lambda at 0 the model is exactly
+that two-tower ranker. docs/gesr.md has the choices and the measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from flexgr.batch import JaggedBatch
+from flexgr.gesr.cross import (
+    CrossActivation,
+    CrossAttention,
+    CrossAttentionConfig,
+    CrossPairs,
+    cross_pairs,
+)
+from flexgr.gesr.matching import HardMatchConfig, HardMatchEmbedding, hard_match_features
+from flexgr.gesr.mlpg import MLPG, MLPGConfig
+from flexgr.model.hstu.inputs import HSTUInputs
+from flexgr.model.hstu.inputs import prepare as prepare_hstu
+from flexgr.model.hstu.model import HSTUConfig
+from flexgr.ranking.baselines import TwoTowerConfig, TwoTowerRanker, validate_common
+from flexgr.ranking.batch import RankingBatch
+from flexgr.ranking.hstu import HSTUStack
+from flexgr.ranking.tokens import TokenRows, place, segments, token_rows
+
+Expert = Literal["match", "cross", "self"]
+EXPERTS: tuple[str, ...] = ("match", "cross", "self")
+# Feature columns the hard matching joins on. Only the item id today: the prepared datasets
+# carry no item categories (MovieLens' genres are not read), see docs/gesr.md.
+MATCH_COLUMNS = 1
+
+
+@dataclass
+class GESRRankingConfig(TwoTowerConfig):
+    """The two-tower settings, the experts' and MLPG's."""
+
+    experts: list[Expert] = field(default_factory=lambda: ["match", "cross", "self"])
+    # match: log2 buckets of the count (0 | 1 | 2-3 | 4-7 ...), each an embedding of match_dim;
+    # match_buckets = 0 embeds log1p(count) instead. match_half_life (seconds) weighs an event
+    # by 0.5 ** (age / half_life); none counts every event as 1.
+    match_buckets: int = 8
+    match_dim: int = 8
+    match_half_life: float | None = None
+    # cross: heads of cross_head_dim; softmax (DIN-style) or HSTU's silu / max_seq_len.
+    cross_heads: int = 2
+    cross_head_dim: int = 16
+    cross_activation: CrossActivation = "softmax"
+    # self: HSTU layers over [history; candidates] (head dim = dqk = dv).
+    self_layers: int = 1
+    self_heads: int = 1
+    self_head_dim: int = 32
+    self_rel_bias: bool = True
+    # MLPG: K gated secondary logits of width mlpg_hidden, lambdas from mlpg_lambda_init
+    # (learned, or fixed with mlpg_learn_lambda = false).
+    mlpg_logits: int = 4
+    mlpg_hidden: int = 64
+    mlpg_lambda_init: float = 1.0
+    mlpg_learn_lambda: bool = True
+
+    def two_tower_config(self) -> TwoTowerConfig:
+        names = {f.name for f in fields(TwoTowerConfig)}
+        return TwoTowerConfig(**{k: getattr(self, k) for k in names})
+
+    def hstu_config(self) -> HSTUConfig:
+        """The self expert's layer stack: history events plus the candidates' one position."""
+        return HSTUConfig(
+            num_items=self.num_items,
+            d_model=self.d_model,
+            num_layers=self.self_layers,
+            num_heads=self.self_heads,
+            dqk=self.self_head_dim,
+            dv=self.self_head_dim,
+            max_seq_len=self.max_seq_len + 1,
+            dropout=self.dropout,
+            input_dropout=self.dropout,
+            rel_bias=self.self_rel_bias,
+        )
+
+    def match_config(self) -> HardMatchConfig:
+        return HardMatchConfig(
+            half_life=self.match_half_life, ignore_value=0, num_buckets=self.match_buckets
+        )
+
+
+@dataclass(frozen=True)
+class GESRInputs:
+    """Per-batch inputs, built outside the forward; an expert that is off has None."""
+
+    history_seq: Tensor  # [H] sequence of each history event
+    candidate_seq: Tensor  # [C] sequence of each candidate
+    match: Tensor | None  # [C, MATCH_COLUMNS] bucket ids (int64) or log1p counts (float64)
+    pairs: CrossPairs | None  # (candidate, history row) pairs of the cross attention
+    rows: TokenRows | None  # the self expert's merged token layout
+    hstu: HSTUInputs | None  # its target-aware mask and bias tables
+
+
+class GESRRanker(nn.Module):
+    """RankingBatch -> [C, K] logits (BCE tasks) or values (MSE tasks)."""
+
+    def __init__(self, cfg: GESRRankingConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, K = cfg.d_model, len(cfg.tasks)
+        self.towers = TwoTowerRanker(cfg.two_tower_config())
+        width = 2 * K * d  # the towers' outputs
+        self.match: HardMatchEmbedding | None = None
+        self.cross: CrossAttention | None = None
+        self.encoder: HSTUStack | None = None  # "encoder": the trainer logs its backend
+        self.placeholder: nn.Parameter | None = None
+        if "match" in cfg.experts:
+            self.match = HardMatchEmbedding(MATCH_COLUMNS, cfg.match_dim, cfg.match_buckets)
+            width += MATCH_COLUMNS * cfg.match_dim
+        if "cross" in cfg.experts:
+            self.cross = CrossAttention(
+                CrossAttentionConfig(
+                    d_model=d,
+                    num_heads=cfg.cross_heads,
+                    head_dim=cfg.cross_head_dim,
+                    activation=cfg.cross_activation,
+                    divisor=float(cfg.max_seq_len),
+                )
+            )
+            width += d
+        if "self" in cfg.experts:
+            self.encoder = HSTUStack(cfg.hstu_config())
+            # A candidate has no action yet: its token is its item plus this learned action.
+            self.placeholder = nn.Parameter(torch.empty(d).normal_(0, 0.02))
+            width += d
+        self.fuse = nn.Sequential(nn.LayerNorm(width), nn.Dropout(cfg.dropout))
+        self.mlpg = MLPG(
+            MLPGConfig(
+                d_in=width,
+                num_logits=cfg.mlpg_logits,
+                hidden=cfg.mlpg_hidden,
+                num_tasks=K,
+                lambda_init=cfg.mlpg_lambda_init,
+                learn_lambda=cfg.mlpg_learn_lambda,
+            )
+        )
+
+    @property
+    def output_bias(self) -> Tensor:
+        return self.towers.output_bias
+
+    def experts(self, batch: RankingBatch, inputs: GESRInputs, history_Hd: Tensor) -> list[Tensor]:
+        """Each configured expert's [C, *] output, in EXPERTS order."""
+        out: list[Tensor] = []
+        if self.match is not None:
+            assert inputs.match is not None
+            out.append(self.match(inputs.match))
+        candidates_Cd = self.towers.item_emb(batch.candidates)
+        if self.cross is not None:
+            assert inputs.pairs is not None
+            out.append(self.cross(candidates_Cd, history_Hd, inputs.pairs))
+        if self.encoder is not None:
+            assert inputs.rows is not None and inputs.hstu is not None
+            assert self.placeholder is not None
+            rows = inputs.rows
+            x = place(
+                [rows.item_rows, rows.candidate_rows],
+                [history_Hd, candidates_Cd + self.placeholder],
+                rows.num_tokens,
+            )
+            out.append(self.encoder(x, inputs.hstu)[rows.candidate_rows])
+        return out
+
+    def forward(self, batch: RankingBatch, inputs: GESRInputs) -> Tensor:
+        user_CKd, item_CKd, history_Hd = self.towers.towers(
+            batch, inputs.history_seq, inputs.candidate_seq
+        )
+        primary_CK = self.towers.logits(user_CKd, item_CKd)
+        C = batch.num_candidates
+        parts = self.experts(batch, inputs, history_Hd)
+        z = torch.cat([*parts, user_CKd.reshape(C, -1), item_CKd.reshape(C, -1)], dim=-1)
+        return self.mlpg(self.fuse(z), primary_CK)
+
+
+def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
+    """The experts' per-batch inputs: the match features (one host sync, the join's value
+    range), the cross-attention pairs (one host sync, the pair count) and the self expert's
+    token rows and HSTU inputs."""
+    cfg = model.cfg
+    h_seq, _ = segments(batch.history_offsets, batch.num_history)
+    c_seq, _ = segments(batch.candidate_offsets, batch.num_candidates)
+    match = pairs = rows = hstu = None
+    if model.match is not None:
+        match = hard_match_features(
+            cfg.match_config(),
+            batch.history_items.unsqueeze(1),
+            batch.history_offsets,
+            batch.candidates.unsqueeze(1),
+            batch.candidate_offsets,
+            batch.history_timestamps,
+            batch.query_time,
+        )
+    if model.cross is not None:
+        pairs = cross_pairs(batch.history_offsets, batch.candidate_offsets, batch.num_candidates)
+    if model.encoder is not None:
+        rows = token_rows(batch, "merged")
+        tokens = JaggedBatch(
+            torch.zeros(rows.num_tokens, dtype=torch.int64, device=batch.device),
+            rows.offsets,
+            rows.timestamps,
+            batch.query_time,
+            rows.num_targets,
+        )
+        hstu = prepare_hstu(model.encoder, tokens)  # type: ignore[arg-type]
+    return GESRInputs(h_seq, c_seq, match, pairs, rows, hstu)  # type: ignore[arg-type]
+
+
+def validate(options: dict[str, Any]) -> None:
+    validate_common(options)
+    experts = options["experts"]
+    if not experts or len(set(experts)) != len(experts):
+        raise ValueError(
+            f"model.experts must name each of {', '.join(EXPERTS)} at most once, and at least one"
+        )
+    for key in (
+        "match_dim",
+        "cross_heads",
+        "cross_head_dim",
+        "self_layers",
+        "self_heads",
+        "self_head_dim",
+        "mlpg_logits",
+        "mlpg_hidden",
+    ):
+        if options[key] < 1:
+            raise ValueError(f"model.{key} must be >= 1")
+    if options["match_buckets"] < 0:
+        raise ValueError("model.match_buckets must be >= 0 (0: log1p counts)")
+    half_life = options["match_half_life"]
+    if half_life is not None and not half_life > 0:
+        raise ValueError("model.match_half_life must be > 0 seconds, or none")
