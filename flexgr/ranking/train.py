@@ -234,7 +234,7 @@ class RankingTrainer(EpochTrainer):
             which,  # type: ignore[arg-type]
             batch_size=eval_batch_size(self.cfg.eval, self.device.type),
             device=self.device,
-            autocast_dtype=self.amp_dtype,
+            autocast_dtype=self.eval_amp_dtype,
             on_batch=progress.eval_batch if progress is not None else None,
         )
 

@@ -122,6 +122,9 @@ class EvalConfig:
     exclude_history: Literal["auto", "all", "window", "none"] = "auto"
     item_chunk: int = 65536  # items scored at once: bounds memory at batch_size x item_chunk
     metric: str = "ndcg@10"  # validation metric for best epoch and early stopping
+    # "train": evaluate under the training autocast (bf16 on CUDA by default); "fp32": without
+    # autocast, as `flexgr eval` and the reference trainer's evaluation do.
+    precision: Literal["train", "fp32"] = "train"
 
 
 def item_pool(cfg: Config) -> Literal["rated", "catalog"]:

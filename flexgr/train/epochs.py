@@ -224,6 +224,11 @@ class EpochTrainer:
     # ------------------------------------------------------------ evaluation
 
     @property
+    def eval_amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of evaluation: the training one, or None under eval.precision=fp32."""
+        return None if self.cfg.eval.precision == "fp32" else self.amp_dtype
+
+    @property
     def selection_split(self) -> str:
         """The split that picks the epoch: val, or test under gr-compatible (no val there)."""
         return "test" if self.cfg.data.protocol == "gr-compatible" else "val"

@@ -307,7 +307,7 @@ class Trainer(EpochTrainer):
             batch_size=eval_batch_size(e, self.device.type),
             item_chunk=e.item_chunk,
             device=self.device,
-            autocast_dtype=self.amp_dtype,
+            autocast_dtype=self.eval_amp_dtype,
             forward=self.forward,
             # Under torchrun every rank ranks a share of the batches with the plain model.
             part=(self.ctx.rank, self.ctx.world_size),
