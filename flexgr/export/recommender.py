@@ -149,16 +149,18 @@ class Recommender(LoadedModel):
     ) -> list[tuple[str, float]]:
         """(raw id, score) of every candidate, in the order given. HSTU models score with
         M-FALCON (each candidate a target of the history, the history's keys and values
-        computed once; docs/m-falcon.md); other models with the retrieval dot product."""
+        computed once; docs/m-falcon.md); other models, and HSTU configs M-FALCON does not
+        take (``falcon.unsupported``: truncation, windows, custom masks, ...), with the
+        retrieval dot product."""
         if len(candidates) == 0:
             raise ValueError("no candidates to score")
         ids, ts, qt = self.history_tensors(history, timestamps, query_time)
         cand = torch.tensor([self.item_index(raw) for raw in candidates], dtype=torch.int64)
-        device = self.device
-        falcon = spec_of(self.model).name == "hstu" and not self.model.cfg.truncate_after
-        if falcon and len(ids) + 1 <= self.model.cfg.attn_len:
-            from flexgr.model.hstu.falcon import score_candidates
+        from flexgr.model.hstu.falcon import score_candidates, unsupported
 
+        device = self.device
+        falcon = spec_of(self.model).name == "hstu" and unsupported(self.model.cfg) is None
+        if falcon and len(ids) + 1 <= self.model.cfg.attn_len:
             scores, _ = score_candidates(
                 self.model,
                 ids.to(device),

@@ -96,26 +96,30 @@ class HSTURanker(nn.Module):
     def output_bias(self) -> Tensor:
         return self.head.output_bias
 
-    def forward(self, batch: RankingBatch, inputs: HSTURankingInputs) -> Tensor:
-        rows = inputs.rows
+    def candidate_tokens(self, candidates: Tensor) -> Tensor:
+        """[C, d] candidate tokens: the item embedding (merged: plus the placeholder action)."""
+        tokens = self.item_emb(candidates)
+        return tokens + self.placeholder if self.placeholder is not None else tokens
+
+    def tokens(self, batch: RankingBatch, rows: TokenRows) -> Tensor:
+        """[T, d] the batch's token embeddings in the layout's order."""
         items = self.item_emb(batch.history_items)
         actions = self.actions(batch.history_actions)
-        candidates = self.item_emb(batch.candidates)
+        candidates = self.candidate_tokens(batch.candidates)
         if rows.action_rows is not None:  # interleaved: an action token after each item
-            x = place(
+            return place(
                 [rows.item_rows, rows.action_rows, rows.candidate_rows],
                 [items, actions, candidates],
                 rows.num_tokens,
             )
-        else:  # merged: item + action in one token; candidates get the placeholder action
-            if self.placeholder is not None:
-                candidates = candidates + self.placeholder
-            x = place(
-                [rows.item_rows, rows.candidate_rows],
-                [items + actions, candidates],
-                rows.num_tokens,
-            )
-        states = self.encoder(x, inputs.hstu)
+        # merged: item + action in one token; candidates got the placeholder action
+        return place(
+            [rows.item_rows, rows.candidate_rows], [items + actions, candidates], rows.num_tokens
+        )
+
+    def forward(self, batch: RankingBatch, inputs: HSTURankingInputs) -> Tensor:
+        rows = inputs.rows
+        states = self.encoder(self.tokens(batch, rows), inputs.hstu)
         return self.head(states[rows.candidate_rows])
 
 

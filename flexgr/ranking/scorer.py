@@ -4,22 +4,31 @@
 oldest first, with each event's actions (for MovieLens its rating); every candidate is scored as
 a target of the history (it sees the history and itself, never another candidate), so scores do
 not depend on which other candidates are asked for, and candidates go through in microbatches.
+
+HSTU ranking models score with M-FALCON (:mod:`flexgr.ranking.falcon`): the history's keys and
+values are computed once per request, and, with ``cache_key``, kept across requests in
+:attr:`Ranker.history_cache` (an LRU :class:`~flexgr.model.hstu.falcon.HistoryStore`).
+The SASRec and two-tower rankers (whose candidates meet the history only in the head) keep
+running the whole model per microbatch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from functools import cached_property
 
 import numpy as np
 import torch
 
 from flexgr.export.recommender import LoadedModel
+from flexgr.model.hstu.falcon import HistoryCache, HistoryStore
 from flexgr.model.registry import spec_of
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.modules import check_codes
 from flexgr.ranking.tasks import predictions, rating_codes
 
 Actions = Sequence[float] | Mapping[str, Sequence[float]]
+HISTORY_CACHE_ENTRIES = 64  # Ranker.history_cache's default bound (replace it to change)
 
 
 class Ranker(LoadedModel):
@@ -38,6 +47,21 @@ class Ranker(LoadedModel):
     def max_seq_len(self) -> int:
         return int(self.model.cfg.max_seq_len)
 
+    @cached_property
+    def history_cache(self) -> HistoryStore:
+        """The histories kept across :meth:`score` calls that pass ``cache_key`` (LRU, at most
+        ``HISTORY_CACHE_ENTRIES``); assign ``HistoryStore(max_entries=..., max_bytes=...)``
+        for other bounds. ``.stats`` counts hits, misses, stale keys and evictions."""
+        return HistoryStore(max_entries=HISTORY_CACHE_ENTRIES)
+
+    @property
+    def falcon_unsupported(self) -> str | None:
+        """Why :meth:`score` does not use M-FALCON for this model, or None when it does."""
+        if spec_of(self.model).name != "hstu-ranking":
+            return f"{self.arch} is not an HSTU ranking model"
+        from flexgr.ranking.falcon import falcon_unsupported
+
+        return falcon_unsupported(self.model)
 
     def _codes(self, actions: Actions | None, n: int) -> np.ndarray:
         """int64 [n, A] action codes of the history, checked against the model's tables."""
@@ -85,13 +109,24 @@ class Ranker(LoadedModel):
         query_time: int | None = None,
         microbatch: int = 1024,
         truncate: bool = False,
+        cache_key: Hashable | None = None,
+        falcon: bool = True,
     ) -> list[tuple[str, dict[str, float]]]:
         """(raw id, {task: prediction}) for every candidate, in the order given.
 
         ``actions``: each history event's action inputs (one list for a single input such as
         the rating, else a dict by name). ``timestamps`` (seconds) feed the time bias; the query
         time defaults to the last event's. A history longer than the model's ``max_seq_len`` is
-        an error unless ``truncate=True`` (then its most recent events are read)."""
+        an error unless ``truncate=True`` (then its most recent events are read).
+
+        HSTU ranking models score with M-FALCON (``falcon=True``, the default; see
+        :attr:`falcon_unsupported`): the history's per-layer keys and values once, then
+        ``microbatch`` candidates per pass over them. ``cache_key`` (e.g. the user id, or
+        (user, history version)) keeps that history in :attr:`history_cache`: a later call
+        with the same key and the same history, actions, timestamps (and query time, which the
+        time bias reads) skips the history; a key reused for another history is encoded again.
+        ``falcon=False``, and the other rankers: every microbatch runs the whole model on
+        ``history + microbatch`` (the same predictions; ``cache_key`` is then ignored)."""
         if len(candidates) == 0:
             raise ValueError("no candidates to score")
         if len(history) == 0:
@@ -115,28 +150,76 @@ class Ranker(LoadedModel):
         cands = torch.tensor([self.item_index(raw) for raw in candidates], dtype=torch.int64)
         ts = torch.zeros_like(items) if timestamps is None else torch.tensor(list(timestamps))
         qt = int(ts[-1]) if query_time is None else int(query_time)
-        device, spec = self.device, spec_of(self.model)
+        ts = ts.to(torch.int64)
+        actions_NA = torch.from_numpy(codes)
         kinds = list(self.model.cfg.task_kinds)
-        out = []
-        for start in range(0, len(cands), microbatch):
-            chunk = cands[start : start + microbatch]
-            batch = RankingBatch(
-                items,
-                torch.from_numpy(codes),
-                ts.to(torch.int64),
-                torch.tensor([0, len(items)]),
-                chunk,
-                torch.tensor([0, len(chunk)]),
-                torch.tensor([qt]),
-            ).to(device)
-            logits = self.model(batch, spec.prepare(self.model, batch))
-            out.append(predictions(logits.float(), kinds).cpu())
+        if falcon and self.falcon_unsupported is None:
+            logits = self._falcon_logits(items, actions_NA, ts, qt, cands, microbatch, cache_key)
+            out = [predictions(logits.float(), kinds).cpu()]
+        else:
+            out = [
+                predictions(logits.float(), kinds).cpu()
+                for logits in self._target_logits(items, actions_NA, ts, qt, cands, microbatch)
+            ]
         values = torch.cat(out).tolist()
         names = self.tasks
         return [
             (raw, dict(zip(names, row, strict=True)))
             for raw, row in zip(candidates, values, strict=True)
         ]
+
+    def _falcon_logits(
+        self,
+        items: torch.Tensor,
+        actions: torch.Tensor,
+        timestamps: torch.Tensor,
+        query_time: int,
+        candidates: torch.Tensor,
+        microbatch: int,
+        cache_key: Hashable | None,
+    ) -> torch.Tensor:
+        from flexgr.ranking.falcon import (
+            candidate_logits,
+            encode_ranking_history,
+            history_content,
+        )
+
+        device = self.device
+        cache: HistoryCache | None = None
+        if cache_key is not None:
+            content = history_content(self.model, items, actions, timestamps, query_time)
+            cache = self.history_cache.get(cache_key, content)
+        if cache is None:
+            history = (items.to(device), actions.to(device), timestamps.to(device))
+            cache = encode_ranking_history(self.model, *history, query_time)
+            if cache_key is not None:
+                self.history_cache.put(cache_key, content, cache)
+        return candidate_logits(self.model, cache, candidates.to(device), microbatch=microbatch)
+
+    def _target_logits(
+        self,
+        items: torch.Tensor,
+        actions: torch.Tensor,
+        timestamps: torch.Tensor,
+        query_time: int,
+        candidates: torch.Tensor,
+        microbatch: int,
+    ) -> list[torch.Tensor]:
+        """Each microbatch as the targets of one sequence, the whole model run on it."""
+        spec, out = spec_of(self.model), []
+        for start in range(0, len(candidates), microbatch):
+            chunk = candidates[start : start + microbatch]
+            batch = RankingBatch(
+                items,
+                actions,
+                timestamps,
+                torch.tensor([0, len(items)]),
+                chunk,
+                torch.tensor([0, len(chunk)]),
+                torch.tensor([query_time]),
+            ).to(self.device)
+            out.append(self.model(batch, spec.prepare(self.model, batch)))
+        return out
 
     def __repr__(self) -> str:
         return f"Ranker(arch={self.arch!r}, tasks={self.tasks}, items={len(self.item_ids)})"

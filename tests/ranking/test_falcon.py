@@ -1,0 +1,244 @@
+"""M-FALCON for HSTU ranking equals scoring each candidate alone on history + [candidate], for
+every microbatch size, both layouts, with and without the relative bias and the cross-request
+history cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexgr.model.hstu.falcon import HistoryCache, HistoryStore
+from flexgr.model.registry import build_model, spec_of
+from flexgr.ranking.batch import RankingBatch
+from flexgr.ranking.falcon import candidate_logits, encode_ranking_history, history_content
+from flexgr.ranking.scorer import Ranker
+
+NUM_ITEMS, MAX_EVENTS, TOL = 30, 9, 1e-5
+MICROBATCHES = (1, 2, 4, 6, 50)  # one, a divisor of 6 candidates, a non-divisor, = m, > m
+CONFIGS = [
+    {"layout": "interleaved"},
+    {"layout": "interleaved", "rel_bias": False},
+    {"layout": "merged"},
+    {"layout": "merged", "rel_bias": False},
+    {"layout": "merged", "candidate_action": "zero", "concat_ua": True, "alpha": 0.4},
+]
+
+
+def _model(**over) -> torch.nn.Module:
+    torch.manual_seed(0)
+    options = {
+        "num_items": NUM_ITEMS,
+        "max_seq_len": MAX_EVENTS,
+        "d_model": 16,
+        "num_layers": 2,
+        "num_heads": 2,
+        "dqk": 8,
+        "dv": 8,
+        "head_hidden": 8,
+        "backend": "reference",
+        "action_inputs": ["rating", "click"],
+        "action_vocab": [11, 4],
+        "tasks": ["like", "rating"],
+        "task_kinds": ["bce", "mse"],
+        **over,
+    }
+    model = build_model("hstu-ranking", options).eval()
+    with torch.no_grad():  # large biases and embeddings, so a wrong position, time or token
+        model.item_emb.weight.normal_(0, 0.5)  # would show
+        for table in model.actions.tables:
+            table.normal_(0, 1.0)
+        for layer in model.encoder.layers:
+            if layer.rab is not None:
+                layer.rab.pos_w.normal_(0, 1.0)
+                layer.rab.ts_w.normal_(0, 1.0)
+    return model
+
+
+def _history(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, NUM_ITEMS + 1, (n,), generator=g)
+    actions = torch.stack(
+        [torch.randint(0, 11, (n,), generator=g), torch.randint(0, 4, (n,), generator=g)], 1
+    )
+    gaps = torch.tensor([0, 0, 7, 300, 90_000])[torch.randint(0, 5, (n,), generator=g)]
+    timestamps = 1_000_000 + torch.cumsum(gaps, 0)
+    return items, actions, timestamps, int(timestamps[-1]) + 4321
+
+
+def _alone(model, items, actions, timestamps, query_time: int, candidate: int) -> torch.Tensor:
+    """The definition: the normal forward on history + [candidate], the candidate its target."""
+    batch = RankingBatch(
+        items,
+        actions,
+        timestamps,
+        torch.tensor([0, len(items)]),
+        torch.tensor([candidate]),
+        torch.tensor([0, 1]),
+        torch.tensor([query_time]),
+    )
+    return model(batch, spec_of(model).prepare(model, batch))[0]
+
+
+def _candidates(seed: int, m: int = 6) -> torch.Tensor:
+    return torch.randint(1, NUM_ITEMS + 1, (m,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("over", CONFIGS)
+def test_cached_microbatches_equal_each_candidate_alone(over: dict) -> None:
+    model = _model(**over)
+    for seed, n in enumerate((1, 4, MAX_EVENTS)):  # jagged histories, length 1 included
+        items, actions, timestamps, query_time = _history(n, seed)
+        candidates = _candidates(100 + seed)
+        history = (items, actions, timestamps, query_time)
+        want = torch.stack([_alone(model, *history, int(c)) for c in candidates])
+        cache = encode_ranking_history(model, *history)
+        per_event = 2 if over["layout"] == "interleaved" else 1
+        assert cache.length == per_event * n and len(cache.keys) == 2
+        for microbatch in MICROBATCHES:
+            got = candidate_logits(model, cache, candidates, microbatch=microbatch)
+            torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
+
+
+def test_a_cache_from_another_query_time_or_history_differs() -> None:
+    """The equality above can fail: the time bias, the actions and the order all reach the
+    cached keys and the candidates (so a wrong cache or a wrong candidate bias would show)."""
+    model = _model(layout="interleaved")
+    items, actions, timestamps, query_time = _history(MAX_EVENTS, 7)
+    candidates = _candidates(8)
+    want = torch.stack(
+        [_alone(model, items, actions, timestamps, query_time, int(c)) for c in candidates]
+    )
+    wrong = [
+        encode_ranking_history(model, items, actions, timestamps, query_time + 10**6),
+        encode_ranking_history(model, items, (actions + 1) % 4, timestamps, query_time),
+        encode_ranking_history(model, items.flip(0), actions, timestamps, query_time),
+    ]
+    for cache in wrong:
+        got = candidate_logits(model, cache, candidates, microbatch=4)
+        assert (got - want).abs().max() > 1e-3
+
+
+def _ranker(**over) -> Ranker:
+    model = _model(**over)
+    item_ids = [f"i{k}" for k in range(1, NUM_ITEMS + 1)]
+    return Ranker(model, item_ids, {"arch": "hstu-ranking", "config": {}})
+
+
+def _request(n: int, seed: int) -> dict:
+    items, actions, timestamps, query_time = _history(n, seed)
+    ratings = (actions[:, 0].clamp(min=1).float() / 2).tolist()  # 0.5 .. 5
+    return {
+        "history": [f"i{int(i)}" for i in items],
+        "actions": {"rating": ratings, "click": actions[:, 1].tolist()},
+        "timestamps": timestamps.tolist(),
+        "query_time": query_time,
+    }
+
+
+def _predictions(scored) -> torch.Tensor:
+    return torch.tensor([[p[t] for t in ("like", "rating")] for _, p in scored])
+
+
+@pytest.mark.parametrize("over", CONFIGS[:4])
+def test_ranker_score_with_the_cross_request_cache(over: dict) -> None:
+    ranker = _ranker(**over)
+    assert ranker.falcon_unsupported is None
+    store = ranker.history_cache
+    for seed, n in enumerate((1, 4, MAX_EVENTS)):
+        request = _request(n, seed)
+        candidates = [f"i{int(c)}" for c in _candidates(50 + seed)]
+        # every candidate a target of one pass (test_layouts: equal to each alone)
+        targets = _predictions(ranker.score(candidates=candidates, falcon=False, **request))
+        before = store.stats.hits
+        for microbatch in MICROBATCHES:  # the first call encodes, the others hit the cache
+            got = ranker.score(
+                candidates=candidates, microbatch=microbatch, cache_key=("user", seed), **request
+            )
+            torch.testing.assert_close(_predictions(got), targets, rtol=TOL, atol=TOL)
+            assert [raw for raw, _ in got] == candidates
+        uncached = ranker.score(candidates=candidates, microbatch=4, **request)
+        torch.testing.assert_close(_predictions(uncached), targets, rtol=TOL, atol=TOL)
+        assert store.stats.hits == before + len(MICROBATCHES) - 1
+    assert store.stats.misses == 3 and len(store) == 3 and store.stats.stale == 0
+
+
+def test_a_reused_key_with_another_history_is_encoded_again() -> None:
+    ranker = _ranker(layout="merged")
+    request = _request(5, 3)
+    candidates = ["i3", "i7", "i7", "i11"]
+    ranker.score(candidates=candidates, cache_key="u", **request)
+    later = {**request, "query_time": request["query_time"] + 86_400}  # the time bias reads it
+    got = ranker.score(candidates=candidates, cache_key="u", **later)
+    want = ranker.score(candidates=candidates, falcon=False, **later)
+    torch.testing.assert_close(_predictions(got), _predictions(want), rtol=TOL, atol=TOL)
+    assert ranker.history_cache.stats.stale == 1 and ranker.history_cache.stats.hits == 0
+    ranker.score(candidates=candidates[:1], cache_key="u", **later)
+    assert ranker.history_cache.stats.hits == 1 and len(ranker.history_cache) == 1
+
+
+def test_without_the_time_bias_the_query_time_does_not_change_the_cache() -> None:
+    model = _model(layout="merged", rel_bias=False)
+    items, actions, timestamps, query_time = _history(4, 1)
+    now = history_content(model, items, actions, timestamps, query_time)
+    assert now == history_content(model, items, actions, timestamps, query_time + 999)
+    assert now != history_content(model, items, actions.flip(0), timestamps, query_time)
+    assert now != history_content(model, items[:3], actions[:3], timestamps[:3], query_time)
+
+
+def _entry(length: int) -> HistoryCache:
+    kv = [torch.zeros(length, 1, 2)]  # 8 bytes per token, keys and values
+    return HistoryCache(kv, kv, torch.zeros(length, dtype=torch.int64), 0, length)
+
+
+def test_history_store_is_a_bounded_lru() -> None:
+    store = HistoryStore(max_entries=2)
+    store.put("a", b"1", _entry(1))
+    store.put("b", b"1", _entry(1))
+    assert store.get("a", b"1") is not None  # "a" is now the most recent
+    store.put("c", b"1", _entry(1))
+    assert "b" not in store and "a" in store and "c" in store
+    assert store.stats.evictions == 1 and store.get("b", b"1") is None
+    assert store.stats.misses == 1 and store.stats.hits == 1
+    by_bytes = HistoryStore(max_entries=10, max_bytes=100)  # an entry of 4 tokens: 64 bytes
+    by_bytes.put("a", b"", _entry(4))
+    by_bytes.put("b", b"", _entry(4))
+    assert len(by_bytes) == 1 and "b" in by_bytes and by_bytes.nbytes() == 64
+    by_bytes.put("c", b"", _entry(10))  # alone above the bound: not stored
+    assert "c" not in by_bytes and len(by_bytes) == 1
+    with pytest.raises(ValueError, match="max_entries"):
+        HistoryStore(max_entries=0)
+
+
+def test_baseline_rankers_keep_their_path() -> None:
+    torch.manual_seed(0)
+    options = {
+        "num_items": NUM_ITEMS,
+        "max_seq_len": MAX_EVENTS,
+        "d_model": 16,
+        "num_heads": 2,
+        "action_inputs": ["rating", "click"],
+        "action_vocab": [11, 4],
+        "tasks": ["like", "rating"],
+        "task_kinds": ["bce", "mse"],
+    }
+    model = build_model("sasrec-ranking", options).eval()
+    ranker = Ranker(
+        model, [f"i{k}" for k in range(1, NUM_ITEMS + 1)], {"arch": "sasrec-ranking", "config": {}}
+    )
+    assert ranker.falcon_unsupported is not None
+    scored = ranker.score(candidates=["i1", "i2"], cache_key="u", **_request(3, 0))
+    assert len(scored) == 2 and len(ranker.history_cache) == 0
+
+
+def test_bad_requests_are_clear() -> None:
+    model = _model(layout="interleaved")
+    items, actions, timestamps, query_time = _history(3, 0)
+    cache = encode_ranking_history(model, items, actions, timestamps, query_time)
+    with pytest.raises(ValueError, match="no candidates"):
+        candidate_logits(model, cache, torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match="microbatch"):
+        candidate_logits(model, cache, torch.tensor([1]), microbatch=0)
+    with pytest.raises(ValueError, match="history is empty"):
+        encode_ranking_history(model, items[:0], actions[:0], timestamps[:0], query_time)
+    with pytest.raises(ValueError, match="eval mode"):
+        encode_ranking_history(model.train(), items, actions, timestamps, query_time)
