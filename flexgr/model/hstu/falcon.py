@@ -93,8 +93,10 @@ class _RecordingAttention:
     values: list[Tensor]
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        self.keys.append(k)
-        self.values.append(v)
+        # Own copies: k and v are views of the layer's whole U, V, Q, K projection, which a
+        # kept cache would otherwise hold on to (twice the bytes HistoryCache.nbytes counts).
+        self.keys.append(k.contiguous())
+        self.values.append(v.contiguous())
         return self.attention(q, k, v, **kwargs)  # type: ignore[operator]
 
 
