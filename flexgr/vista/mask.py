@@ -40,3 +40,15 @@ def seed_summary_mask(offsets: Tensor, num_seeds: int) -> MaskMod:
 
     mask.__name__ = mask.__qualname__ = f"vista_seeds_{num_seeds}"
     return mask
+
+
+def dense_seed_mask(lengths: Tensor, num_seeds: int, max_len: int) -> Tensor:
+    """[B, N, N] bool over each padded segment ``[seeds; history]`` (N = ``max_len`` >= the
+    longest segment): the same rule as :func:`seed_summary_mask`, one segment at a time, so the
+    CPU path costs B N^2 instead of the packed batch's P^2."""
+    S, device = num_seeds, lengths.device
+    idx = torch.arange(max_len, device=device)
+    q, k = idx.view(-1, 1), idx.view(1, -1)
+    rule = (q < S) | ((k >= S) & (k <= q))  # [N, N]
+    inside = idx.view(1, -1) < (lengths.to(torch.int64) + S).view(-1, 1)  # [B, N]
+    return rule.unsqueeze(0) & inside.unsqueeze(2) & inside.unsqueeze(1)

@@ -29,6 +29,7 @@ from torch import Tensor
 from flexgr.masks.layout import seq_ids_and_local
 
 StateActivation = Literal["silu", "identity"]
+FeatureMap = Literal["silu", "identity"]
 
 
 def _check(
@@ -49,14 +50,12 @@ def _check(
         raise ValueError(f"qla: divisor must be > 0, got {divisor}")
 
 
-def _state_fn(state_activation: StateActivation):
-    if state_activation == "silu":
+def _state_fn(activation: str, name: str = "state_activation"):
+    if activation == "silu":
         return F.silu
-    if state_activation == "identity":
+    if activation == "identity":
         return lambda s: s
-    raise ValueError(
-        f"qla: state_activation must be 'silu' or 'identity', got {state_activation!r}"
-    )
+    raise ValueError(f"qla: {name} must be 'silu' or 'identity', got {activation!r}")
 
 
 def candidate_rows(offsets: Tensor, num_targets: Tensor | None, total_len: int) -> Tensor:
@@ -78,14 +77,17 @@ def qla(
     divisor: float,
     num_targets: Tensor | None = None,
     state_activation: StateActivation = "silu",
+    feature_map: FeatureMap = "silu",
 ) -> Tensor:
     """Quasi-linear attention: q, k [T, H, dk], v [T, H, dv], offsets [B + 1] -> [T, H, dv] in
-    v's dtype (accumulated in fp32, or fp64 for fp64 inputs)."""
+    v's dtype (accumulated in fp32, or fp64 for fp64 inputs). ``feature_map="identity"`` takes
+    q and k as already mapped (an HSTU layer's projections are SiLU'd before attention)."""
     _check(q, k, v, offsets, num_targets, divisor)
     psi = _state_fn(state_activation)
+    phi = _state_fn(feature_map, "feature_map")
     T = q.shape[0]
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-    fq, fk, vv = F.silu(q.to(acc)), F.silu(k.to(acc)), v.to(acc)
+    fq, fk, vv = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
     is_cand = candidate_rows(offsets, num_targets, T)
     history = (~is_cand).to(acc).view(T, 1, 1, 1)
     # Candidates add nothing to the state, so a candidate's inclusive prefix is its history's.

@@ -2,10 +2,16 @@
 the user's summary ``[B, S, d]``.
 
 Each user's tokens are packed as ``[seeds; history]`` (no padding) and run through
-:class:`flexgr.model.hstu.HSTULayer` under :func:`flexgr.vista.mask.seed_summary_mask` (seeds
-see everything, history rows are causal and never see seeds). The per-batch inputs (packing
-order, positions, the mask bound into the attention call) come from :func:`prepare_summary`,
-outside the forward, as for HSTU.
+:class:`flexgr.model.hstu.HSTULayer`. The layers' attention (``SummariserConfig.attention``):
+
+- ``"silu"``: HSTU's pointwise attention under :func:`flexgr.vista.mask.seed_summary_mask`
+  (seeds see everything, history rows are causal and never see seeds), O(L^2);
+- ``"qla"``: quasi-linear attention (:func:`flexgr.vista.qla.qla`), history rows causal through
+  a ``d_k x d_v`` state, each seed reading the whole history's state plus its own diagonal term
+  (the seeds are QLA's "candidates": they do not see each other), O(L).
+
+The per-batch inputs (packing order, positions, the attention call with its mask bound) come
+from :func:`prepare_summary`, outside the forward, as for HSTU.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from flexgr.masks.block import HSTUMask, build_custom_mask
+from flexgr.masks.layout import seq_ids_and_local
 from flexgr.model.embedding import SequenceInput
-from flexgr.model.hstu.inputs import BiasWeights, HSTUInputs
+from flexgr.model.hstu.inputs import Attention, BiasWeights, HSTUInputs
 from flexgr.model.hstu.model import HSTUConfig, HSTULayer
 from flexgr.ops.attention import hstu_attention
-from flexgr.vista.mask import packed_offsets, seed_flags, seed_summary_mask
+from flexgr.ops.jagged import to_jagged, to_padded
+from flexgr.vista.mask import dense_seed_mask, packed_offsets, seed_flags, seed_summary_mask
+from flexgr.vista.qla import StateActivation, qla
 
 
 @dataclass
@@ -32,9 +41,14 @@ class SummariserConfig:
     num_heads: int = 1
     max_history_len: int = 200  # the position table; N = num_seeds + max_history_len
     dropout: float = 0.0
-    # "auto": flex on CUDA, the dense reference elsewhere (the Triton kernel evaluates only the
-    # built-in HSTU rule, not this mask).
-    backend: Literal["auto", "reference", "flex"] = "auto"
+    # "silu": HSTU attention under the seed mask (O(L^2)); "qla": quasi-linear attention (O(L)),
+    # the seeds reading the history's state (module docstring).
+    attention: Literal["silu", "qla"] = "silu"
+    qla_state: StateActivation = "silu"  # QLA's activation on the state (flexgr.vista.qla)
+    # silu attention only. "auto": flex on CUDA, "padded" elsewhere (dense per user, B N^2);
+    # "reference": the dense [P, P] oracle of the mask_mod (tests). The Triton kernel evaluates
+    # only the built-in HSTU rule, not this mask.
+    backend: Literal["auto", "reference", "padded", "flex"] = "auto"
 
     def layer_config(self) -> HSTUConfig:
         """The HSTU layer options: no relative bias (seeds have no position or time)."""
@@ -55,6 +69,16 @@ class SummariserConfig:
                 f"vista.d_model ({self.d_model}) must be a multiple of vista.num_heads "
                 f"({self.num_heads})"
             )
+        if self.attention not in ("silu", "qla"):
+            raise ValueError(f"vista.attention must be 'silu' or 'qla', got {self.attention!r}")
+        if self.qla_state not in ("silu", "identity"):
+            raise ValueError(
+                f"vista.qla_state must be 'silu' or 'identity', got {self.qla_state!r}"
+            )
+        if self.backend not in ("auto", "reference", "padded", "flex"):
+            raise ValueError(
+                f"vista.backend must be auto, reference, padded or flex, got {self.backend!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,78 @@ class SummaryAttention:
             q, k, v, self.offsets, max_seq_len=max_seq_len, alpha=alpha, backend=self.backend,
             mask=self.mask, validate=False,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PaddedSummaryAttention:
+    """HSTU attention one user at a time on a padded [B, N, N] seed mask (the CPU path)."""
+
+    offsets: Tensor  # [B + 1] of the packed segments
+    mask_BNN: Tensor  # bool, flexgr.vista.mask.dense_seed_mask
+    max_len: int  # N: the longest packed segment
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
+        bias: BiasWeights | None,
+    ) -> Tensor:  # fmt: skip
+        T = q.shape[0]
+        q_BNHD, k_BNHD, v_BNHD = (to_padded(x, self.offsets, self.max_len) for x in (q, k, v))
+        s_BHNN = torch.einsum("bnhd,bmhd->bhnm", q_BNHD, k_BNHD) * alpha
+        keep = self.mask_BNN.unsqueeze(1).to(s_BHNN.dtype)
+        p_BHNN = torch.nn.functional.silu(s_BHNN) * keep / max_seq_len
+        return to_jagged(torch.einsum("bhnm,bmhd->bnhd", p_BHNN, v_BNHD), self.offsets, T)
+
+
+@dataclass(frozen=True)
+class QLASummaryAttention:
+    """Quasi-linear attention over the packed batch: each segment reordered to
+    ``[history; seeds]`` so that the seeds are QLA's candidates (the last ``S`` rows)."""
+
+    offsets: Tensor  # [B + 1] of the packed segments (the reordering keeps their lengths)
+    to_qla: Tensor  # [P]: packed row of each QLA-order row
+    from_qla: Tensor  # [P]: QLA-order row of each packed row
+    num_targets: Tensor  # [B], all S
+    state_activation: StateActivation
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
+        bias: BiasWeights | None,
+    ) -> Tensor:  # fmt: skip
+        # The layer's q and k are SiLU'd already (phi); alpha scales q, as it scales the scores.
+        out = qla(
+            q[self.to_qla] * alpha, k[self.to_qla], v[self.to_qla], self.offsets,
+            divisor=float(max_seq_len), num_targets=self.num_targets,
+            state_activation=self.state_activation, feature_map="identity",
+        )  # fmt: skip
+        return out[self.from_qla]
+
+
+def _qla_attention(cfg: SummariserConfig, offsets: Tensor, packed: Tensor) -> Attention:
+    S, B = cfg.num_seeds, offsets.numel() - 1
+    P = int(offsets[-1]) + S * B
+    seq, local = seq_ids_and_local(packed, P)
+    seq, local = seq.long(), local.long()
+    lengths = (offsets[1:] - offsets[:-1])[seq]
+    # QLA row (segment b, index l): history row l while l < n_b, else seed l - n_b.
+    to_qla = packed[seq] + torch.where(local < lengths, local + S, local - lengths)
+    from_qla = torch.empty_like(to_qla)
+    from_qla[to_qla] = torch.arange(P, device=offsets.device)
+    num_targets = torch.full((B,), S, dtype=torch.int64, device=offsets.device)
+    return QLASummaryAttention(packed, to_qla, from_qla, num_targets, cfg.qla_state)
+
+
+def _silu_attention(cfg: SummariserConfig, offsets: Tensor, packed: Tensor) -> Attention:
+    S, B = cfg.num_seeds, offsets.numel() - 1
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "flex" if offsets.device.type == "cuda" else "padded"
+    if backend == "padded":
+        lengths = offsets[1:] - offsets[:-1]
+        N = S + (int(lengths.max()) if B else 0)  # one host sync, outside the forward
+        return PaddedSummaryAttention(packed, dense_seed_mask(lengths, S, N), N)
+    total = int(offsets[-1]) + S * B
+    mask = build_custom_mask(seed_summary_mask(offsets, S), packed, total_len=total)
+    return SummaryAttention(packed, mask, backend)
 
 
 @dataclass(frozen=True)
@@ -106,13 +202,12 @@ def prepare_summary(cfg: SummariserConfig, offsets: Tensor) -> SummaryInputs:
     order = torch.empty_like(rows)
     order[history_rows] = torch.arange(T, device=offsets.device)
     order[seed_rows] = T + torch.arange(B * S, device=offsets.device)
-    positions = history_rows - packed_offsets(offsets, S)[seq[history_rows]] - S
     packed = packed_offsets(offsets, S)
-    mask = build_custom_mask(seed_summary_mask(offsets, S), packed, total_len=T + B * S)
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "flex" if offsets.device.type == "cuda" else "reference"
-    attention = SummaryAttention(packed, mask, backend)
+    positions = history_rows - packed[seq[history_rows]] - S
+    if cfg.attention == "qla":
+        attention = _qla_attention(cfg, offsets, packed)
+    else:
+        attention = _silu_attention(cfg, offsets, packed)
     return SummaryInputs(
         order, seed_rows, history_rows, positions, HSTUInputs(positions, attention), B,
         offsets, packed,

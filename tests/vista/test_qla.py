@@ -134,3 +134,19 @@ def test_bad_shapes_are_one_line_errors():
         qla(q, k, v, offsets, divisor=1.0, num_targets=torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="state_activation"):
         qla(q, k, v, offsets, divisor=1.0, state_activation="relu")  # type: ignore[arg-type]
+
+
+def test_identity_feature_map_takes_mapped_inputs():
+    """feature_map="identity" on silu(q), silu(k) is the default on q, k (the HSTU-layer form)."""
+    q, k, v, offsets = jagged([5, 3], seed=13)
+    num_targets = torch.tensor([2, 1])
+    want = qla(q, k, v, offsets, divisor=4.0, num_targets=num_targets)
+    got = qla(
+        F.silu(q), F.silu(k), v, offsets, divisor=4.0, num_targets=num_targets,
+        feature_map="identity",
+    )  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    differs = qla(q, k, v, offsets, divisor=4.0, num_targets=num_targets, feature_map="identity")
+    assert (differs - want).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="feature_map"):
+        qla(q, k, v, offsets, divisor=1.0, feature_map="relu")  # type: ignore[arg-type]

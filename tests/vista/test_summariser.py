@@ -97,3 +97,85 @@ def test_config_errors_name_the_key():
         SummariserConfig(d_model=10, num_heads=3).validate()
     with pytest.raises(ValueError, match="vista.max_history_len"):
         prepare_summary(SummariserConfig(max_history_len=2), torch.tensor([0, 3]))
+
+
+def _random_qkv(T, H=2, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, H, d, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+@pytest.mark.parametrize("lengths,S", [([1], 1), ([3, 1, 5], 2), ([4, 0, 2], 3)])
+def test_padded_attention_matches_the_mask_mod_oracle(lengths, S):
+    """The CPU path (dense per user) against the [P, P] oracle of seed_summary_mask."""
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    P = sum(lengths) + S * len(lengths)
+    q, k, v = _random_qkv(P, seed=S)
+    got, want = (
+        prepare_summary(
+            SummariserConfig(d_model=8, num_seeds=S, max_history_len=8, backend=backend), offsets
+        ).layers.attention(q, k, v, max_seq_len=9, alpha=0.7, bias=None)
+        for backend in ("padded", "reference")
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("lengths,S", [([1], 1), ([3, 1, 5], 2), ([4, 0, 2], 3)])
+def test_qla_attention_is_qla_over_history_then_seeds(lengths, S):
+    """attention="qla": user by user, qla over [history; seeds] with the seeds as candidates."""
+    from flexgr.vista.qla import qla
+
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    P = sum(lengths) + S * len(lengths)
+    q, k, v = _random_qkv(P, seed=10 + S)
+    cfg = SummariserConfig(d_model=8, num_seeds=S, max_history_len=8, attention="qla")
+    got = prepare_summary(cfg, offsets).layers.attention(q, k, v, max_seq_len=9, alpha=0.5,
+                                                          bias=None)  # fmt: skip
+    start = 0
+    for n in lengths:
+        seeds, hist = slice(start, start + S), slice(start + S, start + S + n)
+        oq, ok, ov = (torch.cat([x[hist], x[seeds]]) for x in (q, k, v))
+        want = qla(
+            oq * 0.5, ok, ov, torch.tensor([0, n + S]), divisor=9.0,
+            num_targets=torch.tensor([S]), feature_map="identity",
+        )  # fmt: skip
+        torch.testing.assert_close(got[hist], want[:n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[seeds], want[n:], rtol=1e-12, atol=1e-12)
+        start += n + S
+
+
+def test_qla_summariser_seeds_see_history_not_each_other():
+    torch.manual_seed(0)
+    cfg = SummariserConfig(d_model=8, num_seeds=3, num_layers=2, num_heads=2, max_history_len=16,
+                           attention="qla")  # fmt: skip
+    model = SeedSummariser(cfg).double().eval()
+    offsets = torch.tensor([0, 5, 9])
+    inputs = prepare_summary(cfg, offsets)
+    history = torch.randn(9, cfg.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        base, states = model(history, inputs), model.encode(history, inputs)
+        model.seeds[1] += torch.randn(cfg.d_model, dtype=torch.float64)
+        moved, moved_states = model(history, inputs), model.encode(history, inputs)
+    # only seed 1 of each user changes; no history row reads a seed
+    changed = (moved - base).abs().amax(-1) > 1e-9
+    assert changed.tolist() == [[False, True, False]] * 2
+    rows = inputs.history_rows
+    torch.testing.assert_close(moved_states[rows], states[rows], rtol=0, atol=0)
+
+
+def test_qla_summariser_history_causal_and_seeds_see_the_last_event():
+    torch.manual_seed(0)
+    cfg = SummariserConfig(d_model=8, num_seeds=2, num_layers=2, max_history_len=16,
+                           attention="qla", qla_state="identity")  # fmt: skip
+    model = SeedSummariser(cfg).double().eval()
+    offsets = torch.tensor([0, 6])
+    inputs = prepare_summary(cfg, offsets)
+    history = torch.randn(6, cfg.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        base, states = model(history, inputs), model.encode(history, inputs)
+        moved = history.clone()
+        moved[5] += torch.randn(cfg.d_model, dtype=torch.float64)
+        after, after_states = model(moved, inputs), model.encode(moved, inputs)
+    rows = inputs.history_rows
+    torch.testing.assert_close(after_states[rows[:5]], states[rows[:5]], rtol=0, atol=0)
+    assert (after - base).abs().amax() > 1e-6
