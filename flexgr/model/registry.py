@@ -50,7 +50,8 @@ def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
     return get_spec(arch).build(config)
 
 
-# Last: the ranking and GESR packages register their models themselves (they import
+# Last: the ranking, GESR and VISTA packages register their models themselves (they import
 # register_model from here).
 import flexgr.gesr.spec
-import flexgr.ranking.spec  # noqa: F401
+import flexgr.ranking.spec
+import flexgr.vista.spec  # noqa: F401

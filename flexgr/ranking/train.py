@@ -161,13 +161,17 @@ class RankingTrainer(EpochTrainer):
 
     def train_step(self, batch: RankingBatch) -> Tensor:
         """One optimizer step; the loss is the weighted sum of each task's mean over the
-        batch's impressions that have its label."""
+        batch's impressions that have its label, plus the model's ``aux_loss`` when its forward
+        set one (a scalar, e.g. VISTA's reconstruction loss)."""
         assert batch.labels is not None and batch.known is not None
         with self._begin_step():
             logits = self.model(batch, self.spec.prepare(self.model, batch))
         sums = task_losses(logits.float(), batch.labels, batch.known, self.examples.kinds)
         counts = batch.known.sum(0).clamp_min(1).to(sums.dtype)
         loss = (self.task_weights * sums / counts).sum()
+        aux = getattr(self.model, "aux_loss", None)
+        if aux is not None:
+            loss = loss + aux.float()
         self._descend(loss)
         return loss.detach()
 
