@@ -10,6 +10,7 @@ from flexgr.cli.flops import flops_command
 from flexgr.cli.plot import plot_command
 from flexgr.cli.serve import serve_command
 from flexgr.cli.train import presets, train
+from flexgr.cli.vista import app as vista_app
 from flexgr.cli.vlm import app as vlm_app
 
 import flexgr
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(vlm_app, name="vlm")
+app.add_typer(vista_app, name="vista")
 app.command("train")(train)
 app.command("eval")(eval_command)
 app.command("export")(export_command)
