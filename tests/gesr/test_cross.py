@@ -1,4 +1,5 @@
-"""Jagged cross attention against a per-request dense reference, fp64, forward and backward."""
+"""Cross attention, jagged (pairs) and padded, against a per-request dense reference, fp64,
+forward and backward."""
 
 from __future__ import annotations
 
@@ -9,9 +10,22 @@ import torch.nn.functional as F
 from flexgr.gesr.cross import (
     CrossAttention,
     CrossAttentionConfig,
+    cross_padding,
     cross_pairs,
     jagged_cross_attention,
+    padded_cross_attention,
 )
+
+IMPLS = ["pairs", "padded"]
+
+
+def layout_of(impl, h_off, c_off, M):
+    return cross_pairs(h_off, c_off, M) if impl == "pairs" else cross_padding(h_off, c_off, M)
+
+
+def attend(impl, q, k, v, h_off, c_off, activation="softmax", divisor=1.0):
+    fn = jagged_cross_attention if impl == "pairs" else padded_cross_attention
+    return fn(q, k, v, layout_of(impl, h_off, c_off, q.shape[0]), activation, divisor)
 
 
 def _offsets(lengths):
@@ -49,12 +63,12 @@ def naive(q, k, v, h_off, c_off, activation, divisor):
     return torch.stack(rows) if rows else v.new_zeros(0, v.shape[1], v.shape[2])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
-def test_forward_and_backward_match_the_reference(seed, activation):
+def test_forward_and_backward_match_the_reference(impl, seed, activation):
     q, k, v, h_off, c_off = random_inputs(seed)
-    pairs = cross_pairs(h_off, c_off, q.shape[0])
-    got = jagged_cross_attention(q, k, v, pairs, activation, divisor=3.0)
+    got = attend(impl, q, k, v, h_off, c_off, activation, divisor=3.0)
     want = naive(q, k, v, h_off, c_off, activation, 3.0)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     grad = torch.randn_like(got)
@@ -64,35 +78,50 @@ def test_forward_and_backward_match_the_reference(seed, activation):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_empty_history_gives_zero_and_finite_grads():
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_empty_history_gives_zero_and_finite_grads(impl, activation):
     q, k, v, h_off, c_off = random_inputs(0)
-    pairs = cross_pairs(h_off, c_off, q.shape[0])
-    out = jagged_cross_attention(q, k, v, pairs)
+    out = attend(impl, q, k, v, h_off, c_off, activation)
     assert bool((out[: int(c_off[1])] == 0).all())
     out.sum().backward()
-    assert bool(torch.isfinite(q.grad).all())
+    for grad in (q.grad, k.grad, v.grad):
+        assert grad is None or bool(torch.isfinite(grad).all())
+    assert q.grad is not None and bool((q.grad[: int(c_off[1])] == 0).all())
 
 
-def test_softmax_is_stable_for_large_scores():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_history_empty_or_no_candidates(impl):
+    q = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    k, v = torch.zeros(0, 2, 3, dtype=torch.float64), torch.zeros(0, 2, 4, dtype=torch.float64)
+    out = attend(impl, q, k, v, _offsets([0, 0]), _offsets([2, 1]))
+    assert out.shape == (3, 2, 4) and bool((out == 0).all())
+    q0, k1, v1 = q[:0], torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 2, 4)
+    out = attend(impl, q0, k1, v1.double(), _offsets([1, 3]), _offsets([0, 0]))
+    assert out.shape == (0, 2, 4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_is_stable_for_large_scores(impl):
     q, k, v, h_off, c_off = random_inputs(3)
-    pairs = cross_pairs(h_off, c_off, q.shape[0])
     with torch.no_grad():
-        got = jagged_cross_attention(q * 1e3, k, v, pairs)
+        got = attend(impl, q * 1e3, k, v, h_off, c_off)
         want = naive(q * 1e3, k, v, h_off, c_off, "softmax", 1.0)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
-def test_module_gradcheck_and_shapes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_gradcheck_and_shapes(impl):
     cfg = CrossAttentionConfig(d_model=4, num_heads=2, head_dim=2)
     torch.manual_seed(0)
     module = CrossAttention(cfg).double()
     h_off, c_off = _offsets([3, 0, 2]), _offsets([2, 1, 2])
     cand = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     hist = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    pairs = cross_pairs(h_off, c_off, 5)
-    assert module(cand, hist, pairs).shape == (5, 4)
-    assert torch.autograd.gradcheck(lambda c, h: module(c, h, pairs), (cand, hist))
+    layout = layout_of(impl, h_off, c_off, 5)
+    assert module(cand, hist, layout).shape == (5, 4)
+    assert torch.autograd.gradcheck(lambda c, h: module(c, h, layout), (cand, hist))
 
 
 def test_bad_config():
