@@ -11,7 +11,7 @@ for k = 1..K and every task t:
 
 The paper gives the structure, not the equations; h_k as one SiLU layer, the biases, lambda
 learned from ``lambda_init`` and w_k without bias are choices (docs/gesr.md). The K branches
-are batched into one einsum per projection.
+are batched into one matmul per projection.
 """
 
 from __future__ import annotations
@@ -56,11 +56,18 @@ class MLPG(nn.Module):
         else:
             self.register_buffer("lam", lam)
 
+    def gated(self, z_Cd: Tensor) -> Tensor:
+        """[C, K, hidden]: every branch's ``g_k * h_k(z)``. The 2K projections are one matmul
+        (a per-branch einsum batches over k and costs about twice as much on CPU)."""
+        K, d, h = self.gate_weight.shape
+        weight = torch.cat([self.gate_weight, self.value_weight]).permute(1, 0, 2)
+        pre = (z_Cd @ weight.reshape(d, 2 * K * h)).view(-1, 2 * K, h)
+        gate, value = (pre + torch.cat([self.gate_bias, self.value_bias])).split(K, dim=1)
+        return torch.sigmoid(gate) * F.silu(value)
+
     def secondary(self, z_Cd: Tensor) -> Tensor:
         """[C, K, T]: every branch's secondary logits, before the lambdas."""
-        gate = torch.sigmoid(torch.einsum("cd,kdh->ckh", z_Cd, self.gate_weight) + self.gate_bias)
-        value = F.silu(torch.einsum("cd,kdh->ckh", z_Cd, self.value_weight) + self.value_bias)
-        return torch.einsum("ckh,kht->ckt", gate * value, self.logit_weight)
+        return torch.einsum("ckh,kht->ckt", self.gated(z_Cd), self.logit_weight)
 
     def forward(self, z_Cd: Tensor, primary_CT: Tensor) -> Tensor:
         """[C, T]: the primary logits plus the lambda-weighted secondary logits."""
@@ -72,4 +79,7 @@ class MLPG(nn.Module):
                 f"mlpg: z must be [C, {self.cfg.d_in}] and the primary logits "
                 f"[C, {self.cfg.num_tasks}], got {tuple(z_Cd.shape)} and {tuple(primary_CT.shape)}"
             )
-        return primary_CT + torch.einsum("ckt,k->ct", self.secondary(z_Cd), self.lam)
+        K, h, T = self.logit_weight.shape
+        # sum_k lambda_k w_k . gated_k as one matmul over the K * hidden gated values.
+        weight = (self.logit_weight * self.lam.view(K, 1, 1)).reshape(K * h, T)
+        return primary_CT + self.gated(z_Cd).reshape(-1, K * h) @ weight
