@@ -34,7 +34,9 @@ from flexgr.gesr.cross import (
     CrossActivation,
     CrossAttention,
     CrossAttentionConfig,
+    CrossPadding,
     CrossPairs,
+    cross_padding,
     cross_pairs,
 )
 from flexgr.gesr.matching import HardMatchConfig, HardMatchEmbedding, hard_match_features
@@ -66,9 +68,12 @@ class GESRRankingConfig(TwoTowerConfig):
     match_dim: int = 8
     match_half_life: float | None = None
     # cross: heads of cross_head_dim; softmax (DIN-style) or HSTU's silu / max_seq_len.
+    # cross_impl: "padded" (batched matmuls over the batch's longest lengths; fast when the
+    # lengths are alike) or "pairs" (every (candidate, history event) pair; no padding).
     cross_heads: int = 2
     cross_head_dim: int = 16
     cross_activation: CrossActivation = "softmax"
+    cross_impl: Literal["padded", "pairs"] = "padded"
     # self: HSTU layers over [history; candidates] (head dim = dqk = dv).
     self_layers: int = 1
     self_heads: int = 1
@@ -113,7 +118,7 @@ class GESRInputs:
     history_seq: Tensor  # [H] sequence of each history event
     candidate_seq: Tensor  # [C] sequence of each candidate
     match: Tensor | None  # [C, MATCH_COLUMNS] bucket ids (int64) or log1p counts (float64)
-    pairs: CrossPairs | None  # (candidate, history row) pairs of the cross attention
+    cross: CrossPairs | CrossPadding | None  # the cross attention's layout (cross_impl)
     rows: TokenRows | None  # the self expert's merged token layout
     hstu: HSTUInputs | None  # its target-aware mask and bias tables
 
@@ -174,8 +179,8 @@ class GESRRanker(nn.Module):
             out.append(self.match(inputs.match))
         candidates_Cd = self.towers.item_emb(batch.candidates)
         if self.cross is not None:
-            assert inputs.pairs is not None
-            out.append(self.cross(candidates_Cd, history_Hd, inputs.pairs))
+            assert inputs.cross is not None
+            out.append(self.cross(candidates_Cd, history_Hd, inputs.cross))
         if self.encoder is not None:
             assert inputs.rows is not None and inputs.hstu is not None
             assert self.placeholder is not None
@@ -201,12 +206,12 @@ class GESRRanker(nn.Module):
 
 def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
     """The experts' per-batch inputs: the match features (one host sync, the join's value
-    range), the cross-attention pairs (one host sync, the pair count) and the self expert's
-    token rows and HSTU inputs."""
+    range), the cross attention's layout (one host sync: the pair count or the longest
+    lengths) and the self expert's token rows and HSTU inputs."""
     cfg = model.cfg
     h_seq, _ = segments(batch.history_offsets, batch.num_history)
     c_seq, _ = segments(batch.candidate_offsets, batch.num_candidates)
-    match = pairs = rows = hstu = None
+    match = cross = rows = hstu = None
     if model.match is not None:
         match = hard_match_features(
             cfg.match_config(),
@@ -218,7 +223,8 @@ def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
             batch.query_time,
         )
     if model.cross is not None:
-        pairs = cross_pairs(batch.history_offsets, batch.candidate_offsets, batch.num_candidates)
+        layout = cross_pairs if cfg.cross_impl == "pairs" else cross_padding
+        cross = layout(batch.history_offsets, batch.candidate_offsets, batch.num_candidates)
     if model.encoder is not None:
         rows = token_rows(batch, "merged")
         tokens = JaggedBatch(
@@ -229,7 +235,7 @@ def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
             rows.num_targets,
         )
         hstu = prepare_hstu(model.encoder, tokens)  # type: ignore[arg-type]
-    return GESRInputs(h_seq, c_seq, match, pairs, rows, hstu)  # type: ignore[arg-type]
+    return GESRInputs(h_seq, c_seq, match, cross, rows, hstu)  # type: ignore[arg-type]
 
 
 def validate(options: dict[str, Any]) -> None:

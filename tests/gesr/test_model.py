@@ -22,7 +22,14 @@ CFG = RankingConfig(
 )
 KINDS = ["bce", "mse", "bce"]
 SMALL = {"d_model": 8, "hidden": 16, "cross_head_dim": 4, "self_head_dim": 4, "mlpg_hidden": 8}
-EXPERT_SETS = [["match", "cross", "self"], ["match"], ["cross"], ["self"], ["cross", "self"]]
+EXPERT_SETS = [
+    {"experts": ["match", "cross", "self"]},
+    {"experts": ["match"]},
+    {"experts": ["cross"]},
+    {"experts": ["cross"], "cross_impl": "pairs", "cross_activation": "silu"},
+    {"experts": ["self"]},
+    {"experts": ["cross", "self"], "match_buckets": 0},
+]
 
 
 def _model(data, seed: int = 0, **extra) -> GESRRanker:
@@ -41,18 +48,18 @@ def _batch(users: int = 10, seed: int = 3):
     return data, requests, request_batch(events_of(data, CFG), requests, np.arange(len(requests)))
 
 
-@pytest.mark.parametrize("experts", EXPERT_SETS)
-def test_logits_have_one_column_per_task_and_are_finite(experts: list[str]) -> None:
+@pytest.mark.parametrize("extra", EXPERT_SETS)
+def test_logits_have_one_column_per_task_and_are_finite(extra: dict) -> None:
     data, _, batch = _batch()
-    out = _logits(_model(data, experts=experts), batch)
+    out = _logits(_model(data, **extra), batch)
     assert out.shape == (batch.num_candidates, 3) and out.dtype == torch.float64
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("experts", EXPERT_SETS)
-def test_changing_one_candidate_leaves_the_others_unchanged(experts: list[str]) -> None:
+@pytest.mark.parametrize("extra", EXPERT_SETS)
+def test_changing_one_candidate_leaves_the_others_unchanged(extra: dict) -> None:
     data, requests, batch = _batch()
-    model = _model(data, experts=experts)
+    model = _model(data, **extra)
     before = _logits(model, batch)
     # Candidate 1 of request 0 becomes an item of that request's history (a match for it).
     first = int(batch.candidate_offsets[0])
@@ -149,3 +156,15 @@ def test_validate_names_the_bad_key(extra: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         assert spec.validate is not None
         spec.validate({**defaults, **model_options(data, CFG, 9), **extra})
+
+
+@pytest.mark.parametrize("activation", ["softmax", "silu"])
+def test_padded_and_pair_cross_attention_give_the_same_logits(activation: str) -> None:
+    data, _, batch = _batch()
+    logits = [
+        _logits(
+            _model(data, experts=["cross"], cross_impl=impl, cross_activation=activation), batch
+        )
+        for impl in ("padded", "pairs")
+    ]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-10, atol=1e-12)
