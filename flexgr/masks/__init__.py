@@ -7,6 +7,7 @@ from flexgr.masks.block import (
     bucket_length,
     build_custom_mask,
     build_hstu_mask,
+    build_semi_local_mask,
     padded_length,
 )
 from flexgr.masks.dense import dense_hstu_mask
@@ -37,6 +38,7 @@ __all__ = [
     "build_custom_mask",
     "build_hstu_mask",
     "build_layout",
+    "build_semi_local_mask",
     "causal",
     "contextual",
     "dense_hstu_mask",

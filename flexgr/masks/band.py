@@ -56,6 +56,8 @@ def _block_stats(layout: JaggedLayout, block_size: int) -> dict[str, Tensor]:
         "s_hi": seq.gather(1, last)[:, 0],
         "p_first": pos[:, 0],
         "p_last": pos.gather(1, last)[:, 0],
+        # max_id of the first token's sequence (the tail rows' bound)
+        "m_first": layout.max_id.view(-1, block_size)[:, 0].long(),
         "target": (layout.is_target.view(-1, block_size) & real).any(1),
         "ctx": ctx.any(1),
     }
@@ -139,17 +141,20 @@ def band_tables(
     full_attn_tail: int,
     max_len: int,
     block_size: int,
+    global_len: int = 0,
+    semi_local: bool = False,
 ) -> BandTables:
     """Layout and block tables of one batch from its offsets: pure tensor code with shapes
     fixed by the host's integers, so ``torch.compile`` fuses it into a few kernels
-    (:func:`compiled_band_tables`; a few dozen launches eagerly)."""
+    (:func:`compiled_band_tables`; a few dozen launches eagerly). ``global_len`` and
+    ``semi_local`` are :class:`flexgr.masks.block.MaskSpec`'s (semi-local attention)."""
     layout = build_layout(
         offsets, num_targets=num_targets, contextual_len=contextual_len,
         total_len=total_len, padded_len=padded_len,
     )
     blocks = _block_tables(
         layout, max_len=max_len, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail,
-        block_size=block_size,
+        block_size=block_size, global_len=global_len, semi_local=semi_local,
     )
     return BandTables(
         layout.seq_id, layout.local, layout.seq_len, layout.pos_id, layout.max_id,
@@ -171,6 +176,8 @@ def _block_tables(
     max_attn_len: int,
     full_attn_tail: int,
     block_size: int,
+    global_len: int = 0,
+    semi_local: bool = False,
 ) -> tuple[Tensor, ...]:
     P = layout.padded_len
     nb = P // block_size
@@ -197,10 +204,25 @@ def _block_tables(
     # An earlier key block can share only one sequence with the query block: its last, which
     # is the query block's first (a later key block: the query block's last, its first).
     before = real & (kb < qb) & (k_("s_hi") == q_("s_lo"))
-    if max_attn_len > 0 and full_attn_tail == 0 and causal:
+    window = max_attn_len > 0 or semi_local
+    tail = full_attn_tail if window else 0
+    global_len = global_len if window else 0
+    if window:
         # The shared sequence's keys end the key block and its queries start the query block:
-        # no pair is closer than p_first(q) - p_last(k) positions.
-        before = before & (q_("p_first") - k_("p_last") <= max_attn_len)
+        # no pair is closer than p_first(q) - p_last(k) positions. Pairs further apart are
+        # visible only through an exemption the two blocks can hold: tail rows (a query block
+        # holding a sequence end has some; else its last row decides), contextual rows, or
+        # global keys (a key block holding a sequence start has some; else its first key).
+        near = q_("p_first") - k_("p_last") <= max_attn_len
+        if tail > 0:
+            ends = q_("s_lo") != q_("s_hi")
+            near = near | ends | (q_("p_last") >= q_("m_first") - tail)
+        if not causal:
+            near = near | q_("ctx")
+        if global_len > 0:
+            starts = k_("s_lo") != k_("s_hi")
+            near = near | starts | (k_("p_first") < global_len)
+        before = before & near
     any_ = before | (real & (kb == qb))
     if not causal:  # keys after the query block: only contextual rows look forward
         any_ = any_ | (real & (kb > qb) & (k_("s_lo") == q_("s_hi")) & q_("ctx"))
@@ -212,9 +234,15 @@ def _block_tables(
         & (q_("s_lo") == k_("s_lo"))
     )
     full = any_ & one_seq & (kb < qb) & ~k_("target") & ~q_("ctx") & ~k_("ctx")
-    if max_attn_len > 0:
-        # One sequence in both blocks: no pair is further apart than p_last(q) - p_first(k).
-        full = full & (q_("p_last") - k_("p_first") <= max_attn_len)
+    if window:
+        # One sequence in both blocks: no pair is further apart than p_last(q) - p_first(k);
+        # or every query row is a tail row, or every key a global key.
+        every = q_("p_last") - k_("p_first") <= max_attn_len
+        if tail > 0:
+            every = every | (q_("p_first") >= q_("m_first") - tail)
+        if global_len > 0:
+            every = every | (k_("p_last") < global_len)
+        full = full & every
     partial = any_ & ~full
     kv_num, kv_idx = _compact(partial, kb, nb)
     full_num, full_idx = _compact(full, kb, nb)

@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from flexgr.masks.band import BandTables, band_tables, block_mask_of, compiled_band_tables
 from flexgr.masks.layout import JaggedLayout, build_layout
-from flexgr.masks.mods import MaskMod, hstu_mask
+from flexgr.masks.mods import MaskMod, and_masks, hstu_mask, jagged, semi_local
 from flexgr.masks.sparse import jagged_block_mask
 from flexgr.ops.kernel_options import kernel_options
 
@@ -30,12 +30,36 @@ BLOCK_SIZE = 128
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """The built-in HSTU rule, in a form a kernel can evaluate inline."""
+    """The built-in HSTU rule, or ULTRA-HSTU's semi-local attention, in a form a kernel can
+    evaluate inline.
+
+    With ``semi_local`` (:func:`semi_local_spec`) the window is on even at ``max_attn_len = 0``
+    (the diagonal only), and its exemption is either ``full_attn_tail`` rows ("tail_rows") or
+    ``global_len`` global prefix keys ("global_keys": keys whose position id is below it)."""
 
     contextual_len: int = 0
     max_attn_len: int = 0
     full_attn_tail: int = 0
     has_targets: bool = False
+    semi_local: bool = False
+    global_len: int = 0
+
+    @property
+    def has_window(self) -> bool:
+        return self.max_attn_len > 0 or self.semi_local
+
+
+def semi_local_spec(local: int, global_: int, mode: str) -> MaskSpec:
+    """The spec of ``and_masks(jagged(...), semi_local(..., local, global_, mode=mode))``: a
+    window of ``local`` keys, plus ``global_`` tail rows (``"tail_rows"``, the built-in rule's
+    ``full_attn_tail``) or ``global_`` prefix keys (``"global_keys"``)."""
+    if local < 0 or global_ < 0:
+        raise ValueError(f"semi_local: local and global_ must be >= 0, got {local}, {global_}")
+    if mode == "tail_rows":
+        return MaskSpec(max_attn_len=local, full_attn_tail=global_, semi_local=True)
+    if mode == "global_keys":
+        return MaskSpec(max_attn_len=local, global_len=global_, semi_local=True)
+    raise ValueError(f"semi_local: mode must be 'global_keys' or 'tail_rows', got {mode!r}")
 
 
 @dataclass(frozen=True)
@@ -142,6 +166,65 @@ def build_hstu_mask(
     return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 
 
+def build_semi_local_mask(
+    offsets: Tensor,
+    local: int,
+    global_: int,
+    *,
+    mode: str = "global_keys",
+    total_len: int | None = None,
+    padded_len: int | None = None,
+    block_size: int = BLOCK_SIZE,
+    max_len: int | None = None,
+) -> HSTUMask:
+    """ULTRA-HSTU semi-local attention over one packed batch, with a spec the Triton kernel
+    evaluates inline: the rule of ``and_masks(jagged(offsets), semi_local(offsets, local,
+    global_, mode=mode))`` (in-sequence indices; no targets, no contextual prefix).
+
+    With ``max_len`` the block tables come from the band statistics (no host sync, as
+    :func:`build_hstu_mask`); without it the rule is evaluated on every block pair that shares a
+    sequence. Either way a key block is listed only when the local window, the global prefix
+    keys or the tail rows can reach it, so the kernel's work is O((local + global_) L) per
+    sequence of L tokens ("global_keys"), not O(L^2)."""
+    device = offsets.device
+    if total_len is None:
+        total_len = int(offsets[-1])
+    if padded_len is None:
+        padded_len = padded_length(total_len, device, block_size)
+    spec = semi_local_spec(local, global_, mode)
+    if max_len is not None:
+        if padded_len % block_size:
+            raise ValueError(
+                f"padded length {padded_len} is not a multiple of block_size {block_size}"
+            )
+        build = band_builder(prepare_mode(device, block_size))
+        tables = build(
+            offsets, None, total_len, padded_len, 0, spec.max_attn_len, spec.full_attn_tail,
+            max_len, block_size, spec.global_len, True,
+        )
+        return mask_of_band(
+            tables, offsets, spec, max_attn_len=spec.max_attn_len,
+            full_attn_tail=spec.full_attn_tail, total_len=total_len, padded_len=padded_len,
+            block_size=block_size,
+        )
+    layout = build_layout(offsets, total_len=total_len, padded_len=padded_len)
+    mod = rule_of(layout, spec)
+    block_mask = jagged_block_mask(mod, layout.seq_id, block_size, causal=True)
+    return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
+
+
+def rule_of(layout: JaggedLayout, spec: MaskSpec) -> MaskMod:
+    """The mask_mod a spec stands for, over ``layout`` (which must carry the spec's targets and
+    contextual prefix)."""
+    if spec.semi_local:
+        mode, glob = (
+            ("tail_rows", spec.full_attn_tail) if spec.full_attn_tail else
+            ("global_keys", spec.global_len)
+        )
+        return and_masks(jagged(layout), semi_local(layout, spec.max_attn_len, glob, mode=mode))
+    return hstu_mask(layout, max_attn_len=spec.max_attn_len, full_attn_tail=spec.full_attn_tail)
+
+
 def mask_spec(
     num_targets: Tensor | None, contextual_len: int, max_attn_len: int, full_attn_tail: int
 ) -> MaskSpec:
@@ -205,7 +288,10 @@ def mask_of_band(
         *tables[:6], total_len=total_len, padded_len=padded_len,
         contextual_len=spec.contextual_len, has_targets=spec.has_targets,
     )
-    mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)
+    if spec.semi_local:
+        mod = rule_of(layout, spec)
+    else:
+        mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)
     block_mask = block_mask_of(tables[6:], padded_len, block_size, mod)
     return HSTUMask(block_mask=block_mask, mask_mod=mod, layout=layout, spec=spec, offsets=offsets)
 

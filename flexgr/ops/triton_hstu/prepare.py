@@ -42,7 +42,8 @@ _P_FIRST = tl.constexpr(4)
 _P_LAST = tl.constexpr(5)
 _TARGET = tl.constexpr(6)
 _CTX = tl.constexpr(7)
-_STATS = 8
+_M_FIRST = tl.constexpr(8)
+_STATS = 9
 _TOKENS = 512  # tokens per program of the token kernel (at least one mask block)
 _ROWS = 16  # block-table rows per program
 _PAIR_CHUNK = 64  # candidate pairs of a row classified at once
@@ -140,6 +141,8 @@ def _token_kernel(
     else:
         ctx = tl.zeros([ROWS], dtype=tl.int32)
     tl.store(stats + _CTX * num_blocks, ctx, mask=ok)
+    max32 = max_id.to(tl.int32)
+    tl.store(stats + _M_FIRST * num_blocks, tl.sum(tl.where(first, max32, 0), 1), mask=ok)
 
     if WITH_BIAS:
         t = ~pad
@@ -165,10 +168,10 @@ def _token_kernel(
 @triton.jit
 def _pair_rows(
     stats_ptr, num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, first_row, num_blocks, reach,
-    max_attn_len,
-    TRANSPOSED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_BEFORE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, ROWS: tl.constexpr, PAIR_CHUNK: tl.constexpr,
-    ROW_CHUNK: tl.constexpr,
+    max_attn_len, tail, global_len,
+    TRANSPOSED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr, ROWS: tl.constexpr,
+    PAIR_CHUNK: tl.constexpr, ROW_CHUNK: tl.constexpr,
 ):
     """ROWS rows: the key blocks of each query block (or, TRANSPOSED, the query blocks of each
     key block), partial and full, ascending; ``_block_tables``' rules pair by pair."""
@@ -206,10 +209,20 @@ def _pair_rows(
         real = valid & (tl.load(sq + _ANY * num_blocks) != 0) & (tl.load(sk + _ANY * num_blocks) != 0)
         # An earlier key block shares at most its last sequence, the query block's first.
         before = real & (kb < qb) & (s_hi_k == s_lo_q)
-        if WINDOW_BEFORE:
+        if HAS_WINDOW:  # further than the window: only through an exemption (band.py)
             p_first_q = tl.load(sq + _P_FIRST * num_blocks).to(tl.int64)
             p_last_k = tl.load(sk + _P_LAST * num_blocks).to(tl.int64)
-            before = before & (p_first_q - p_last_k <= max_attn_len)
+            near = p_first_q - p_last_k <= max_attn_len
+            if HAS_TAIL:
+                p_last_q = tl.load(sq + _P_LAST * num_blocks).to(tl.int64)
+                m_first_q = tl.load(sq + _M_FIRST * num_blocks).to(tl.int64)
+                near = near | (s_lo_q != s_hi_q) | (p_last_q >= m_first_q - tail)
+            if not CAUSAL:
+                near = near | ctx_q
+            if HAS_GLOBAL:
+                p_first_k = tl.load(sk + _P_FIRST * num_blocks).to(tl.int64)
+                near = near | (s_lo_k != s_hi_k) | (p_first_k < global_len)
+            before = before & near
         any_ = before | (real & (kb == qb))
         if not CAUSAL:  # keys after the query block: only contextual rows look forward
             any_ = any_ | (real & (kb > qb) & (s_lo_k == s_hi_q) & ctx_q)
@@ -221,7 +234,15 @@ def _pair_rows(
         if HAS_WINDOW:
             p_last_q = tl.load(sq + _P_LAST * num_blocks).to(tl.int64)
             p_first_k = tl.load(sk + _P_FIRST * num_blocks).to(tl.int64)
-            full = full & (p_last_q - p_first_k <= max_attn_len)
+            every = p_last_q - p_first_k <= max_attn_len
+            if HAS_TAIL:
+                p_first_q = tl.load(sq + _P_FIRST * num_blocks).to(tl.int64)
+                m_first_q = tl.load(sq + _M_FIRST * num_blocks).to(tl.int64)
+                every = every | (p_first_q >= m_first_q - tail)
+            if HAS_GLOBAL:
+                p_last_k = tl.load(sk + _P_LAST * num_blocks).to(tl.int64)
+                every = every | (p_last_k < global_len)
+            full = full & every
         part = any_ & ~full
         # Compaction: a selected pair's column is the number of selected pairs before it.
         part_i = part.to(tl.int32)
@@ -243,13 +264,14 @@ def _pair_rows(
         tl.store(full_idx_ptr + base + col, zero, mask=inside & (col >= n_full[:, None]))
 
 
-@triton.jit(do_not_specialize=["num_blocks", "reach", "max_attn_len"])
+@triton.jit(do_not_specialize=["num_blocks", "reach", "max_attn_len", "tail", "global_len"])
 def _pairs_kernel(
     stats_ptr, kv_num_ptr, kv_idx_ptr, full_kv_num_ptr, full_kv_idx_ptr,
     q_num_ptr, q_idx_ptr, full_q_num_ptr, full_q_idx_ptr,
-    num_blocks, reach, max_attn_len,
-    CAUSAL: tl.constexpr, WINDOW_BEFORE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    ROWS: tl.constexpr, PAIR_CHUNK: tl.constexpr, ROW_CHUNK: tl.constexpr,
+    num_blocks, reach, max_attn_len, tail, global_len,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TAIL: tl.constexpr,
+    HAS_GLOBAL: tl.constexpr, ROWS: tl.constexpr, PAIR_CHUNK: tl.constexpr,
+    ROW_CHUNK: tl.constexpr,
 ):
     """Programs [0, n): ROWS query blocks each (kv tables); [n, 2n): ROWS key blocks each (the
     transposed q tables)."""
@@ -258,14 +280,14 @@ def _pairs_kernel(
     if pid < per_side:
         _pair_rows(
             stats_ptr, kv_num_ptr, kv_idx_ptr, full_kv_num_ptr, full_kv_idx_ptr, pid * ROWS,
-            num_blocks, reach, max_attn_len, False, CAUSAL, WINDOW_BEFORE, HAS_WINDOW,
-            ROWS, PAIR_CHUNK, ROW_CHUNK,
+            num_blocks, reach, max_attn_len, tail, global_len, False, CAUSAL, HAS_WINDOW,
+            HAS_TAIL, HAS_GLOBAL, ROWS, PAIR_CHUNK, ROW_CHUNK,
         )
     else:
         _pair_rows(
             stats_ptr, q_num_ptr, q_idx_ptr, full_q_num_ptr, full_q_idx_ptr,
-            (pid - per_side) * ROWS, num_blocks, reach, max_attn_len, True, CAUSAL,
-            WINDOW_BEFORE, HAS_WINDOW, ROWS, PAIR_CHUNK, ROW_CHUNK,
+            (pid - per_side) * ROWS, num_blocks, reach, max_attn_len, tail, global_len, True,
+            CAUSAL, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, ROWS, PAIR_CHUNK, ROW_CHUNK,
         )
 
 
@@ -279,11 +301,14 @@ def band_tables(
     full_attn_tail: int,
     max_len: int,
     block_size: int,
+    global_len: int = 0,
+    semi_local: bool = False,
 ) -> BandTables:
     """:func:`flexgr.masks.band.band_tables` in two launches (same arguments, same tensors)."""
     band, _ = _launch(
         offsets, num_targets, None, None, total_len, padded_len, contextual_len,
         max_attn_len, full_attn_tail, max_len, block_size, with_bias=False,
+        global_len=global_len, semi_local=semi_local,
     )
     return band
 
@@ -401,6 +426,8 @@ def _launch(
     block_size: int,
     *,
     with_bias: bool,
+    global_len: int = 0,
+    semi_local: bool = False,
 ) -> tuple[BandTables, BiasInputs | None]:
     if not supports_block_size(block_size):
         raise ValueError(f"block_size must be a power of two in 16..1024, got {block_size}")
@@ -443,6 +470,7 @@ def _launch(
     if nb == 0:
         return band, bias
     causal = contextual_len == 0
+    window = max_attn_len > 0 or semi_local
     with _on(device):
         rows = max(1, _TOKENS // block_size)
         _token_kernel[(triton.cdiv(nb, rows),)](
@@ -459,9 +487,9 @@ def _launch(
         _pairs_kernel[(2 * triton.cdiv(nb, _ROWS),)](
             stats, kv_num, kv_idx, full_kv_num, full_kv_idx,
             q_num, q_idx, full_q_num, full_q_idx,
-            nb, band_width(max_len, block_size), max_attn_len,
-            CAUSAL=causal, WINDOW_BEFORE=max_attn_len > 0 and full_attn_tail == 0 and causal,
-            HAS_WINDOW=max_attn_len > 0, ROWS=_ROWS, PAIR_CHUNK=_PAIR_CHUNK,
+            nb, band_width(max_len, block_size), max_attn_len, full_attn_tail, global_len,
+            CAUSAL=causal, HAS_WINDOW=window, HAS_TAIL=window and full_attn_tail > 0,
+            HAS_GLOBAL=window and global_len > 0, ROWS=_ROWS, PAIR_CHUNK=_PAIR_CHUNK,
             ROW_CHUNK=_ROW_CHUNK, num_warps=4,
         )
     return band, bias
