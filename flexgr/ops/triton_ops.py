@@ -26,7 +26,7 @@ def pack(tab) -> tuple[list[Tensor], list[int], float]:  # noqa: ANN001 - launch
     ints = [
         tab.mask_block_q, tab.mask_block_kv, tab.total_len, tab.padded_len, tab.rab_n,
         tab.num_buckets, spec.contextual_len, spec.max_attn_len, spec.full_attn_tail,
-        int(spec.has_targets),
+        int(spec.has_targets), int(spec.semi_local), spec.global_len,
     ]
     return [getattr(tab, name) for name in TABLE_TENSORS], ints, float(tab.inv_bucket_div)
 
@@ -34,9 +34,10 @@ def pack(tab) -> tuple[list[Tensor], list[int], float]:  # noqa: ANN001 - launch
 def unpack(tensors: list[Tensor], ints: list[int], inv_bucket_div: float):  # noqa: ANN201
     from flexgr.ops.triton_hstu.launch import MaskTables
 
-    mbq, mbkv, total, padded, rab_n, buckets, ctx, window, tail, targets = ints
+    mbq, mbkv, total, padded, rab_n, buckets, ctx, window, tail, targets, sla, glob = ints
     spec = MaskSpec(
-        contextual_len=ctx, max_attn_len=window, full_attn_tail=tail, has_targets=bool(targets)
+        contextual_len=ctx, max_attn_len=window, full_attn_tail=tail, has_targets=bool(targets),
+        semi_local=bool(sla), global_len=glob,
     )
     return MaskTables(
         **dict(zip(TABLE_TENSORS, tensors, strict=True)),

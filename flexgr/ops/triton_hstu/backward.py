@@ -25,12 +25,13 @@ def _dkdv_visit(
     dk, dv, k, v, offs_n, k_seq, k_pos, k_local, k_ts,
     Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
     SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
-    block_list, num_blocks, T, alpha, out_scale, dq_scale, window, tail,
+    block_list, num_blocks, T, alpha, out_scale, dq_scale, window, tail, global_len,
     rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_Q // BLOCK_M
@@ -68,8 +69,8 @@ def _dkdv_visit(
             q_pos = tl.load(PosId + offs_m)
             q_max = tl.load(MaxId + offs_m)
             valid = hstu_valid(
-                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail,
-                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, True,
+                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail, global_len,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, True,
             )
             pT = tl.where(valid, pT, 0.0)
             dsT = tl.where(valid, dsT, 0.0)
@@ -113,12 +114,13 @@ def _dkdv_program(
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
     QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
-    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     start_n = pid_n * BLOCK_N
@@ -159,9 +161,11 @@ def _dkdv_program(
         Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
         SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
         QIdx + mask_col * q_idx_stride, num_partial, T, alpha, out_scale, dq_scale, window, tail,
+        global_len,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FUSE_DQ, FAST,
+        DOT_PRECISION,
         RAB_LANES,
     )
     num_full = tl.load(FullQNum + mask_col)
@@ -170,9 +174,11 @@ def _dkdv_program(
         Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
         SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
         FullQIdx + mask_col * q_idx_stride, num_full, T, alpha, out_scale, dq_scale, window, tail,
+        global_len,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FUSE_DQ, FAST,
+        DOT_PRECISION,
         RAB_LANES,
     )
     if DQK == BLOCK_DQK:
@@ -201,12 +207,13 @@ def hstu_bwd_dkdv_kernel(
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
     QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, TileOrder,
-    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -216,9 +223,10 @@ def hstu_bwd_dkdv_kernel(
         stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh,
         stride_dvt, stride_dvh, stride_dqt, stride_dqh, SeqId, PosId, MaxId, Local, Ts,
         NextTs, PosW, TsW, DPosW, DTsW, QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, T,
-        alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div, DQK, DV, BLOCK_DQK,
+        alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div, DQK, DV,
+        BLOCK_DQK,
         BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
-        HAS_WINDOW, HAS_TAIL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_LANES,
+        HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_LANES,
     )
 
 
@@ -226,11 +234,12 @@ def hstu_bwd_dkdv_kernel(
 def _dq_visit(
     dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
     K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
-    block_list, num_blocks, T, alpha, window, tail, rab_n, num_buckets, bucket_div,
+    block_list, num_blocks, T, alpha, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
@@ -266,8 +275,8 @@ def _dq_visit(
             k_seq = tl.load(SeqId + offs_n)
             k_pos = tl.load(PosId + offs_n)
             valid = hstu_valid(
-                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail,
-                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, False,
+                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail, global_len,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, False,
             )
             ds = tl.where(valid, ds, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -282,12 +291,13 @@ def _dq_program(
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
-    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     start_m = pid_m * BLOCK_M
@@ -323,19 +333,19 @@ def _dq_program(
     dq = _dq_visit(
         dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
-        KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail,
+        KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
     )
     num_full = tl.load(FullKvNum + mask_row)
     dq = _dq_visit(
         dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
-        FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail,
+        FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
     )
     if DQK == BLOCK_DQK:
         dq_mask = row_ok[:, None]
@@ -353,12 +363,13 @@ def hstu_bwd_dq_kernel(
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, TileOrder,
-    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -367,9 +378,10 @@ def hstu_bwd_dq_kernel(
         pid_m, head, Q, K, V, DO, DQ, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
         stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, SeqId, PosId, MaxId,
         Local, Ts, NextTs, PosW, TsW, KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, T,
-        alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div, DQK, DV, BLOCK_DQK,
+        alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div, DQK, DV,
+        BLOCK_DQK,
         BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
-        HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+        HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
     )
 
 
@@ -381,13 +393,14 @@ def hstu_bwd_merged_kernel(
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
     QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, MergedOrder, num_kv_tiles,
-    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     KV_BLOCK_M: tl.constexpr, KV_BLOCK_N: tl.constexpr,
     Q_BLOCK_M: tl.constexpr, Q_BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     """dk/dv programs and dq programs in one launch, heaviest first across both kinds, so the
@@ -402,9 +415,10 @@ def hstu_bwd_merged_kernel(
             stride_dqt, stride_dqh,
             SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
             QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
-            T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+            T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
             DQK, DV, BLOCK_DQK, BLOCK_DV, KV_BLOCK_M, KV_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
-            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, False, FAST, DOT_PRECISION,
+            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, False, FAST,
+            DOT_PRECISION,
             RAB_LANES,
         )
     else:
@@ -414,7 +428,8 @@ def hstu_bwd_merged_kernel(
             stride_dot, stride_doh, stride_dqt, stride_dqh,
             SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
             KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
-            T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+            T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
             DQK, DV, BLOCK_DQK, BLOCK_DV, Q_BLOCK_M, Q_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
-            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST,
+            DOT_PRECISION,
         )

@@ -17,11 +17,12 @@ from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, score
 def _fwd_visit(
     acc, q, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
     K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
-    block_list, num_blocks, T, alpha, window, tail, rab_n, num_buckets, bucket_div,
+    block_list, num_blocks, T, alpha, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
@@ -52,8 +53,8 @@ def _fwd_visit(
             k_seq = tl.load(SeqId + offs_n)
             k_pos = tl.load(PosId + offs_n)
             valid = hstu_valid(
-                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail,
-                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, False,
+                offs_m, q_seq, q_pos, q_max, offs_n, k_seq, k_pos, window, tail, global_len,
+                HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, False,
             )
             p = tl.where(valid, p, 0.0)
         v = load_rows(
@@ -70,12 +71,13 @@ def hstu_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, TileOrder,
-    T, alpha, out_scale, window, tail, rab_n, num_buckets, bucket_div,
+    T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -109,19 +111,19 @@ def hstu_fwd_kernel(
     acc = _fwd_visit(
         acc, q, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
-        KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail,
+        KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
     )
     num_full = tl.load(FullKvNum + mask_row)
     acc = _fwd_visit(
         acc, q, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
-        FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail,
+        FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_RAB, FAST, DOT_PRECISION,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
     )
     out = acc * out_scale
     if DV == BLOCK_DV:

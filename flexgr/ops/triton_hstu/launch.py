@@ -201,11 +201,13 @@ def _mask_only_tables(mask: HSTUMask) -> MaskTables:
 
 def _mask_flags(tab: MaskTables, has_rab: bool) -> dict[str, object]:
     spec = tab.spec
+    window = spec.has_window
     return dict(
         HAS_TARGETS=spec.has_targets,
         HAS_CONTEXT=spec.contextual_len > 0,
-        HAS_WINDOW=spec.max_attn_len > 0,
-        HAS_TAIL=spec.max_attn_len > 0 and spec.full_attn_tail > 0,
+        HAS_WINDOW=window,
+        HAS_TAIL=window and spec.full_attn_tail > 0,
+        HAS_GLOBAL=window and spec.global_len > 0,
         HAS_RAB=has_rab,
     )
 
@@ -214,7 +216,8 @@ def _scalars(tab: MaskTables, alpha: float, out_scale: float) -> tuple[object, .
     spec = tab.spec
     return (
         tab.total_len, float(alpha), float(out_scale), int(spec.max_attn_len),
-        int(spec.full_attn_tail), tab.rab_n, tab.num_buckets, tab.inv_bucket_div,
+        int(spec.full_attn_tail), int(spec.global_len), tab.rab_n, tab.num_buckets,
+        tab.inv_bucket_div,
     )
 
 

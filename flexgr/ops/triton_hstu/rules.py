@@ -27,13 +27,16 @@ else:
 
 @triton.jit
 def hstu_valid(
-    m_idx, q_seq, q_pos, q_max, n_idx, k_seq, k_pos, window, tail,
+    m_idx, q_seq, q_pos, q_max, n_idx, k_seq, k_pos, window, tail, global_len,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_TAIL: tl.constexpr, TRANSPOSED: tl.constexpr,
+    HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """The rule of ``flexgr.masks.mods.hstu_mask`` on global indices. Targets are the tokens whose
     position id equals their sequence's max_id (ids are clamped to it), so the key side needs no
-    is_target table: inside one sequence the query's max_id is the key's too."""
+    is_target table: inside one sequence the query's max_id is the key's too. Semi-local
+    attention (``MaskSpec.semi_local``) is the window (possibly 0 wide) with either the tail
+    rows (HAS_TAIL) or the global prefix keys, position id below ``global_len`` (HAS_GLOBAL),
+    exempt from it."""
     if TRANSPOSED:  # tile is [keys, queries]
         mi = m_idx[None, :]
         qs = q_seq[None, :]
@@ -58,6 +61,8 @@ def hstu_valid(
         near = (qp - kp) <= window
         if HAS_TAIL:
             near = near | (qp >= qm - tail)
+        if HAS_GLOBAL:
+            near = near | (kp < global_len)
         valid = valid & near
     if HAS_CONTEXT:
         valid = valid | (same & (qp == 0) & (kp < qm))
