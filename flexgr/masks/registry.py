@@ -3,8 +3,8 @@
 A rule is a factory ``(layout, options) -> mask_mod`` over global token indices of one packed
 batch; ``options`` is the model config, so a rule can read its own settings from it (as
 ``semi_local`` reads ``sla_local``, ``sla_global`` and ``sla_mode``). Registered rules run on the
-flex backend (CUDA) or the dense reference (CPU); only the built-in ``"hstu"`` rule is evaluated
-inline by the Triton kernel.
+flex backend (CUDA) or the dense reference (CPU); the Triton kernel evaluates the built-in
+``"hstu"`` rule and the library's ``"semi_local"`` inline (:func:`kernel_rule`).
 
     from flexgr.masks import register_mask, local_window
 
@@ -42,6 +42,12 @@ def register_mask(name: str) -> Callable[[MaskFactory], MaskFactory]:
 
 def mask_names() -> list[str]:
     return [BUILTIN_RULE, *sorted(_RULES)]
+
+
+def kernel_rule(name: str) -> bool:
+    """Whether the Triton kernel evaluates the named rule inline: the built-in rule, and
+    ``"semi_local"`` while it is the library's own factory (not one a user registered over it)."""
+    return name == BUILTIN_RULE or (name == "semi_local" and _RULES.get(name) is _semi_local)
 
 
 def mask_rule(name: str) -> MaskFactory:

@@ -122,7 +122,13 @@ def hstu_attention(
         if cpu_needs_fallback(*tensors):
             _warn_cpu_fallback()
             backend = "reference"
-    if backend == "reference" and mask is not None and mask.spec is None:
+    # Custom rules and semi-local attention: the dense oracle of the mask's own mask_mod (the
+    # keyword options describe the built-in rule only).
+    if (
+        backend == "reference"
+        and mask is not None
+        and (mask.spec is None or mask.spec.semi_local)
+    ):
         from flexgr.ops.reference import hstu_attention_custom_mask
 
         return hstu_attention_custom_mask(

@@ -58,7 +58,9 @@ def choose_backend(
     training: bool = False,
     strict: bool = False,
 ) -> BackendChoice:
-    """The backend that will run: ``requested``, or what it has to become (and why)."""
+    """The backend that will run: ``requested``, or what it has to become (and why).
+    ``builtin_mask``: the mask is one the Triton kernel evaluates inline (the built-in rule or
+    semi-local attention, :func:`flexgr.masks.registry.kernel_rule`)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     cuda = device.type == "cuda"
@@ -70,7 +72,8 @@ def choose_backend(
         if not triton_runs_on(device):
             backend, reason = fallback, f"the Triton kernels cannot run on {device}"
         elif not builtin_mask:
-            backend, reason = fallback, "the Triton kernel evaluates the built-in HSTU rule only"
+            reason = "the Triton kernel evaluates the built-in HSTU rule and semi_local only"
+            backend = fallback
         elif head_dim > TRITON_MAX_HEAD_DIM:
             backend, reason = fallback, f"head dim {head_dim} > {TRITON_MAX_HEAD_DIM}"
     if backend == "flex" and not cuda and training and not _cpu_flex_trains():

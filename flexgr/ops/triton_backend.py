@@ -1,9 +1,9 @@
 """The native Triton backend of ``hstu_attention``.
 
 Kernels live in ``flexgr.ops.triton_hstu`` (imported lazily, so flexgr works without triton).
-Masks built by ``build_hstu_mask`` carry a ``MaskSpec`` that the kernels evaluate inline; a custom
-mask_mod (``spec is None``) falls back to the flex backend (the dense oracle on CPU) with a
-one-time warning, so a call never returns a wrong result.
+Masks built by ``build_hstu_mask`` and ``build_semi_local_mask`` carry a ``MaskSpec`` that the
+kernels evaluate inline; a custom mask_mod (``spec is None``) falls back to the flex backend (the
+dense oracle on CPU) with a one-time warning, so a call never returns a wrong result.
 """
 
 from __future__ import annotations

@@ -16,10 +16,16 @@ import torch
 from torch import Tensor
 
 from flexgr.batch import JaggedBatch
-from flexgr.masks.block import HSTUMask, build_custom_mask, build_hstu_mask, prepare_mode
+from flexgr.masks.block import (
+    HSTUMask,
+    build_custom_mask,
+    build_hstu_mask,
+    build_semi_local_mask,
+    prepare_mode,
+)
 from flexgr.masks.layout import JaggedLayout, build_layout, seq_ids_and_local
 from flexgr.masks.mods import MaskMod, and_masks, jagged
-from flexgr.masks.registry import BUILTIN_RULE, mask_rule
+from flexgr.masks.registry import BUILTIN_RULE, kernel_rule, mask_rule
 from flexgr.model.hstu.mot import MixtureInputs, StreamInputs, stream_batch
 from flexgr.ops.attention import hstu_attention
 from flexgr.ops.backends import BackendChoice, choose_backend
@@ -150,7 +156,7 @@ def backend_choice(
     return choose_backend(
         requested,
         device,
-        builtin_mask=cfg.mask == BUILTIN_RULE,
+        builtin_mask=kernel_rule(cfg.mask),
         head_dim=max(cfg.dqk, cfg.dv),
         training=training,
         strict=strict,
@@ -245,7 +251,15 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
     fused: BiasInputs | None = None
     if cfg.mask != BUILTIN_RULE:
         layout = batch_layout(cfg, batch)
-        mask = build_custom_mask(custom_mask_mod(cfg, layout), batch.offsets, total_len=T)
+        if backend == "triton" and kernel_rule(cfg.mask):
+            # Semi-local attention: the kernel evaluates it inline and visits only the key
+            # blocks its two bands reach (block tables from the band statistics, no host sync).
+            mask = build_semi_local_mask(
+                batch.offsets, cfg.sla_local, cfg.sla_global, mode=cfg.sla_mode, total_len=T,
+                max_len=cfg.attn_len,
+            )
+        else:
+            mask = build_custom_mask(custom_mask_mod(cfg, layout), batch.offsets, total_len=T)
     elif backend == "reference":
         layout = build_layout(
             batch.offsets, num_targets=batch.num_targets, contextual_len=cfg.contextual_len,

@@ -46,7 +46,8 @@ class HSTUConfig:
     num_time_buckets: int = 128
     backend: Literal["auto", "reference", "flex", "triton"] = "auto"
     # The attention mask (docs/attention.md). "hstu": the built-in rule below, which the Triton
-    # kernel evaluates inline; "semi_local": ULTRA-HSTU's SLA (flex on CUDA); any other name: a
+    # kernel evaluates inline; "semi_local": ULTRA-HSTU's SLA (evaluated inline by the Triton
+    # kernel too, visiting only the blocks its bands reach); any other name: a
     # mask registered with flexgr.masks.register_mask (flex on CUDA, dense on CPU).
     mask: str = "hstu"
     contextual_len: int = 0  # the first c tokens of every sequence see each other in full

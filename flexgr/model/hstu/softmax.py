@@ -48,8 +48,9 @@ def softmax_attention_dense(
     rab: RelativeBias | None = None,
 ) -> Tensor:
     """[T, H, Dv] in v's dtype. The built-in rule (``mask`` None or with a spec) on the padded
-    batch; a custom mask_mod (``mask.spec`` None) on the dense [T, T] grid (small inputs)."""
-    if mask is not None and mask.spec is None:
+    batch; a custom mask_mod (``mask.spec`` None) or semi-local attention on the dense [T, T]
+    grid (small inputs)."""
+    if mask is not None and (mask.spec is None or mask.spec.semi_local):
         T = q.shape[0]
         P = mask.padded_len
         keep_TT = create_mask(mask.mask_mod, 1, 1, P, P, device=q.device)[0, 0, :T, :T]
