@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from flexgr.cli.common import fail
@@ -30,6 +30,21 @@ def serve_command(
     max_k: Annotated[
         int, typer.Option("--max-k", min=1, help="Largest k a request may ask.")
     ] = 1000,
+    max_candidates: Annotated[
+        int, typer.Option("--max-candidates", min=1, help="Most candidates one /score may send.")
+    ] = 10_000,
+    microbatch: Annotated[
+        int,
+        typer.Option("--microbatch", min=1, help="Ranking: candidates per M-FALCON pass."),
+    ] = 1024,
+    history_cache: Annotated[
+        int,
+        typer.Option(
+            "--history-cache",
+            min=0,
+            help="Ranking: users' encoded histories kept across requests (0: none).",
+        ),
+    ] = 64,
     max_body_kb: Annotated[
         int, typer.Option("--max-body-kb", min=1, help="Largest request body (KiB).")
     ] = 1024,
@@ -73,8 +88,9 @@ def serve_command(
 ) -> None:
     """Serve /recommend, /score, /health and /metadata for a run's model.
 
-    Requests from concurrent callers are batched (--max-batch, --max-wait-ms). Errors are JSON
-    with a 4xx status for bad input; see docs/serving.md.
+    Requests from concurrent callers are batched (--max-batch, --max-wait-ms). A ranking model
+    answers /score with per-task predictions (M-FALCON, the history cached per user) and refuses
+    /recommend. Errors are JSON with a 4xx status for bad input; see docs/serving.md.
     """
     try:
         from flexgr.serve.app import create_app
@@ -83,7 +99,15 @@ def serve_command(
         fail("flexgr serve needs FastAPI and uvicorn: pip install 'flexgr[serve]'")
     from flexgr.data import DataError
     from flexgr.export import ExportError
-    from flexgr.serve import DatasetUsers, Limits, Service
+    from flexgr.ranking.scorer import Ranker
+    from flexgr.serve import (
+        DatasetUsers,
+        Limits,
+        RankingOptions,
+        RankingService,
+        RankingUsers,
+        Service,
+    )
     from flexgr.serve.ann import AnnUnavailable, ApproximateIndex
     from flexgr.train.rundir import RunDirError
     from flexgr.train.runtime import resolve_device
@@ -95,21 +119,33 @@ def serve_command(
         fail(f"--device {device}: {str(err).splitlines()[0]}")
     try:
         run, cfg = open_run(run_dir)
-        if cfg.is_ranking:
-            fail(
-                f"{run_dir} holds a ranking model ({cfg.model.arch}); flexgr serve does not serve "
-                "ranking models yet: use flexgr score or flexgr.load(...).score"
-            )
+        if cfg.is_ranking and ann:
+            fail("--ann ranks a retrieval model's item table; a ranking model scores candidates")
         data = load_dataset(cfg) if users or weights is not Weights.model else None
-        recommender = load_recommender(run, cfg, weights, data).to(target)
-        service = Service(
-            recommender,
-            users=DatasetUsers.of(data, recommender) if users and data is not None else None,
-            limits=Limits(max_k=max_k),
-            weights=weights.value,
-        )
-        if ann:
-            service.ann = ApproximateIndex(service.table, lists=ann_lists, probe=ann_probe)
+        loaded = load_recommender(run, cfg, weights, data)
+        loaded.model.to(target)
+        service: Service | RankingService
+        if cfg.is_ranking:
+            ranker = cast(Ranker, loaded)
+            service = RankingService(
+                ranker,
+                users=RankingUsers(data, ranker) if users and data is not None else None,
+                options=RankingOptions(
+                    max_candidates=max_candidates,
+                    microbatch=microbatch,
+                    cache_entries=history_cache,
+                ),
+                weights=weights.value,
+            )
+        else:
+            service = Service(
+                loaded,
+                users=DatasetUsers.of(data, loaded) if users and data is not None else None,
+                limits=Limits(max_k=max_k, max_candidates=max_candidates),
+                weights=weights.value,
+            )
+            if ann:
+                service.ann = ApproximateIndex(service.table, lists=ann_lists, probe=ann_probe)
     except AnnUnavailable as err:
         fail(str(err))
     except (RunDirError, DataError, ExportError) as err:
@@ -129,6 +165,8 @@ def serve_command(
     except OSError as err:
         fail(f"cannot listen on {host}:{port}: {err.strerror or err}")
     who = f", {service.users.count:,} users of {service.users.name}" if service.users else ""
+    if isinstance(service, RankingService):  # say what /score answers
+        who += f"; ranking: {', '.join(service.ranker.tasks)}"
     typer.echo(
         f"serving {run_dir} ({weights.value} weights, {service.num_items:,} items{who}) on "
         f"{url_of(sock)} (Ctrl-C stops)",

@@ -1,4 +1,5 @@
-"""The HTTP API on FastAPI: /recommend, /score, /health, /metadata (docs/serving.md).
+"""The HTTP API on FastAPI: /recommend, /score, /health, /metadata (docs/serving.md). A ranking
+model's server answers /score with per-task predictions and refuses /recommend (422).
 
 Every error is JSON, ``{"error": {"status", "type", "message"}}``: 400 for a body that is not
 JSON, 404 for an unknown user or path, 405 for a wrong method, 413 for an oversize body, 422 for
@@ -24,8 +25,9 @@ import flexgr
 from flexgr.serve.batcher import MicroBatcher, Overloaded
 from flexgr.serve.errors import RequestError
 from flexgr.serve.limits import BodyLimit, error_body
-from flexgr.serve.schemas import RecommendRequest, ScoreRequest
-from flexgr.serve.service import SCORE_METHOD, RecommendJob, ScoreJob, Service
+from flexgr.serve.ranking import RankingService
+from flexgr.serve.schemas import RankScoreRequest, RecommendRequest, ScoreRequest
+from flexgr.serve.service import SCORE_METHOD, Service
 
 log = logging.getLogger("flexgr.serve")
 
@@ -33,16 +35,17 @@ _STATUS_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"
 
 
 def create_app(
-    service: Service,
+    service: Service | RankingService,
     *,
     max_batch: int = 32,
     max_wait_ms: float = 2.0,
     max_queue: int = 1024,
     max_body_bytes: int = 1 << 20,
 ) -> ASGIApp:
-    """The ASGI app serving ``service``; requests are batched across callers (``max_batch``
-    jobs, waiting at most ``max_wait_ms`` for a batch to fill)."""
-    batcher: MicroBatcher[RecommendJob | ScoreJob, Any] = MicroBatcher(
+    """The ASGI app serving ``service`` (retrieval, or a ranking model's
+    :class:`~flexgr.serve.ranking.RankingService`); requests are batched across callers
+    (``max_batch`` jobs, waiting at most ``max_wait_ms`` for a batch to fill)."""
+    batcher: MicroBatcher[Any, Any] = MicroBatcher(
         service.run_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, max_queue=max_queue
     )
 
@@ -79,6 +82,14 @@ def create_app(
             },
         }
 
+    if isinstance(service, RankingService):
+        _add_ranking_endpoints(app, service, batcher)
+    else:
+        _add_retrieval_endpoints(app, service, batcher)
+    return BodyLimit(app, max_body_bytes)
+
+
+def _add_retrieval_endpoints(app: FastAPI, service: Service, batcher: MicroBatcher) -> None:
     # Answers are plain JSON of str/int/float: JSONResponse directly, skipping FastAPI's
     # jsonable_encoder walk, which costs more than the rest of a small request.
     @app.post("/recommend", response_class=JSONResponse)
@@ -110,7 +121,19 @@ def create_app(
             }
         )
 
-    return BodyLimit(app, max_body_bytes)
+
+def _add_ranking_endpoints(app: FastAPI, service: RankingService, batcher: MicroBatcher) -> None:
+    @app.post("/recommend", response_class=JSONResponse)
+    async def recommend() -> JSONResponse:
+        service.recommend_job(None)  # always refuses: a ranking model has no top-k
+
+    @app.post("/score", response_class=JSONResponse)
+    async def score(request: RankScoreRequest) -> JSONResponse:
+        job = service.score_job(request)
+        result = await batcher.submit(job)
+        if isinstance(result, RequestError):  # the model refused this job's input
+            raise result
+        return JSONResponse(service.response(job, result))
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # Longer histories are allowed (the model reads the most recent max_seq_len); the body-size
@@ -36,3 +38,27 @@ class RecommendRequest(HistoryQuery):
 
 class ScoreRequest(HistoryQuery):
     candidates: list[RawId] = Field(..., max_length=MAX_LIST, description="Raw item ids to score.")
+
+
+# One value per history event; null is an unknown rating (NaN to the model).
+ActionValues = Annotated[list[float | None], Field(max_length=MAX_LIST)]
+
+
+class RankScoreRequest(ScoreRequest):
+    """``/score`` on a ranking model: a history also brings each event's actions."""
+
+    actions: ActionValues | dict[str, ActionValues] | None = Field(
+        None,
+        description="Each history event's action inputs: one list for a model with one input "
+        "(e.g. the rating), else an object by input name. Only with history.",
+    )
+    truncate: bool = Field(
+        False, description="Read the most recent max_seq_len events of a longer history."
+    )
+    cache_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Keep this history's keys and values under this key (e.g. your user id); "
+        "only with history. Dataset users are keyed by their id.",
+    )

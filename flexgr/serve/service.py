@@ -3,8 +3,8 @@ event loop, cheap), and batches of jobs run on the model (in the batcher's threa
 
 Scoring is the retrieval model's: the user's state (the model's output at the last history
 position) dotted with the L2-normalised item embeddings, exactly what ``Recommender.scores``
-and offline evaluation compute. ``/score`` scores given candidates the same way; a ranking
-model (M-FALCON, candidates as targets in the sequence) plugs in at :meth:`Service._score`.
+and offline evaluation compute. ``/score`` scores given candidates the same way. Ranking
+models (per-task predictions, M-FALCON) are served by :mod:`flexgr.serve.ranking` instead.
 """
 
 from __future__ import annotations
@@ -171,31 +171,11 @@ class Service:
         seen = ids.unique().tolist()
         recent = slice(max(0, len(ids) - self.max_seq_len), len(ids))
         ids, timestamps = ids[recent].contiguous(), timestamps[recent].contiguous()
-        last = int(timestamps[-1])
-        query_time = last if request.query_time is None else request.query_time
-        if abs(query_time) >= _TIME_LIMIT:
-            raise bad_request(f"query_time {query_time} is out of range")
-        if query_time < last:
-            raise bad_request(
-                f"query_time {query_time} is before the last event's timestamp {last}"
-            )
+        query_time = checked_query_time(request.query_time, int(timestamps[-1]))
         return Query(ids, timestamps, query_time), seen
 
     def _timestamps(self, values: list[int] | None, count: int) -> Tensor:
-        if values is None:
-            return torch.zeros(count, dtype=torch.int64)  # every event simultaneous
-        if len(values) != count:
-            raise bad_request(f"{len(values):,} timestamps for {count:,} history items")
-        if any(abs(t) >= _TIME_LIMIT for t in values):
-            raise bad_request("a timestamp is out of range (|t| < 2**62)")
-        times = torch.tensor(values, dtype=torch.int64)
-        if count > 1 and bool((times[1:] < times[:-1]).any()):
-            first = int((times[1:] < times[:-1]).nonzero()[0, 0]) + 1
-            raise bad_request(
-                f"timestamps must not decrease (history is oldest first): entry {first} "
-                f"({values[first]}) is before entry {first - 1} ({values[first - 1]})"
-            )
-        return times
+        return checked_timestamps(values, count)
 
     def _indices(self, raw_ids: Sequence[RawId], field_name: str) -> list[int]:
         try:
@@ -257,8 +237,7 @@ class Service:
         return out
 
     def _score(self, user: Tensor, job: ScoreJob) -> list[float]:
-        # The retrieval score. M-FALCON ranking (candidates appended to the sequence as
-        # targets, one forward for all of them) replaces this call once the model has it.
+        # The retrieval score; ranking models are flexgr.serve.ranking.RankingService's.
         return (self.table[job.candidates.to(self.table.device)] @ user).tolist()
 
     # ------------------------------------------------------------ responses
@@ -269,6 +248,7 @@ class Service:
     def metadata(self) -> dict[str, Any]:
         rec = self.recommender
         return {
+            "task": "retrieval",
             "arch": rec.arch,
             "num_items": self.num_items,
             "max_seq_len": self.max_seq_len,
@@ -285,3 +265,33 @@ class Service:
             "config": rec.config,
             "model_metadata": rec.metadata,
         }
+
+
+def checked_timestamps(values: list[int] | None, count: int) -> Tensor:
+    """[count] int64 timestamps of a history (zeros when none are given: every event
+    simultaneous); 422 for a count that does not match, a value out of range, or a decrease."""
+    if values is None:
+        return torch.zeros(count, dtype=torch.int64)  # every event simultaneous
+    if len(values) != count:
+        raise bad_request(f"{len(values):,} timestamps for {count:,} history items")
+    if any(abs(t) >= _TIME_LIMIT for t in values):
+        raise bad_request("a timestamp is out of range (|t| < 2**62)")
+    times = torch.tensor(values, dtype=torch.int64)
+    if count > 1 and bool((times[1:] < times[:-1]).any()):
+        first = int((times[1:] < times[:-1]).nonzero()[0, 0]) + 1
+        raise bad_request(
+            f"timestamps must not decrease (history is oldest first): entry {first} "
+            f"({values[first]}) is before entry {first - 1} ({values[first - 1]})"
+        )
+    return times
+
+
+def checked_query_time(query_time: int | None, last: int) -> int:
+    """The query time (default: ``last``, the last event's timestamp); 422 when it is out of
+    range or before ``last``."""
+    query_time = last if query_time is None else query_time
+    if abs(query_time) >= _TIME_LIMIT:
+        raise bad_request(f"query_time {query_time} is out of range")
+    if query_time < last:
+        raise bad_request(f"query_time {query_time} is before the last event's timestamp {last}")
+    return query_time

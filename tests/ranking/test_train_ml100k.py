@@ -63,8 +63,8 @@ def test_ml100k_ranking_preset_trains_and_every_surface_reads_it(
 
     recommend = run("recommend", "--run-dir", run_dir, "--user", "1")
     assert recommend.exit_code == 1 and "use flexgr score" in recommend.stderr
-    serve = run("serve", "--run-dir", run_dir)
-    assert serve.exit_code == 1 and "does not serve ranking models" in serve.stderr
+    serve = run("serve", "--run-dir", run_dir, "--ann")  # served: tests/serve/test_ranking.py
+    assert serve.exit_code == 1 and "--ann ranks a retrieval model" in serve.stderr
     exported = run("export", "--run-dir", run_dir, "--out", tmp_path / "exported")
     assert exported.exit_code == 0, exported.output
 
