@@ -1,6 +1,8 @@
 """Triton HSTU kernel vs the flex backend vs SDPA FlashAttention: one table of median ms.
 
     PYTHONPATH=. python3 benchmarks/triton_attention.py [--ablations] [--json PATH]
+    PYTHONPATH=. python3 benchmarks/triton_attention.py --sparse    # the sparse-mask table only
+    PYTHONPATH=. python3 benchmarks/triton_attention.py --quick     # tiny shapes; CPU works
 
 bf16, H=4, D=128, jagged lengths uniform in [N/2, N]. SDPA (softmax, is_causal) runs on the
 padded [B, H, N, D] batch, as a library without jagged support must. Block masks are built once
@@ -8,12 +10,22 @@ per batch (shared by all layers in a model) and are not timed. TF/s counts usefu
 4 D per visible (query, key) pair and head forward, 14 D for forward + backward (the backward's
 five products against the forward's two), with the visible pairs of each row's own mask (SDPA is
 credited with the causal pairs of the jagged batch).
+
+The sparse-mask table (issue 15's targets) times masks against causal on the same batch, in
+one run: local window 256 forward vs causal forward at 16x4096, and ULTRA-HSTU semi-local
+attention (K1 = 256 local, K2 = 256 global, both modes) forward + backward vs causal on one
+sequence of 16384 tokens, with the key blocks each mask's tables make the kernel visit.
+
+``--quick`` runs tiny shapes (H=2, D=16, fp32, windows of 16 and 32, 32-blocks in the sparse
+table) to check the script:
+without CUDA the kernels run in Triton's interpreter and the times mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -24,13 +36,40 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flexgr.ops.kernel_options import kernel_options_set
-from flexgr.masks import build_hstu_mask, dense_hstu_mask
+from flexgr.masks import (
+    and_masks,
+    build_custom_mask,
+    build_hstu_mask,
+    build_semi_local_mask,
+    dense_hstu_mask,
+    jagged,
+    semi_local,
+)
+from flexgr.masks.block import HSTUMask
 from flexgr.ops.flex import hstu_attention_flex
+from flexgr.ops.kernel_options import kernel_options_set
 from flexgr.ops.triton_backend import hstu_attention_triton
 
 H, D = 4, 128
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
 SHAPES = [(64, 1024), (16, 4096), (8, 8192)]
+WINDOW = 256  # the local-window case of the main table and of the sparse table
+WINDOW_SHAPE = (16, 4096)  # sparse table: window forward vs causal forward
+SLA = (256, 256)  # (K1 local, K2 global)
+SLA_SHAPE = (1, 16384)  # sparse table: SLA fwd+bwd vs causal, one sequence of N tokens
+MASK_BLOCK = 128  # BlockMask block size of the sparse table
+
+
+def use_quick_mode() -> None:
+    """Tiny shapes; the interpreter when there is no GPU (set before triton.language loads)."""
+    global H, D, DEVICE, DTYPE, SHAPES, WINDOW, WINDOW_SHAPE, SLA, SLA_SHAPE, MASK_BLOCK
+    H, D, DTYPE, SHAPES = 2, 16, torch.float32, [(2, 128)]
+    WINDOW, WINDOW_SHAPE, SLA, SLA_SHAPE = 16, (2, 160), (32, 32), (1, 256)
+    MASK_BLOCK = 32  # so that the tiny shapes still have blocks to skip
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        DEVICE = "cpu"
 
 
 @dataclass
@@ -42,12 +81,30 @@ class Row:
     fwd_bwd_ms: float | None = None
     pairs: int = 0
     note: str = ""
+    blocks: int = 0  # mask blocks the kernel's query tiles visit (partial + full)
 
 
 def median_ms(fn: Callable[[], object]) -> float:
+    if DEVICE != "cuda":  # --quick on CPU: one timed call (interpreted, meaningless)
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def visited_blocks(mask: HSTUMask) -> int:
+    bm = mask.block_mask
+    total = bm.kv_num_blocks.sum()
+    if bm.full_kv_num_blocks is not None:
+        total = total + bm.full_kv_num_blocks.sum()
+    return int(total)
 
 
 def with_backward(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -63,7 +120,7 @@ def visible_pairs(lengths: torch.Tensor, num_targets: torch.Tensor | None, max_a
     total = 0
     for i, L in enumerate(lengths.tolist()):
         nt = None if num_targets is None else num_targets[i : i + 1]
-        m = dense_hstu_mask(torch.tensor([L], device="cuda"), L, num_targets=nt,
+        m = dense_hstu_mask(torch.tensor([L], device=DEVICE), L, num_targets=nt,
                             max_attn_len=max_attn_len)
         total += int(m.sum())
     return total
@@ -75,11 +132,11 @@ def triton_row(case: str, shape: str, q, k, v, mask, N: int, impl: str, pairs: i
 
     start = time.perf_counter()
     with_backward(fwd, [q, k, v])()  # compile + tune outside the timed region
-    torch.cuda.synchronize()
+    synchronize()
     first_s = time.perf_counter() - start
     note = f"first call {first_s:.1f} s" if first_s > 1.0 else ""
     return Row(case, shape, impl, median_ms(fwd), median_ms(with_backward(fwd, [q, k, v])), pairs,
-               note)
+               note, visited_blocks(mask))
 
 
 def flex_row(case: str, shape: str, q, k, v, mask, N: int, pairs: int) -> Row:
@@ -87,15 +144,17 @@ def flex_row(case: str, shape: str, q, k, v, mask, N: int, pairs: int) -> Row:
         return hstu_attention_flex(q, k, v, mask, max_seq_len=N, alpha=1.0 / D**0.5)
 
     with_backward(fwd, [q, k, v])()
-    return Row(case, shape, "flex", median_ms(fwd), median_ms(with_backward(fwd, [q, k, v])), pairs)
+    return Row(case, shape, "flex", median_ms(fwd), median_ms(with_backward(fwd, [q, k, v])), pairs,
+               blocks=visited_blocks(mask))
 
 
 def sdpa_row(shape: str, B: int, N: int, pairs: int) -> Row:
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=DTYPE, requires_grad=True)
                for _ in range(3))
+    backends = [SDPBackend.FLASH_ATTENTION] if DEVICE == "cuda" else [SDPBackend.MATH]
 
     def fwd() -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backends):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return Row("causal", shape, "sdpa_fa2_padded", median_ms(fwd),
@@ -118,22 +177,21 @@ def safe(rows: list[Row], make: Callable[[], Row], label: Row) -> None:
     r = rows[-1]
     print(f"[row] {r.case} {r.shape} {r.impl}: fwd {fmt(r.fwd_ms)} fwd+bwd {fmt(r.fwd_bwd_ms)} "
           f"{r.note}", flush=True)
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def bench_shape(B: int, N: int, gen: torch.Generator, args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     shape = f"{B}x{N}"
     lengths = torch.randint(N // 2, N + 1, (B,), generator=gen)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).cuda()
-    T = int(offsets[-1])
-    q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    offsets, q, k, v = packed_inputs(lengths)
     causal_p = int((lengths * (lengths + 1) // 2).sum())
     cases = {"causal": dict()}
     if not args.causal_only:
-        cases["targets<=20"] = dict(num_targets=torch.randint(0, 21, (B,), generator=gen).cuda())
-        cases["window256"] = dict(max_attn_len=256)
+        nt = torch.randint(0, 21, (B,), generator=gen).to(DEVICE)
+        cases["targets<=20"] = dict(num_targets=nt)
+        cases[f"window{WINDOW}"] = dict(max_attn_len=WINDOW)
     for case, kw in cases.items():
         mask = build_hstu_mask(offsets, **kw)
         pairs = causal_p if case == "causal" else visible_pairs(
@@ -162,6 +220,86 @@ def bench_shape(B: int, N: int, gen: torch.Generator, args: argparse.Namespace) 
     del q, k, v
     safe(rows, lambda: sdpa_row(shape, B, N, causal_p), Row("causal", shape, "sdpa_fa2_padded"))
     return rows
+
+
+def packed_inputs(lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(DEVICE)
+    T = int(offsets[-1])
+    q, k, v = (torch.randn(T, H, D, device=DEVICE, dtype=DTYPE, requires_grad=True)
+               for _ in range(3))
+    return offsets, q, k, v
+
+
+def sla_pairs(lengths: list[int], local: int, global_: int, mode: str) -> int:
+    """Visible pairs of semi_local, per sequence in closed form."""
+    total = 0
+    for L in lengths:
+        for i in range(L):  # row i sees keys [max(0, i - local), i] and the global part
+            near = min(i, local) + 1
+            if mode == "global_keys":
+                total += near + max(0, min(global_, i - local))
+            else:
+                total += i + 1 if i >= L - global_ else near
+    return total
+
+
+def bench_sparse(gen: torch.Generator, args: argparse.Namespace) -> list[Row]:
+    """Sparse masks against causal on the same batch: window forward at WINDOW_SHAPE, SLA
+    forward + backward at SLA_SHAPE (one sequence of exactly N tokens, the paper's setting)."""
+    rows: list[Row] = []
+    B, N = WINDOW_SHAPE
+    shape = f"{B}x{N}"
+    lengths = torch.randint(N // 2, N + 1, (B,), generator=gen)
+    offsets, q, k, v = packed_inputs(lengths)
+    causal_p = int((lengths * (lengths + 1) // 2).sum())
+    for case, kw in (("causal", {}), (f"window{WINDOW}", {"max_attn_len": WINDOW})):
+        mask = build_hstu_mask(offsets, block_size=MASK_BLOCK, **kw)
+        pairs = causal_p if not kw else visible_pairs(lengths, None, WINDOW)
+        safe(rows, lambda c=case, m=mask, p=pairs: triton_row(c, shape, q, k, v, m, N, "triton", p),
+             Row(case, shape, "triton"))
+    del q, k, v
+    B, N = SLA_SHAPE
+    shape = f"{B}x{N}"
+    lengths = torch.full((B,), N)
+    offsets, q, k, v = packed_inputs(lengths)
+    k1, k2 = SLA
+    causal = build_hstu_mask(offsets, block_size=MASK_BLOCK)
+    safe(rows, lambda: triton_row("causal", shape, q, k, v, causal, N, "triton",
+                                  N * (N + 1) // 2 * B),
+         Row("causal", shape, "triton"))
+    for mode in ("global_keys", "tail_rows"):
+        case = f"sla_{mode} {k1}+{k2}"
+        pairs = sla_pairs([N] * B, k1, k2, mode)
+        mask = build_semi_local_mask(offsets, k1, k2, mode=mode, max_len=N, block_size=MASK_BLOCK)
+        safe(rows, lambda c=case, m=mask, p=pairs: triton_row(c, shape, q, k, v, m, N, "triton", p),
+             Row(case, shape, "triton"))
+        if not args.no_flex and DEVICE == "cuda":
+            rule = and_masks(jagged(offsets), semi_local(offsets, k1, k2, mode=mode))
+            custom = build_custom_mask(rule, offsets, block_size=MASK_BLOCK)
+            safe(rows, lambda c=case, m=custom, p=pairs: flex_row(c, shape, q, k, v, m, N, p),
+                 Row(case, shape, "flex"))
+    return rows
+
+
+def print_sparse_table(rows: list[Row]) -> None:
+    """Each sparse row against the Triton causal row of its shape (same run, same batch)."""
+    causal = {r.shape: r for r in rows if r.case == "causal" and r.impl == "triton"}
+    print("\n| mask | B×N | impl | fwd ms | fwd+bwd ms | fwd / causal fwd "
+          "| fwd+bwd / causal fwd+bwd | pairs / causal | blocks / causal |")
+    print("|" + "---|" * 9)
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.3f}" if a and b else "-"
+
+    for r in rows:
+        ref = causal.get(r.shape)
+        if ref is None or r is ref:
+            continue
+        print(f"| {r.case} | {r.shape} | {r.impl} | {fmt(r.fwd_ms)} | {fmt(r.fwd_bwd_ms)} "
+              f"| {ratio(r.fwd_ms, ref.fwd_ms)} | {ratio(r.fwd_bwd_ms, ref.fwd_bwd_ms)} "
+              f"| {ratio(r.pairs, ref.pairs)} | {ratio(r.blocks, ref.blocks)} |")
+    print("(goals, issue 15: window forward / causal forward <= 0.20 at 16x4096; SLA 256+256 "
+          "fwd+bwd / causal <= 0.15 at 1x16384)")
 
 
 def tflops(row: Row, ms: float | None, per_pair: int) -> str:
@@ -205,8 +343,11 @@ def print_tuning(with_candidates: bool) -> None:
         return f"({c.block_m},{c.block_n},{c.num_warps},{c.num_stages})"  # type: ignore[attr-defined]
     
     def label(k: tuple) -> str:
+        if len(k) == 2 and isinstance(k[0], tuple):  # tuning.pick's (key, kernel options)
+            k = k[0]
         flags = dict(k[10])
-        mask = "targets" if flags["HAS_TARGETS"] else "window" if flags["HAS_WINDOW"] else "causal"
+        mask = ("targets" if flags["HAS_TARGETS"] else "sla" if flags.get("HAS_GLOBAL")
+                else "window" if flags["HAS_WINDOW"] else "causal")
         return f"{k[0]} P~2^{k[6]} N~2^{k[7]} {mask}"
     
     print("\ntuned tiles (block_m, block_n, warps, stages):")
@@ -228,20 +369,36 @@ def main() -> None:
     parser.add_argument("--flex-all", action="store_true", help="flex rows for targets and window too")
     parser.add_argument("--shapes", default="", help="e.g. 16x4096,8x8192")
     parser.add_argument("--json", default="")
+    parser.add_argument("--sparse", action="store_true",
+                        help="only the sparse-mask table (window and SLA vs causal)")
+    parser.add_argument("--no-sparse", action="store_true", help="skip the sparse-mask table")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes to check the script (runs on CPU in the interpreter)")
     args = parser.parse_args()
+    if args.quick:
+        use_quick_mode()
+        args.no_flex = args.no_flex or DEVICE != "cuda"  # flex has no CPU backward
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     gen = torch.Generator().manual_seed(0)
     rows: list[Row] = []
-    for B, N in shapes:
-        rows += bench_shape(B, N, gen, args)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}; bf16, H={H}, D={D}, median ms (do_bench)\n")
-    print_table(rows)
+    if not args.sparse:
+        for B, N in shapes:
+            rows += bench_shape(B, N, gen, args)
+    sparse: list[Row] = []
+    if args.sparse or not (args.no_sparse or args.causal_only):
+        sparse = bench_sparse(gen, args)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (Triton interpreter)"
+    print(f"\n{device}, torch {torch.__version__}, triton {__import__('triton').__version__}; "
+          f"{str(DTYPE).removeprefix('torch.')}, H={H}, D={D}, median ms (do_bench)\n")
+    if rows:
+        print_table(rows)
+    if sparse:
+        print_sparse_table(sparse)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+            json.dump([asdict(r) for r in rows + sparse], f, indent=1)
     print_tuning(args.tuning)
 
 if __name__ == "__main__":
