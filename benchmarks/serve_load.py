@@ -7,6 +7,15 @@ bounded in time too; prints p50/p90/p99 latency, requests/s and the server's mea
     python benchmarks/serve_load.py --run-dir runs/ml100k --url http://127.0.0.1:8000
     python benchmarks/serve_load.py --run-dir runs/ml100k --mode history --max-batch 1
 
+Ranking runs (``flexgr serve`` on an hstu-ranking run): ``--mode rank`` sends a dataset user and
+``--candidates`` items to ``/score`` (per-task predictions; with ``--rank-users N`` only the first
+N users, so that the history cache hits), ``--mode rank-history`` the user's last events with
+their actions and timestamps (no cache key: the history is encoded every time)::
+
+    python benchmarks/serve_load.py --run-dir runs/ml100k-ranking --mode rank --candidates 100
+    python benchmarks/serve_load.py --run-dir runs/ml100k-ranking --mode rank --rank-users 16
+    python benchmarks/serve_load.py --run-dir runs/ml100k-ranking --mode rank-history --device cuda
+
 ``ann``: exact top-k against FAISS IVF-Flat on a synthetic clustered item table::
 
     python benchmarks/serve_load.py ann --items 1000000 --dim 64 --probes 8,32,128
@@ -36,12 +45,17 @@ def _percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------- http
 
 
-def _bodies(run_dir: Path, mode: str, count: int, k: int, seed: int) -> list[dict[str, Any]]:
+def _bodies(args: argparse.Namespace, count: int) -> list[dict[str, Any]]:
     from flexgr.train.rundir import RunDir
     from flexgr.train.setup import load_dataset
 
-    data = load_dataset(RunDir(run_dir).read_config())
-    rng = random.Random(seed)
+    cfg = RunDir(args.run_dir).read_config()
+    data = load_dataset(cfg)
+    if args.mode.startswith("rank"):
+        if not cfg.is_ranking:
+            raise SystemExit(f"--mode {args.mode} needs a ranking run; {args.run_dir} is not one")
+        return _rank_bodies(data, cfg, args, count)
+    mode, k, rng = args.mode, args.k, random.Random(args.seed)
     bodies = []
     for _ in range(count):
         user = rng.randrange(data.num_users)
@@ -57,6 +71,41 @@ def _bodies(run_dir: Path, mode: str, count: int, k: int, seed: int) -> list[dic
             candidates = rng.sample(data.item_ids, min(100, data.num_items))
             bodies.append({"history": items, "timestamps": times, "candidates": candidates})
     return bodies
+
+
+def _rank_bodies(data: Any, cfg: Any, args: argparse.Namespace, count: int) -> list[dict]:
+    """/score bodies for a ranking server: a dataset user (``rank``) or the user's most recent
+    ``max_seq_len`` events with their actions (``rank-history``), and ``--candidates`` items."""
+    rng = random.Random(args.seed)
+    users = min(data.num_users, args.rank_users or data.num_users)
+    width = min(args.candidates, data.num_items)
+    keep = cfg.data.max_seq_len
+    bodies = []
+    for _ in range(count):
+        user = rng.randrange(users)
+        candidates = rng.sample(data.item_ids, width)
+        if args.mode == "rank":
+            bodies.append({"user": data.user_ids[user], "candidates": candidates})
+            continue
+        events = data.events_of(user)
+        items = [data.item_ids[i - 1] for i in data.items[events]][-keep:]
+        actions = {
+            name: (data.ratings if name == "rating" else data.actions[name])[events][-keep:]
+            for name in cfg.ranking.action_inputs
+        }
+        bodies.append(
+            {
+                "history": items,
+                "actions": {name: [_number(v) for v in values] for name, values in actions.items()},
+                "timestamps": data.timestamps[events].tolist()[-keep:],
+                "candidates": candidates,
+            }
+        )
+    return bodies
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)  # JSON null: an unknown rating
 
 
 def _start_server(run_dir: Path, max_batch: int, max_wait_ms: float, extra: list[str]):
@@ -87,7 +136,8 @@ async def _load(
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         for body in bodies[:warmup]:  # first calls may compile kernels (Triton on CUDA)
             (await client.post(path, json=body, timeout=600)).raise_for_status()
-        before = (await client.get("/metadata")).json()["batching"]
+        before_meta = (await client.get("/metadata")).json()
+        before = before_meta["batching"]
         timed = bodies[warmup:]
         latencies: list[float] = []
         errors: dict[int, int] = {}
@@ -108,8 +158,15 @@ async def _load(
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-        after = (await client.get("/metadata")).json()["batching"]
+        after_meta = (await client.get("/metadata")).json()
+        after = after_meta["batching"]
     batches = after["batches"] - before["batches"]
+    cache = {}
+    if "history_cache" in after_meta:  # a ranking server: how often a history was reused
+        was, now = before_meta["history_cache"], after_meta["history_cache"]
+        hits = now["hits"] - was["hits"]
+        looked = hits + now["misses"] - was["misses"] + now["stale"] - was["stale"]
+        cache = {"cache_hit_rate": round(hits / looked, 3) if looked else None}
     return {
         "requests": len(latencies),
         "concurrency": concurrency,
@@ -122,16 +179,19 @@ async def _load(
         "max_ms": round(max(latencies) * 1000, 2),
         "mean_batch": round((after["requests"] - before["requests"]) / max(1, batches), 2),
         "cut_short": len(latencies) < len(timed),
+        **cache,
     }
 
 
 def http_main(args: argparse.Namespace) -> None:
-    bodies = _bodies(args.run_dir, args.mode, args.warmup + args.requests, args.k, args.seed)
-    path = "/score" if args.mode == "score" else "/recommend"
+    bodies = _bodies(args, args.warmup + args.requests)
+    path = "/recommend" if args.mode in ("user", "history") else "/score"
     process = None
     url = args.url
     if url is None:
         extra = ["--device", args.device] + (["--ann"] if args.ann else [])
+        if args.mode.startswith("rank"):
+            extra += ["--microbatch", str(args.microbatch)]
         process, url = _start_server(args.run_dir, args.max_batch, args.max_wait_ms, extra)
     try:
         result = asyncio.run(
@@ -142,6 +202,8 @@ def http_main(args: argparse.Namespace) -> None:
             process.terminate()
             process.wait(timeout=30)
     result = {"mode": args.mode, "url": url, "max_batch": args.max_batch, **result}
+    if args.mode.startswith("rank"):
+        result["candidates"] = len(bodies[0]["candidates"])
     if args.json:
         print(json.dumps(result))
         return
@@ -151,6 +213,8 @@ def http_main(args: argparse.Namespace) -> None:
         f"p50 {result['p50_ms']} ms, p90 {result['p90_ms']} ms, p99 {result['p99_ms']} ms, "
         f"max {result['max_ms']} ms, mean batch {result['mean_batch']}, "
         f"errors {result['errors'] or 'none'}"
+        + (f", {result['candidates']} candidates" if "candidates" in result else "")
+        + (f", cache hit rate {result['cache_hit_rate']}" if "cache_hit_rate" in result else "")
         + (" (cut short by --max-seconds)" * result["cut_short"])
     )
 
@@ -275,7 +339,9 @@ def main() -> None:
     for p in (parser, http):
         p.add_argument("--run-dir", type=Path)
         p.add_argument("--url", help="a running server (default: start one on a free port)")
-        p.add_argument("--mode", choices=("user", "history", "score"), default="user")
+        p.add_argument(
+            "--mode", choices=("user", "history", "score", "rank", "rank-history"), default="user"
+        )
         p.add_argument("--requests", type=int, default=2000)
         # Beyond about 16 connections httpx's own pool costs more CPU than the server (measured
         # on 2 cores: /health alone fell from 274 req/s at 4 connections to 128 at 32).
@@ -283,6 +349,11 @@ def main() -> None:
         p.add_argument("--warmup", type=int, default=50)
         p.add_argument("--max-seconds", type=float, default=300)
         p.add_argument("--k", type=int, default=10)
+        p.add_argument("--candidates", type=int, default=100, help="rank modes: per request")
+        p.add_argument(
+            "--rank-users", type=int, default=0, help="rank: only the first N users (0: all)"
+        )
+        p.add_argument("--microbatch", type=int, default=1024, help="rank modes: the server's")
         p.add_argument("--max-batch", type=int, default=32)
         p.add_argument("--max-wait-ms", type=float, default=2.0)
         p.add_argument("--device", default="cpu")
