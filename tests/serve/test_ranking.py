@@ -337,3 +337,13 @@ def test_serve_command_serves_a_ranking_run(
 def test_serve_ann_on_a_ranking_run_is_a_one_line_error(ranking_run: Path) -> None:
     result = run("serve", "--run-dir", ranking_run, "--ann")
     assert_one_line_error(result, "--ann ranks a retrieval model's item table")
+
+
+def test_warm_up_scores_each_shape_and_leaves_answers_unchanged(service: RankingService) -> None:
+    job = service.score_job(
+        RankScoreRequest(history=["i1", "i5"], actions=[4, 2], candidates=["i2"])
+    )
+    before = service.run_batch([job])
+    # history lengths 1, 6, 12 x candidate counts 1 and a full microbatch (3)
+    assert service.warm_up(max_batch=4) == 6
+    assert service.run_batch([job]) == before
