@@ -80,9 +80,9 @@ def test_vista_preset_trains_and_every_surface_reads_it(ml100k_home: Path, tmp_p
     assert_one_line_error(wrong, "--bits must be 8 or 4")
 
 
-def test_qla_summariser_trains(ml100k_home: Path, tmp_path: Path) -> None:
+def test_qla_summariser_with_reconstruction_trains(ml100k_home: Path, tmp_path: Path) -> None:
     trained = _train(ml100k_home, tmp_path / "run", "train.max_steps=1",
-                     "model.summary_attention=qla")  # fmt: skip
+                     "model.summary_attention=qla", "model.reconstruction_weight=0.1")  # fmt: skip
     assert trained.exit_code == 0, trained.output
     assert _records(tmp_path / "run")[-1]["ne:like"] > 0
 
