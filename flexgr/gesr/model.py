@@ -6,7 +6,8 @@ fused through multi-logit parameterised gating (MLPG):
     z         = dropout(LN([match; cross; self; user; item]))     (the configured experts)
     final_t   = primary_t + sum_k lambda_k logit_k,t(z)           (flexgr.gesr.mlpg)
 
-Experts (``experts``, any non-empty subset, in this order in z):
+Experts (``experts``, any subset, in this order in z; none leaves MLPG over the towers' outputs
+alone, a control):
 
 - ``match``: hard matching counts of the candidate's item in its request's history
   (flexgr.gesr.matching), bucketed and embedded;
@@ -60,6 +61,7 @@ MATCH_COLUMNS = 1
 class GESRRankingConfig(TwoTowerConfig):
     """The two-tower settings, the experts' and MLPG's."""
 
+    # The MoA experts; [] leaves MLPG over the towers' outputs alone (a control).
     experts: list[Expert] = field(default_factory=lambda: ["match", "cross", "self"])
     # match: log2 buckets of the count (0 | 1 | 2-3 | 4-7 ...), each an embedding of match_dim;
     # match_buckets = 0 embeds log1p(count) instead. match_half_life (seconds) weighs an event
@@ -241,10 +243,8 @@ def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
 def validate(options: dict[str, Any]) -> None:
     validate_common(options)
     experts = options["experts"]
-    if not experts or len(set(experts)) != len(experts):
-        raise ValueError(
-            f"model.experts must name each of {', '.join(EXPERTS)} at most once, and at least one"
-        )
+    if len(set(experts)) != len(experts):
+        raise ValueError(f"model.experts must name each of {', '.join(EXPERTS)} at most once")
     for key in (
         "match_dim",
         "cross_heads",

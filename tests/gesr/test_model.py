@@ -29,6 +29,7 @@ EXPERT_SETS = [
     {"experts": ["cross"], "cross_impl": "pairs", "cross_activation": "silu"},
     {"experts": ["self"]},
     {"experts": ["cross", "self"], "match_buckets": 0},
+    {"experts": []},  # MLPG over the towers' outputs alone
 ]
 
 
@@ -141,7 +142,6 @@ def test_lambda_zero_is_exactly_the_two_tower_ranker() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"experts": []}, "model.experts"),
         ({"experts": ["cross", "cross"]}, "model.experts"),
         ({"match_buckets": -1}, "match_buckets"),
         ({"match_half_life": 0.0}, "match_half_life"),
