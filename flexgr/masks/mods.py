@@ -194,9 +194,17 @@ def hstu_mask(
     lay = _layout(
         offsets, num_targets=num_targets, contextual_len=contextual_len, padded_len=padded_len
     )
-    attend = [causal()]
-    if lay.has_targets:
-        attend.append(targets(lay))
+    # Causal in position ids, not token order: contextual tokens share id 0 and targets one id,
+    # so two of them never see each other through this part (targets included: no separate
+    # targets rule is needed), only through the contextual clause, as in the reference's rule.
+    # Token order differs from it in one case: a sequence shorter than contextual_len +
+    # num_targets (max_id <= 0), where the reference lets each token see only itself.
+    pos = lay.pos_id
+
+    def by_position(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (pos[q] > pos[kv]) | (q == kv)
+
+    attend = [_named(by_position, "causal_ids")]
     if max_attn_len > 0:
         attend.append(local_window(lay, max_attn_len, full_attn_tail))
     rule = and_masks(*attend) if len(attend) > 1 else attend[0]

@@ -61,6 +61,9 @@ CASES = {
     "all": Case((4, 37, 140, 9), num_targets=(1, 5, 20, 2), contextual_len=2, max_attn_len=16,
                 full_attn_tail=5),
     "ctx_targets": Case((4, 37, 140, 9), num_targets=(1, 5, 20, 2), contextual_len=2),
+    # Sequences shorter than contextual_len (max_id <= 0: the 1st, 3rd and 5th): position-id
+    # causality lets each of their tokens see only itself, as the reference's rule does.
+    "short_ctx": Case((2, 37, 1, 140, 3), contextual_len=4),
 }
 
 

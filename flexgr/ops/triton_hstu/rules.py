@@ -54,9 +54,12 @@ def hstu_valid(
         ks = k_seq[None, :]
         kp = k_pos[None, :]
     same = (qs == ks) & (qs >= 0)
-    valid = same & (mi >= ni)
-    if HAS_TARGETS:
-        valid = valid & (((qp != qm) | (kp != qm)) | (mi == ni))
+    # Causal in position ids, as the reference rule: contextual tokens share id 0 and targets
+    # their sequence's max_id, so two of them see each other only through the contextual
+    # clause below (targets never: HAS_TARGETS needs no term of its own). In token order
+    # instead, a sequence shorter than its contextual prefix would attend causally where the
+    # reference lets each token see itself only.
+    valid = same & ((qp > kp) | (mi == ni))
     if HAS_WINDOW:
         near = (qp - kp) <= window
         if HAS_TAIL:
