@@ -8,8 +8,9 @@ Each row times ``prepare`` plus the forward of one batch of ``--requests`` reque
 history of ``--history`` events and ``--candidates`` candidates (synthetic ids and ratings),
 under ``torch.no_grad`` in eval mode, and prints one JSON line: candidates scored per second
 (the median over ``--repeats`` timed calls after ``--warmup``; the variants take turns within
-each repeat) for the two-tower ranker, GESR with each expert alone and GESR with all of them,
-and each one's throughput relative to the two-tower's in the same process. On CPU it also
+each repeat) for the two-tower ranker, GESR with no expert (MLPG over the towers), with each
+expert alone and with all of them, and each one's throughput relative to the two-tower's in the
+same process. On CPU it also
 prints the thread's CPU time per batch (``cpu_ms``, ``candidates_per_cpu_s``): with the
 default one thread that leaves out the time spent waiting for a core on a shared machine.
 
@@ -36,6 +37,7 @@ import torch
 
 VARIANTS: list[tuple[str, str, list[str] | None]] = [
     ("two-tower", "two-tower-ranking", None),
+    ("gesr:none", "gesr-ranking", []),  # MLPG over the towers alone: the gating's own cost
     ("gesr:match", "gesr-ranking", ["match"]),
     ("gesr:cross", "gesr-ranking", ["cross"]),
     ("gesr:self", "gesr-ranking", ["self"]),
