@@ -77,6 +77,15 @@ def serve_command(
             "kernels (on CUDA; CPU skips it unless asked).",
         ),
     ] = True,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=0,
+            help="CPU threads per model call (torch.set_num_threads; 0: torch's default). On a "
+            "busy machine 1 avoids threads waiting on each other.",
+        ),
+    ] = 0,
     kernel_autotune: Annotated[
         bool,
         typer.Option(
@@ -113,6 +122,10 @@ def serve_command(
     from flexgr.train.runtime import resolve_device
     from flexgr.train.setup import load_dataset
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         target = resolve_device(device)
     except (ValueError, RuntimeError) as err:  # torch.device("x") raises RuntimeError

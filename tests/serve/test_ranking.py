@@ -347,3 +347,26 @@ def test_warm_up_scores_each_shape_and_leaves_answers_unchanged(service: Ranking
     # history lengths 1, 6, 12 x candidate counts 1 and a full microbatch (3)
     assert service.warm_up(max_batch=4) == 6
     assert service.run_batch([job]) == before
+
+
+def test_serve_threads_sets_torch_threads(
+    ranking_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--threads N is torch.set_num_threads(N) before the model serves (restored afterwards,
+    as the setting is process-wide)."""
+    import torch
+
+    import flexgr.serve.server as server_module
+
+    seen: list[int] = []
+    monkeypatch.setattr(
+        server_module, "serve", lambda app, sock, **_: seen.append(torch.get_num_threads())
+    )
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    try:
+        result = run("serve", "--run-dir", ranking_run, "--port", "0", "--threads", str(target))
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert seen == [target]
