@@ -14,8 +14,8 @@ divisor like HSTU's (the batch's or config's maximum length, never the row lengt
 paper's RowNormalize term is not known. docs/vista.md gives the reasons.
 
 The state is a cumulative sum over the whole packed batch minus each sequence's starting prefix:
-no padding and no host sync, at the price of materialising ``[T, H, dk, dv]`` (the eager
-reference only; a Triton kernel keeping the state on chip is not written yet).
+no padding and no host sync, at the price of materialising ``[T, H, dk, dv]``. The Triton
+kernels in ``flexgr/vista/qla_triton.py`` (``impl="triton"``) keep the state on chip instead.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from flexgr.masks.layout import seq_ids_and_local
 
 StateActivation = Literal["silu", "identity"]
 FeatureMap = Literal["silu", "identity"]
+Impl = Literal["auto", "eager", "triton"]
 
 
 def _check(
@@ -78,16 +79,29 @@ def qla(
     num_targets: Tensor | None = None,
     state_activation: StateActivation = "silu",
     feature_map: FeatureMap = "silu",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Quasi-linear attention: q, k [T, H, dk], v [T, H, dv], offsets [B + 1] -> [T, H, dv] in
     v's dtype (accumulated in fp32, or fp64 for fp64 inputs). ``feature_map="identity"`` takes
-    q and k as already mapped (an HSTU layer's projections are SiLU'd before attention)."""
+    q and k as already mapped (an HSTU layer's projections are SiLU'd before attention).
+    ``impl``: "eager" (cumulative sums), "triton" (``flexgr.vista.qla_triton``, the state on
+    chip) or "auto" (triton on CUDA, eager otherwise)."""
     _check(q, k, v, offsets, num_targets, divisor)
     psi = _state_fn(state_activation)
     phi = _state_fn(feature_map, "feature_map")
+    if impl not in ("auto", "eager", "triton"):
+        raise ValueError(f"qla: impl must be 'auto', 'eager' or 'triton', got {impl!r}")
     T = q.shape[0]
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     fq, fk, vv = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
+    if impl == "triton" or (impl == "auto" and q.is_cuda):
+        from flexgr.vista.qla_triton import qla_core_triton
+
+        core = qla_core_triton(
+            fq, fk, vv, offsets, num_targets, divisor=divisor,
+            psi_silu=state_activation == "silu",
+        )  # fmt: skip
+        return core.to(v.dtype)
     is_cand = candidate_rows(offsets, num_targets, T)
     history = (~is_cand).to(acc).view(T, 1, 1, 1)
     # Candidates add nothing to the state, so a candidate's inclusive prefix is its history's.
