@@ -3,13 +3,13 @@ expert on), and the surfaces read the run: flexgr eval, flexgr score, flexgr.loa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 import flexgr
 from tests.cli.helpers import run
+from tests.ranking.surfaces import check_eval_and_score, check_two_step_run
 
 TINY = [
     "data.max_seq_len=12",
@@ -33,21 +33,8 @@ def test_gesr_preset_trains_and_every_surface_reads_it(ml100k_home: Path, tmp_pa
         args += ["--set", item]
     trained = run(*args)
     assert trained.exit_code == 0, trained.output
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["task"] == "ranking"
-    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
-    final = records[-1]
-    assert final["split"] == "test" and final["final"] and final["impressions"] == 943 * 8
-    for key in ("ne:like", "auc:like", "gauc:like", "ne:dislike", "mse:rating"):
-        assert key in final and final[key] == final[key]  # present and not NaN
-
-    evaluated = run("eval", "--run-dir", run_dir, "--json")
-    assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout)["auc:like"] == pytest.approx(final["auc:like"])
-    scored = run("score", "--run-dir", run_dir, "--user", "1", "--candidates", "50,172", "--json")
-    assert scored.exit_code == 0, scored.output
-    pairs = json.loads(scored.stdout)
-    assert [p[0] for p in pairs] == ["50", "172"] and 0 < pairs[0][1]["like"] < 1
+    pairs = check_eval_and_score(run_dir, check_two_step_run(run_dir))
+    assert 0 < pairs[0][1]["like"] < 1
 
     exported = run("export", "--run-dir", run_dir, "--out", tmp_path / "exported")
     assert exported.exit_code == 0, exported.output

@@ -12,6 +12,7 @@ import torch
 
 import flexgr
 from tests.cli.helpers import assert_one_line_error, run
+from tests.ranking.surfaces import check_eval_and_score, check_two_step_run, run_records
 
 PRESET = "ml-100k-vista-ranking"
 TINY = [
@@ -33,28 +34,12 @@ def _train(home: Path, run_dir: Path, *extra: str):
     return run(*args)
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_vista_preset_trains_and_every_surface_reads_it(ml100k_home: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     trained = _train(ml100k_home, run_dir, "train.max_steps=2")
     assert trained.exit_code == 0, trained.output
-    records = _records(run_dir)
-    assert records[0]["task"] == "ranking"
-    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
-    final = records[-1]
-    assert final["split"] == "test" and final["final"] and final["impressions"] == 943 * 8
-    for key in ("ne:like", "auc:like", "gauc:like", "ne:dislike", "mse:rating"):
-        assert key in final and final[key] == final[key]  # present and not NaN
-
-    evaluated = run("eval", "--run-dir", run_dir, "--json")
-    assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout)["auc:like"] == pytest.approx(final["auc:like"])
-    scored = run("score", "--run-dir", run_dir, "--user", "1", "--candidates", "50,172", "--json")
-    assert scored.exit_code == 0, scored.output
-    assert [p[0] for p in json.loads(scored.stdout)] == ["50", "172"]
+    final = check_two_step_run(run_dir)
+    check_eval_and_score(run_dir, final)
     exported = run("export", "--run-dir", run_dir, "--out", tmp_path / "exported")
     assert exported.exit_code == 0, exported.output
     ranker = flexgr.load(tmp_path / "exported")
@@ -84,7 +69,7 @@ def test_qla_summariser_with_reconstruction_trains(ml100k_home: Path, tmp_path: 
     trained = _train(ml100k_home, tmp_path / "run", "train.max_steps=1",
                      "model.summary_attention=qla", "model.reconstruction_weight=0.1")  # fmt: skip
     assert trained.exit_code == 0, trained.output
-    assert _records(tmp_path / "run")[-1]["ne:like"] > 0
+    assert run_records(tmp_path / "run")[-1]["ne:like"] > 0
 
 
 def test_the_trainer_adds_the_models_aux_loss(ml100k_home: Path, tmp_path: Path) -> None:
