@@ -49,6 +49,16 @@ def _load_chunk(ptr, rows, row_ok, cols, D: tl.constexpr, stride_t):
 
 
 @triton.jit
+def _sequence_bounds(Offsets, NumTargets, ChunkOffsets, b):
+    """Sequence b's first row, end, first candidate row and first saved-state chunk (int64)."""
+    start = tl.load(Offsets + b).to(tl.int64)
+    end = tl.load(Offsets + b + 1).to(tl.int64)
+    hist_end = tl.maximum(end - tl.load(NumTargets + b).to(tl.int64), start)
+    chunk0 = tl.load(ChunkOffsets + b).to(tl.int64)
+    return start, end, hist_end, chunk0
+
+
+@triton.jit
 def _qla_fwd(
     Q, K, V, O, Offsets, NumTargets, ChunkOffsets, States,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -58,10 +68,7 @@ def _qla_fwd(
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
-    start = tl.load(Offsets + b).to(tl.int64)
-    end = tl.load(Offsets + b + 1).to(tl.int64)
-    hist_end = tl.maximum(end - tl.load(NumTargets + b).to(tl.int64), start)
-    chunk0 = tl.load(ChunkOffsets + b).to(tl.int64)
+    start, end, hist_end, chunk0 = _sequence_bounds(Offsets, NumTargets, ChunkOffsets, b)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_t = tl.arange(0, BLOCK_T)
@@ -111,10 +118,7 @@ def _qla_bwd(
     # DQ, DK_ share q's strides and DV_ v's: the wrapper allocates them like q and v.
     b = tl.program_id(0)
     h = tl.program_id(1)
-    start = tl.load(Offsets + b).to(tl.int64)
-    end = tl.load(Offsets + b + 1).to(tl.int64)
-    hist_end = tl.maximum(end - tl.load(NumTargets + b).to(tl.int64), start)
-    chunk0 = tl.load(ChunkOffsets + b).to(tl.int64)
+    start, end, hist_end, chunk0 = _sequence_bounds(Offsets, NumTargets, ChunkOffsets, b)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_t = tl.arange(0, BLOCK_T)
