@@ -175,6 +175,10 @@ class RankingTrainer(EpochTrainer):
         self._descend(loss)
         return loss.detach()
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch
+
     def run_epoch(self, progress: TrainProgress) -> bool:
         t, state = self.cfg.train, self.state
         rows, events = self._epoch_examples(state.epoch)

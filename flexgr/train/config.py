@@ -73,7 +73,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warm-up to lr, then constant
+    warmup_steps: int = 0  # linear warm-up to lr, then the schedule
+    # "constant", or "cosine": a half cosine from lr to lr * min_lr_ratio over the run
+    # (max_steps if set, else max_epochs epochs); see flexgr/train/schedule.py
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
     # Stochastic Length (HSTU paper 3.2): alpha in (1, 2] shortens long training windows at
     # random so a step's attention cost is O(N^alpha); 0 = off. sl_selection picks the events
@@ -406,6 +410,7 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, key) >= 0, f"train.{key} must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size must be >= 1")
     _require(t.lr > 0, "train.lr must be > 0")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
     _require(t.num_negatives >= 1, "train.num_negatives must be >= 1")
     _require(t.sl_alpha == 0 or 1 < t.sl_alpha <= 2, "train.sl_alpha must be 0 (off) or in (1, 2]")
     _require(not t.sl_balance or t.sl_alpha > 0, "train.sl_balance needs train.sl_alpha")

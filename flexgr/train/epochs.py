@@ -25,6 +25,7 @@ from flexgr.train.checkpoint import capture_rng, load_checkpoint, restore_rng, s
 from flexgr.train.config import Config, dump_config
 from flexgr.train.progress import TrainProgress
 from flexgr.train.rundir import MetricsLog, RunDir
+from flexgr.train.schedule import lr_at
 
 # Timing fields of metrics.jsonl records: they differ between otherwise identical runs.
 TIMING_KEYS = frozenset({"tokens_per_s", "impressions_per_s", "elapsed_s", "eval_s", "train_s"})
@@ -197,11 +198,17 @@ class EpochTrainer:
 
     # ------------------------------------------------------------ steps
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch, for a schedule over the whole run."""
+        raise NotImplementedError
+
     def lr_at(self, step: int) -> float:
         t = self.cfg.train
-        if t.warmup_steps == 0:
-            return t.lr
-        return t.lr * min(1.0, (step + 1) / t.warmup_steps)
+        if t.lr_schedule == "constant":  # needs no run length
+            return lr_at(t, step, total_steps=0)
+        total = t.max_epochs * self.steps_per_epoch
+        return lr_at(t, step, min(total, t.max_steps) if t.max_steps else total)
 
     def _begin_step(self) -> contextlib.AbstractContextManager:
         """Set this step's learning rate; the autocast context of the forward."""

@@ -238,6 +238,10 @@ class Trainer(EpochTrainer):
         self._descend(share)
         return ctx.all_reduce_sum(share.detach())
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches.batches_per_epoch
+
     def run_epoch(self, progress: TrainProgress) -> bool:
         """Train the rest of the current epoch; False if max_steps cut it short."""
         t, state = self.cfg.train, self.state
