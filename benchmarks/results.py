@@ -85,6 +85,29 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]]) -> None
             print(f"{name}: exit {process.returncode} after {wall['wall_s']:.0f} s", flush=True)
 
 
+SELECTION_KEYS = ("val_ndcg@10", "val_hr@10", "max_test_hr@10", "max_test_ndcg@10")
+
+
+def selection_values(records: list[dict[str, Any]], final: dict[str, Any]) -> dict[str, float]:
+    """What chose the run's epoch, and what a test-reading trainer would have reported.
+
+    loo-val: the validation HR@10 / NDCG@10 of the selected epoch (settings are compared on
+    these, never on test). gr-compatible evaluates test after every epoch and reports the last;
+    the best of those per-epoch test values is the number a trainer that reads test every epoch
+    and keeps the best would print (the reference's logs allow that reading): a diagnostic of
+    how much such a reading inflates a result, never a result."""
+    evals = [r for r in records if r["kind"] == "eval" and not r.get("final")]
+    out: dict[str, float] = {}
+    val = [r for r in evals if r["split"] == "val" and r["epoch"] == final["epoch"]]
+    if val:
+        out["val_hr@10"], out["val_ndcg@10"] = val[-1]["hr@10"], val[-1]["ndcg@10"]
+    test = [r for r in evals if r["split"] == "test"]
+    if test and not val:
+        out["max_test_hr@10"] = max(r["hr@10"] for r in test)
+        out["max_test_ndcg@10"] = max(r["ndcg@10"] for r in test)
+    return out
+
+
 def summarize(out: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for preset, protocol, seed in grid:
@@ -98,11 +121,12 @@ def summarize(out: Path, grid: list[tuple[str, str, int]]) -> dict[str, Any]:
         records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         record["train_s"] = sum(r.get("train_s", 0.0) for r in records if r["kind"] == "epoch")
         record["eval_s"] = sum(r.get("eval_s", 0.0) for r in records if r["kind"] == "eval")
+        record.update(selection_values(records, final))
         groups.setdefault((preset, protocol), []).append(record)
     summary = {}
     for (preset, protocol), records in groups.items():
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in records]}
-        for key in (*METRICS, "epoch", "wall_s", "train_s", "eval_s"):
+        for key in (*METRICS, "epoch", "wall_s", "train_s", "eval_s", *SELECTION_KEYS):
             values = [float(r[key]) for r in records if r.get(key) is not None]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else float("nan")
@@ -123,12 +147,13 @@ def cell(entry: dict[str, Any], name: str, digits: int = 4) -> str:
 
 
 def table(summary: dict[str, Any]) -> str:
-    head = "| preset | protocol | seeds | epoch | " + " | ".join(METRICS) + " | wall s |"
+    head = "| preset | protocol | seeds | epoch | " + " | ".join(METRICS) + " | val ndcg@10 | wall s |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for key, entry in summary.items():
         preset, protocol = key.split(" ")
         cells = [f"`{preset}`", protocol, str(len(entry["seeds"])), cell(entry, "epoch", 0)]
-        cells += [cell(entry, m) for m in METRICS] + [cell(entry, "wall_s", 0)]
+        cells += [cell(entry, m) for m in METRICS]
+        cells += [cell(entry, "val_ndcg@10"), cell(entry, "wall_s", 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
