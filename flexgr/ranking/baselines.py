@@ -62,6 +62,8 @@ class SASRecRanker(nn.Module):
         super().__init__()
         if cfg.d_model % cfg.num_heads:
             raise ValueError(f"d_model ({cfg.d_model}) must be divisible by num_heads")
+        if cfg.layout != "pre_ln":
+            raise ValueError("the SASRec ranking baseline has only layout 'pre_ln'")
         self.cfg = cfg
         d = cfg.d_model
         self.item_emb = ItemEmbedding(cfg.num_items, d)

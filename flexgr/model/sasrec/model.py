@@ -1,11 +1,16 @@
-"""SASRec (Kang & McAuley 2018): the softmax causal Transformer baseline, pre-LN with an FFN.
+"""SASRec (Kang & McAuley 2018): the softmax causal Transformer baseline, in two block layouts:
+``pre_ln`` (a standard pre-LN Transformer block and a final LayerNorm) and ``reference`` (the
+block of the original SASRec and of the reference HSTU trainer's SASRec baseline).
 
 Architecture only; its per-batch inputs come from :mod:`flexgr.model.sasrec.inputs`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -26,6 +31,10 @@ class SASRecConfig:
     dropout: float = 0.2
     attn_dropout: float = 0.2
     input_dropout: float = 0.2
+    # "pre_ln": x + attn(LN(x)), then x + FFN(LN(x)), a final LayerNorm, PyTorch's default
+    # init. "reference": the reference trainer's block (ReferenceSASRecLayer), no final norm,
+    # xavier-normal weights and its positional init (docs/reference-differences.md).
+    layout: Literal["pre_ln", "reference"] = "pre_ln"
 
     @property
     def attn_len(self) -> int:
@@ -47,31 +56,97 @@ class SASRecLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_TD: Tensor, offsets: Tensor, max_len: int) -> Tensor:
-        cfg = self.cfg
-        T, d = x_TD.shape
-        H = cfg.num_heads
-        qkv = to_padded(self.qkv(self.norm1(x_TD)), offsets, max_len)  # [B, N, 3d]
-        B, N, _ = qkv.shape
-        q, k, v = qkv.view(B, N, 3, H, d // H).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, dh]
-        # Right-padded sequences: causal attention never lets a real row see padding.
-        attn = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=cfg.attn_dropout if self.training else 0.0
-        )
-        attn_TD = to_jagged(attn.transpose(1, 2).reshape(B, N, d), offsets, T)
+        q, k, v = self.qkv(self.norm1(x_TD)).chunk(3, dim=-1)
+        p = self.cfg.attn_dropout if self.training else 0.0
+        attn_TD = _causal_attention(q, k, v, offsets, max_len, self.cfg, p)
         x_TD = x_TD + self.dropout(self.proj(attn_TD))
         return x_TD + self.dropout(self.ffn(self.norm2(x_TD)))
+
+
+def _causal_attention(
+    q_TD: Tensor,
+    k_TD: Tensor,
+    v_TD: Tensor,
+    offsets: Tensor,
+    max_len: int,
+    cfg: SASRecConfig,
+    p: float,
+) -> Tensor:
+    """Causal multi-head softmax attention of jagged rows, through padded SDPA."""
+    T, d = q_TD.shape
+    H = cfg.num_heads
+    qkv = to_padded(torch.cat([q_TD, k_TD, v_TD], dim=-1), offsets, max_len)  # [B, N, 3d]
+    B, N, _ = qkv.shape
+    q, k, v = qkv.view(B, N, 3, H, d // H).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, dh]
+    # Right-padded sequences: causal attention never lets a real row see padding.
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+    return to_jagged(attn.transpose(1, 2).reshape(B, N, d), offsets, T)
+
+
+class ReferenceSASRecLayer(nn.Module):
+    """The original SASRec block, as the reference trainer's SASRec baseline builds it: queries
+    from LN(x) but keys and values from x itself, then z = LN(LN(x) + attention) and z + FFN(z).
+    Its layer norms have no affine weights (eps 1e-8), the attention output has no dropout (the
+    attention weights do), and every weight matrix starts xavier-normal (the packed q/k/v
+    projection as one [3d, d] matrix, as ``nn.MultiheadAttention`` holds it) with zero
+    attention biases."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.in_proj = nn.Linear(d, 3 * d)  # rows: q, k, v
+        self.proj = nn.Linear(d, d)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, cfg.ffn_dim),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.ffn_dim, d),
+            nn.Dropout(cfg.dropout),
+        )
+        for weight in (
+            self.in_proj.weight,
+            self.proj.weight,
+            self.ffn[0].weight,
+            self.ffn[3].weight,
+        ):
+            nn.init.xavier_normal_(weight)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x_TD: Tensor, offsets: Tensor, max_len: int) -> Tensor:
+        d = self.cfg.d_model
+        normed = F.layer_norm(x_TD, (d,), eps=1e-8)
+        w, b = self.in_proj.weight, self.in_proj.bias
+        q = F.linear(normed, w[:d], b[:d])
+        k, v = F.linear(x_TD, w[d:], b[d:]).split(d, dim=-1)
+        p = self.cfg.attn_dropout if self.training else 0.0
+        attn = _causal_attention(q, k, v, offsets, max_len, self.cfg, p)
+        z = F.layer_norm(normed + self.proj(attn), (d,), eps=1e-8)
+        return z + self.ffn(z)
 
 
 class SASRec(nn.Module):
     def __init__(self, cfg: SASRecConfig) -> None:
         super().__init__()
         if cfg.d_model % cfg.num_heads:
-            raise ValueError(f"d_model ({cfg.d_model}) must be divisible by num_heads ({cfg.num_heads})")
+            raise ValueError(
+                f"d_model ({cfg.d_model}) must be divisible by num_heads ({cfg.num_heads})"
+            )
         self.cfg = cfg
         self.item_emb = ItemEmbedding(cfg.num_items, cfg.d_model)
         self.input = SequenceInput(cfg.attn_len, cfg.d_model, cfg.input_dropout)
-        self.layers = nn.ModuleList(SASRecLayer(cfg) for _ in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(cfg.d_model, eps=1e-8)
+        if cfg.layout not in ("pre_ln", "reference"):
+            raise ValueError(f"layout must be 'pre_ln' or 'reference', not {cfg.layout!r}")
+        block = ReferenceSASRecLayer if cfg.layout == "reference" else SASRecLayer
+        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm: nn.Module = nn.LayerNorm(cfg.d_model, eps=1e-8)
+        if cfg.layout == "reference":
+            # The reference leaves its input module's own init in place for SASRec: positions
+            # truncated-normal with std sqrt(1/d), cut at 2 std; and no norm before the L2 norm.
+            std = math.sqrt(1.0 / cfg.d_model)
+            nn.init.trunc_normal_(self.input.pos, std=std, a=-2 * std, b=2 * std)
+            self.final_norm = nn.Identity()
 
     def forward(self, item_ids: Tensor, inputs: SASRecInputs) -> Tensor:
         x = self.input(self.item_emb(item_ids), inputs.positions)
