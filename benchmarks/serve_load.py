@@ -33,6 +33,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +116,23 @@ def _start_server(run_dir: Path, max_batch: int, max_wait_ms: float, extra: list
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
-    line = process.stdout.readline()
-    if " on http://" not in line:
+    try:
+        return process, server_url(process.stdout)
+    except SystemExit:
         process.kill()
-        raise SystemExit(f"the server did not start: {line.strip() or 'no output'}")
-    return process, line.split(" on ", 1)[1].split()[0]
+        raise
+
+
+def server_url(lines: Iterable[str]) -> str:
+    """The URL from ``flexgr serve``'s "serving ... on http://..." line. On CUDA the server
+    first warms up and says so; those lines are echoed (stderr) with the time they came."""
+    start, last = time.perf_counter(), ""
+    for line in lines:
+        if " on http://" in line:
+            return line.split(" on ", 1)[1].split()[0]
+        last = line.strip() or last
+        print(f"[server, {time.perf_counter() - start:.1f} s] {last}", file=sys.stderr, flush=True)
+    raise SystemExit(f"the server did not start: {last or 'no output'}")
 
 
 async def _load(

@@ -167,6 +167,7 @@ def serve_command(
 
     set_kernel_options(dataclasses.replace(kernel_options(), autotune=kernel_autotune))
     if warm_up and target.type == "cuda":
+        typer.echo(f"warming up: batches of 1 to {max_batch} (first calls compile kernels)")
         start = time.perf_counter()
         runs = service.warm_up(max_batch)
         typer.echo(f"warmed up: {runs} batches in {time.perf_counter() - start:.1f} s")
