@@ -189,11 +189,26 @@ class CrossAttention(nn.Module):
         self, candidates_Md: Tensor, history_Ld: Tensor, layout: CrossPairs | CrossPadding
     ) -> Tensor:
         """``layout`` picks the implementation: pairs (jagged) or padding (padded)."""
-        H, D = self.cfg.num_heads, self.cfg.head_dim
-        q = self.q(candidates_Md).view(-1, H, D)
-        k, v = self.kv(history_Ld).view(-1, 2, H, D).unbind(1)
+        return self.attend(self.queries(candidates_Md), *self.keys_values(history_Ld), layout)
+
+    # The three steps are separate so that serving can keep the candidates' queries (per item)
+    # and a history's keys and values (per user) across calls (flexgr.gesr.falcon).
+
+    def queries(self, candidates_Md: Tensor) -> Tensor:
+        """[M, H, D] the candidates' queries."""
+        return self.q(candidates_Md).view(-1, self.cfg.num_heads, self.cfg.head_dim)
+
+    def keys_values(self, history_Ld: Tensor) -> tuple[Tensor, Tensor]:
+        """([L, H, D], [L, H, D]) the history's keys and values."""
+        k, v = self.kv(history_Ld).view(-1, 2, self.cfg.num_heads, self.cfg.head_dim).unbind(1)
+        return k, v
+
+    def attend(
+        self, q_MHD: Tensor, k_LHD: Tensor, v_LHD: Tensor, layout: CrossPairs | CrossPadding
+    ) -> Tensor:
+        """[M, d]: the attention of queries over keys and values, then the output projection."""
         attend = (
             jagged_cross_attention if isinstance(layout, CrossPairs) else padded_cross_attention
         )
-        o = attend(q, k, v, layout, self.cfg.activation, self.cfg.divisor)  # type: ignore[arg-type]
-        return self.out(o.reshape(-1, H * D))
+        o = attend(q_MHD, k_LHD, v_LHD, layout, self.cfg.activation, self.cfg.divisor)  # type: ignore[arg-type]
+        return self.out(o.reshape(o.shape[0], -1))

@@ -195,15 +195,18 @@ class GESRRanker(nn.Module):
             out.append(self.encoder(x, inputs.hstu)[rows.candidate_rows])
         return out
 
+    def fused_logits(self, parts: list[Tensor], user_CKd: Tensor, item_CKd: Tensor) -> Tensor:
+        """[C, K]: the two-tower logit plus MLPG over z = [experts; user; item]. The forward
+        and the cached serving path (flexgr.gesr.falcon) both end here."""
+        C = item_CKd.shape[0]
+        z = torch.cat([*parts, user_CKd.reshape(C, -1), item_CKd.reshape(C, -1)], dim=-1)
+        return self.mlpg(self.fuse(z), self.towers.logits(user_CKd, item_CKd))
+
     def forward(self, batch: RankingBatch, inputs: GESRInputs) -> Tensor:
         user_CKd, item_CKd, history_Hd = self.towers.towers(
             batch, inputs.history_seq, inputs.candidate_seq
         )
-        primary_CK = self.towers.logits(user_CKd, item_CKd)
-        C = batch.num_candidates
-        parts = self.experts(batch, inputs, history_Hd)
-        z = torch.cat([*parts, user_CKd.reshape(C, -1), item_CKd.reshape(C, -1)], dim=-1)
-        return self.mlpg(self.fuse(z), primary_CK)
+        return self.fused_logits(self.experts(batch, inputs, history_Hd), user_CKd, item_CKd)
 
 
 def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
@@ -228,16 +231,22 @@ def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
         layout = cross_pairs if cfg.cross_impl == "pairs" else cross_padding
         cross = layout(batch.history_offsets, batch.candidate_offsets, batch.num_candidates)
     if model.encoder is not None:
-        rows = token_rows(batch, "merged")
-        tokens = JaggedBatch(
-            torch.zeros(rows.num_tokens, dtype=torch.int64, device=batch.device),
-            rows.offsets,
-            rows.timestamps,
-            batch.query_time,
-            rows.num_targets,
-        )
-        hstu = prepare_hstu(model.encoder, tokens)  # type: ignore[arg-type]
+        rows, hstu = self_expert_inputs(model.encoder, batch)
     return GESRInputs(h_seq, c_seq, match, cross, rows, hstu)  # type: ignore[arg-type]
+
+
+def self_expert_inputs(encoder: HSTUStack, batch: RankingBatch) -> tuple[TokenRows, HSTUInputs]:
+    """The self expert's merged token rows and HSTU inputs (target-aware mask, positions, bias
+    tables): every candidate a target of its request's history."""
+    rows = token_rows(batch, "merged")
+    tokens = JaggedBatch(
+        torch.zeros(rows.num_tokens, dtype=torch.int64, device=batch.device),
+        rows.offsets,
+        rows.timestamps,
+        batch.query_time,
+        rows.num_targets,
+    )
+    return rows, prepare_hstu(encoder, tokens)  # type: ignore[arg-type,return-value]
 
 
 def validate(options: dict[str, Any]) -> None:
