@@ -8,6 +8,8 @@ not depend on which other candidates are asked for, and candidates go through in
 HSTU ranking models score with M-FALCON (:mod:`flexgr.ranking.falcon`): the history's keys and
 values are computed once per request, and, with ``cache_key``, kept across requests in
 :attr:`Ranker.history_cache` (an LRU :class:`~flexgr.model.hstu.falcon.HistoryStore`).
+GESR ranking models take the same path (:mod:`flexgr.gesr.falcon`: the history side of the
+towers and experts cached the same way, the item side once per model).
 The SASRec and two-tower rankers (whose candidates meet the history only in the head) keep
 running the whole model per microbatch.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from functools import cached_property
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -29,6 +32,18 @@ from flexgr.ranking.tasks import predictions, rating_codes
 
 Actions = Sequence[float] | Mapping[str, Sequence[float]]
 HISTORY_CACHE_ENTRIES = 64  # Ranker.history_cache's default bound (replace it to change)
+
+
+def falcon_module(arch: str) -> ModuleType | None:
+    """The module with the cached path's functions for ``arch`` (``falcon_unsupported``,
+    ``encode_ranking_history``, ``candidate_logits``, ``history_content``), or None."""
+    if arch == "hstu-ranking":
+        import flexgr.ranking.falcon as module
+    elif arch == "gesr-ranking":
+        import flexgr.gesr.falcon as module
+    else:
+        return None
+    return module
 
 
 class Ranker(LoadedModel):
@@ -57,11 +72,10 @@ class Ranker(LoadedModel):
     @property
     def falcon_unsupported(self) -> str | None:
         """Why :meth:`score` does not use M-FALCON for this model, or None when it does."""
-        if spec_of(self.model).name != "hstu-ranking":
-            return f"{self.arch} is not an HSTU ranking model"
-        from flexgr.ranking.falcon import falcon_unsupported
-
-        return falcon_unsupported(self.model)
+        module = falcon_module(spec_of(self.model).name)
+        if module is None:
+            return f"{self.arch} has no cached path (hstu-ranking and gesr-ranking have)"
+        return module.falcon_unsupported(self.model)
 
     def _codes(self, actions: Actions | None, n: int) -> np.ndarray:
         """int64 [n, A] action codes of the history, checked against the model's tables."""
@@ -119,7 +133,7 @@ class Ranker(LoadedModel):
         time defaults to the last event's. A history longer than the model's ``max_seq_len`` is
         an error unless ``truncate=True`` (then its most recent events are read).
 
-        HSTU ranking models score with M-FALCON (``falcon=True``, the default; see
+        HSTU and GESR ranking models score with M-FALCON (``falcon=True``, the default; see
         :attr:`falcon_unsupported`): the history's per-layer keys and values once, then
         ``microbatch`` candidates per pass over them. ``cache_key`` (e.g. the user id, or
         (user, history version)) keeps that history in :attr:`history_cache`: a later call
@@ -178,23 +192,21 @@ class Ranker(LoadedModel):
         microbatch: int,
         cache_key: Hashable | None,
     ) -> torch.Tensor:
-        from flexgr.ranking.falcon import (
-            candidate_logits,
-            encode_ranking_history,
-            history_content,
-        )
-
+        module = falcon_module(spec_of(self.model).name)
+        assert module is not None  # falcon_unsupported said the model has the path
         device = self.device
         cache: HistoryCache | None = None
         if cache_key is not None:
-            content = history_content(self.model, items, actions, timestamps, query_time)
+            content = module.history_content(self.model, items, actions, timestamps, query_time)
             cache = self.history_cache.get(cache_key, content)
         if cache is None:
             history = (items.to(device), actions.to(device), timestamps.to(device))
-            cache = encode_ranking_history(self.model, *history, query_time)
+            cache = module.encode_ranking_history(self.model, *history, query_time)
             if cache_key is not None:
                 self.history_cache.put(cache_key, content, cache)
-        return candidate_logits(self.model, cache, candidates.to(device), microbatch=microbatch)
+        return module.candidate_logits(
+            self.model, cache, candidates.to(device), microbatch=microbatch
+        )
 
     def _target_logits(
         self,
