@@ -19,6 +19,17 @@ the ml-1m ones) with their own sizes; only the expert set changes. Nothing is ca
 calls: both models run their item tower on every candidate (a serving cache of the item tower
 would speed both up alike), and GESR's prepare includes its host syncs (the match join's value
 range, the cross-attention pair count).
+
+``--serving`` times one request at a time instead (``--history`` events, each of
+``--candidates``), for the GESR preset's model (``--experts`` to change its expert set), one
+line per serving path (flexgr.gesr.falcon), milliseconds per request:
+
+- ``whole``: the model's forward on history + candidates (``Ranker.score(falcon=False)``);
+- ``falcon``: the history encoded, then the candidates over it, item side computed per call;
+- ``falcon+items``: the same with the item side cached (:func:`flexgr.gesr.falcon.item_side`);
+- ``falcon+items+history``: the history found in a ``HistoryStore`` (its content check
+  included), only the candidates run (``Ranker.score(cache_key=...)`` on a repeat call);
+- ``...+fp8``: the last with ``quantise_linears(model, min_features=--fp8-min-features)``.
 """
 
 from __future__ import annotations
@@ -119,6 +130,103 @@ def time_round_robin(
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
 
 
+def serving_calls(model, history: tuple, candidates: torch.Tensor) -> dict[str, Any]:
+    """No-argument functions scoring one request by each serving path (see the docstring)."""
+    from flexgr.gesr.falcon import (
+        candidate_logits,
+        encode_ranking_history,
+        history_content,
+        item_side,
+    )
+    from flexgr.model.hstu.falcon import HistoryStore
+    from flexgr.model.registry import spec_of
+    from flexgr.ranking.batch import RankingBatch
+
+    items, actions, timestamps, query_time = history
+    n, m = len(items), len(candidates)
+    batch = RankingBatch(
+        items,
+        actions,
+        timestamps,
+        torch.tensor([0, n]),
+        candidates,
+        torch.tensor([0, m]),
+        torch.tensor([query_time]),
+    )
+    spec = spec_of(model)
+    store = HistoryStore()
+    store.put("user", history_content(model, *history), encode_ranking_history(model, *history))
+    item_side(model)  # built once per model, outside the timing
+
+    def whole() -> None:
+        model(batch, spec.prepare(model, batch))
+
+    def falcon() -> None:
+        cache = encode_ranking_history(model, *history)
+        candidate_logits(model, cache, candidates, microbatch=m, use_item_side=False)
+
+    def falcon_items() -> None:
+        candidate_logits(model, encode_ranking_history(model, *history), candidates, microbatch=m)
+
+    def falcon_cached() -> None:
+        cache = store.get("user", history_content(model, *history))
+        assert cache is not None
+        candidate_logits(model, cache, candidates, microbatch=m)
+
+    return {
+        "whole": whole,
+        "falcon": falcon,
+        "falcon+items": falcon_items,
+        "falcon+items+history": falcon_cached,
+    }
+
+
+def serving_main(args: argparse.Namespace, history_len: int) -> None:
+    import copy
+
+    from flexgr.gesr.quantise import quantise_linears
+    from flexgr.model.registry import build_model
+
+    options = preset_options(f"{args.preset_size}-gesr-ranking", args.num_items, history_len)
+    if args.experts is not None:
+        options["experts"] = [e for e in args.experts.split(",") if e]
+    torch.manual_seed(0)
+    model = build_model("gesr-ranking", options).eval()
+    quantised = copy.deepcopy(model)
+    fp8_modules = quantise_linears(quantised, min_features=args.fp8_min_features)
+    batch = synthetic_batch(1, history_len, 1, args.num_items, seed=0)
+    history = (
+        batch.history_items,
+        batch.history_actions,
+        batch.history_timestamps,
+        int(batch.query_time[0]),
+    )
+    g = torch.Generator().manual_seed(1)
+    for count in [int(c) for c in args.candidates.split(",")]:
+        candidates = torch.randint(1, args.num_items + 1, (count,), generator=g)
+        calls = serving_calls(model, history, candidates)
+        fp8 = serving_calls(quantised, history, candidates)["falcon+items+history"]
+        calls["falcon+items+history+fp8"] = fp8
+        with torch.no_grad():
+            timed = time_round_robin(calls, args.warmup, args.repeats)
+        whole_cpu = timed["whole"][1]
+        for name, (seconds, cpu_seconds) in timed.items():
+            line = {
+                "serving": name,
+                "experts": options["experts"],
+                "preset_size": args.preset_size,
+                "threads": torch.get_num_threads(),
+                "history": history_len,
+                "candidates": count,
+                "ms_per_request": round(seconds * 1e3, 3),
+                "cpu_ms_per_request": round(cpu_seconds * 1e3, 3),
+                "cpu_speedup_over_whole": round(whole_cpu / cpu_seconds, 2),
+            }
+            if name.endswith("fp8"):
+                line["fp8_modules"] = len(fp8_modules)
+            print(json.dumps(line), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -138,6 +246,9 @@ def main() -> None:
         help="CPU threads (1: steady on a shared machine, where OpenMP threads contend); "
         "0: torch's default",
     )
+    parser.add_argument("--serving", action="store_true", help="per-request serving paths")
+    parser.add_argument("--experts", default=None, help="--serving: comma-separated, '' none")
+    parser.add_argument("--fp8-min-features", type=int, default=64)
     args = parser.parse_args()
 
     from flexgr.model.registry import build_model
@@ -148,6 +259,11 @@ def main() -> None:
     device = torch.device(args.device)
     gesr_preset = f"{args.preset_size}-gesr-ranking"
     history = args.history or load_preset(gesr_preset).data.max_seq_len
+    if args.serving:
+        if device.type != "cpu":
+            parser.error("--serving times the CPU paths only")
+        serving_main(args, history)
+        return
     wanted = args.variants.split(",")
     unknown = set(wanted) - {v[0] for v in VARIANTS}
     if unknown:

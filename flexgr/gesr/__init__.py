@@ -12,6 +12,7 @@ from flexgr.gesr.cross import (
     cross_pairs,
     jagged_cross_attention,
 )
+from flexgr.gesr.falcon import GESRHistoryCache, ItemSide, item_side
 from flexgr.gesr.matching import (
     HardMatchConfig,
     HardMatchEmbedding,
@@ -22,22 +23,28 @@ from flexgr.gesr.matching import (
 )
 from flexgr.gesr.mlpg import MLPG, MLPGConfig
 from flexgr.gesr.model import GESRInputs, GESRRanker, GESRRankingConfig
+from flexgr.gesr.quantise import FP8Linear, quantise_linears
 
 __all__ = [
     "MLPG",
     "CrossAttention",
     "CrossAttentionConfig",
     "CrossPairs",
+    "FP8Linear",
+    "GESRHistoryCache",
     "GESRInputs",
     "GESRRanker",
     "GESRRankingConfig",
     "HardMatchConfig",
     "HardMatchEmbedding",
+    "ItemSide",
     "MLPGConfig",
     "bucketise",
     "cross_pairs",
     "hard_match_features",
+    "item_side",
     "jagged_cross_attention",
     "match_counts",
+    "quantise_linears",
     "recency_weights",
 ]
