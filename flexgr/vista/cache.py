@@ -8,7 +8,8 @@ read back by stage 2 instead of recomputing them from the history.
   ``versions``); :class:`DirectorySummaryStore` is the local one, a file per (user, version)
   written atomically (temp file, fsync, rename: a reader never sees a torn summary).
 - :func:`export_summaries`: every user's summary of a split from a trained model;
-  :func:`predict_cached`: a split's predictions with stage 2 reading the store.
+  :func:`predict_cached`: a split's predictions with stage 2 reading the store
+  (:func:`score_summaries`, which ``flexgr serve --summaries`` scores through too).
 
 A version ``version_ts`` is the timestamp of the newest event the summary read: a summary of
 version v holds the user's events up to v, and a reader at time t takes the newest version
@@ -273,6 +274,22 @@ def load_summaries(
 
 
 @torch.no_grad()
+def score_summaries(
+    model: VistaRanker,
+    summary_BSD: Tensor,
+    candidates: Tensor,
+    candidate_offsets: Tensor,
+    kinds: list[str],
+) -> Tensor:
+    """Stage 2 alone: [C, K] predictions of the candidates [C] (item indices), sequence b's
+    ``[candidate_offsets[b], candidate_offsets[b + 1])`` read against summary b of [B, S, d].
+    :func:`predict_cached` and ``flexgr serve --summaries`` both score through it."""
+    target = prepare_stage2(model, candidate_offsets, int(candidates.numel()))
+    logits = model.score(summary_BSD, candidates, target)
+    return predictions(logits.float(), kinds)
+
+
+@torch.no_grad()
 def predict_cached(
     model: VistaRanker,
     examples: RankingData,
@@ -299,9 +316,9 @@ def predict_cached(
             summary = load_summaries(store, keys.user_ids, keys.versions, cfg.num_seeds,
                                      cfg.d_model).to(device)  # fmt: skip
             batch = request_batch(examples.events, examples.requests, chunk).to(device)
-            target = prepare_stage2(model, batch.candidate_offsets, batch.num_candidates)
-            logits = model.score(summary, batch.candidates, target)
-            out.append(predictions(logits.float(), examples.kinds).cpu().numpy())
+            scored = score_summaries(model, summary, batch.candidates, batch.candidate_offsets,
+                                     examples.kinds)  # fmt: skip
+            out.append(scored.cpu().numpy())
     finally:
         model.train(was_training)
     K = len(examples.tasks)
