@@ -45,6 +45,15 @@ def serve_command(
             help="Ranking: users' encoded histories kept across requests (0: none).",
         ),
     ] = 64,
+    summaries: Annotated[
+        Path | None,
+        typer.Option(
+            "--summaries",
+            help="vista-ranking runs: a summary store (flexgr vista export-summaries --out); "
+            "/score for a user then reads the user's newest summary at or before query_time "
+            "and runs stage 2 only.",
+        ),
+    ] = None,
     max_body_kb: Annotated[
         int, typer.Option("--max-body-kb", min=1, help="Largest request body (KiB).")
     ] = 1024,
@@ -99,7 +108,9 @@ def serve_command(
 
     Requests from concurrent callers are batched (--max-batch, --max-wait-ms). A ranking model
     answers /score with per-task predictions (M-FALCON, the history cached per user) and refuses
-    /recommend. Errors are JSON with a 4xx status for bad input; see docs/serving.md.
+    /recommend; a vista-ranking run with --summaries answers a user's /score from the user's
+    stored summary (stage 2 only). Errors are JSON with a 4xx status for bad input; see
+    docs/serving.md.
     """
     try:
         from flexgr.serve.app import create_app
@@ -118,9 +129,11 @@ def serve_command(
         Service,
     )
     from flexgr.serve.ann import AnnUnavailable, ApproximateIndex
+    from flexgr.serve.summaries import SummaryServing
     from flexgr.train.rundir import RunDirError
     from flexgr.train.runtime import resolve_device
     from flexgr.train.setup import load_dataset
+    from flexgr.vista.cache import DirectorySummaryStore
 
     if threads:
         import torch
@@ -132,6 +145,11 @@ def serve_command(
         fail(f"--device {device}: {str(err).splitlines()[0]}")
     try:
         run, cfg = open_run(run_dir)
+        if summaries is not None and cfg.model.arch != "vista-ranking":
+            fail(
+                f"--summaries: {run_dir} is a {cfg.model.arch} run; stored summaries are served "
+                "for vista-ranking runs only"
+            )
         if cfg.is_ranking and ann:
             fail("--ann ranks a retrieval model's item table; a ranking model scores candidates")
         data = load_dataset(cfg) if users or weights is not Weights.model else None
@@ -140,6 +158,12 @@ def serve_command(
         service: Service | RankingService
         if cfg.is_ranking:
             ranker = cast(Ranker, loaded)
+            served = None
+            if summaries is not None:
+                try:
+                    served = SummaryServing(ranker, DirectorySummaryStore(summaries))
+                except (ValueError, OSError) as err:
+                    fail(f"--summaries {summaries}: {err}")
             service = RankingService(
                 ranker,
                 users=RankingUsers(data, ranker) if users and data is not None else None,
@@ -149,6 +173,7 @@ def serve_command(
                     cache_entries=history_cache,
                 ),
                 weights=weights.value,
+                summaries=served,
             )
         else:
             service = Service(
@@ -181,6 +206,10 @@ def serve_command(
     who = f", {service.users.count:,} users of {service.users.name}" if service.users else ""
     if isinstance(service, RankingService):  # say what /score answers
         who += f"; ranking: {', '.join(service.ranker.tasks)}"
+        if service.summaries is not None:
+            meta = service.summaries.metadata()
+            bits = "/".join(f"int{b}" for b in meta["bits"])
+            who += f"; summaries of {meta['users']:,} users ({bits}) from {meta['store']}"
     typer.echo(
         f"serving {run_dir} ({weights.value} weights, {service.num_items:,} items{who}) on "
         f"{url_of(sock)} (Ctrl-C stops)",

@@ -11,6 +11,10 @@ The history cache is ``Ranker.history_cache`` (LRU): a dataset user is kept unde
 a raw history under the request's ``cache_key``; each entry is checked against the history's
 content (events, actions, timestamps, query time), so a user whose history changed is encoded
 again (``"stale"``), never scored from old keys and values.
+
+With ``summaries`` (a VISTA model and its summary store, :mod:`flexgr.serve.summaries`), a
+request that names a user is answered from the user's stored summary by stage 2 alone; a
+request with a history still runs the whole model.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from flexgr.ranking.scorer import Ranker
 from flexgr.serve.errors import RequestError, bad_request, unknown_item, unknown_user
 from flexgr.serve.schemas import RankScoreRequest, RawId
 from flexgr.serve.service import checked_query_time, checked_timestamps
+from flexgr.serve.summaries import SummaryJob, SummaryResult, SummaryServing
 
 Actions = dict[str, list[float]]
 
@@ -108,9 +113,11 @@ class RankingService:
         users: RankingUsers | None = None,
         options: RankingOptions | None = None,
         weights: str = "model",
+        summaries: SummaryServing | None = None,
     ) -> None:
         self.ranker = ranker
         self.users = users
+        self.summaries = summaries
         self.options = options or RankingOptions()
         self.weights = weights
         self.num_items = len(ranker.item_ids)
@@ -134,13 +141,16 @@ class RankingService:
 
     # ------------------------------------------------------------ requests -> jobs
 
-    def score_job(self, request: RankScoreRequest) -> RankJob:
+    def score_job(self, request: RankScoreRequest) -> RankJob | SummaryJob:
         count, most = len(request.candidates), self.options.max_candidates
         if not 1 <= count <= most:
             raise bad_request(f"candidates must hold 1 to {most:,} item ids, got {count:,}")
         candidates = self._known(request.candidates, "candidates")
         if (request.user is None) == (request.history is None):
             raise bad_request("give either user (a user of the run's dataset) or history")
+        if request.user is not None and self.summaries is not None:
+            self._no_history_fields(request)
+            return self.summaries.job(str(request.user), request.query_time, candidates)
         if request.user is not None:
             history, actions, times, key = self._user(request)
         else:
@@ -152,12 +162,16 @@ class RankingService:
         query_time = checked_query_time(request.query_time, times[-1])
         return RankJob(history, actions, times, query_time, candidates, key)
 
-    def _user(self, request: RankScoreRequest) -> tuple[list[str], Actions, list[int], Hashable]:
+    @staticmethod
+    def _no_history_fields(request: RankScoreRequest) -> None:
         extra = [
             f for f in ("timestamps", "actions", "cache_key") if getattr(request, f) is not None
         ]
         if extra:
             raise bad_request(f"{', '.join(extra)} go with history; a dataset user brings its own")
+
+    def _user(self, request: RankScoreRequest) -> tuple[list[str], Actions, list[int], Hashable]:
+        self._no_history_fields(request)
         if self.users is None:
             raise RequestError(
                 404, "no_users", "this server has no dataset users; send a history instead"
@@ -236,10 +250,19 @@ class RankingService:
 
     # ------------------------------------------------------------ batches (worker thread)
 
-    def run_batch(self, jobs: Sequence[RankJob]) -> list[RankResult | RequestError]:
-        """Each job alone (see the module docstring). A job the model refuses (an action value
-        out of its range) answers its own caller 422 and leaves the others of the batch be."""
-        return [self._run(job) for job in jobs]
+    def run_batch(
+        self, jobs: Sequence[RankJob | SummaryJob]
+    ) -> list[RankResult | SummaryResult | RequestError]:
+        """Each history job alone (see the module docstring); the summary jobs together, packed
+        into stage-2 passes. A job the model refuses (an action value out of its range) answers
+        its own caller 422 and leaves the others of the batch be."""
+        from_summaries = [job for job in jobs if isinstance(job, SummaryJob)]
+        answered = iter(
+            self.summaries.run(from_summaries, self.options.microbatch)
+            if self.summaries is not None and from_summaries
+            else []
+        )
+        return [next(answered) if isinstance(job, SummaryJob) else self._run(job) for job in jobs]
 
     def _run(self, job: RankJob) -> RankResult | RequestError:
         key = job.cache_key if self.caching else None
@@ -281,11 +304,21 @@ class RankingService:
                     microbatch=self.options.microbatch,
                 )
                 runs += 1
+        if self.summaries is not None:
+            runs += self.summaries.warm_up(
+                sorted({1, min(self.options.microbatch, self.options.max_candidates)})
+            )
         return runs
 
     # ------------------------------------------------------------ responses
 
-    def response(self, job: RankJob, result: RankResult) -> dict[str, Any]:
+    def response(
+        self, job: RankJob | SummaryJob, result: RankResult | SummaryResult
+    ) -> dict[str, Any]:
+        if isinstance(job, SummaryJob):
+            assert self.summaries is not None and isinstance(result, SummaryResult)
+            return self.summaries.response(job, result)
+        assert isinstance(result, RankResult)
         pairs = zip(job.candidates, result.predictions, strict=True)
         return {
             "tasks": self.ranker.tasks,
@@ -328,6 +361,9 @@ class RankingService:
                 "stale": stats.stale,
                 "evictions": stats.evictions,
             },
+            "summaries": (
+                self.summaries.metadata() if self.summaries is not None else {"served": False}
+            ),
             "device": str(ranker.device),
             "config": ranker.config,
             "model_metadata": ranker.metadata,
