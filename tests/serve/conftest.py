@@ -29,13 +29,11 @@ def same_ranking(got: list[tuple[str, float]], expected: list[tuple[str, float]]
 
 
 @pytest.fixture(scope="session")
-def ranking_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny HSTU ranking run trained for real (a few steps, about a second): 24 users with
-    10 to 20 rated events over 30 items (``tinyrank``), like / dislike / rating heads."""
+def tinyrank_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data home with ``tinyrank``: 24 users with 10 to 20 rated events over 30 items."""
     import random
 
     from flexgr.data import prepare
-    from flexgr.train import Config, apply_overrides, fit
 
     home = tmp_path_factory.mktemp("ranking-home")
     rng = random.Random(0)
@@ -54,10 +52,28 @@ def ranking_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     csv.write_text("\n".join(lines) + "\n")
     columns = {"user_col": "user", "item_col": "item", "time_col": "ts", "rating_col": "rating"}
     prepare(str(csv), fmt="csv", name="tinyrank", data_dir=home, progress=False, **columns)
+    return home
+
+
+TINYRANK_TRAINING = [
+    "data.dataset=tinyrank",
+    "data.max_seq_len=12",
+    "ranking.request_size=2",
+    "train.batch_size=8",
+    "train.max_steps=3",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="session")
+def ranking_run(tinyrank_home: Path) -> Path:
+    """A tiny HSTU ranking run trained for real (a few steps, about a second) on ``tinyrank``,
+    like / dislike / rating heads."""
+    from flexgr.train import Config, apply_overrides, fit
+
     overrides = [
-        "data.dataset=tinyrank",
-        f"data.data_dir={home}",
-        "data.max_seq_len=12",
+        *TINYRANK_TRAINING,
+        f"data.data_dir={tinyrank_home}",
         "model.arch=hstu-ranking",
         "model.d_model=8",
         "model.dqk=8",
@@ -65,11 +81,29 @@ def ranking_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "model.num_layers=1",
         "model.head_hidden=8",
         "model.action_dim=4",
-        "ranking.request_size=2",
-        "train.batch_size=8",
-        "train.max_steps=3",
-        "eval.batch_size=64",
     ]
-    run_dir = home / "run"
+    run_dir = tinyrank_home / "run"
     fit(apply_overrides(Config(), overrides), run_dir, show_progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def vista_run(tinyrank_home: Path) -> Path:
+    """A tiny VISTA ranking run (``ml-100k-vista-ranking`` shrunk: d 8, 3 seeds, one layer per
+    stage) trained a few steps on ``tinyrank``."""
+    from flexgr.train import apply_overrides, fit
+    from flexgr.train.config import load_preset
+
+    overrides = [
+        *TINYRANK_TRAINING,
+        f"data.data_dir={tinyrank_home}",
+        "model.d_model=8",
+        "model.num_seeds=3",
+        "model.summary_layers=1",
+        "model.head_hidden=8",
+        "model.action_dim=4",
+    ]
+    run_dir = tinyrank_home / "vista-run"
+    fit(apply_overrides(load_preset("ml-100k-vista-ranking"), overrides), run_dir,
+        show_progress=False)  # fmt: skip
     return run_dir
