@@ -30,7 +30,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from flexgr.batch import JaggedBatch
 from flexgr.gesr.cross import (
     CrossActivation,
     CrossAttention,
@@ -48,7 +47,7 @@ from flexgr.model.hstu.model import HSTUConfig
 from flexgr.ranking.baselines import TwoTowerConfig, TwoTowerRanker, validate_common
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.hstu import HSTUStack
-from flexgr.ranking.tokens import TokenRows, place, segments, token_rows
+from flexgr.ranking.tokens import TokenRows, place, segments, token_batch, token_rows
 
 Expert = Literal["match", "cross", "self"]
 EXPERTS: tuple[str, ...] = ("match", "cross", "self")
@@ -239,13 +238,7 @@ def self_expert_inputs(encoder: HSTUStack, batch: RankingBatch) -> tuple[TokenRo
     """The self expert's merged token rows and HSTU inputs (target-aware mask, positions, bias
     tables): every candidate a target of its request's history."""
     rows = token_rows(batch, "merged")
-    tokens = JaggedBatch(
-        torch.zeros(rows.num_tokens, dtype=torch.int64, device=batch.device),
-        rows.offsets,
-        rows.timestamps,
-        batch.query_time,
-        rows.num_targets,
-    )
+    tokens = token_batch(rows, batch)
     return rows, prepare_hstu(encoder, tokens)  # type: ignore[arg-type,return-value]
 
 

@@ -15,14 +15,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from flexgr.batch import JaggedBatch
 from flexgr.model.embedding import ItemEmbedding, SequenceInput
 from flexgr.model.hstu.inputs import HSTUInputs
 from flexgr.model.hstu.inputs import prepare as prepare_hstu
 from flexgr.model.hstu.model import HSTUConfig, HSTULayer
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.modules import ActionEncoder, MultiTaskHead
-from flexgr.ranking.tokens import TokenLayout, TokenRows, place, token_rows
+from flexgr.ranking.tokens import TokenLayout, TokenRows, place, token_batch, token_rows
 
 
 @dataclass
@@ -128,13 +127,7 @@ def prepare(model: HSTURanker, batch: RankingBatch) -> HSTURankingInputs:
     every candidate sees its sequence's history and itself, at the history's end position
     and the request time."""
     rows = token_rows(batch, model.cfg.layout)
-    tokens = JaggedBatch(
-        torch.zeros(rows.num_tokens, dtype=torch.int64, device=batch.device),
-        rows.offsets,
-        rows.timestamps,
-        batch.query_time,
-        rows.num_targets,
-    )
+    tokens = token_batch(rows, batch)
     return HSTURankingInputs(rows, prepare_hstu(model.encoder, tokens))
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from flexgr.batch import JaggedBatch
 from flexgr.ranking.batch import RankingBatch
 
 TokenLayout = Literal["interleaved", "merged"]
@@ -69,3 +70,15 @@ def place(rows: list[Tensor], values: list[Tensor], num_tokens: int) -> Tensor:
     first = values[0]
     out = first.new_zeros(num_tokens, first.shape[-1])
     return out.index_copy(0, torch.cat(rows), torch.cat(values))
+
+
+def token_batch(rows: TokenRows, batch: RankingBatch) -> JaggedBatch:
+    """The token sequences as a JaggedBatch for the attention inputs (offsets, times, targets;
+    the ids are placeholders, the token embeddings are placed separately)."""
+    return JaggedBatch(
+        torch.zeros(rows.num_tokens, dtype=torch.int64, device=batch.device),
+        rows.offsets,
+        rows.timestamps,
+        batch.query_time,
+        rows.num_targets,
+    )

@@ -21,6 +21,7 @@ from flexgr.gesr.model import GESRRanker
 from flexgr.model.registry import build_model, spec_of
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.scorer import Ranker
+from tests.ranking.score_requests import predictions, request_body
 
 NUM_ITEMS, MAX_EVENTS, TOL = 12, 9, 1e-5
 HISTORY_LENGTHS = (1, 4, MAX_EVENTS)
@@ -156,18 +157,7 @@ def _ranker(**over) -> Ranker:
 
 
 def _request(n: int, seed: int) -> dict:
-    items, actions, timestamps, query_time = _history(n, seed)
-    ratings = (actions[:, 0].clamp(min=1).float() / 2).tolist()  # 0.5 .. 5
-    return {
-        "history": [f"i{int(i)}" for i in items],
-        "actions": {"rating": ratings, "click": actions[:, 1].tolist()},
-        "timestamps": timestamps.tolist(),
-        "query_time": query_time,
-    }
-
-
-def _predictions(scored) -> torch.Tensor:
-    return torch.tensor([[p[t] for t in ("like", "rating")] for _, p in scored])
+    return request_body(*_history(n, seed))
 
 
 def test_ranker_score_keeps_histories_across_calls() -> None:
@@ -177,14 +167,14 @@ def test_ranker_score_keeps_histories_across_calls() -> None:
     for seed, n in enumerate(HISTORY_LENGTHS):
         request = _request(n, seed)
         candidates = [f"i{int(c)}" for c in _candidates(torch.tensor([1, 2]), 50 + seed)]
-        uncached = _predictions(ranker.score(candidates=candidates, falcon=False, **request))
+        uncached = predictions(ranker.score(candidates=candidates, falcon=False, **request))
         hits = store.stats.hits
         for microbatch in MICROBATCHES:  # the first call encodes, the others hit the cache
             got = ranker.score(
                 candidates=candidates, microbatch=microbatch, cache_key=("u", seed), **request
             )
             assert [raw for raw, _ in got] == candidates
-            torch.testing.assert_close(_predictions(got), uncached, rtol=TOL, atol=TOL)
+            torch.testing.assert_close(predictions(got), uncached, rtol=TOL, atol=TOL)
         assert store.stats.hits == hits + len(MICROBATCHES) - 1
     assert store.stats.misses == len(HISTORY_LENGTHS) and store.stats.stale == 0
 
@@ -203,10 +193,10 @@ def test_a_changed_history_under_the_same_key_is_encoded_again(change) -> None:
     ranker = _ranker(experts=["match", "cross", "self"])
     request = _request(5, 3)
     candidates = ["i3", "i7", "i7", "i11", request["history"][-1]]
-    before = _predictions(ranker.score(candidates=candidates, cache_key="u", **request))
+    before = predictions(ranker.score(candidates=candidates, cache_key="u", **request))
     later = change(request)
-    got = _predictions(ranker.score(candidates=candidates, cache_key="u", **later))
-    want = _predictions(ranker.score(candidates=candidates, falcon=False, **later))
+    got = predictions(ranker.score(candidates=candidates, cache_key="u", **later))
+    want = predictions(ranker.score(candidates=candidates, falcon=False, **later))
     torch.testing.assert_close(got, want, rtol=TOL, atol=TOL)
     assert (got - before).abs().max() > 1e-4  # the change matters, so a stale entry would show
     assert ranker.history_cache.stats.stale == 1 and ranker.history_cache.stats.hits == 0

@@ -12,6 +12,7 @@ from flexgr.model.registry import build_model, spec_of
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.falcon import candidate_logits, encode_ranking_history, history_content
 from flexgr.ranking.scorer import Ranker
+from tests.ranking.score_requests import predictions, request_body
 
 NUM_ITEMS, MAX_EVENTS, TOL = 30, 9, 1e-5
 MICROBATCHES = (1, 2, 4, 6, 50)  # one, a divisor of 6 candidates, a non-divisor, = m, > m
@@ -125,18 +126,7 @@ def _ranker(**over) -> Ranker:
 
 
 def _request(n: int, seed: int) -> dict:
-    items, actions, timestamps, query_time = _history(n, seed)
-    ratings = (actions[:, 0].clamp(min=1).float() / 2).tolist()  # 0.5 .. 5
-    return {
-        "history": [f"i{int(i)}" for i in items],
-        "actions": {"rating": ratings, "click": actions[:, 1].tolist()},
-        "timestamps": timestamps.tolist(),
-        "query_time": query_time,
-    }
-
-
-def _predictions(scored) -> torch.Tensor:
-    return torch.tensor([[p[t] for t in ("like", "rating")] for _, p in scored])
+    return request_body(*_history(n, seed))
 
 
 @pytest.mark.parametrize("over", CONFIGS[:4])
@@ -148,16 +138,16 @@ def test_ranker_score_with_the_cross_request_cache(over: dict) -> None:
         request = _request(n, seed)
         candidates = [f"i{int(c)}" for c in _candidates(50 + seed)]
         # every candidate a target of one pass (test_layouts: equal to each alone)
-        targets = _predictions(ranker.score(candidates=candidates, falcon=False, **request))
+        targets = predictions(ranker.score(candidates=candidates, falcon=False, **request))
         before = store.stats.hits
         for microbatch in MICROBATCHES:  # the first call encodes, the others hit the cache
             got = ranker.score(
                 candidates=candidates, microbatch=microbatch, cache_key=("user", seed), **request
             )
-            torch.testing.assert_close(_predictions(got), targets, rtol=TOL, atol=TOL)
+            torch.testing.assert_close(predictions(got), targets, rtol=TOL, atol=TOL)
             assert [raw for raw, _ in got] == candidates
         uncached = ranker.score(candidates=candidates, microbatch=4, **request)
-        torch.testing.assert_close(_predictions(uncached), targets, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(predictions(uncached), targets, rtol=TOL, atol=TOL)
         assert store.stats.hits == before + len(MICROBATCHES) - 1
     assert store.stats.misses == 3 and len(store) == 3 and store.stats.stale == 0
 
@@ -170,7 +160,7 @@ def test_a_reused_key_with_another_history_is_encoded_again() -> None:
     later = {**request, "query_time": request["query_time"] + 86_400}  # the time bias reads it
     got = ranker.score(candidates=candidates, cache_key="u", **later)
     want = ranker.score(candidates=candidates, falcon=False, **later)
-    torch.testing.assert_close(_predictions(got), _predictions(want), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(predictions(got), predictions(want), rtol=TOL, atol=TOL)
     assert ranker.history_cache.stats.stale == 1 and ranker.history_cache.stats.hits == 0
     ranker.score(candidates=candidates[:1], cache_key="u", **later)
     assert ranker.history_cache.stats.hits == 1 and len(ranker.history_cache) == 1
