@@ -134,10 +134,10 @@ class HSTULayer(nn.Module):
             return x_TD + fp8_linear(dropped, self.out.weight.t(), self.out.bias)
         return x_TD + self.out(dropped)
 
-    def forward(self, x_TD: Tensor, inputs: HSTUInputs) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, inputs: HSTUInputs) -> Tensor:
+        """The batch's attention over [T, H dqk] q, k and [T, H dv] v: [T, H dv]."""
         cfg = self.cfg
-        T, H = x_TD.shape[0], cfg.num_heads
-        u, v, q, k = torch.split(self.project(x_TD), self.splits, dim=-1)
+        T, H = q.shape[0], cfg.num_heads
         attn_THD = inputs.attention(
             q.reshape(T, H, cfg.dqk),
             k.reshape(T, H, cfg.dqk),
@@ -146,11 +146,20 @@ class HSTULayer(nn.Module):
             alpha=cfg.score_scale,
             bias=self.rab() if self.rab is not None else None,
         )
-        attn = attn_THD.reshape(T, H * cfg.dv)
+        return attn_THD.reshape(T, H * cfg.dv)
+
+    def gate(self, x_TD: Tensor, u: Tensor, attn: Tensor) -> Tensor:
+        """The gated norm u * LN(attn) (concatenated with u and attn under concat_ua), then
+        :meth:`output`. Split from :meth:`attend` so that train.recompute = "selective"
+        (flexgr/train/recompute.py) can recompute this part alone."""
         gated = u * self.attn_norm(attn)
-        if cfg.concat_ua:
+        if self.cfg.concat_ua:
             gated = torch.cat([u, attn, gated], dim=-1)
         return self.output(x_TD, gated)
+
+    def forward(self, x_TD: Tensor, inputs: HSTUInputs) -> Tensor:
+        u, v, q, k = torch.split(self.project(x_TD), self.splits, dim=-1)
+        return self.gate(x_TD, u, self.attend(q, k, v, inputs))
 
 
 class HSTU(nn.Module):
