@@ -102,8 +102,9 @@ class TrainConfig:
     # (a recompile per new packed length), while eager runs at ~18 ms a step.
     compile: bool = False  # torch.compile the model on CUDA; CPU runs stay eager
     # "layers": run each layer under activation checkpointing (keep its input only, recompute
-    # the rest in backward; docs/train.md); "none": keep every activation.
-    recompute: Literal["none", "layers"] = "none"
+    # the rest in backward; docs/train.md); "selective" (HSTU only): keep the attention, recompute
+    # the projections and the gated norm around it; "none": keep every activation.
+    recompute: Literal["none", "layers", "selective"] = "none"
     # Refuse to start when model.backend cannot run as configured (instead of running the
     # backend it would fall back to); the choice is logged in metrics.jsonl either way.
     strict_backend: bool = False
@@ -454,6 +455,13 @@ def validate(cfg: Config) -> None:
             f"HSTU's pointwise attention; {cfg.model.arch}'s softmax attention would need a "
             f"log-sum-exp merge across ranks (not implemented); use parallel.cp=1 (data "
             f"parallelism only)"
+        )
+    if spec.task == "retrieval" and t.recompute == "selective" and cfg.model.arch != "hstu":
+        # flexgr/train/recompute.py splits HSTU layers around their attention; other stacks
+        # have no such split (refused, not run as "layers": the two measure differently).
+        raise ConfigError(
+            f"train.recompute = 'selective' needs HSTU layers; {cfg.model.arch} has none "
+            f"(use train.recompute = 'layers')"
         )
     if spec.validate is not None:
         try:
