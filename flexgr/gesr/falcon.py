@@ -51,6 +51,7 @@ from flexgr.model.hstu.falcon import (
     unsupported,
 )
 from flexgr.ranking.batch import RankingBatch
+from flexgr.ranking.falcon import content_bytes
 
 # Items per item-tower pass when the item side is built: bounds the peak memory of a large
 # catalogue without changing any value.
@@ -274,7 +275,4 @@ def history_content(
     reads_time = (model.encoder is not None and cfg.self_rel_bias) or (
         model.match is not None and cfg.match_half_life is not None
     )
-    parts = [t.detach().to("cpu", torch.int64).contiguous() for t in (items, actions, timestamps)]
-    shape = torch.tensor([items.shape[0], actions.shape[-1]], dtype=torch.int64)
-    when = torch.tensor([query_time if reads_time else 0], dtype=torch.int64)
-    return b"".join(t.numpy().tobytes() for t in (shape, when, *parts))
+    return content_bytes(items, actions, timestamps, query_time if reads_time else None)

@@ -83,7 +83,15 @@ def history_content(
 ) -> bytes:
     """What a cached history is checked against before it is reused: the inputs its keys and
     values depend on (the query time only where the relative bias reads it)."""
+    return content_bytes(items, actions, timestamps, query_time if model.cfg.rel_bias else None)
+
+
+def content_bytes(
+    items: Tensor, actions: Tensor, timestamps: Tensor, query_time: int | None
+) -> bytes:
+    """The bytes of a history's items, actions and timestamps, their shape, and the query time
+    (None: a model that does not read it, so any time matches)."""
     parts = [t.detach().to("cpu", torch.int64).contiguous() for t in (items, actions, timestamps)]
     shape = torch.tensor([items.shape[0], actions.shape[-1]], dtype=torch.int64)
-    when = torch.tensor([query_time if model.cfg.rel_bias else 0], dtype=torch.int64)
+    when = torch.tensor([0 if query_time is None else query_time], dtype=torch.int64)
     return b"".join(t.numpy().tobytes() for t in (shape, when, *parts))
