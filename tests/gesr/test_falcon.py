@@ -21,7 +21,7 @@ from flexgr.gesr.model import GESRRanker
 from flexgr.model.registry import build_model, spec_of
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.scorer import Ranker
-from tests.ranking.score_requests import predictions, request_body
+from tests.ranking.score_requests import predictions, ranker_over, request_body
 
 NUM_ITEMS, MAX_EVENTS, TOL = 12, 9, 1e-5
 HISTORY_LENGTHS = (1, 4, MAX_EVENTS)
@@ -151,9 +151,7 @@ def test_a_wrong_cache_gives_other_scores() -> None:
 
 
 def _ranker(**over) -> Ranker:
-    model = _model(**over)
-    item_ids = [f"i{k}" for k in range(1, NUM_ITEMS + 1)]
-    return Ranker(model, item_ids, {"arch": "gesr-ranking", "config": {}})
+    return ranker_over(_model(**over), "gesr-ranking", NUM_ITEMS)
 
 
 def _request(n: int, seed: int) -> dict:

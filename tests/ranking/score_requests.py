@@ -4,6 +4,15 @@ HSTU and GESR rankers."""
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from flexgr.ranking.scorer import Ranker
+
+
+def ranker_over(model: nn.Module, arch: str, num_items: int) -> Ranker:
+    """A Ranker over ``model`` whose raw item ids are i1 .. i<num_items>."""
+    item_ids = [f"i{k}" for k in range(1, num_items + 1)]
+    return Ranker(model, item_ids, {"arch": arch, "config": {}})
 
 
 def request_body(

@@ -12,7 +12,7 @@ from flexgr.model.registry import build_model, spec_of
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.falcon import candidate_logits, encode_ranking_history, history_content
 from flexgr.ranking.scorer import Ranker
-from tests.ranking.score_requests import predictions, request_body
+from tests.ranking.score_requests import predictions, ranker_over, request_body
 
 NUM_ITEMS, MAX_EVENTS, TOL = 30, 9, 1e-5
 MICROBATCHES = (1, 2, 4, 6, 50)  # one, a divisor of 6 candidates, a non-divisor, = m, > m
@@ -120,9 +120,7 @@ def test_a_cache_from_another_query_time_or_history_differs() -> None:
 
 
 def _ranker(**over) -> Ranker:
-    model = _model(**over)
-    item_ids = [f"i{k}" for k in range(1, NUM_ITEMS + 1)]
-    return Ranker(model, item_ids, {"arch": "hstu-ranking", "config": {}})
+    return ranker_over(_model(**over), "hstu-ranking", NUM_ITEMS)
 
 
 def _request(n: int, seed: int) -> dict:
@@ -212,9 +210,7 @@ def test_baseline_rankers_keep_their_path() -> None:
         "task_kinds": ["bce", "mse"],
     }
     model = build_model("sasrec-ranking", options).eval()
-    ranker = Ranker(
-        model, [f"i{k}" for k in range(1, NUM_ITEMS + 1)], {"arch": "sasrec-ranking", "config": {}}
-    )
+    ranker = ranker_over(model, "sasrec-ranking", NUM_ITEMS)
     assert ranker.falcon_unsupported is not None
     scored = ranker.score(candidates=["i1", "i2"], cache_key="u", **_request(3, 0))
     assert len(scored) == 2 and len(ranker.history_cache) == 0

@@ -11,6 +11,7 @@ import pytest
 import flexgr
 from flexgr.train.loop import TIMING_KEYS
 from tests.cli.helpers import run
+from tests.ranking.surfaces import check_eval_and_score
 
 TINY = ["data.max_seq_len=12", "train.batch_size=16", "train.log_every=1", "eval.batch_size=512"]
 TINY_MODEL = {
@@ -49,14 +50,7 @@ def test_ml100k_ranking_preset_trains_and_every_surface_reads_it(
         assert key in final
     assert final["impressions"] == 943 * 8  # each user's last 8 ratings
 
-    evaluated = run("eval", "--run-dir", run_dir, "--json")
-    assert evaluated.exit_code == 0, evaluated.output
-    assert json.loads(evaluated.stdout)["auc:like"] == pytest.approx(final["auc:like"])
-
-    scored = run("score", "--run-dir", run_dir, "--user", "1", "--candidates", "50,172", "--json")
-    assert scored.exit_code == 0, scored.output
-    pairs = json.loads(scored.stdout)
-    assert [p[0] for p in pairs] == ["50", "172"]
+    pairs = check_eval_and_score(run_dir, final)
     assert set(pairs[0][1]) == {"like", "dislike", "rating"} and 0 < pairs[0][1]["like"] < 1
     bad = run("score", "--run-dir", run_dir, "--user", "1", "--candidates", "50,nope")
     assert bad.exit_code == 1 and "unknown item id 'nope'" in bad.stderr

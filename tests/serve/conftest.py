@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from flexgr.serve.server import BackgroundServer
 from tests.conftest import tiny_config
+from tests.serve.helpers import server_for
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +112,17 @@ def vista_run(tinyrank_home: Path) -> Path:
     fit(apply_overrides(load_preset("ml-100k-vista-ranking"), overrides), run_dir,
         show_progress=False)  # fmt: skip
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def server(service: Any) -> Iterator[BackgroundServer]:
+    """A real server over the test module's ``service`` fixture (a module that serves something
+    else defines its own ``server``)."""
+    with server_for(service) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: BackgroundServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http

@@ -23,12 +23,6 @@ def server(served_run: Path) -> Iterator[BackgroundServer]:
         yield running
 
 
-@pytest.fixture
-def client(server: BackgroundServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        yield http
-
-
 def user_history(tiny_home: Path, user: str) -> tuple[list[str], list[int]]:
     data = load_prepared("tiny", data_dir=tiny_home)
     events = data.events_of(data.user_index(user))

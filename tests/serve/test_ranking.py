@@ -7,7 +7,6 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,18 +30,6 @@ CANDIDATES = ["i0", "i3", "i7", "i3"]  # a repeat is scored again, alike
 @pytest.fixture(scope="module")
 def service(ranking_run: Path) -> RankingService:
     return ranking_service_for(ranking_run, max_candidates=6, microbatch=3)
-
-
-@pytest.fixture(scope="module")
-def server(service: RankingService) -> Iterator[BackgroundServer]:
-    with server_for(service) as running:
-        yield running
-
-
-@pytest.fixture
-def client(server: BackgroundServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        yield http
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the version picked by the request time; the packing of a batch's summary jobs; t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from flexgr.ranking.setup import RankingData, ranking_data
 from flexgr.ranking.tasks import predictions
 from flexgr.serve.ranking import RankingService, RankResult
 from flexgr.serve.schemas import RankScoreRequest
-from flexgr.serve.server import BackgroundServer
 from flexgr.serve.summaries import SummaryJob, SummaryResult, SummaryServing, candidate_passes
 from flexgr.train.rundir import RunDir
 from flexgr.train.setup import load_dataset
@@ -33,7 +31,7 @@ from flexgr.vista.cache import (
 )
 from flexgr.vista.model import prepare_stage2
 from tests.cli.helpers import assert_one_line_error, run
-from tests.serve.helpers import ranking_service_for, server_for
+from tests.serve.helpers import ranking_service_for
 
 QUANTISATION_TOLERANCE = 1e-2  # int8 summaries move predictions this little (tests/vista)
 # A few steps of training leave the exported summaries close to the seeds (users' summaries
@@ -134,18 +132,6 @@ def service(vista_run: Path, reference: Reference) -> RankingService:
     built = ranking_service_for(vista_run, max_candidates=8, microbatch=3)
     built.summaries = SummaryServing(built.ranker, DirectorySummaryStore(reference.store.root))
     return built
-
-
-@pytest.fixture(scope="module")
-def server(service: RankingService) -> Iterator[BackgroundServer]:
-    with server_for(service) as running:
-        yield running
-
-
-@pytest.fixture
-def client(server: BackgroundServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        yield http
 
 
 def as_array(body: dict, tasks: list[str], candidates: list[str]) -> np.ndarray:
