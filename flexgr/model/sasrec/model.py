@@ -56,26 +56,20 @@ class SASRecLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x_TD: Tensor, offsets: Tensor, max_len: int) -> Tensor:
-        q, k, v = self.qkv(self.norm1(x_TD)).chunk(3, dim=-1)
         p = self.cfg.attn_dropout if self.training else 0.0
-        attn_TD = _causal_attention(q, k, v, offsets, max_len, self.cfg, p)
+        attn_TD = _causal_attention(self.qkv(self.norm1(x_TD)), offsets, max_len, self.cfg, p)
         x_TD = x_TD + self.dropout(self.proj(attn_TD))
         return x_TD + self.dropout(self.ffn(self.norm2(x_TD)))
 
 
 def _causal_attention(
-    q_TD: Tensor,
-    k_TD: Tensor,
-    v_TD: Tensor,
-    offsets: Tensor,
-    max_len: int,
-    cfg: SASRecConfig,
-    p: float,
+    qkv_T3D: Tensor, offsets: Tensor, max_len: int, cfg: SASRecConfig, p: float
 ) -> Tensor:
-    """Causal multi-head softmax attention of jagged rows, through padded SDPA."""
-    T, d = q_TD.shape
+    """Causal multi-head softmax attention of jagged rows (queries, keys and values packed side
+    by side, as one projection makes them), through padded SDPA."""
+    T, d = qkv_T3D.shape[0], cfg.d_model
     H = cfg.num_heads
-    qkv = to_padded(torch.cat([q_TD, k_TD, v_TD], dim=-1), offsets, max_len)  # [B, N, 3d]
+    qkv = to_padded(qkv_T3D, offsets, max_len)  # [B, N, 3d]
     B, N, _ = qkv.shape
     q, k, v = qkv.view(B, N, 3, H, d // H).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, dh]
     # Right-padded sequences: causal attention never lets a real row see padding.
@@ -119,9 +113,9 @@ class ReferenceSASRecLayer(nn.Module):
         normed = F.layer_norm(x_TD, (d,), eps=1e-8)
         w, b = self.in_proj.weight, self.in_proj.bias
         q = F.linear(normed, w[:d], b[:d])
-        k, v = F.linear(x_TD, w[d:], b[d:]).split(d, dim=-1)
+        kv = F.linear(x_TD, w[d:], b[d:])
         p = self.cfg.attn_dropout if self.training else 0.0
-        attn = _causal_attention(q, k, v, offsets, max_len, self.cfg, p)
+        attn = _causal_attention(torch.cat([q, kv], dim=-1), offsets, max_len, self.cfg, p)
         z = F.layer_norm(normed + self.proj(attn), (d,), eps=1e-8)
         return z + self.ffn(z)
 
