@@ -1,6 +1,6 @@
 """Ranking measurements: the ML-1M model grid, and ROO against impression-level examples.
 
-    python benchmarks/ranking.py grid --device cuda --epochs 40            # ML-1M, 4 models x 3 seeds
+    python benchmarks/ranking.py grid --device cuda --epochs 40 --jobs 12  # ML-1M, 4 models x 3 seeds
     python benchmarks/ranking.py grid --device cpu --small                 # ML-100K, tiny, minutes
     python benchmarks/ranking.py roo --device cpu                           # k = 1 .. 32, synthetic
 
@@ -79,7 +79,12 @@ def grid(args: argparse.Namespace) -> None:
 
     dataset = "ml-100k" if args.small else "ml-1m"
     out = Path(args.out)
+    if args.jobs > 1:
+        run_in_processes(args, out)
+        return
     for name, preset_tail, extra in GRID:
+        if args.models and name not in args.models:
+            continue
         for seed in args.seeds:
             run_dir = out / f"{dataset}.{name}.s{seed}"
             summary = run_dir / "benchmark.json"
@@ -117,6 +122,53 @@ def grid(args: argparse.Namespace) -> None:
             text = json.dumps(line)
             summary.write_text(text + "\n")
             print(text, flush=True)
+
+
+def run_in_processes(args: argparse.Namespace, out: Path) -> None:
+    """The grid's runs as ``--jobs`` processes at once (one run each, this script with
+    ``--jobs 1``), then every run's line and the mean/std table. Runs sharing a device time
+    each other's steps: their ``step_s`` is a shared-device figure, not one run alone."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    pending = [(name, seed) for name, _, _ in GRID for seed in args.seeds]
+    pending = [(n, s) for n, s in pending if not args.models or n in args.models]
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name, seed = pending.pop(0)
+            command = [sys.executable, __file__, "grid", "--jobs", "1", "--models", name]
+            command += ["--seeds", str(seed), "--device", args.device, "--out", str(out)]
+            command += ["--epochs", str(args.epochs)] + (["--small"] if args.small else [])
+            command += ["--data-dir", args.data_dir] if args.data_dir else []
+            log = open(out / f"{name}.s{seed}.log", "w")  # noqa: SIM115 (closed with the process)
+            running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(2)
+        running = [p for p in running if p.poll() is None]
+    summarise(out)
+
+
+def summarise(out: Path) -> None:
+    """Mean and standard deviation over seeds of each model's test metrics and step time."""
+    import statistics
+
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(out.glob("*/benchmark.json")):
+        line = json.loads(path.read_text())
+        rows.setdefault(line["model"], []).append(line)
+    keys = ["ne:like", "auc:like", "gauc:like", "ne:dislike", "auc:dislike", "mse:rating"]
+    print("| model | seeds | " + " | ".join(keys) + " | step ms |")
+    print("| --- | --- |" + " --- |" * (len(keys) + 1))
+    for model, lines in rows.items():
+        cells = []
+        for key in [*keys, "step_s"]:
+            values = [float(x[key]) * (1000 if key == "step_s" else 1) for x in lines if key in x]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            digits = 2 if key == "step_s" else 4
+            cells.append(
+                f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}" if values else "-"
+            )
+        print(f"| {model} | {len(lines)} | " + " | ".join(cells) + " |")
 
 
 # ---------------------------------------------------------------- ROO vs impression level
@@ -270,6 +322,8 @@ def main() -> None:
     g.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     g.add_argument("--out", default="runs/ranking-grid")
     g.add_argument("--data-dir", default="", help="data.data_dir (default $FLEXGR_HOME)")
+    g.add_argument("--models", nargs="+", default=[], help="a subset of the grid's model names")
+    g.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process")
     r = sub.add_parser("roo", help="ROO vs impression-level on synthetic requests")
     r.add_argument("--device", default="cpu")
     r.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
@@ -285,6 +339,8 @@ def main() -> None:
         if args.small and args.epochs == 40:
             args.epochs = 1
         grid(args)
+        if args.jobs == 1 and not args.models:
+            summarise(Path(args.out))
     else:
         roo(args)
 
