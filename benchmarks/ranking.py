@@ -58,13 +58,14 @@ class StepTimer:
     def on_log(self, record: dict[str, Any]) -> None:
         if record.get("kind") == "setup":
             self.last = (time.perf_counter(), 0)
-        elif record.get("kind") == "train" and self.last is not None:
+        elif record.get("kind") == "train":
             now = time.perf_counter()
-            self.seconds += now - self.last[0]
-            self.steps += record["step"] - self.last[1]
-            self.last = (now, record["step"])
-        elif record.get("kind") == "eval" and self.last is not None:
-            self.last = None  # evaluation time is not step time; restart at the next record
+            if self.last is not None:
+                self.seconds += now - self.last[0]
+                self.steps += record["step"] - self.last[1]
+            self.last = (now, record["step"])  # after an evaluation: the clock restarts here
+        elif record.get("kind") == "eval":
+            self.last = None  # evaluation time is not step time
 
     def on_epoch_end(self, state: Any, metrics: dict[str, float]) -> None: ...
 
