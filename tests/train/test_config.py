@@ -40,6 +40,8 @@ def test_ml1m_presets_use_the_reference_settings(name: str) -> None:
     else:
         assert (opts["num_layers"], opts["num_heads"]) == (2, 1)
     assert cfg.model.arch == ("sasrec" if "sasrec" in name else "hstu")
+    if name == "ml-1m-sasrec":  # the reference's block, chosen on validation
+        assert opts["layout"] == "reference"
 
 
 @pytest.mark.parametrize("name", preset_names())
