@@ -96,6 +96,7 @@ def grid(args: argparse.Namespace) -> None:
             overrides.append(f"train.max_epochs={args.epochs}")
             if args.small:
                 overrides += SMALL_COMMON + SMALL[preset_tail]
+            overrides += args.set  # last, so they win
             if args.data_dir:
                 overrides.append(f"data.data_dir={args.data_dir}")
             cfg = apply_overrides(load_preset(f"{dataset}-{preset_tail}"), overrides)
@@ -142,6 +143,7 @@ def run_in_processes(args: argparse.Namespace, out: Path) -> None:
             command += ["--seeds", str(seed), "--device", args.device, "--out", str(out)]
             command += ["--epochs", str(args.epochs)] + (["--small"] if args.small else [])
             command += ["--data-dir", args.data_dir] if args.data_dir else []
+            command += [f"--set={override}" for override in args.set]
             log = open(out / f"{name}.s{seed}.log", "w")  # noqa: SIM115 (closed with the process)
             running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         time.sleep(2)
@@ -325,6 +327,7 @@ def main() -> None:
     g.add_argument("--data-dir", default="", help="data.data_dir (default $FLEXGR_HOME)")
     g.add_argument("--models", nargs="+", default=[], help="a subset of the grid's model names")
     g.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process")
+    g.add_argument("--set", action="append", default=[], help="a config override for every run")
     r = sub.add_parser("roo", help="ROO vs impression-level on synthetic requests")
     r.add_argument("--device", default="cpu")
     r.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
