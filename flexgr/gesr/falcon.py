@@ -124,6 +124,7 @@ def encode_ranking_history(
         cross_keys, cross_values = model.cross.keys_values(history_nd)
     keys: list[Tensor] = []
     values: list[Tensor] = []
+    candidate_bias: list[Tensor | None] = []
     if model.encoder is not None:
         # One history and no candidates: its merged token rows are 0..n-1, the history tokens.
         rows, hstu = self_expert_inputs(model.encoder, batch)
@@ -131,9 +132,18 @@ def encode_ranking_history(
         encoded = encode_tokens(
             stack.input, stack.layers, history_nd, hstu, rows.timestamps, query_time
         )
-        keys, values = encoded.keys, encoded.values
+        keys, values, candidate_bias = encoded.keys, encoded.values, encoded.candidate_bias
     return GESRHistoryCache(
-        keys, values, timestamps, int(query_time), n, items, user_1Kd[0], cross_keys, cross_values
+        keys,
+        values,
+        timestamps,
+        int(query_time),
+        n,
+        items,
+        user_1Kd[0],
+        cross_keys,
+        cross_values,
+        candidate_bias=candidate_bias,
     )
 
 

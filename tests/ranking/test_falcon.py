@@ -4,9 +4,12 @@ history cache."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from flexgr.model.hstu import falcon
 from flexgr.model.hstu.falcon import HistoryCache, HistoryStore
 from flexgr.model.registry import build_model, spec_of
 from flexgr.ranking.batch import RankingBatch
@@ -228,3 +231,66 @@ def test_bad_requests_are_clear() -> None:
         encode_ranking_history(model, items[:0], actions[:0], timestamps[:0], query_time)
     with pytest.raises(ValueError, match="eval mode"):
         encode_ranking_history(model.train(), items, actions, timestamps, query_time)
+
+
+def test_the_cache_keeps_the_step_layouts_and_a_hit_equals_a_fresh_cache() -> None:
+    """encode keeps keys [H, Dqk, L] and values [H, L, Dv] contiguous (handed out as [L, H, D]
+    views) and one candidate bias row per layer, counted in nbytes; scoring a kept cache again
+    gives the logits of a freshly encoded one."""
+    model = _model(layout="interleaved")
+    history = _history(MAX_EVENTS, 2)
+    candidates = _candidates(3, m=7)
+    cache = encode_ranking_history(model, *history)
+    L = cache.length
+    for keys, values, row in zip(cache.keys, cache.values, cache.candidate_bias, strict=True):
+        assert keys.shape == (L, 2, 8) and keys.permute(1, 2, 0).is_contiguous()
+        assert values.shape == (L, 2, 8) and values.permute(1, 0, 2).is_contiguous()
+        assert row is not None and row.shape == (L + 1,)
+    kv_bytes = sum(t.numel() * 4 for t in (*cache.keys, *cache.values))
+    assert cache.nbytes() == kv_bytes + 2 * (L + 1) * 4
+    first = candidate_logits(model, cache, candidates, microbatch=3)
+    again = candidate_logits(model, cache, candidates, microbatch=3)
+    fresh = candidate_logits(model, encode_ranking_history(model, *history), candidates)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, fresh, rtol=TOL, atol=TOL)
+    unbiased = _model(layout="interleaved", rel_bias=False)
+    assert encode_ranking_history(unbiased, *history).candidate_bias == [None, None]
+    bare = HistoryCache(cache.keys, cache.values, cache.timestamps, cache.query_time, L)
+    with pytest.raises(ValueError, match="no candidate bias rows"):
+        candidate_logits(model, bare, candidates)
+
+
+@pytest.mark.parametrize("half_products", [False, True])
+def test_bf16_cached_logits_are_as_close_as_the_bf16_forward(
+    half_products: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 M-FALCON against the fp64 forward, within 2x the bf16 forward's own error (the rule
+    the Triton kernel's bf16 tests use). On CPU the step multiplies half types in fp32;
+    ``half_products`` runs the accelerators' bf16 products (fp32 accumulation) here too."""
+    if half_products:
+        monkeypatch.setattr(falcon, "matmul_dtype", lambda dtype, device: dtype)
+    events = 100
+    model = _model(layout="interleaved", max_seq_len=events)
+    items, actions, timestamps, query_time = _history(events, 5)
+    history = (items, actions, timestamps, query_time)
+    candidates = _candidates(6, m=16)
+    batch = RankingBatch(
+        items,
+        actions,
+        timestamps,
+        torch.tensor([0, events]),
+        candidates,
+        torch.tensor([0, candidates.numel()]),
+        torch.tensor([query_time]),
+    )
+
+    def forward(m: torch.nn.Module) -> torch.Tensor:
+        return m(batch, spec_of(m).prepare(m, batch)).double()
+
+    truth = forward(copy.deepcopy(model).double())
+    bf16 = model.to(torch.bfloat16)
+    cache = encode_ranking_history(bf16, *history)
+    assert cache.keys[0].dtype == torch.bfloat16
+    got = candidate_logits(bf16, cache, candidates, microbatch=5).double()
+    eager = forward(bf16)
+    assert (got - truth).abs().max() <= 2 * (eager - truth).abs().max()

@@ -17,8 +17,10 @@ query time as its timestamp. Both functions take ready token embeddings, so the 
 :class:`HistoryStore` keeps caches across requests (LRU, bounded in entries and bytes), each
 entry checked against the content of the history it was encoded from.
 
-The candidate step is plain PyTorch over [m, H, L] scores (eval mode: no dropout). A Triton
-delta-query kernel (a few query rows against the cached keys) is not written yet.
+The candidate step is plain PyTorch (eval mode: no dropout): per layer two batched matmuls over
+[H, m, L] scores against keys and values the cache keeps in the matmuls' layouts, plus one bias
+row shared by every candidate, built with the cache. A Triton delta-query kernel (a few query
+rows against the cached keys) is not written yet.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,16 +45,25 @@ from flexgr.ops.rab import time_bucket
 
 @dataclass(frozen=True)
 class HistoryCache:
-    """One history's per-layer keys and values and the tables the candidates' bias needs."""
+    """One history's per-layer keys and values and the candidates' bias row over it.
+
+    ``keys`` and ``values`` read [L, H, D] but, from :func:`encode_tokens`, are views of
+    contiguous [H, Dqk, L] and [H, L, Dv] tensors: the layouts the candidate step's batched
+    matmuls read, made by the copy the cache takes anyway, so no call reorders them."""
 
     keys: list[Tensor]  # per layer [L, H, Dqk]
     values: list[Tensor]  # per layer [L, H, Dv]
     timestamps: Tensor  # [L] int64, one per history token
     query_time: int
     length: int  # L: the history's token count, the candidates' position id
+    # Per layer (None: no relative bias) [L + 1] in the keys' dtype: every candidate's bias
+    # toward history token j, then toward itself. It depends on the history alone (position id
+    # L, time = the query time), so it is built once with the keys, not per microbatch.
+    candidate_bias: list[Tensor | None] = field(default_factory=list, kw_only=True)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        rows = [row for row in self.candidate_bias if row is not None]
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *rows))
 
 
 def unsupported(cfg: HSTUConfig) -> str | None:
@@ -84,19 +95,42 @@ def check(cfg: HSTUConfig, training: bool, num_tokens: int) -> None:
         )
 
 
+def candidate_bias_row(bias: BiasWeights, timestamps_L: Tensor, query_time: int) -> Tensor:
+    """[L + 1]: the relative bias of a candidate (position id L, timestamp ``query_time``, the
+    query time as its next timestamp) toward each of L history tokens and, last, itself."""
+    pos_w, ts_w = bias
+    N, L, device = (pos_w.numel() + 1) // 2, timestamps_L.numel(), timestamps_L.device
+    rel = (N - 1 + torch.arange(L + 1, device=device) - L).clamp(0, 2 * N - 2)  # itself: 0
+    own = torch.tensor([query_time], dtype=torch.int64, device=device)
+    buckets = time_bucket(
+        query_time - torch.cat([timestamps_L.to(torch.int64), own]), ts_w.numel() - 1
+    )
+    acc = torch.promote_types(pos_w.dtype, torch.float32)  # summed in fp32, as the kernel does
+    return pos_w[rel].to(acc) + ts_w[buckets].to(acc)
+
+
 @dataclass
 class _RecordingAttention:
-    """The batch's attention, keeping the keys and values each layer hands it."""
+    """The batch's attention, keeping the keys, values and candidate bias row of each layer."""
 
     attention: object
-    keys: list[Tensor]
-    values: list[Tensor]
+    timestamps: Tensor  # [L] the history tokens'
+    query_time: int
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    candidate_bias: list[Tensor | None] = field(default_factory=list)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        # Own copies: k and v are views of the layer's whole U, V, Q, K projection, which a
-        # kept cache would otherwise hold on to (twice the bytes HistoryCache.nbytes counts).
-        self.keys.append(k.contiguous())
-        self.values.append(v.contiguous())
+        # Own copies (k and v are views of the layer's whole U, V, Q, K projection, which a kept
+        # cache would otherwise hold on to), taken in the candidate step's layouts
+        # ([H, Dqk, L], [H, L, Dv]) and handed back as [L, H, D] views of them.
+        self.keys.append(k.permute(1, 2, 0).contiguous().permute(2, 0, 1))
+        self.values.append(v.transpose(0, 1).contiguous().transpose(0, 1))
+        bias: BiasWeights | None = kwargs.get("bias")
+        row = None
+        if bias is not None:
+            row = candidate_bias_row(bias, self.timestamps, self.query_time).to(k.dtype)
+        self.candidate_bias.append(row)
         return self.attention(q, k, v, **kwargs)  # type: ignore[operator]
 
 
@@ -112,15 +146,33 @@ def encode_tokens(
     """Run one history's token embeddings [L, d] (``inputs`` prepared for that one sequence, no
     targets) through ``stack_input`` and ``layers``, keeping each layer's keys and values.
     ``timestamps`` [L] are the tokens' own; the last one reads ``query_time`` as its next."""
-    recorder = _RecordingAttention(inputs.attention, [], [])
+    recorder = _RecordingAttention(inputs.attention, timestamps, int(query_time))
     recording = dataclasses.replace(inputs, attention=recorder)
     x = stack_input(tokens_LD, inputs.positions)
     for layer in layers:
         x = layer(x, recording)
-    length = tokens_LD.shape[0]
     return HistoryCache(
-        recorder.keys, recorder.values, timestamps.to(torch.int64), int(query_time), length
+        recorder.keys,
+        recorder.values,
+        timestamps.to(torch.int64),
+        int(query_time),
+        tokens_LD.shape[0],
+        candidate_bias=recorder.candidate_bias,
     )
+
+
+def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the candidate step's [H, M, L] products for a model in ``dtype``.
+
+    fp32 and fp64 as they are. Half types in their own dtype on an accelerator: its matrix
+    units accumulate in fp32, as the Triton kernel's dots, and no call makes an fp32 copy of
+    the cache (bf16 logits of a 2-layer, d = 64 ranking model over 400 history tokens, off an
+    fp64 forward by 0.0029, as the eager bf16 forward's 0.0029 and the fp32 step's 0.0035). On
+    the CPU in fp32: without bf16 matrix instructions (AVX2, benchmarks/falcon_candidate_step.py)
+    the cached pass ran 4.4x slower in bf16 products than up-casting the cache per call."""
+    if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu":
+        return torch.float32
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -130,36 +182,48 @@ class _CachedAttention:
     cache: HistoryCache
     index: int  # the layer
 
+    def bias_row(self) -> Tensor:
+        """[L + 1] this layer's candidate bias row (see HistoryCache.candidate_bias)."""
+        rows = self.cache.candidate_bias
+        row = rows[self.index] if self.index < len(rows) else None
+        if row is None:
+            raise ValueError("this cache has no candidate bias rows: build it with encode_tokens")
+        return row
+
     def __call__(
         self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
+        q: Tensor,  # [M, H, Dqk] the candidates' (the Attention protocol's names)
+        k: Tensor,  # [M, H, Dqk]
+        v: Tensor,  # [M, H, Dv]
         *,
         max_seq_len: int,
         alpha: float,
         bias: BiasWeights | None,
     ) -> Tensor:
-        cache = self.cache
-        k_h, v_h = cache.keys[self.index], cache.values[self.index]
-        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, as the kernels sum
-        q_c = q.to(acc)
-        # [M, H, L]: candidate m against history key j; [M, H]: against itself.
-        s_hist = alpha * torch.einsum("mhd,lhd->mhl", q_c, k_h.to(acc))
-        s_self = alpha * (q_c * k.to(acc)).sum(-1)
-        if bias is not None:
-            pos_w, ts_w = bias
-            N, L = (pos_w.numel() + 1) // 2, cache.length
-            pos = torch.arange(L, device=q.device)
-            rel = (N - 1 + pos - L).clamp(0, 2 * N - 2)
-            buckets = time_bucket(cache.query_time - cache.timestamps, ts_w.numel() - 1)
-            s_hist = s_hist + (pos_w[rel] + ts_w[buckets]).to(acc)
-            # itself: relative position 0, time difference 0 (its timestamp is the query time)
-            zero = torch.zeros(1, dtype=torch.int64, device=q.device)
-            s_self = s_self + (pos_w[N - 1] + ts_w[time_bucket(zero, ts_w.numel() - 1)]).to(acc)
-        attn = torch.einsum("mhl,lhd->mhd", F.silu(s_hist), v_h.to(acc))
-        attn = (attn + F.silu(s_self).unsqueeze(-1) * v.to(acc)) / max_seq_len
-        return attn.to(v.dtype)
+        cache, L = self.cache, self.cache.length
+        product = matmul_dtype(q.dtype, q.device)
+        # contiguous from encode_tokens (see HistoryCache); .to is a no-op unless the CPU
+        # multiplies a half-precision cache in fp32
+        keys_HDL = cache.keys[self.index].permute(1, 2, 0).to(product)
+        values_HLD = cache.values[self.index].permute(1, 0, 2).to(product)
+        q_HMD = q.transpose(0, 1).to(product)
+        # The per-candidate terms ([M, H]) are summed in fp32 at least, as the kernels do.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        s_self_MH = alpha * (q.to(acc) * k.to(acc)).sum(-1)
+        if bias is None:
+            s_HML = torch.bmm(q_HMD, keys_HDL)
+            if alpha != 1.0:
+                s_HML.mul_(alpha)
+        else:
+            row = self.bias_row()
+            # Built at encode from this layer's own bias weights (the ``bias`` given here);
+            # one row for every candidate and head, added by the matmul.
+            s_HML = torch.baddbmm(row[:L].view(1, 1, L).to(product), q_HMD, keys_HDL, alpha=alpha)
+            s_self_MH = s_self_MH + row[L].to(acc)
+        attn_HMD = torch.bmm(F.silu(s_HML, inplace=True), values_HLD)
+        own_MHD = F.silu(s_self_MH).unsqueeze(-1) * v.to(acc)
+        attn_MHD = (attn_HMD.transpose(0, 1).to(acc) + own_MHD) / max_seq_len
+        return attn_MHD.to(v.dtype)
 
 
 @torch.no_grad()
