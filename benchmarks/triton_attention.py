@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/triton_attention.py [--ablations] [--json PATH]
     PYTHONPATH=. python3 benchmarks/triton_attention.py --sparse    # the sparse-mask table only
     PYTHONPATH=. python3 benchmarks/triton_attention.py --quick     # tiny shapes; CPU works
+    PYTHONPATH=. python3 benchmarks/triton_attention.py --profile   # causal vs SLA: kernels vs host
 
 bf16, H=4, D=128, jagged lengths uniform in [N/2, N]. SDPA (softmax, is_causal) runs on the
 padded [B, H, N, D] batch, as a library without jagged support must. Block masks are built once
@@ -281,6 +282,43 @@ def bench_sparse(gen: torch.Generator, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def profile_sparse() -> None:
+    """Where a sparse mask's forward time goes at SLA_SHAPE: for causal and both SLA modes,
+    the wall time of one call against the summed device time of the kernels it launched
+    (torch.profiler), and the kernels by device time. Wall far above kernel time means host
+    work (table unpacking, launches), not the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, N = SLA_SHAPE
+    offsets, q, k, v = packed_inputs(torch.full((B,), N))
+    k1, k2 = SLA
+    masks = {"causal": build_hstu_mask(offsets, block_size=MASK_BLOCK)}
+    for mode in ("global_keys", "tail_rows"):
+        masks[f"sla_{mode}"] = build_semi_local_mask(
+            offsets, k1, k2, mode=mode, max_len=N, block_size=MASK_BLOCK
+        )
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    for case, mask in masks.items():
+        def fwd(m=mask) -> torch.Tensor:
+            return hstu_attention_triton(q, k, v, m, max_seq_len=N, alpha=1.0 / D**0.5)
+
+        with torch.no_grad():
+            fwd()  # compile and tune outside the profile
+            synchronize()
+            reps = 10
+            with profile(activities=activities) as prof:
+                for _ in range(reps):
+                    fwd()
+                synchronize()
+        events = prof.key_averages()
+        device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / reps
+        wall_ms = median_ms(lambda m=mask: fwd(m))
+        print(f"\n## {case} {B}x{N} forward: wall {wall_ms:.3f} ms (do_bench median), "
+              f"kernels {device_us / 1e3:.3f} ms per call (profiler)")
+        print(events.table(sort_by="self_device_time_total" if DEVICE == "cuda" else
+                           "self_cpu_time_total", row_limit=8))
+
+
 def print_sparse_table(rows: list[Row]) -> None:
     """Each sparse row against the Triton causal row of its shape (same run, same batch)."""
     causal = {r.shape: r for r in rows if r.case == "causal" and r.impl == "triton"}
@@ -372,6 +410,8 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true",
                         help="only the sparse-mask table (window and SLA vs causal)")
     parser.add_argument("--no-sparse", action="store_true", help="skip the sparse-mask table")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile causal and SLA forwards at the SLA shape")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes to check the script (runs on CPU in the interpreter)")
     args = parser.parse_args()
@@ -381,6 +421,9 @@ def main() -> None:
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    if args.profile:
+        profile_sparse()
+        return
     gen = torch.Generator().manual_seed(0)
     rows: list[Row] = []
     if not args.sparse:
