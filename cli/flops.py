@@ -31,7 +31,7 @@ def flops_command(
         str, typer.Option("--layout", help="merged (1 token per event) or interleaved (2).")
     ] = "merged",
     training: Annotated[
-        bool, typer.Option("--training", help="Forward + backward (3x; 4x with recompute).")
+        bool, typer.Option("--training", help="Forward + backward (3x, plus what train.recompute reruns).")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -57,9 +57,12 @@ def flops_command(
     )
     per_user = events or cfg.data.max_seq_len
     tokens, targets = layout_tokens(per_user, layout, candidates)  # type: ignore[arg-type]
-    recompute = cfg.train.recompute == "layers"
     counted = model_flops(
-        model_cfg, [tokens] * batch, [targets] * batch, training=training, recompute=recompute
+        model_cfg,
+        [tokens] * batch,
+        [targets] * batch,
+        training=training,
+        recompute=cfg.train.recompute,
     )
     rows = [
         {
@@ -76,6 +79,7 @@ def flops_command(
         "tokens_per_user": tokens,
         "forward": counted.forward,
         "passes": counted.passes,
+        "recomputed": counted.recomputed,
         "total": counted.total,
         "attention_share": counted.share("attention"),
     }

@@ -11,7 +11,9 @@ multiply-add, of one HSTU layer (Eq. 1-3 of the HSTU paper):
 
 Elementwise work (SiLU, LayerNorm, the gating, the bias gathers) is left out: it is O(T d) and
 well under 1% at the shapes of interest. Training counts the backward as twice the forward
-(the usual 3x for GEMMs); selective recomputation adds one forward.
+(the usual 3x for GEMMs); recomputation adds what the backward runs again
+(``train.recompute``): ``"layers"`` one whole forward, ``"selective"`` the projections only
+(UVQK and the output projection, flexgr/train/recompute.py), never the attention.
 
 P, the allowed pairs, is counted exactly per sequence from the mask rule in O(n log n) per
 sequence (:func:`row_keys`), for the built-in rule (causal, contextual prefix, local window,
@@ -27,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 Layout = Literal["merged", "interleaved"]
+Recompute = Literal["none", "layers", "selective"]
 
 
 @dataclass(frozen=True)
@@ -120,15 +123,25 @@ def layer_flops(cfg: object, tokens: int, pairs: int) -> LayerFlops:
 @dataclass(frozen=True)
 class ModelFlops:
     layers: list[LayerFlops]  # forward, per layer
-    passes: float  # 1 forward; 3 training; 4 training with recomputation
+    passes: float  # 1 forward; 3 training (forward + a backward of twice its FLOPs)
+    recompute: Recompute = "none"  # what the backward runs again (training only)
 
     @property
     def forward(self) -> float:
         return sum(layer.total for layer in self.layers)
 
     @property
+    def recomputed(self) -> float:
+        """FLOPs the backward recomputes: a whole forward, or the projections alone."""
+        if self.recompute == "layers":
+            return self.forward
+        if self.recompute == "selective":
+            return sum(layer.uvqk + layer.output for layer in self.layers)
+        return 0.0
+
+    @property
     def total(self) -> float:
-        return self.passes * self.forward
+        return self.passes * self.forward + self.recomputed
 
     def share(self, part: str) -> float:
         return sum(getattr(layer, part) for layer in self.layers) / max(self.forward, 1.0)
@@ -140,7 +153,7 @@ def model_flops(
     num_targets: Sequence[int] | None = None,
     *,
     training: bool = False,
-    recompute: bool = False,
+    recompute: Recompute = "none",
 ) -> ModelFlops:
     """FLOPs of ``cfg``'s layer stack (an HSTUConfig or anything with its fields) on a batch of
     sequences of ``lengths`` tokens (``num_targets`` of them targets). Attention truncation
@@ -156,8 +169,9 @@ def model_flops(
         kept = [min(n, c + keep + t) for n, t in zip(lengths, targets)]
         short = layer_flops(cfg, sum(kept), attention_pairs(kept, mask, targets))
         layers += [short] * (cfg.num_layers - after)  # type: ignore[attr-defined]
-    passes = 1.0 if not training else (4.0 if recompute else 3.0)
-    return ModelFlops(layers, passes)
+    if recompute not in ("none", "layers", "selective"):
+        raise ValueError(f"recompute must be 'none', 'layers' or 'selective', got {recompute!r}")
+    return ModelFlops(layers, 3.0 if training else 1.0, recompute if training else "none")
 
 
 def layout_tokens(events: int, layout: Layout, candidates: int = 0) -> tuple[int, int]:

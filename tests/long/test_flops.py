@@ -80,11 +80,21 @@ def test_truncation_runs_the_later_layers_on_the_kept_rows() -> None:
     assert flops.layers[1] == short.layers[0]
 
 
-def test_training_is_three_forwards_and_recompute_adds_one() -> None:
+def test_training_is_three_forwards_and_recompute_adds_what_it_reruns() -> None:
     cfg = HSTUConfig(num_items=1, d_model=32, num_layers=2, num_heads=1, dqk=32, dv=32)
-    f = model_flops(cfg, [100]).total
+    forward = model_flops(cfg, [100])
+    f = forward.total
     assert model_flops(cfg, [100], training=True).total == 3 * f
-    assert model_flops(cfg, [100], training=True, recompute=True).total == 4 * f
+    assert model_flops(cfg, [100], training=True, recompute="layers").total == 4 * f
+    # selective: the UVQK and output projections again, not the attention
+    layer = forward.layers[0]
+    projections = 2 * (layer.uvqk + layer.output)
+    selective = model_flops(cfg, [100], training=True, recompute="selective")
+    assert selective.total == 3 * f + projections
+    assert 3 * f < selective.total < 4 * f  # the attention (100 causal rows) is not rerun
+    assert model_flops(cfg, [100], recompute="layers").total == f  # inference reruns nothing
+    with pytest.raises(ValueError, match="recompute must be"):
+        model_flops(cfg, [100], training=True, recompute="all")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- the paper's claims
