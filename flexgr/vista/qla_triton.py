@@ -85,7 +85,7 @@ class _QLACore(torch.autograd.Function):
         scale_t = fq.new_full((1,), scale)  # in the compute dtype: a float argument is fp32
         grid = (slots, H, n_dv)
         strides = (fq.stride(0), fq.stride(1), v.stride(0), v.stride(1), *states.stride()[:3])
-        dims = dict(DK=dk, DV=dv, BLOCK_DK=_pad(dk), DV_BLOCK=dv_block, BLOCK_T=BLOCK)
+        dims = {"DK": dk, "DV": dv, "BLOCK_DK": _pad(dk), "DV_BLOCK": dv_block, "BLOCK_T": BLOCK}
         _chunk_sums[grid](
             fq, fk, v, v, states, states, bounds, slots, *strides, scale_t, **dims,
             PSI_SILU=psi_silu, GRAD=False,
@@ -116,7 +116,7 @@ class _QLACore(torch.autograd.Function):
         scale_t = fq.new_full((1,), ctx.scale)
         grid = (slots, H, n_dv)
         strides = (fq.stride(0), fq.stride(1), v.stride(0), v.stride(1), *states.stride()[:3])
-        dims = dict(DK=dk, DV=dv, BLOCK_DK=_pad(dk), DV_BLOCK=dv_block, BLOCK_T=BLOCK)
+        dims = {"DK": dk, "DV": dv, "BLOCK_DK": _pad(dk), "DV_BLOCK": dv_block, "BLOCK_T": BLOCK}
         grads = _alloc(states, tuple(states.shape))
         _chunk_sums[grid](
             fq, fk, v, do, states, grads, bounds, slots, *strides, scale_t, **dims,

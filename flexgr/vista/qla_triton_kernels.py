@@ -15,13 +15,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _psi(s, PSI_SILU: tl.constexpr):
-    if PSI_SILU:
-        return s / (1.0 + tl.exp(-s))
-    return s
-
-
-@triton.jit
 def _chunk(Bounds, n_slots, c, BLOCK_T: tl.constexpr):
     """Chunk c's first row, end (exclusive, within its sequence) and first candidate row."""
     row0 = tl.load(Bounds + c)
@@ -36,16 +29,10 @@ def _tile(ptr, rows, row_end, cols, D: tl.constexpr, stride_t):
 
 
 @triton.jit
-def _row(ptr, row, row_end, cols, D: tl.constexpr, stride_t):
-    # row broadcast to a vector first: the interpreter rejects a scalar-and-vector mask
-    mask = (cols < D) & (tl.zeros_like(cols) + row < row_end)
-    return tl.load(ptr + row * stride_t + cols, mask=mask, other=0.0)
-
-
-@triton.jit
-def _state_ptrs(States, c, h, vb, stride_sc, stride_sh, stride_sk, offs_dk, offs_dv, DV_BLOCK):
-    base = States + c * stride_sc + h * stride_sh + vb * DV_BLOCK
-    return base + offs_dk[:, None] * stride_sk + offs_dv[None, :]
+def _state_ptrs(States, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v):
+    """Chunk c's, head h's state slice: rows offs_dk, the d_v block's columns cols_v."""
+    base = States + c * stride_sc + h * stride_sh
+    return base + offs_dk[:, None] * stride_sk + cols_v[None, :]
 
 
 @triton.jit
@@ -65,23 +52,26 @@ def _chunk_sums(
     q_ptr, k_ptr = Q + h * stride_qh, K + h * stride_qh
     v_ptr, do_ptr = V + h * stride_vh, DO + h * stride_vh
     scale = tl.load(Scale)
-    s_ptrs = _state_ptrs(Sums, c, h, vb, stride_sc, stride_sh, stride_sk, offs_dk, offs_dv, DV_BLOCK)
+    # Row loops load with column masks only (they walk the chunk's rows) and call no jit
+    # helper: the interpreter re-patches the language on every helper call, 3 ms each.
+    zero, mk, mv = scale * 0.0, offs_dk < DK, cols_v < DV
+    s_ptrs = _state_ptrs(Sums, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v)
     if not GRAD:
         rows = row0 + tl.arange(0, BLOCK_T)
         k = _tile(k_ptr, rows, tl.minimum(chunk_end, hist_end), offs_dk, DK, stride_qt) * scale
         v = _tile(v_ptr, rows, chunk_end, cols_v, DV, stride_vt)
         total = tl.dot(tl.trans(k), v, input_precision="ieee")
     elif PSI_SILU:  # psi' depends on each row's state: walk the rows, state in registers
-        state = tl.load(
-            _state_ptrs(States, c, h, vb, stride_sc, stride_sh, stride_sk, offs_dk, offs_dv, DV_BLOCK)
-        )
+        state = tl.load(_state_ptrs(States, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v))
         total = tl.zeros((BLOCK_DK, DV_BLOCK), dtype=state.dtype)
         for r in range(chunk_end - row0):
             row = row0 + r
-            k = _row(k_ptr, row, hist_end, offs_dk, DK, stride_qt) * scale
-            state += k[:, None] * _row(v_ptr, row, hist_end, cols_v, DV, stride_vt)[None, :]
-            q = _row(q_ptr, row, chunk_end, offs_dk, DK, stride_qt)
-            do = _row(do_ptr, row, chunk_end, cols_v, DV, stride_vt)
+            hist_scale = tl.where(row < hist_end, scale, zero)
+            k = tl.load(k_ptr + row * stride_qt + offs_dk, mask=mk, other=0.0) * hist_scale
+            v = tl.load(v_ptr + row * stride_vt + cols_v, mask=mv, other=0.0)
+            state += k[:, None] * v[None, :]
+            q = tl.load(q_ptr + row * stride_qt + offs_dk, mask=mk, other=0.0)
+            do = tl.load(do_ptr + row * stride_vt + cols_v, mask=mv, other=0.0)
             sig = 1.0 / (1.0 + tl.exp(-state))
             total += q[:, None] * do[None, :] * (sig * (1.0 + state * (1.0 - sig)))
     else:
@@ -101,13 +91,11 @@ def _exclusive_scan(
     sequence's earlier (REVERSE: later) chunks, added forwards (never a total minus a part)."""
     b, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c0, c1 = tl.load(ChunkOffsets + b), tl.load(ChunkOffsets + b + 1)
-    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, DV_BLOCK)
+    offs_dk, cols_v = tl.arange(0, BLOCK_DK), vb * DV_BLOCK + tl.arange(0, DV_BLOCK)
     running = tl.zeros((BLOCK_DK, DV_BLOCK), dtype=Sums.dtype.element_ty)
     for i in range(c1 - c0):
         c = c1 - 1 - i if REVERSE else c0 + i
-        ptrs = _state_ptrs(
-            Sums, c, h, vb, stride_sc, stride_sh, stride_sk, offs_dk, offs_dv, DV_BLOCK
-        )
+        ptrs = _state_ptrs(Sums, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v)
         chunk_sum = tl.load(ptrs)
         tl.store(ptrs, running)
         running += chunk_sum
@@ -128,20 +116,22 @@ def _qla_fwd(
     q_ptr, k_ptr = Q + h * stride_qh, K + h * stride_qh
     v_ptr, o_ptr = V + h * stride_vh, O + h * stride_vh
     scale = tl.load(Scale)
-    s_ptrs = _state_ptrs(States, c, h, vb, stride_sc, stride_sh, stride_sk, offs_dk, offs_dv, DV_BLOCK)
+    # Row loops load with column masks only (they walk the chunk's rows) and call no jit
+    # helper: the interpreter re-patches the language on every helper call, 3 ms each.
+    zero, mk, mv = scale * 0.0, offs_dk < DK, cols_v < DV
+    s_ptrs = _state_ptrs(States, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v)
     state = tl.load(s_ptrs)
     if PSI_SILU:  # psi(S_i) is not a sum of per-key terms: one row at a time
         for r in range(chunk_end - row0):
             row = row0 + r
-            q = _row(q_ptr, row, chunk_end, offs_dk, DK, stride_qt)
-            k = _row(k_ptr, row, chunk_end, offs_dk, DK, stride_qt)
-            v = _row(v_ptr, row, chunk_end, cols_v, DV, stride_vt)
-            hist_scale = tl.where(row < hist_end, scale, tl.zeros_like(scale))
+            q = tl.load(q_ptr + row * stride_qt + offs_dk, mask=mk, other=0.0)
+            k = tl.load(k_ptr + row * stride_qt + offs_dk, mask=mk, other=0.0)
+            v = tl.load(v_ptr + row * stride_vt + cols_v, mask=mv, other=0.0)
+            hist_scale = tl.where(row < hist_end, scale, zero)
             state += (k * hist_scale)[:, None] * v[None, :]
-            out = tl.sum(q[:, None] * _psi(state, PSI_SILU), axis=0)
-            diag = tl.where(row < hist_end, tl.zeros_like(scale), tl.sum(q * k) * scale)
-            mask = cols_v < DV  # row < chunk_end: the loop walks the chunk's rows
-            tl.store(o_ptr + row * stride_vt + cols_v, out + diag * v, mask=mask)
+            out = tl.sum(q[:, None] * (state / (1.0 + tl.exp(-state))), axis=0)
+            diag = tl.where(row < hist_end, zero, tl.sum(q * k) * scale)
+            tl.store(o_ptr + row * stride_vt + cols_v, out + diag * v, mask=mv)
     else:  # linear in the rows: the tile product of linear attention
         rows = row0 + tl.arange(0, BLOCK_T)
         is_hist = rows < hist_end
@@ -177,12 +167,11 @@ def _qla_bwd(
     v_ptr, do_ptr, dv_ptr = V + h * stride_vh, DO + h * stride_vh, DV_ + h * stride_vh
     dq_ptr, dk_ptr = DQP + vb * stride_pb + h * stride_qh, DKP + vb * stride_pb + h * stride_qh
     scale = tl.load(Scale)
-    start = tl.load(
-        _state_ptrs(States, c, h, vb, stride_sc, stride_sh, stride_sk, offs_dk, offs_dv, DV_BLOCK)
-    )
-    g = tl.load(
-        _state_ptrs(Grads, c, h, vb, stride_sc, stride_sh, stride_sk, offs_dk, offs_dv, DV_BLOCK)
-    )
+    # Row loops load with column masks only (they walk the chunk's rows) and call no jit
+    # helper: the interpreter re-patches the language on every helper call, 3 ms each.
+    zero, mk, mv = scale * 0.0, offs_dk < DK, cols_v < DV
+    start = tl.load(_state_ptrs(States, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v))
+    g = tl.load(_state_ptrs(Grads, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v))
     hist_end_c = tl.minimum(chunk_end, hist_end)
     if PSI_SILU:
         # Rows last to first, G growing by each row's dS. A row's state is recomputed from the
@@ -204,19 +193,18 @@ def _qla_bwd(
                 row = s0 + r
                 k_upto = tl.where(offs_s[:, None] <= r, k_s, 0.0)
                 state = sub_start + tl.dot(tl.trans(k_upto), v_s, input_precision="ieee")
-                q = _row(q_ptr, row, chunk_end, offs_dk, DK, stride_qt)
-                k = _row(k_ptr, row, chunk_end, offs_dk, DK, stride_qt)
-                v = _row(v_ptr, row, chunk_end, cols_v, DV, stride_vt)
-                do = _row(do_ptr, row, chunk_end, cols_v, DV, stride_vt)
+                q = tl.load(q_ptr + row * stride_qt + offs_dk, mask=mk, other=0.0)
+                k = tl.load(k_ptr + row * stride_qt + offs_dk, mask=mk, other=0.0)
+                v = tl.load(v_ptr + row * stride_vt + cols_v, mask=mv, other=0.0)
+                do = tl.load(do_ptr + row * stride_vt + cols_v, mask=mv, other=0.0)
                 sig = 1.0 / (1.0 + tl.exp(-state))
                 g += q[:, None] * do[None, :] * (sig * (1.0 + state * (1.0 - sig)))
-                hist_scale = tl.where(row < hist_end, scale, tl.zeros_like(scale))
+                hist_scale = tl.where(row < hist_end, scale, zero)
                 cand_scale = scale - hist_scale
                 vdo = tl.sum(v * do) * cand_scale  # candidates' diagonal terms
                 dq = tl.sum((state * sig) * do[None, :], axis=1) + vdo * k
                 dk = tl.sum(g * v[None, :], axis=1) * hist_scale + vdo * q
                 dv = tl.sum(g * k[:, None], axis=0) * hist_scale + tl.sum(q * k) * cand_scale * do
-                mk, mv = offs_dk < DK, cols_v < DV  # the loops walk the chunk's rows only
                 tl.store(dq_ptr + row * stride_qt + offs_dk, dq, mask=mk)
                 tl.store(dk_ptr + row * stride_qt + offs_dk, dk, mask=mk)
                 tl.store(dv_ptr + row * stride_vt + cols_v, dv, mask=mv)
@@ -228,7 +216,7 @@ def _qla_bwd(
         k = _tile(k_ptr, rows, chunk_end, offs_dk, DK, stride_qt)
         v = _tile(v_ptr, rows, chunk_end, cols_v, DV, stride_vt)
         do = _tile(do_ptr, rows, chunk_end, cols_v, DV, stride_vt)
-        hist_scale = tl.where(is_hist, scale, tl.zeros_like(scale))[:, None]
+        hist_scale = tl.where(is_hist, scale, zero)[:, None]
         kh = k * hist_scale
         causal = tl.arange(0, BLOCK_T)[:, None] >= tl.arange(0, BLOCK_T)[None, :]  # row i reads j
         dov = tl.where(causal, tl.dot(do, tl.trans(v), input_precision="ieee"), 0.0)
