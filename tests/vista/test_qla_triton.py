@@ -7,7 +7,7 @@ import torch
 
 from flexgr.vista import qla_triton
 from flexgr.vista.qla import qla
-from flexgr.vista.qla_triton import BLOCK
+from flexgr.vista.qla_triton import BLOCK, DV_BLOCK_MAX
 
 # Lengths 1, 0 and ones that are not BLOCK multiples; 40 walks three chunks. Candidates include
 # a sequence that is only candidates and one that has more candidates than a chunk holds.
@@ -73,6 +73,28 @@ def test_fp32_error_within_eager_fp32_error(state, nt, nan_outputs):
         eager_err = max(float((e - r).abs().max()), float(floor))
         kernel_err = float((t - r).abs().max())
         assert kernel_err <= factor * eager_err, (name, kernel_err, eager_err)
+
+
+@pytest.mark.parametrize("state", ["silu", "identity"])
+def test_several_chunks_and_dv_blocks(state, nan_outputs):
+    """Sequences spanning several chunks (the scan over chunks, the backward's sub-blocks),
+    candidates crossing a chunk boundary, and d_k, d_v that are not powers of two with d_v over
+    two d_v blocks, the second partial (dq, dk summed over blocks), in fp64 and fp32. SiLU's
+    row walks are slow in the interpreter, so only identity adds the 4-chunk sequence."""
+    lengths, nt = [2 * BLOCK + 2, 3, 4 * BLOCK + 1], [BLOCK + 5, 1, 0]
+    n = 3 if state == "identity" else 2
+    lengths, nt = lengths[:n], torch.tensor(nt[:n])
+    q, k, v, offsets, cot = jagged(lengths, H=1, dk=20, dv=DV_BLOCK_MAX + 8, seed=7)
+    ref = run(q, k, v, offsets, cot, nt, state, "eager", torch.float64)
+    got = run(q, k, v, offsets, cot, nt, state, "triton", torch.float64)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12, msg=name)
+    eager = run(q, k, v, offsets, cot, nt, state, "eager", torch.float32)
+    kernel = run(q, k, v, offsets, cot, nt, state, "triton", torch.float32)
+    for name, factor, r, e, t in zip(("out", "dq", "dk", "dv"), (2, 5, 5, 5), ref, eager, kernel):
+        floor = torch.finfo(torch.float32).eps * r.abs().max()
+        eager_err = max(float((e - r).abs().max()), float(floor))
+        assert float((t - r).abs().max()) <= factor * eager_err, name
 
 
 def test_forward_without_grad_and_strided_inputs(nan_outputs):
