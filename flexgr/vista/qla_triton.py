@@ -1,28 +1,37 @@
-"""QLA's core as Triton kernels: one program per (sequence, head), the state kept on chip.
+"""QLA's core as Triton kernels, parallel over (chunk, head, d_v block); the state on chip.
 
 The feature map phi and the dtype casts stay in PyTorch (``flexgr.vista.qla.qla`` applies them
-and autograd differentiates them); the kernels compute the core on already-mapped inputs
-``fq, fk [T, H, dk]`` and ``v [T, H, dv]`` in the accumulation dtype (fp32, or fp64):
+and autograd differentiates them); the kernels (``flexgr.vista.qla_triton_kernels``) compute the
+core on already-mapped inputs ``fq, fk [T, H, dk]`` and ``v [T, H, dv]`` in the accumulation
+dtype (fp32, or fp64):
 
     S_i = scale * sum_{j <= i, j history} fk_j^T v_j       o_i = fq_i . psi(S_i)
     candidate rows (the last num_targets[b] of sequence b) add scale * (fq_t . fk_t) v_t
 
-Forward: a program walks its sequence in chunks of BLOCK rows and keeps the ``dk x dv`` state
-of the rows before the chunk in registers. With psi = identity the chunk's rows take the
-inter-chunk term ``fq @ S`` plus the intra-chunk causal term, a masked ``fq @ fk^T`` tile times
-v (the tile-product form of linear attention). With psi = SiLU the state is nonlinear in the
-rows, so each row needs its own prefix state: the chunk builds ``[BLOCK, dk, dv]`` prefix states
-with a cumulative sum over rows (on chip, never in memory) and contracts each with its row.
+Each sequence is cut into chunks of BLOCK rows (a chunk never straddles sequences), and every
+program owns one (chunk, head, d_v block of DV_BLOCK columns), so its state slice is
+``dk x DV_BLOCK`` (2k fp32 values at dk = 64) rather than a ``[BLOCK, dk, dv]`` stack of row
+states. Chunk slots come from small device tables (no host sync): T // BLOCK + B bound them.
 
-Backward (recompute-based): the forward saves the state at the start of every chunk (a
-``[chunks, H, dk, dv]`` buffer, one state per BLOCK rows, not one per row). A reverse pass per
-(sequence, head) walks the chunks last to first, recomputes the chunk's prefix states from the
-saved start, and carries ``G``, the reverse-accumulated ``sum_{i later} dS_i`` with
-``dS_i = fq_i^T do_i * psi'(S_i)``; then ``dfq_i = psi(S_i) . do_i``,
-``dfk_j = scale * (G_j . v_j)`` and ``dv_j = scale * (fk_j . G_j)`` for history rows j, where
-``G_j`` includes every row at or after j. Saving one state per chunk avoids both a separate
-forward pass for dq and recovering states by subtraction (``S_total - suffix``), which
-cancels badly in fp32. Candidates' diagonal terms are elementwise and added in the same passes.
+Forward: (a) each chunk's ``scale * sum fk_j^T v_j`` over its history rows, one tile product,
+into a ``[slots, H, dk, dv]`` buffer; (b) an in-place exclusive scan over each sequence's
+chunks turns those sums into each chunk's start state (added forwards, never a total minus a
+part); (c) each chunk's rows from its start state: with psi = SiLU one row at a time, a rank-1
+update of the state slice then ``fq_i . psi(S_i)``; with psi = identity the tile product of
+linear attention (``fq @ S`` plus a causally masked ``fq fk^T`` tile times v). Candidates add
+nothing to the state and add their diagonal term elementwise.
+
+Backward, the same decomposition in reverse, from the saved start states: (a) each chunk's
+``sum dS_i``, ``dS_i = fq_i^T do_i * psi'(S_i)``, walking its rows forwards from the start state;
+(b) a reverse exclusive scan gives each chunk G, the dS of the sequence's later chunks; (c) each
+chunk walks its rows last to first, adding each row's dS to G: ``dfq_i = psi(S_i) . do_i``,
+``dfk_j = scale * (G_j . v_j)``, ``dv_j = scale * (fk_j . G_j)`` for history rows j. Going
+backwards needs S_i in reverse order; recovering it by subtraction (``S_later - kv``, or
+``S_total - suffix``) cancels badly in fp32, so each row's state is recomputed from the chunk
+start instead: a SUB_BLOCK-row sub-block's start by one masked product over the chunk's earlier
+rows, then the row's by one masked product over its sub-block. dq and dk sum over d_v, so each
+d_v block writes its part and the wrapper adds them (deterministic, no atomics). With psi =
+identity (c) is tile products again.
 """
 
 from __future__ import annotations
