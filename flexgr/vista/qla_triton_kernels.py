@@ -6,6 +6,10 @@ a ``BLOCK_DK x DV_BLOCK`` slice of the state in registers. ``States`` and ``Grad
 ``[slots, H, BLOCK_DK, DV_PAD]`` per-chunk buffers; the d_v block ``vb`` owns columns
 ``vb * DV_BLOCK ...``. Scale is a one-element tensor in the compute dtype (a float argument
 would be fp32 in Triton and cost fp64 runs 1e-8 of error).
+
+Row loops load with column masks only (they walk the chunk's rows) and call no jit helper: the
+interpreter re-patches the language on every helper call, about 3 ms each. Helpers run once per
+program, outside those loops.
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ def _chunk(Bounds, n_slots, c, BLOCK_T: tl.constexpr):
     row0 = tl.load(Bounds + c)
     chunk_end = tl.minimum(row0 + BLOCK_T, tl.load(Bounds + n_slots + c))
     return row0, chunk_end, tl.load(Bounds + 2 * n_slots + c)
+
+
+@triton.jit
+def _program(
+    Bounds, n_slots, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+    DV_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """This program's (chunk, head, d_v block), its chunk's rows (``_chunk``), the d_k offsets
+    and d_v block columns with their masks: every kernel's opening, once per program."""
+    c, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row0, chunk_end, hist_end = _chunk(Bounds, n_slots, c, BLOCK_T)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    cols_v = vb * DV_BLOCK + tl.arange(0, DV_BLOCK)
+    return c, h, vb, row0, chunk_end, hist_end, offs_dk, cols_v, offs_dk < DK, cols_v < DV
 
 
 @triton.jit
@@ -45,16 +63,13 @@ def _chunk_sums(
     """Per chunk: the forward's ``scale * sum fk_j^T v_j`` over its history rows, or (GRAD) the
     backward's ``sum dS_i``, ``dS_i = fq_i^T do_i * psi'(S_i)``, its rows' states S_i rebuilt
     from the chunk's start state in States. K shares q's strides, DO v's; Sums, States' layout."""
-    c, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row0, chunk_end, hist_end = _chunk(Bounds, n_slots, c, BLOCK_T)
-    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, DV_BLOCK)
-    cols_v = vb * DV_BLOCK + offs_dv
+    c, h, _, row0, chunk_end, hist_end, offs_dk, cols_v, mk, mv = _program(
+        Bounds, n_slots, DK, DV, BLOCK_DK, DV_BLOCK, BLOCK_T
+    )
     q_ptr, k_ptr = Q + h * stride_qh, K + h * stride_qh
     v_ptr, do_ptr = V + h * stride_vh, DO + h * stride_vh
     scale = tl.load(Scale)
-    # Row loops load with column masks only (they walk the chunk's rows) and call no jit
-    # helper: the interpreter re-patches the language on every helper call, 3 ms each.
-    zero, mk, mv = scale * 0.0, offs_dk < DK, cols_v < DV
+    zero = scale * 0.0
     s_ptrs = _state_ptrs(Sums, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v)
     if not GRAD:
         rows = row0 + tl.arange(0, BLOCK_T)
@@ -109,16 +124,13 @@ def _qla_fwd(
     PSI_SILU: tl.constexpr,
 ):  # fmt: skip
     """A chunk's outputs for one d_v block from its start state. O shares v's strides."""
-    c, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row0, chunk_end, hist_end = _chunk(Bounds, n_slots, c, BLOCK_T)
-    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, DV_BLOCK)
-    cols_v = vb * DV_BLOCK + offs_dv
+    c, h, _, row0, chunk_end, hist_end, offs_dk, cols_v, mk, mv = _program(
+        Bounds, n_slots, DK, DV, BLOCK_DK, DV_BLOCK, BLOCK_T
+    )
     q_ptr, k_ptr = Q + h * stride_qh, K + h * stride_qh
     v_ptr, o_ptr = V + h * stride_vh, O + h * stride_vh
     scale = tl.load(Scale)
-    # Row loops load with column masks only (they walk the chunk's rows) and call no jit
-    # helper: the interpreter re-patches the language on every helper call, 3 ms each.
-    zero, mk, mv = scale * 0.0, offs_dk < DK, cols_v < DV
+    zero = scale * 0.0
     s_ptrs = _state_ptrs(States, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v)
     state = tl.load(s_ptrs)
     if PSI_SILU:  # psi(S_i) is not a sum of per-key terms: one row at a time
@@ -159,17 +171,14 @@ def _qla_bwd(
     """A chunk's gradients for one d_v block, from its start state S and G, the sum of dS over
     the sequence's later chunks. dq, dk sum over d_v, so DQP, DKP ([d_v blocks, T, H, dk], q's
     row strides, block stride stride_pb) take this block's part; DV_ shares v's strides."""
-    c, h, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row0, chunk_end, hist_end = _chunk(Bounds, n_slots, c, BLOCK_T)
-    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, DV_BLOCK)
-    cols_v = vb * DV_BLOCK + offs_dv
+    c, h, vb, row0, chunk_end, hist_end, offs_dk, cols_v, mk, mv = _program(
+        Bounds, n_slots, DK, DV, BLOCK_DK, DV_BLOCK, BLOCK_T
+    )
     q_ptr, k_ptr = Q + h * stride_qh, K + h * stride_qh
     v_ptr, do_ptr, dv_ptr = V + h * stride_vh, DO + h * stride_vh, DV_ + h * stride_vh
     dq_ptr, dk_ptr = DQP + vb * stride_pb + h * stride_qh, DKP + vb * stride_pb + h * stride_qh
     scale = tl.load(Scale)
-    # Row loops load with column masks only (they walk the chunk's rows) and call no jit
-    # helper: the interpreter re-patches the language on every helper call, 3 ms each.
-    zero, mk, mv = scale * 0.0, offs_dk < DK, cols_v < DV
+    zero = scale * 0.0
     start = tl.load(_state_ptrs(States, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v))
     g = tl.load(_state_ptrs(Grads, c, h, stride_sc, stride_sh, stride_sk, offs_dk, cols_v))
     hist_end_c = tl.minimum(chunk_end, hist_end)
