@@ -50,6 +50,7 @@ from flexgr.masks.block import HSTUMask
 from flexgr.ops.flex import hstu_attention_flex
 from flexgr.ops.kernel_options import kernel_options_set
 from flexgr.ops.triton_backend import hstu_attention_triton
+from flexgr.ops.triton_hstu.visits import query_tile_trips
 
 H, D = 4, 128
 DEVICE = "cuda"
@@ -101,11 +102,10 @@ def synchronize() -> None:
 
 
 def visited_blocks(mask: HSTUMask) -> int:
+    """Mask blocks the forward visits: its loop trips at tiles of one mask block."""
     bm = mask.block_mask
-    total = bm.kv_num_blocks.sum()
-    if bm.full_kv_num_blocks is not None:
-        total = total + bm.full_kv_num_blocks.sum()
-    return int(total)
+    mbq, mbkv = (int(b) for b in bm.BLOCK_SIZE)
+    return int(query_tile_trips(bm, mbq, mbkv).total.sum())
 
 
 def with_backward(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
