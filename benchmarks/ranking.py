@@ -130,24 +130,21 @@ def run_in_processes(args: argparse.Namespace, out: Path) -> None:
     """The grid's runs as ``--jobs`` processes at once (one run each, this script with
     ``--jobs 1``), then every run's line and the mean/std table. Runs sharing a device time
     each other's steps: their ``step_s`` is a shared-device figure, not one run alone."""
-    import subprocess
+    from process_pool import run_at_most  # benchmarks/process_pool.py
 
     out.mkdir(parents=True, exist_ok=True)
-    pending = [(name, seed) for name, _, _ in GRID for seed in args.seeds]
-    pending = [(n, s) for n, s in pending if not args.models or n in args.models]
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name, seed = pending.pop(0)
+    runs = []
+    for name, _, _ in GRID:
+        if args.models and name not in args.models:
+            continue
+        for seed in args.seeds:
             command = [sys.executable, __file__, "grid", "--jobs", "1", "--models", name]
             command += ["--seeds", str(seed), "--device", args.device, "--out", str(out)]
             command += ["--epochs", str(args.epochs)] + (["--small"] if args.small else [])
             command += ["--data-dir", args.data_dir] if args.data_dir else []
             command += [f"--set={override}" for override in args.set]
-            log = open(out / f"{name}.s{seed}.log", "w")  # noqa: SIM115 (closed with the process)
-            running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
-        time.sleep(2)
-        running = [p for p in running if p.poll() is None]
+            runs.append((f"{name}.s{seed}", command, out / f"{name}.s{seed}.log"))
+    run_at_most(runs, args.jobs)
     summarise(out)
 
 

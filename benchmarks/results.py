@@ -18,13 +18,13 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from process_pool import run_at_most  # benchmarks/process_pool.py
+
 from flexgr.atomic import atomic_write_text
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
@@ -60,29 +60,25 @@ def run_grid(args: argparse.Namespace, grid: list[tuple[str, str, int]]) -> None
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     pending = [g for g in grid if final_record(args.out / run_name(*g)) is None]
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
     print(
         f"{len(grid) - len(pending)} of {len(grid)} runs done; starting {len(pending)}", flush=True
     )
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            preset, protocol, seed = pending.pop(0)
-            name = run_name(preset, protocol, seed)
-            cmd = command(preset, protocol, seed, args.out / name, args.sets)
-            (logs / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-            log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=log), time.time())
-        time.sleep(2)
-        for name, (process, started) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[name]
-            wall = {"wall_s": time.time() - started, "returncode": process.returncode}
-            walls = args.out / "logs" / f"{name}.wall.json"
-            previous = json.loads(walls.read_text()) if walls.is_file() else {"wall_s": 0.0}
-            wall["wall_s"] += previous["wall_s"]  # a resumed run adds its earlier part
-            atomic_write_text(walls, json.dumps(wall) + "\n")
-            print(f"{name}: exit {process.returncode} after {wall['wall_s']:.0f} s", flush=True)
+    runs = []
+    for preset, protocol, seed in pending:
+        name = run_name(preset, protocol, seed)
+        cmd = command(preset, protocol, seed, args.out / name, args.sets)
+        (logs / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
+        runs.append((name, cmd, logs / f"{name}.log"))
+
+    def record_wall(name: str, returncode: int, seconds: float) -> None:
+        wall = {"wall_s": seconds, "returncode": returncode}
+        walls = logs / f"{name}.wall.json"
+        previous = json.loads(walls.read_text()) if walls.is_file() else {"wall_s": 0.0}
+        wall["wall_s"] += previous["wall_s"]  # a resumed run adds its earlier part
+        atomic_write_text(walls, json.dumps(wall) + "\n")
+        print(f"{name}: exit {returncode} after {wall['wall_s']:.0f} s", flush=True)
+
+    run_at_most(runs, args.jobs, record_wall)
 
 
 SELECTION_KEYS = ("val_ndcg@10", "val_hr@10", "max_test_hr@10", "max_test_ndcg@10")
