@@ -75,6 +75,17 @@ def _chunk_tables(offsets: Tensor, num_targets: Tensor, T: int) -> tuple[Tensor,
     return first, bounds.contiguous()
 
 
+def _launch_args(
+    fq: Tensor, v: Tensor, states: Tensor, dv_block: int
+) -> tuple[tuple[int, int, int], tuple[int, ...], dict[str, int]]:
+    """The grid, strides and sizes every per-chunk kernel takes (forward and backward alike)."""
+    (slots, H), dk, dv = states.shape[:2], fq.shape[2], v.shape[2]
+    grid = (slots, H, triton.cdiv(dv, dv_block))
+    strides = (fq.stride(0), fq.stride(1), v.stride(0), v.stride(1), *states.stride()[:3])
+    dims = {"DK": dk, "DV": dv, "BLOCK_DK": _pad(dk), "DV_BLOCK": dv_block, "BLOCK_T": BLOCK}
+    return grid, strides, dims
+
+
 class _QLACore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fq, fk, v, offsets, num_targets, scale, psi_silu):  # type: ignore[override]
@@ -92,9 +103,7 @@ class _QLACore(torch.autograd.Function):
         slots = bounds.shape[1]
         states = _alloc(fq, (slots, H, _pad(dk), n_dv * dv_block))
         scale_t = fq.new_full((1,), scale)  # in the compute dtype: a float argument is fp32
-        grid = (slots, H, n_dv)
-        strides = (fq.stride(0), fq.stride(1), v.stride(0), v.stride(1), *states.stride()[:3])
-        dims = {"DK": dk, "DV": dv, "BLOCK_DK": _pad(dk), "DV_BLOCK": dv_block, "BLOCK_T": BLOCK}
+        grid, strides, dims = _launch_args(fq, v, states, dv_block)
         _chunk_sums[grid](
             fq, fk, v, v, states, states, bounds, slots, *strides, scale_t, **dims,
             PSI_SILU=psi_silu, GRAD=False,
@@ -123,9 +132,7 @@ class _QLACore(torch.autograd.Function):
         n_dv = triton.cdiv(dv, dv_block)
         slots = bounds.shape[1]
         scale_t = fq.new_full((1,), ctx.scale)
-        grid = (slots, H, n_dv)
-        strides = (fq.stride(0), fq.stride(1), v.stride(0), v.stride(1), *states.stride()[:3])
-        dims = {"DK": dk, "DV": dv, "BLOCK_DK": _pad(dk), "DV_BLOCK": dv_block, "BLOCK_T": BLOCK}
+        grid, strides, dims = _launch_args(fq, v, states, dv_block)
         grads = _alloc(states, tuple(states.shape))
         _chunk_sums[grid](
             fq, fk, v, do, states, grads, bounds, slots, *strides, scale_t, **dims,
