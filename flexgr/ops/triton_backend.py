@@ -97,10 +97,9 @@ def hstu_attention_triton(
 
     from flexgr.ops import triton_ops
 
-    tensors, ints, inv_bucket_div = triton_ops.pack(launch.mask_tables(mask, rab))
     pos_w = rab.pos_w if rab is not None else None
     ts_w = rab.ts_w if rab is not None else None
-    # A custom op (flexgr/ops/triton_ops.py): torch.compile sees one opaque call per layer.
-    return triton_ops.hstu_attention_fwd(
-        q, k, v, pos_w, ts_w, tensors, ints, inv_bucket_div, float(alpha), int(max_seq_len)
+    # Under torch.compile one opaque custom op per layer (flexgr/ops/triton_ops.py).
+    return triton_ops.attention(
+        q, k, v, pos_w, ts_w, launch.mask_tables(mask, rab), float(alpha), int(max_seq_len)
     )

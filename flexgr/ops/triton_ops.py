@@ -3,7 +3,13 @@ op per call (with fake implementations for shapes) instead of tracing the launch
 
 ``flexgr::hstu_attention_fwd`` and ``flexgr::hstu_attention_bwd`` take the kernel's per-batch
 tables flattened into a tensor list and an int list (:func:`pack` / :func:`unpack`); autograd
-is registered on the forward. Eager calls run the same Python launch code as before.
+is registered on the forward.
+
+:func:`attention` is what callers use: under ``torch.compile`` it emits the custom op; in eager
+mode it runs the same launch code through a plain ``autograd.Function`` that keeps the
+``MaskTables`` object. The custom op's dispatch, its checks on 17 inputs and the unpacking
+cost ~0.3 ms of host time per call (measured with a stub kernel), more than a short or sparse
+kernel's device time, and unpacking also dropped the tile orders cached on the tables.
 """
 
 # No ``from __future__ import annotations``: custom_op reads the signature's real types.
@@ -32,7 +38,7 @@ def pack(tab) -> tuple[list[Tensor], list[int], float]:  # noqa: ANN001 - launch
 
 
 def unpack(tensors: list[Tensor], ints: list[int], inv_bucket_div: float):  # noqa: ANN201
-    from flexgr.ops.triton_hstu.launch import MaskTables
+    from flexgr.ops.triton_hstu.launch import MaskTables, shared_orders
 
     mbq, mbkv, total, padded, rab_n, buckets, ctx, window, tail, targets, sla, glob = ints
     spec = MaskSpec(
@@ -43,6 +49,7 @@ def unpack(tensors: list[Tensor], ints: list[int], inv_bucket_div: float):  # no
         **dict(zip(TABLE_TENSORS, tensors, strict=True)),
         mask_block_q=mbq, mask_block_kv=mbkv, total_len=total, padded_len=padded, spec=spec,
         rab_n=rab_n, num_buckets=buckets, inv_bucket_div=inv_bucket_div,
+        _orders=shared_orders(tensors[TABLE_TENSORS.index("kv_num")]),
     )
 
 
@@ -119,3 +126,43 @@ def _backward(ctx, dout: Tensor):  # noqa: ANN001, ANN202
 
 
 hstu_attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's forward and backward without the dispatcher (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_w, ts_w, tab, alpha, max_seq_len):  # noqa: ANN001, ANN205
+        from flexgr.ops.triton_hstu import launch
+
+        ctx.save_for_backward(q, k, v, pos_w, ts_w)
+        ctx.tab, ctx.alpha, ctx.max_seq_len = tab, alpha, max_seq_len
+        return launch.forward(
+            q, k, v, tab, alpha=alpha, max_seq_len=max_seq_len, pos_w=pos_w, ts_w=ts_w
+        ).contiguous()
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: ANN001, ANN205
+        from flexgr.ops.triton_hstu import launch
+
+        q, k, v, pos_w, ts_w = ctx.saved_tensors
+        dq, dk, dv, dpos, dts = launch.backward(
+            dout, q, k, v, ctx.tab, alpha=ctx.alpha, max_seq_len=ctx.max_seq_len,
+            pos_w=pos_w, ts_w=ts_w,
+        )
+        return dq, dk, dv, dpos, dts, None, None, None
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, pos_w: Optional[Tensor], ts_w: Optional[Tensor],
+    tab,  # noqa: ANN001 - launch.MaskTables
+    alpha: float, max_seq_len: int,
+) -> Tensor:
+    """The Triton HSTU attention of one layer: the custom op under torch.compile, the same
+    kernels through :class:`_EagerAttention` otherwise."""
+    if torch.compiler.is_compiling():
+        tensors, ints, inv_bucket_div = pack(tab)
+        return hstu_attention_fwd(
+            q, k, v, pos_w, ts_w, tensors, ints, inv_bucket_div, alpha, max_seq_len
+        )
+    return _EagerAttention.apply(q, k, v, pos_w, ts_w, tab, alpha, max_seq_len)

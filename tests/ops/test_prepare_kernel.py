@@ -198,9 +198,12 @@ def test_hstu_prepare_on_the_triton_tables_equals_eager(
     for name in ("seq_id", "local", "seq_len", "pos_id", "max_id", "is_target"):
         assert torch.equal(getattr(ea.mask.layout, name), getattr(fa.mask.layout, name)), name
     assert ea.mask.spec == fa.mask.spec and ea.mask.mask_mod.__name__ == fa.mask.mask_mod.__name__
-    (e_tensors, e_ints, e_inv), (f_tensors, f_ints, f_inv) = ea.kernel_tables, fa.kernel_tables
+    from flexgr.ops.triton_ops import TABLE_TENSORS, pack
+
+    (e_tensors, e_ints, e_inv), (f_tensors, f_ints, f_inv) = (
+        pack(ea.kernel_tables), pack(fa.kernel_tables)
+    )
     assert e_ints == f_ints and e_inv == f_inv
-    from flexgr.ops.triton_ops import TABLE_TENSORS
 
     for name, e, f in zip(TABLE_TENSORS, e_tensors, f_tensors, strict=True):
         if name in ("ts", "next_ts") and not rel_bias:

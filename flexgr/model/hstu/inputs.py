@@ -33,6 +33,7 @@ from flexgr.ops.rab import RelativeBias, next_timestamps
 
 if TYPE_CHECKING:
     from flexgr.model.hstu.model import HSTU, HSTUConfig
+    from flexgr.ops.triton_hstu.launch import MaskTables
     from flexgr.ops.triton_hstu.prepare import BiasInputs
 
 BiasWeights = tuple[Tensor, Tensor]  # (pos_w [2N - 1], ts_w [num_buckets + 1])
@@ -77,9 +78,9 @@ class LocalAttention:
     full_attn_tail: int
     divisor: int | None = None  # replaces the layer's N (the truncated layers' shorter N)
     softmax: bool = False  # model.attention = "softmax" (flexgr.model.hstu.softmax)
-    # The Triton kernel's tables, flattened (flexgr.ops.triton_ops.pack), built in prepare:
-    # the forward then calls the kernel's custom op directly and traces as one op per layer.
-    kernel_tables: tuple[list[Tensor], list[int], float] | None = None
+    # The Triton kernel's tables (flexgr.ops.triton_hstu.launch.MaskTables), built in prepare:
+    # the forward calls the kernel directly (one custom op per layer under torch.compile).
+    kernel_tables: MaskTables | None = None
 
     def __call__(
         self, q: Tensor, k: Tensor, v: Tensor, *, max_seq_len: int, alpha: float,
@@ -94,12 +95,11 @@ class LocalAttention:
                 full_attn_tail=self.full_attn_tail, rab=self.tables.bias(bias),
             )
         if self.kernel_tables is not None and q.dtype in _KERNEL_DTYPES:
-            from flexgr.ops.triton_ops import hstu_attention_fwd
+            from flexgr.ops.triton_ops import attention
 
-            tensors, ints, inv_div = self.kernel_tables
             pos_w, ts_w = bias if bias is not None else (None, None)
-            return hstu_attention_fwd(
-                q, k, v, pos_w, ts_w, tensors, ints, inv_div, float(alpha),
+            return attention(
+                q, k, v, pos_w, ts_w, self.kernel_tables, float(alpha),
                 int(self.divisor or max_seq_len),
             )
         return hstu_attention(
@@ -309,31 +309,28 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
 
 def _kernel_tables(
     cfg: HSTUConfig, mask: HSTUMask | None, tables: BiasTables, fused: BiasInputs | None
-) -> tuple[list[Tensor], list[int], float] | None:
-    """The Triton kernel's flattened tables for this batch, or None where the kernel would not
+) -> MaskTables | None:
+    """The Triton kernel's tables for this batch, or None where the kernel would not
     take the call (an empty batch; the per-call path then decides)."""
     if mask is None or mask.spec is None or mask.total_len == 0:
         return None
-    from flexgr.ops import triton_ops
     from flexgr.ops.rab import BUCKET_DIVISOR
     from flexgr.ops.triton_hstu import launch, prepare
 
     if fused is not None:  # already in the kernel's dtypes: no conversions
-        return triton_ops.pack(prepare.kernel_tables(
+        return prepare.kernel_tables(
             mask, fused, rel_bias=cfg.rel_bias, rab_n=cfg.attn_len,
             num_buckets=cfg.num_time_buckets, bucket_divisor=BUCKET_DIVISOR,
-        ))
+        )
 
     if not cfg.rel_bias:
-        return triton_ops.pack(launch.bias_tables(mask))
-    return triton_ops.pack(
-        launch.bias_tables(
-            mask,
-            positions=tables.positions,
-            timestamps=tables.timestamps,
-            next_timestamps=tables.next_timestamps,
-            rab_n=cfg.attn_len,
-            num_buckets=cfg.num_time_buckets,
-            bucket_divisor=BUCKET_DIVISOR,
-        )
+        return launch.bias_tables(mask)
+    return launch.bias_tables(
+        mask,
+        positions=tables.positions,
+        timestamps=tables.timestamps,
+        next_timestamps=tables.next_timestamps,
+        rab_n=cfg.attn_len,
+        num_buckets=cfg.num_time_buckets,
+        bucket_divisor=BUCKET_DIVISOR,
     )

@@ -9,7 +9,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import triton
 from torch import Tensor
 
 from flexgr.masks.block import HSTUMask, MaskSpec
@@ -59,7 +58,7 @@ class MaskTables:
         long ones (measured 6% faster at 8 x 8192). Split backward kernels ("kv" for dk/dv,
         "q_bwd" for dq): tile order, which measured ~5% faster than heaviest-first in two of
         three runs (docs/triton-kernel.md); kernel.tile_order = "lpt_all" restores LPT there."""
-        key = (side, block)
+        key = (side, block, kernel_options().tile_order)
         if key not in self._orders:
             if side in ("q", "q_bwd"):  # query tiles walk KV blocks
                 work, mask_block = self.kv_num + self.full_kv_num, self.mask_block_q
@@ -79,7 +78,7 @@ class MaskTables:
         """Virtual program ids of the merged backward launch, heaviest first: ids below the
         number of key tiles are dk/dv programs (4 products per visited element), the rest dq
         programs (3 products)."""
-        key = ("merged", kv_block * 1000 + q_block)
+        key = ("merged", kv_block * 1000 + q_block, kernel_options().tile_order)
         if key not in self._orders:
             kv_work = (self.q_num + self.full_q_num).repeat_interleave(self.mask_block_kv // kv_block)
             q_work = (self.kv_num + self.full_kv_num).repeat_interleave(self.mask_block_q // q_block)
@@ -90,6 +89,22 @@ class MaskTables:
                 order = torch.argsort(cost, descending=True, stable=True)
             self._orders[key] = order.to(torch.int32)
         return self._orders[key]
+
+
+# Tile orders by the id of the tables' kv_num tensor, dropped when it dies: the custom op's
+# unpacking rebuilds MaskTables around the same tensors on every call, and would otherwise
+# sort the tiles again each time. (A WeakKeyDictionary cannot hold tensors: it compares keys
+# with ==.)
+_orders_by_tables: dict[int, dict] = {}
+
+
+def shared_orders(kv_num: Tensor) -> dict:
+    key = id(kv_num)
+    orders = _orders_by_tables.get(key)
+    if orders is None:
+        orders = _orders_by_tables[key] = {}
+        weakref.finalize(kv_num, _orders_by_tables.pop, key, None)
+    return orders
 
 
 def _rows(x: Tensor | None, like: Tensor) -> Tensor:
@@ -222,7 +237,8 @@ def _scalars(tab: MaskTables, alpha: float, out_scale: float) -> tuple[object, .
 
 
 def _block_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    # Not triton.next_power_of_2: it goes through triton's JIT call wrapper, ~6 us per call.
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
