@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile the current step: kernels by device time vs host time")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,6 +140,34 @@ def main() -> None:
         print(f"{name}: {value:.2f} ms per cached pass")
     print(f"einsum fp32 / current: {ms['einsum fp32'] / ms['current']:.2f}x")
     print(f"largest |current - einsum fp32| logit gap: {gap:.3g}")
+    if args.profile:
+        with torch.no_grad():
+            print_profile(lambda: candidate_logits(model, cache, candidates,
+                                                   microbatch=args.microbatch), device)
+
+
+def print_profile(call, device: torch.device) -> None:  # noqa: ANN001
+    """Kernels of 3 cached passes by device time, and the host time of one pass."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            call()
+        sync()
+    kernels = [e for e in prof.key_averages() if e.device_type != DeviceType.CPU]
+    device_ms = sum(e.self_device_time_total for e in kernels) / 3e3
+    launches = sum(e.count for e in kernels) // 3
+    print(f"## profile: kernels {device_ms:.2f} ms per pass, {launches} kernel launches per pass")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]:
+        print(f"  {e.self_device_time_total / 3e3:7.3f} ms {e.count // 3:5d}x  {e.key[:80]}")
+    top = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CPU),
+                 key=lambda e: -e.self_cpu_time_total)[:10]
+    for e in top:
+        print(f"  host {e.self_cpu_time_total / 3e3:7.3f} ms {e.count // 3:5d}x  {e.key[:70]}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/model_step.py                       # CUDA: 8 layers, d=512, H=4, dqk=dv=128
     python benchmarks/model_step.py --device cpu --tiny   # smoke test of the script itself
+    python benchmarks/model_step.py --backends triton --profile   # + the step's top kernels
 
 Lengths are jagged, uniform in [N/2, N] with N = 4096 by default. Each backend is timed in the
 same run (triton.testing.do_bench, median). MFU counts the useful FLOPs of the step (projections
@@ -14,8 +15,11 @@ import argparse
 import sys
 import time
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 
 from flexgr.batch import JaggedBatch
 from flexgr.model import HSTU, HSTUConfig, encode
@@ -41,6 +45,34 @@ def measure_peak(device: torch.device) -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
+def print_profile(step: Callable[[], None], label: str, device: torch.device) -> None:
+    """Where a step's time goes: kernels by device time (3 steps), and the host time per step
+    of an unsynchronised loop (far above the device total: launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    device_ms = sum(e.self_device_time_total for e in kernels) / 3e3
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    host_ms = (time.perf_counter() - start) / 3 * 1e3
+    sync()
+    print(f"\n## {label}: kernels {device_ms:.1f} ms per step over {len(kernels)} kernel names, "
+          f"host {host_ms:.1f} ms per step (unsynchronised)", file=sys.stderr)
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / 3e3:8.2f} ms  {e.count // 3:5d}x  {e.key[:90]}",
+              file=sys.stderr)
+    sys.stderr.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda")
@@ -54,6 +86,8 @@ def main() -> None:
         help="comma list of L, time triton once per kernel.rab_lanes=L (bias on only; "
         "default: the library's default)",
     )
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print the kernels of 3 steps by device time")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.tiny:
@@ -106,6 +140,8 @@ def main() -> None:
             start = time.time()
             train_step()
             ms = (time.time() - start) * 1e3
+        if args.profile:
+            print_profile(train_step, label, device)
         rows.append((label, ms, first_s))
         print(f"{label}: first call {first_s:.1f} s, step {ms:.1f} ms", file=sys.stderr, flush=True)
         del model, opt

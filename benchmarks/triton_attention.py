@@ -287,6 +287,7 @@ def profile_sparse() -> None:
     the wall time of one call against the summed device time of the kernels it launched
     (torch.profiler), and the kernels by device time. Wall far above kernel time means host
     work (table unpacking, launches), not the kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     B, N = SLA_SHAPE
@@ -311,10 +312,20 @@ def profile_sparse() -> None:
                     fwd()
                 synchronize()
         events = prof.key_averages()
-        device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / reps
+        # Kernel rows only: an op's row repeats the device time of the kernels it launched.
+        device_us = sum(e.self_device_time_total for e in events
+                        if e.device_type != DeviceType.CPU) / reps
         wall_ms = median_ms(lambda m=mask: fwd(m))
+        with torch.no_grad():  # host time: calls queued without waiting for the device
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                fwd()
+            host_ms = (time.perf_counter() - start) / reps * 1e3
+            synchronize()
         print(f"\n## {case} {B}x{N} forward: wall {wall_ms:.3f} ms (do_bench median), "
-              f"kernels {device_us / 1e3:.3f} ms per call (profiler)")
+              f"kernels {device_us / 1e3:.3f} ms per call (profiler), "
+              f"host {host_ms:.3f} ms per call (unsynchronised loop)")
         print(events.table(sort_by="self_device_time_total" if DEVICE == "cuda" else
                            "self_cpu_time_total", row_limit=8))
 
