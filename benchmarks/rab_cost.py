@@ -40,6 +40,8 @@ def compiled_info(fn) -> list[tuple[int, int, int]]:  # noqa: ANN001 - a triton 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--forward-only", action="store_true", help="skip the backward table")
+    parser.add_argument("--tiles", type=int, default=5, help="time the first N forward tiles")
     args = parser.parse_args()
     if args.quick and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -93,6 +95,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     tiles = (TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 3),
              TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 3))
+    tiles = tiles[: args.tiles]
     if args.quick:
         tiles = (TileConfig(32, 32, 4, 1),)
     with torch.no_grad(), kernel_options_set(autotune=False):
@@ -109,6 +112,8 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - a tile this device cannot run
                 print(f"| {tuple(vars(cfg).values())} | failed: {type(exc).__name__} | | | |")
         tuning.force("fwd", None)
+    if args.forward_only:
+        return
     print("\n| backward mode | f+b no bias ms | f+b bias ms | bias / no bias |")
     print("|---|---|---|---|")
     for mode in ("split", "fused", "merged"):

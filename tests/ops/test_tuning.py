@@ -97,3 +97,18 @@ def test_backward_mode_choice_round_trips(store) -> None:
     tuning.remember(("bwd_mode",) + KEY[1:], "merged")
     assert tuning.recall(("bwd_mode",) + KEY[1:], ("split", "fused", "merged")) == "merged"
     assert tuning.recall(("bwd_mode",) + KEY[1:], ("split", "fused")) is None
+
+
+def test_biased_forward_has_its_own_tiles_and_follows_the_forward_pin(monkeypatch) -> None:
+    """With the relative bias the forward's untuned tile is the bias pool's first (the plain
+    pool's first spilled there), and a pinned forward tile still pins the biased forward."""
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: False)
+    monkeypatch.setattr(tuning, "_forced", {})
+    assert tuning.default("fwd", 128, 128, 128) == tuning.FWD_CANDIDATES[0]
+    assert tuning.default("fwd_rab", 128, 128, 128) == tuning.FWD_RAB_CANDIDATES[0]
+    assert tuning.FWD_RAB_CANDIDATES[0] != tuning.FWD_CANDIDATES[0]
+    tuning._forced["fwd"] = C
+    assert tuning.candidates("fwd_rab", 128, 128, 128) == [C]
+    tuning._forced["dkdv"] = A
+    assert tuning.default("fused", 128, 128, 128) == A

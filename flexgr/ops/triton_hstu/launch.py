@@ -347,7 +347,8 @@ def _forward(
         )
 
     dmax = max(q.shape[2], v.shape[2])
-    options = tuning.candidates("fwd", dmax, tab.mask_block_q, tab.mask_block_kv)
+    kind = "fwd_rab" if pos_w is not None else "fwd"
+    options = tuning.candidates(kind, dmax, tab.mask_block_q, tab.mask_block_kv)
     cfg = tuning.pick(_key("fwd", tab, q, v, flags, max_seq_len), options, launch)
     launch(cfg)
     return out
@@ -477,8 +478,8 @@ def _backward(
                     runs = {m: plan(m) for m in BWD_MODES}
                     mode = min(runs, key=lambda m: tuning.time_ms(runs[m]))
                     tuning.remember(key("bwd_mode"), mode)
-            else:
-                mode = "split"
+            else:  # measured fastest untuned (benchmarks/rab_cost.py; docs/triton-kernel.md)
+                mode = "fused" if has_rab else "split"
             _bwd_modes[key("bwd_mode")] = mode
     run = plan(mode)
     if has_rab:

@@ -44,6 +44,15 @@ FWD_CANDIDATES = (
     TileConfig(128, 64, 4, 4),
     TileConfig(64, 64, 4, 3),
 )
+# Forward with the relative bias: the per-element gathers of the bias tables need registers the
+# plain forward's first tile does not have; at 16 x [2048, 4096], D=128 on the H200
+# (benchmarks/rab_cost.py, 2026-12-02) it spilled 338 registers and ran 10.0 ms against these
+# three's 4.76, 5.17 and 5.12 ms.
+FWD_RAB_CANDIDATES = (
+    TileConfig(128, 32, 4, 3),
+    TileConfig(128, 64, 8, 3),
+    TileConfig(64, 32, 4, 3),
+)
 DQ_CANDIDATES = (
     TileConfig(64, 64, 4, 3),
     TileConfig(128, 64, 8, 2),
@@ -93,15 +102,24 @@ def fits(cfg: TileConfig, mask_block_q: int, mask_block_kv: int) -> bool:
     return mask_block_q % cfg.block_m == 0 and mask_block_kv % cfg.block_n == 0
 
 
-_POOLS = {"fwd": FWD_CANDIDATES, "dq": DQ_CANDIDATES, "dkdv": DKDV_CANDIDATES,
-          "fused": FUSED_CANDIDATES}
+_POOLS = {"fwd": FWD_CANDIDATES, "fwd_rab": FWD_RAB_CANDIDATES, "dq": DQ_CANDIDATES,
+          "dkdv": DKDV_CANDIDATES, "fused": FUSED_CANDIDATES}
+
+
+# A kind whose tile follows another's pin: the fused backward is a dk/dv kernel, the biased
+# forward a forward.
+_PINNED_WITH = {"fused": "dkdv", "fwd_rab": "fwd"}
+
+
+def _pinned(kind: str) -> TileConfig | None:
+    partner = _PINNED_WITH.get(kind, "")
+    return _forced[partner] if partner in _forced else _forced.get(kind)
 
 
 def default(kind: str, head_dim: int, mask_block_q: int, mask_block_kv: int) -> TileConfig:
-    if kind == "fused" and "dkdv" in _forced:
-        return _forced["dkdv"]
-    if kind in _forced:
-        return _forced[kind]
+    pinned = _pinned(kind)
+    if pinned is not None:
+        return pinned
     if interpreting():
         cfg = INTERPRET
     elif head_dim > 128:
@@ -114,7 +132,7 @@ def default(kind: str, head_dim: int, mask_block_q: int, mask_block_kv: int) -> 
 
 
 def candidates(kind: str, head_dim: int, mask_block_q: int, mask_block_kv: int) -> list[TileConfig]:
-    if kind in _forced or (kind == "fused" and "dkdv" in _forced) or not autotune_enabled():
+    if _pinned(kind) is not None or not autotune_enabled():
         return [default(kind, head_dim, mask_block_q, mask_block_kv)]
     pool = _POOLS[kind]
     if head_dim > 128:
