@@ -79,14 +79,15 @@ def qla(
     num_targets: Tensor | None = None,
     state_activation: StateActivation = "silu",
     feature_map: FeatureMap = "silu",
-    impl: Impl = "eager",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Quasi-linear attention: q, k [T, H, dk], v [T, H, dv], offsets [B + 1] -> [T, H, dv] in
     v's dtype (accumulated in fp32, or fp64 for fp64 inputs). ``feature_map="identity"`` takes
     q and k as already mapped (an HSTU layer's projections are SiLU'd before attention).
     ``impl``: "eager" (cumulative sums), "triton" (``flexgr.vista.qla_triton``, the state on
-    chip) or "auto" (triton on CUDA, eager otherwise). The default stays "eager" until the kernels
-    have been checked and timed on a GPU (so far only in Triton's interpreter)."""
+    chip) or "auto" (the default: triton on CUDA, eager otherwise). On the H200 the kernels
+    matched eager within 5e-6 (fp32, forward and the three gradients, lengths 1-4096) and ran
+    forward + backward in 3.39 ms against eager's 10.24 (docs/vista.md)."""
     _check(q, k, v, offsets, num_targets, divisor)
     psi = _state_fn(state_activation)
     phi = _state_fn(feature_map, "feature_map")
