@@ -17,7 +17,10 @@ task logits, all equal (tests/ranking/test_falcon.py; the script prints the larg
 - ``M-FALCON, b_m``: the history once (keys and values per layer), then the microbatches
   against the cache (``Ranker.score``);
 - ``M-FALCON, cache hit``: a later request of the same user and history
-  (``Ranker.score(cache_key=...)`` hitting ``Ranker.history_cache``): the microbatches only.
+  (``Ranker.score(cache_key=...)`` hitting ``Ranker.history_cache``): the microbatches only;
+- ``M-FALCON, cache hit, CUDA graph`` (CUDA only): the same, each microbatch a replay of the
+  pass captured on the cache (what ``Ranker.score`` runs on a hit; the capture is outside the
+  timing, made by the warm-up).
 
 The first table is at m = ``--candidates``; the second is candidates per second against m in
 ``--ms`` (default 256 ... 16384) at fixed b_m. Times are medians of ``--reps`` after a warm-up,
@@ -174,6 +177,17 @@ def main() -> None:
         def hit(candidates: torch.Tensor) -> None:
             candidate_logits(model, cache, candidates, microbatch=bm)
 
+        graphs = device.type == "cuda"
+
+        def replay(candidates: torch.Tensor) -> None:
+            candidate_logits(model, cache, candidates, microbatch=bm, cuda_graph=True)
+
+        if graphs:
+            got = candidate_logits(model, cache, cands, microbatch=bm, cuda_graph=True)
+            want = candidate_logits(model, cache, cands, microbatch=bm)
+            print(f"# largest |CUDA graph - eager| cache-hit logit gap: "
+                  f"{(got.float() - want.float()).abs().max().item():.3g}")
+
         rows = [
             (f"uncached, b_m = m = {M}", timed(lambda: request.uncached(model, cands, M),
                                               device, args.reps)),
@@ -182,6 +196,9 @@ def main() -> None:
             (f"M-FALCON, b_m = {bm}", timed(lambda: falcon(cands), device, args.reps)),
             (f"M-FALCON, b_m = {bm}, cache hit", timed(lambda: hit(cands), device, args.reps)),
         ]  # fmt: skip
+        if graphs:
+            rows.append((f"M-FALCON, b_m = {bm}, cache hit, CUDA graph",
+                         timed(lambda: replay(cands), device, args.reps)))
         base = rows[0][1]
         print(f"\n## {M} candidates over {L} events\n")
         print("| path | ms per request | candidates / s | vs b_m = m uncached |")
@@ -190,7 +207,7 @@ def main() -> None:
             print(f"| {name} | {sec * 1e3:.2f} | {M / sec:,.0f} | {base / sec:.2f}x |")
 
         print(f"\n## candidates / s against m, b_m = {bm}, {L} events\n")
-        header = ["m", "M-FALCON", "M-FALCON, cache hit"]
+        header = ["m", "M-FALCON", "M-FALCON, cache hit"] + (["cache hit, CUDA graph"] if graphs else [])
         if not args.no_uncached:
             header += [f"uncached, b_m = {bm}", "M-FALCON vs uncached"]
         print("| " + " | ".join(header) + " |")
@@ -200,6 +217,8 @@ def main() -> None:
             full = timed(lambda pool=pool: falcon(pool), device, args.reps)
             cached = timed(lambda pool=pool: hit(pool), device, args.reps)
             cells = [f"{m}", f"{m / full:,.0f}", f"{m / cached:,.0f}"]
+            if graphs:
+                cells.append(f"{m / timed(lambda pool=pool: replay(pool), device, args.reps):,.0f}")
             if not args.no_uncached:
                 old = timed(lambda pool=pool: request.uncached(model, pool, bm), device, args.reps)
                 cells += [f"{m / old:,.0f}", f"{old / full:.2f}x"]

@@ -8,7 +8,8 @@ are kept (:func:`encode_ranking_history`). :func:`candidate_logits` then runs on
 candidates' tokens, ``microbatch`` at a time, each attending to the cached keys plus its own
 key at the history's end position and the query time (as the normal forward places targets),
 and reads the multi-task head. ``tests/ranking/test_falcon.py`` checks every candidate against
-the normal forward on ``history + [candidate]``.
+the normal forward on ``history + [candidate]``. On CUDA a reused cache can replay the
+candidate pass as a CUDA graph (``cuda_graph=True``; :mod:`flexgr.ranking.cuda_graphs`).
 
 :func:`history_content` is the bytes a :class:`~flexgr.model.hstu.falcon.HistoryStore` entry
 is checked against: the events, their actions and timestamps, and the query time when the model
@@ -29,6 +30,7 @@ from flexgr.model.hstu.falcon import (
     unsupported,
 )
 from flexgr.ranking.batch import RankingBatch
+from flexgr.ranking.cuda_graphs import graphed_passes
 from flexgr.ranking.hstu import HSTURanker, prepare
 
 
@@ -66,16 +68,25 @@ def encode_ranking_history(
 
 @torch.no_grad()
 def candidate_logits(
-    model: HSTURanker, cache: HistoryCache, candidates: Tensor, *, microbatch: int = 1024
+    model: HSTURanker, cache: HistoryCache, candidates: Tensor, *, microbatch: int = 1024,
+    cuda_graph: bool = False,
 ) -> Tensor:
     """[M, K] task logits (BCE) or values (MSE) of ``candidates`` (item ids [M]) after
-    ``cache``'s history, ``microbatch`` candidates per pass."""
-    out = []
+    ``cache``'s history, ``microbatch`` candidates per pass. ``cuda_graph``: on CUDA, replay
+    a captured pass kept on the cache (:mod:`flexgr.ranking.cuda_graphs`; worth it when the
+    cache is reused)."""
     stack = model.encoder
-    for part in microbatches(candidates.numel(), microbatch):
-        tokens = model.candidate_tokens(candidates[part])
-        out.append(model.head(candidate_pass(stack.input, stack.layers, tokens, cache)))
-    return torch.cat(out)
+
+    def run(ids: Tensor) -> Tensor:
+        tokens = model.candidate_tokens(ids)
+        return model.head(candidate_pass(stack.input, stack.layers, tokens, cache))
+
+    if cuda_graph:
+        graphed = graphed_passes(run, cache.graphs, candidates, microbatch, "hstu-ranking")
+        if graphed is not None:
+            return graphed
+    parts = microbatches(candidates.numel(), microbatch)
+    return torch.cat([run(candidates[part]) for part in parts])
 
 
 def history_content(

@@ -16,6 +16,8 @@ running the whole model per microbatch.
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Hashable, Mapping, Sequence
 from functools import cached_property
 from types import ModuleType
@@ -125,6 +127,7 @@ class Ranker(LoadedModel):
         truncate: bool = False,
         cache_key: Hashable | None = None,
         falcon: bool = True,
+        cuda_graphs: bool = True,
     ) -> list[tuple[str, dict[str, float]]]:
         """(raw id, {task: prediction}) for every candidate, in the order given.
 
@@ -140,7 +143,9 @@ class Ranker(LoadedModel):
         with the same key and the same history, actions, timestamps (and query time, which the
         time bias reads) skips the history; a key reused for another history is encoded again.
         ``falcon=False``, and the other rankers: every microbatch runs the whole model on
-        ``history + microbatch`` (the same predictions; ``cache_key`` is then ignored)."""
+        ``history + microbatch`` (the same predictions; ``cache_key`` is then ignored).
+        ``cuda_graphs``: on CUDA, a cache hit of an HSTU ranking model replays its candidate
+        pass as a CUDA graph captured on the first hit (:mod:`flexgr.ranking.cuda_graphs`)."""
         if len(candidates) == 0:
             raise ValueError("no candidates to score")
         if len(history) == 0:
@@ -168,7 +173,9 @@ class Ranker(LoadedModel):
         actions_NA = torch.from_numpy(codes)
         kinds = list(self.model.cfg.task_kinds)
         if falcon and self.falcon_unsupported is None:
-            logits = self._falcon_logits(items, actions_NA, ts, qt, cands, microbatch, cache_key)
+            logits = self._falcon_logits(
+                items, actions_NA, ts, qt, cands, microbatch, cache_key, cuda_graphs
+            )
             out = [predictions(logits.float(), kinds).cpu()]
         else:
             out = [
@@ -191,6 +198,7 @@ class Ranker(LoadedModel):
         candidates: torch.Tensor,
         microbatch: int,
         cache_key: Hashable | None,
+        cuda_graphs: bool = False,
     ) -> torch.Tensor:
         module = falcon_module(spec_of(self.model).name)
         assert module is not None  # falcon_unsupported said the model has the path
@@ -199,13 +207,18 @@ class Ranker(LoadedModel):
         if cache_key is not None:
             content = module.history_content(self.model, items, actions, timestamps, query_time)
             cache = self.history_cache.get(cache_key, content)
+        # A reused history replays a captured pass (captured on its first reuse).
+        graph = cuda_graphs and cache is not None and device.type == "cuda" and (
+            "cuda_graph" in inspect.signature(module.candidate_logits).parameters
+        )
+        extra = {"cuda_graph": True} if graph else {}
         if cache is None:
             history = (items.to(device), actions.to(device), timestamps.to(device))
             cache = module.encode_ranking_history(self.model, *history, query_time)
             if cache_key is not None:
                 self.history_cache.put(cache_key, content, cache)
         return module.candidate_logits(
-            self.model, cache, candidates.to(device), microbatch=microbatch
+            self.model, cache, candidates.to(device), microbatch=microbatch, **extra
         )
 
     def _target_logits(

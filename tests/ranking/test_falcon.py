@@ -294,3 +294,44 @@ def test_bf16_cached_logits_are_as_close_as_the_bf16_forward(
     got = candidate_logits(bf16, cache, candidates, microbatch=5).double()
     eager = forward(bf16)
     assert (got - truth).abs().max() <= 2 * (eager - truth).abs().max()
+
+
+def test_cuda_graph_request_is_the_eager_pass_off_cuda() -> None:
+    """Off CUDA ``cuda_graph=True`` runs the eager pass and captures nothing."""
+    model = _model(layout="interleaved")
+    items, actions, timestamps, query_time = _history(MAX_EVENTS, 3)
+    cache = encode_ranking_history(model, items, actions, timestamps, query_time)
+    candidates = _candidates(7)
+    want = candidate_logits(model, cache, candidates, microbatch=4)
+    got = candidate_logits(model, cache, candidates, microbatch=4, cuda_graph=True)
+    assert torch.equal(got, want) and cache.graphs == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("over", [CONFIGS[0], CONFIGS[2]])
+def test_cuda_graph_replays_equal_the_eager_pass(over: dict) -> None:
+    """Replayed passes (padded last microbatch, sizes below the microbatch, a second and a
+    third replay with other candidates) equal the eager pass on the same cache; the scorer
+    captures on the first cache hit and replays after."""
+    model = _model(**over).cuda()
+    items, actions, timestamps, query_time = _history(MAX_EVENTS, 4)
+    history = (items.cuda(), actions.cuda(), timestamps.cuda(), query_time)
+    cache = encode_ranking_history(model, *history)
+    for seed, m, microbatch in ((1, 6, 4), (2, 6, 4), (3, 3, 4), (4, 13, 8)):
+        candidates = _candidates(seed, m).cuda()
+        want = candidate_logits(model, cache, candidates, microbatch=microbatch)
+        got = candidate_logits(model, cache, candidates, microbatch=microbatch, cuda_graph=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not got.isnan().any()
+    assert sorted(cache.graphs) == [4, 8]
+    ranker = ranker_over(model, "hstu-ranking", NUM_ITEMS)
+    request = request_body(*_history(MAX_EVENTS, 5))
+    names = [f"i{int(c)}" for c in _candidates(9)]
+    first = ranker.score(candidates=names, microbatch=4, cache_key="u", **request)
+    hit = ranker.score(candidates=names, microbatch=4, cache_key="u", **request)
+    again = ranker.score(candidates=names, microbatch=4, cache_key="u", **request)
+    torch.testing.assert_close(predictions(hit), predictions(first), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predictions(again), predictions(first), rtol=1e-5, atol=1e-5)
+    assert ranker.history_cache.stats.hits == 2
+    ((_, stored),) = ranker.history_cache._entries.values()
+    assert list(stored.graphs) == [4]  # captured on the first hit, replayed on the second

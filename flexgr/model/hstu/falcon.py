@@ -60,6 +60,9 @@ class HistoryCache:
     # toward history token j, then toward itself. It depends on the history alone (position id
     # L, time = the query time), so it is built once with the keys, not per microbatch.
     candidate_bias: list[Tensor | None] = field(default_factory=list, kw_only=True)
+    # Captured candidate passes by microbatch size (flexgr.ranking.cuda_graphs), kept with the
+    # history they read so that they go when it is evicted.
+    graphs: dict = field(default_factory=dict, kw_only=True, compare=False, repr=False)
 
     def nbytes(self) -> int:
         rows = [row for row in self.candidate_bias if row is not None]

@@ -1,0 +1,88 @@
+"""CUDA-graph replay of M-FALCON's candidate microbatch pass over a cached history.
+
+A cache hit runs only the candidates' pass, whose kernels are small: on one H200 (d = 512, 3
+layers, 1,024 candidates over 8,192 cached tokens, microbatches of 256) they took 1.27 ms of
+device time per request but ~350 launches and ~7 ms of host time (benchmarks/
+falcon_candidate_step.py --profile). Capturing one microbatch pass per cached history and
+replaying it removes the launches: the graph reads the candidates' ids from a static buffer and
+writes the logits to a static output, which each call copies out.
+
+- Captured on the first reuse of a cache (a ``HistoryStore`` hit), where it pays: capture runs
+  the pass three times. The graph is kept on the :class:`HistoryCache` (``graphs``), so it
+  goes when the store evicts the history.
+- Graphs share one memory pool per device and replay under one lock (copy-out included), so no
+  replay can overwrite another's output before it is copied, across threads too.
+- A microbatch shorter than the graph is padded with its first candidate: candidates never
+  see each other, so the padding changes no real row.
+- A pass that cannot be captured (an op that syncs with the host) falls back to the eager pass
+  with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+_lock = threading.Lock()
+_pools: dict[int, object] = {}
+_failed: set[str] = set()
+
+
+class CandidateGraph:
+    """One captured ``run(ids [size]) -> [size, K]`` over a fixed cached history."""
+
+    def __init__(self, run: Callable[[Tensor], Tensor], example_ids: Tensor, size: int) -> None:
+        device = example_ids.device
+        self.size = size
+        self.ids = example_ids[:1].expand(size).contiguous()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, cuBLAS handles
+            for _ in range(2):
+                run(self.ids)
+        torch.cuda.current_stream(device).wait_stream(side)
+        pool = _pools.setdefault(device.index or 0, torch.cuda.graph_pool_handle())
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = run(self.ids)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        m = ids.numel()
+        with _lock:
+            self.ids[:m].copy_(ids)
+            if m < self.size:
+                self.ids[m:].copy_(ids[:1].expand(self.size - m))
+            self.graph.replay()
+            return self.out[:m].clone()
+
+
+def graphed_passes(
+    run: Callable[[Tensor], Tensor], graphs: dict[int, CandidateGraph], candidates: Tensor,
+    microbatch: int, name: str,
+) -> Tensor | None:
+    """[M, K]: ``run`` over ``candidates`` in microbatches of ``microbatch``, each a replay of
+    the graph of its size kept in ``graphs`` (captured here on first use). None when the
+    pass cannot be captured (the caller runs it eagerly)."""
+    if name in _failed or not candidates.is_cuda:
+        return None
+    size = min(microbatch, 1 << (candidates.numel() - 1).bit_length())
+    graph = graphs.get(size)
+    if graph is None:
+        try:
+            graph = graphs[size] = CandidateGraph(run, candidates, size)
+        except RuntimeError as exc:  # e.g. an op that syncs with the host while capturing
+            _failed.add(name)
+            warnings.warn(
+                f"flexgr: {name} cannot be captured as a CUDA graph, scoring eagerly "
+                f"({str(exc).splitlines()[0][:200]})", stacklevel=3,
+            )
+            torch.cuda.synchronize(candidates.device)
+            return None
+    return torch.cat([
+        graph(candidates[start : start + size])
+        for start in range(0, candidates.numel(), size)
+    ])
