@@ -10,8 +10,10 @@ writes the logits to a static output, which each call copies out.
 - Captured on the first reuse of a cache (a ``HistoryStore`` hit), where it pays: capture runs
   the pass three times. The graph is kept on the :class:`HistoryCache` (``graphs``), so it
   goes when the store evicts the history.
-- Graphs share one memory pool per device and replay under one lock (copy-out included), so no
-  replay can overwrite another's output before it is copied, across threads too.
+- Each graph has its own memory pool (freed with the graph). A pool shared across graphs
+  failed an allocator assert on the H200 once the graphs that had used it were freed and a
+  new one was captured into it. Replays run under one lock, copy-out included, so two threads
+  never replay one graph over each other's output.
 - A microbatch shorter than the graph is padded with its first candidate: candidates never
   see each other, so the padding changes no real row.
 - A pass that cannot be captured (an op that syncs with the host) falls back to the eager pass
@@ -28,7 +30,6 @@ import torch
 from torch import Tensor
 
 _lock = threading.Lock()
-_pools: dict[int, object] = {}
 _failed: set[str] = set()
 
 
@@ -45,9 +46,8 @@ class CandidateGraph:
             for _ in range(2):
                 run(self.ids)
         torch.cuda.current_stream(device).wait_stream(side)
-        pool = _pools.setdefault(device.index or 0, torch.cuda.graph_pool_handle())
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph):
             self.out = run(self.ids)
 
     def __call__(self, ids: Tensor) -> Tensor:
