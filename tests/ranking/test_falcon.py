@@ -296,6 +296,51 @@ def test_bf16_cached_logits_are_as_close_as_the_bf16_forward(
     assert (got - truth).abs().max() <= 2 * (eager - truth).abs().max()
 
 
+def _step_by_formula(cache: HistoryCache, index: int, q, k, v, alpha: float, n: int):  # noqa: ANN001, ANN202
+    """The candidate step's definition in the inputs' own dtype: scores against the cached
+    keys plus the bias row, the own key's term, SiLU, both value sums, divided by n."""
+    keys, values = cache.keys[index].to(q.dtype), cache.values[index].to(q.dtype)
+    row = cache.candidate_bias[index].to(q.dtype)
+    L = cache.length
+    s_MHL = alpha * torch.einsum("mhd,lhd->mhl", q, keys) + row[:L]
+    s_self = alpha * (q * k).sum(-1) + row[L]
+    out = torch.einsum("mhl,lhd->mhd", torch.nn.functional.silu(s_MHL), values)
+    return (out + torch.nn.functional.silu(s_self).unsqueeze(-1) * v) / n
+
+
+@pytest.mark.parametrize("half_products", [False, True])
+def test_bf16_candidate_step_within_twice_the_bf16_definitions_error(
+    half_products: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bf16 candidate step (one layer, 64 candidates over a 200-token cache with the bias)
+    against fp64 on the same bf16 inputs. With bf16 products (the accelerators' path): at most
+    2x the error of the definition evaluated in bf16 (the kernels' rule). With the CPU's fp32
+    products: at most 2x the error of the definition in fp32 rounded once to bf16, a bound that
+    a 1% scale error in the step exceeds (the logits test above cannot see the step's
+    precision: the logits' error is their own bf16 rounding)."""
+    if half_products:
+        monkeypatch.setattr(falcon, "matmul_dtype", lambda dtype, device: dtype)
+    events = 100
+    model = _model(layout="interleaved", max_seq_len=events).to(torch.bfloat16)
+    items, actions, timestamps, query_time = _history(events, 8)
+    cache = encode_ranking_history(model, items, actions, timestamps, query_time)
+    g = torch.Generator().manual_seed(3)
+    H, D = cache.keys[0].shape[1], cache.keys[0].shape[2]
+    q, k, v = (torch.randn(64, H, D, generator=g).to(torch.bfloat16) for _ in range(3))
+    alpha, n = 0.7, 2 * events
+    got = falcon._CachedAttention(cache, 0)(
+        q, k, v, max_seq_len=n, alpha=alpha, bias=(torch.zeros(1), torch.zeros(1))
+    )
+    truth = _step_by_formula(cache, 0, q.double(), k.double(), v.double(), alpha, n)
+    if half_products:
+        reference = _step_by_formula(cache, 0, q, k, v, alpha, n)
+    else:
+        fp32 = (x.float() for x in (q, k, v))
+        reference = _step_by_formula(cache, 0, *fp32, alpha, n).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    assert (got.double() - truth).abs().max() <= 2 * (reference.double() - truth).abs().max()
+
+
 def test_cuda_graph_request_is_the_eager_pass_off_cuda() -> None:
     """Off CUDA ``cuda_graph=True`` runs the eager pass and captures nothing."""
     model = _model(layout="interleaved")
