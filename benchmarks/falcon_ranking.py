@@ -120,12 +120,18 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--no-uncached", action="store_true", help="skip the uncached rows of table 2")
+    p.add_argument("--delta-query", action="store_true",
+                   help="M-FALCON's candidate step on the delta-query kernel (kernel.delta_query)")
     args = p.parse_args()
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.delta_query:
+        from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
+
+        set_kernel_options(KernelOptions(delta_query=True))
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
@@ -157,7 +163,8 @@ def main() -> None:
     print(
         f"# {device} ({name}), {dtype_name}, {args.layout}, history {L} events ({tokens} "
         f"tokens), d={args.d_model}, {args.layers} layers, {args.heads} heads, "
-        f"history attention backend {chosen}"
+        f"history attention backend {chosen}, candidate step "
+        f"{'delta-query kernel' if args.delta_query else 'batched matmuls'}"
     )
 
     with torch.no_grad():

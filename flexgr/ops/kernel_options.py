@@ -40,6 +40,10 @@ class KernelOptions:
     # "compiled", one torch.compile graph with dynamic shapes; "eager", a few dozen launches.
     # "triton" runs "compiled" where the Triton kernels cannot (no triton). CPU: always eager.
     prepare: Literal["triton", "compiled", "eager"] = "triton"
+    # M-FALCON's cached candidate step (flexgr/model/hstu/falcon.py) on the delta-query kernel
+    # (flexgr/ops/triton_hstu/delta.py, one launch per layer) instead of batched matmuls. Off
+    # until it is timed on a GPU; tested against the eager step in Triton's interpreter.
+    delta_query: bool = False
 
     def __post_init__(self) -> None:
         lanes = self.rab_lanes

@@ -40,6 +40,7 @@ from flexgr.masks.registry import BUILTIN_RULE
 from flexgr.model.embedding import l2_normalize
 from flexgr.model.hstu.inputs import BiasWeights, HSTUInputs, prepare
 from flexgr.model.hstu.model import HSTU, HSTUConfig, HSTULayer
+from flexgr.ops.kernel_options import kernel_options
 from flexgr.ops.rab import time_bucket
 
 
@@ -204,6 +205,15 @@ class _CachedAttention:
         bias: BiasWeights | None,
     ) -> Tensor:
         cache, L = self.cache, self.cache.length
+        if _delta_kernel(q):
+            from flexgr.ops.triton_hstu.delta import delta_query_attention
+
+            return delta_query_attention(
+                q, k, v, cache.keys[self.index].permute(1, 2, 0),
+                cache.values[self.index].permute(1, 0, 2),
+                self.bias_row() if bias is not None else None,
+                alpha=alpha, max_seq_len=max_seq_len,
+            )
         product = matmul_dtype(q.dtype, q.device)
         # contiguous from encode_tokens (see HistoryCache); .to is a no-op unless the CPU
         # multiplies a half-precision cache in fp32
@@ -227,6 +237,18 @@ class _CachedAttention:
         own_MHD = F.silu(s_self_MH).unsqueeze(-1) * v.to(acc)
         attn_MHD = (attn_HMD.transpose(0, 1).to(acc) + own_MHD) / max_seq_len
         return attn_MHD.to(v.dtype)
+
+
+def _delta_kernel(q: Tensor) -> bool:
+    """Whether the candidate step runs on the delta-query kernel (``kernel.delta_query``)."""
+    if not kernel_options().delta_query or q.dtype not in _DELTA_DTYPES:
+        return False
+    from flexgr.ops import triton_backend
+
+    return triton_backend.available(q.device)
+
+
+_DELTA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @torch.no_grad()
