@@ -39,7 +39,16 @@ GRID = [
     ("hstu-merged", "ranking", ["model.layout=merged"]),
     ("sasrec", "sasrec-ranking", []),
     ("two-tower", "two-tower-ranking", []),
+    # Run only when named (--models gesr vista): issue 19's ML-1M comparison against two-tower.
+    ("gesr", "gesr-ranking", []),
+    ("vista", "vista-ranking", []),
 ]
+OPTIONAL = {"gesr", "vista"}
+
+
+def selected(name: str, models: list[str]) -> bool:
+    """Whether the grid runs ``name``: named in --models, or by default when not optional."""
+    return name in models if models else name not in OPTIONAL
 SMALL = {
     "ranking": ["model.d_model=16", "model.dqk=16", "model.dv=16", "model.head_hidden=16"],
     "sasrec-ranking": ["model.d_model=16", "model.ffn_dim=16", "model.head_hidden=16"],
@@ -84,7 +93,7 @@ def grid(args: argparse.Namespace) -> None:
         run_in_processes(args, out)
         return
     for name, preset_tail, extra in GRID:
-        if args.models and name not in args.models:
+        if not selected(name, args.models):
             continue
         for seed in args.seeds:
             run_dir = out / f"{dataset}.{name}.s{seed}"
@@ -95,7 +104,7 @@ def grid(args: argparse.Namespace) -> None:
             overrides = [*extra, f"train.seed={seed}", f"train.device={args.device}"]
             overrides.append(f"train.max_epochs={args.epochs}")
             if args.small:
-                overrides += SMALL_COMMON + SMALL[preset_tail]
+                overrides += SMALL_COMMON + SMALL.get(preset_tail, [])
             overrides += args.set  # last, so they win
             if args.data_dir:
                 overrides.append(f"data.data_dir={args.data_dir}")
@@ -135,7 +144,7 @@ def run_in_processes(args: argparse.Namespace, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for name, _, _ in GRID:
-        if args.models and name not in args.models:
+        if not selected(name, args.models):
             continue
         for seed in args.seeds:
             command = [sys.executable, __file__, "grid", "--jobs", "1", "--models", name]
