@@ -18,12 +18,16 @@ writes the logits to a static output, which each call copies out.
   see each other, so the padding changes no real row.
 - A pass that cannot be captured (an op that syncs with the host) falls back to the eager pass
   with a one-time warning.
+- At most ``MAX_LIVE_GRAPHS`` graphs live at once in the process (least recently replayed
+  dropped first): a graph's pool holds one pass's intermediates ([H, b_m, L] scores per
+  layer), which the ``HistoryStore``'s byte count does not see.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -31,6 +35,26 @@ from torch import Tensor
 
 _lock = threading.Lock()
 _failed: set[str] = set()
+MAX_LIVE_GRAPHS = 8
+# id(graph) -> (the dict that holds it, its key there), least recently replayed first
+_live: OrderedDict[int, tuple[dict, int]] = OrderedDict()
+
+
+def _touch(graphs: dict, size: int) -> None:
+    """Mark graphs[size] as just used; drop the least recently used graphs above the cap."""
+    with _lock:
+        key = id(graphs[size])
+        _live[key] = (graphs, size)
+        _live.move_to_end(key)
+        while len(_live) > MAX_LIVE_GRAPHS:
+            old, (holder, held) = _live.popitem(last=False)
+            if id(holder.get(held)) == old:  # not since replaced by a newer capture
+                del holder[held]
+
+
+def live_graphs() -> int:
+    """How many captured passes are alive (for tests and monitoring)."""
+    return len(_live)
 
 
 class CandidateGraph:
@@ -82,6 +106,7 @@ def graphed_passes(
             )
             torch.cuda.synchronize(candidates.device)
             return None
+    _touch(graphs, size)
     return torch.cat([
         graph(candidates[start : start + size])
         for start in range(0, candidates.numel(), size)

@@ -380,3 +380,21 @@ def test_cuda_graph_replays_equal_the_eager_pass(over: dict) -> None:
     assert ranker.history_cache.stats.hits == 2
     ((_, stored),) = ranker.history_cache._entries.values()
     assert list(stored.graphs) == [4]  # captured on the first hit, replayed on the second
+
+
+def test_live_cuda_graphs_are_capped_least_recently_used_first(monkeypatch) -> None:
+    """The process keeps at most MAX_LIVE_GRAPHS captured passes; a replay makes one recent."""
+    from flexgr.ranking import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "MAX_LIVE_GRAPHS", 2)
+    monkeypatch.setattr(cuda_graphs, "_live", cuda_graphs.OrderedDict())
+    a, b = {4: object(), 8: object()}, {4: object()}
+    cuda_graphs._touch(a, 4)
+    cuda_graphs._touch(a, 8)
+    cuda_graphs._touch(a, 4)  # a[4] is now the most recent
+    cuda_graphs._touch(b, 4)  # evicts a[8], the least recently used
+    assert sorted(a) == [4] and list(b) == [4] and cuda_graphs.live_graphs() == 2
+    a[4] = object()  # a newer capture under the same key: its own entry
+    cuda_graphs._touch(a, 4)
+    cuda_graphs._touch(b, 4)
+    assert 4 in a and 4 in b
