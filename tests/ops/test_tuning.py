@@ -112,3 +112,26 @@ def test_biased_forward_has_its_own_tiles_and_follows_the_forward_pin(monkeypatc
     assert tuning.candidates("fwd_rab", 128, 128, 128) == [C]
     tuning._forced["dkdv"] = A
     assert tuning.default("fused", 128, 128, 128) == A
+
+
+def test_backward_mode_choice_is_kept_per_kernel_options(monkeypatch) -> None:
+    """kernel.backward = "auto" remembers its choice per set of kernel options (as tile choices
+    are): a choice made under one rab_lanes is not the one used under another."""
+    import torch
+
+    from flexgr.masks import build_hstu_mask
+    from flexgr.ops.kernel_options import kernel_options_set
+    from flexgr.ops.triton_backend import hstu_attention_triton
+    from flexgr.ops.triton_hstu import launch
+    from tests.conftest import make_offsets
+
+    monkeypatch.setattr(launch, "_bwd_modes", {})
+    offsets = make_offsets([5, 11])
+    q, k, v = (torch.randn(16, 1, 16, requires_grad=True) for _ in range(3))
+    mask = build_hstu_mask(offsets)
+    for lanes in (16, 4):
+        with kernel_options_set(backward="auto", rab_lanes=lanes):
+            hstu_attention_triton(q, k, v, mask, max_seq_len=11, alpha=0.5).sum().backward()
+    options = sorted(key[1] for key in launch.bwd_choices())
+    assert len(options) == 2 and "lanes=16" in options[0] + options[1]
+    assert any("lanes=4" in o for o in options)

@@ -470,17 +470,20 @@ def _backward(
 
     mode = bwd_mode()
     if mode == "auto":
-        mode = _bwd_modes.get(key("bwd_mode"), "")
+        # The options that change the timings are part of the key, as in tuning.pick: a mode
+        # chosen under one rab_lanes / tile_order / fast_silu is not reused under another.
+        mode_key = (key("bwd_mode"), kernel_options().cache_key())
+        mode = _bwd_modes.get(mode_key, "")
         if not mode:
             if tuning.autotune_enabled():
-                mode = str(tuning.recall(key("bwd_mode"), BWD_MODES) or "")
+                mode = str(tuning.recall(mode_key, BWD_MODES) or "")
                 if not mode:
                     runs = {m: plan(m) for m in BWD_MODES}
                     mode = min(runs, key=lambda m: tuning.time_ms(runs[m]))
-                    tuning.remember(key("bwd_mode"), mode)
+                    tuning.remember(mode_key, mode)
             else:  # measured fastest untuned (benchmarks/rab_cost.py; docs/triton-kernel.md)
                 mode = "fused" if has_rab else "split"
-            _bwd_modes[key("bwd_mode")] = mode
+            _bwd_modes[mode_key] = mode
     run = plan(mode)
     if has_rab:
         dpos.zero_()
