@@ -1,14 +1,20 @@
 """The Triton HSTU kernel against the dense reference.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
-imported) on tiny shapes: fp32 against an fp64 oracle, forward and every gradient. GPU tests
-(``-m gpu``) check bf16 under the FlashAttention rule on poisoned buffers.
+imported) on tiny shapes: fp32 against an fp64 oracle, forward and every gradient, on poisoned
+buffers. The interpreter's time grows with the tile visits it runs, so the sweeps over mask
+options run on 64-row tiles (two sub-tiles per 128-token mask block, ``coarse_tiles``); the
+interpreter's default 32-row tiles (four sub-tiles) run in the backward-mode, relative-bias and
+tile-shape tests. GPU tests (``-m gpu``) check bf16 under the FlashAttention rule on poisoned
+buffers.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -122,6 +128,20 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+@contextmanager
+def coarse_tiles(size: int = 64) -> Iterator[None]:
+    """Every kernel (forward, dq, dk/dv, and so fused and merged) on ``size`` x ``size`` tiles:
+    still several tiles per 128-token mask block, a quarter of the default's interpreted visits."""
+    tile = TileConfig(size, size, 4, 1)
+    for kind in ("fwd", "dq", "dkdv"):
+        tuning.force(kind, tile)
+    try:
+        yield
+    finally:
+        for kind in ("fwd", "dq", "dkdv"):
+            tuning.force(kind, None)
+
+
 def check_fp32_against_fp64(case: Case, *, with_rab: bool, dqk: int = 16, dv: int = 16,
                             seed: int = 0, use_positions: bool = False) -> None:
     tensors = make_inputs(case, 2, dqk, dv, torch.float32, with_rab, seed)
@@ -147,25 +167,36 @@ def check_fp32_against_fp64(case: Case, *, with_rab: bool, dqk: int = 16, dv: in
         assert err <= 1e-5 * max(scale, 1.0), f"{name}: max err {err:.3g}, ref max {scale:.3g}"
 
 
-@cpu_only
-@pytest.mark.parametrize("with_rab", [False, True], ids=["norab", "rab"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_interpreter_matches_fp64(name: str, with_rab: bool) -> None:
-    check_fp32_against_fp64(CASES[name], with_rab=with_rab)
+# Every mask option with and without the relative bias; the three backward modes take turns,
+# so each mode meets every option set with or without the bias (and the default 16 bias lanes).
+SWEEP = [
+    (name, with_rab, launch.BWD_MODES[(2 * i + with_rab) % 3])
+    for i, name in enumerate(CASES) for with_rab in (False, True)
+]
 
 
 @cpu_only
-@pytest.mark.parametrize("mode", ["split", "fused", "merged"])
-def test_interpreter_backward_modes(mode: str) -> None:
-    with kernel_options_set(backward=mode):
-        check_fp32_against_fp64(CASES["all"], with_rab=True, seed=3)
+@pytest.mark.parametrize(
+    "name, with_rab, mode", SWEEP,
+    ids=[f"{n}-{'rab' if r else 'norab'}-{m}" for n, r, m in SWEEP],
+)
+def test_interpreter_matches_fp64(
+    name: str, with_rab: bool, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launch, "poison_outputs", True)  # every output element is written
+    with coarse_tiles(), kernel_options_set(backward=mode):
+        check_fp32_against_fp64(CASES[name], with_rab=with_rab)
 
 
 @cpu_only
 @pytest.mark.parametrize("mode,lanes", [("split", 1), ("merged", 4), ("fused", 2)])
-def test_interpreter_bias_gradient_copies(mode: str, lanes: int) -> None:
-    # The table-gradient atomics go into lane copies (the other tests run the default, 16);
-    # the sum over the copies must match fp64 for any layout.
+def test_interpreter_backward_modes_and_bias_gradient_copies(
+    mode: str, lanes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each backward mode on the richest option set with the bias, on the interpreter's default
+    32-row tiles and poisoned buffers. The table-gradient atomics go into lane copies (the sweep
+    above runs the default, 16); the sum over the copies must match fp64 for any layout."""
+    monkeypatch.setattr(launch, "poison_outputs", True)
     with kernel_options_set(backward=mode, rab_lanes=lanes):
         assert launch.rab_lanes() == lanes
         check_fp32_against_fp64(CASES["all"], with_rab=True, seed=5)
@@ -182,13 +213,15 @@ def test_kernel_settings_are_checked() -> None:
 @cpu_only
 @pytest.mark.parametrize("name", ["targets", "all"])
 def test_interpreter_bias_on_hstu_position_ids(name: str) -> None:
-    check_fp32_against_fp64(CASES[name], with_rab=True, seed=7, use_positions=True)
+    with coarse_tiles():
+        check_fp32_against_fp64(CASES[name], with_rab=True, seed=7, use_positions=True)
 
 
 @cpu_only
 def test_interpreter_uneven_head_dims() -> None:
     # Dqk = 20 and Dv = 12 are padded to 32 and 16 inside the kernel.
-    check_fp32_against_fp64(CASES["targets"], with_rab=True, dqk=20, dv=12, seed=5)
+    with coarse_tiles():
+        check_fp32_against_fp64(CASES["targets"], with_rab=True, dqk=20, dv=12, seed=5)
 
 
 @cpu_only
@@ -232,13 +265,8 @@ def test_interpreter_full_blocks(name: str) -> None:
     mask = build_hstu_mask(make_offsets(list(case.lengths)), **case.mask_kwargs("cpu"))
     assert int(mask.block_mask.full_kv_num_blocks.sum()) > 0
     assert int(mask.block_mask.full_q_num_blocks.sum()) > 0
-    check_fp32_against_fp64(case, with_rab=True, seed=17)
-
-
-@cpu_only
-def test_interpreter_writes_every_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launch, "poison_outputs", True)
-    check_fp32_against_fp64(CASES["causal"], with_rab=False, seed=13)
+    with coarse_tiles():
+        check_fp32_against_fp64(case, with_rab=True, seed=17)
 
 
 def test_custom_mask_falls_back_with_warning() -> None:
