@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -34,6 +32,7 @@ from flexgr.ops.rab import RelativeBias  # noqa: E402
 from flexgr.ops.triton_hstu import launch, tuning  # noqa: E402
 from flexgr.ops.triton_hstu.tuning import TileConfig  # noqa: E402
 from tests.conftest import make_offsets  # noqa: E402
+from tests.ops.tiles import coarse_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -126,20 +125,6 @@ def run(
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
-
-
-@contextmanager
-def coarse_tiles(size: int = 64) -> Iterator[None]:
-    """Every kernel (forward, dq, dk/dv, and so fused and merged) on ``size`` x ``size`` tiles:
-    still several tiles per 128-token mask block, a quarter of the default's interpreted visits."""
-    tile = TileConfig(size, size, 4, 1)
-    for kind in ("fwd", "dq", "dkdv"):
-        tuning.force(kind, tile)
-    try:
-        yield
-    finally:
-        for kind in ("fwd", "dq", "dkdv"):
-            tuning.force(kind, None)
 
 
 def check_fp32_against_fp64(case: Case, *, with_rab: bool, dqk: int = 16, dv: int = 16,
