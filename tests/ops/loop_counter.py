@@ -47,6 +47,10 @@ class LoopCounter:
                 module, name, self._counting_visit(getattr(module, name), kernel, offs_name)
             )
 
+    def reset(self) -> None:
+        """Forget the iterations counted so far (the wrappers stay in place)."""
+        self.counts.clear()
+
     def _counting_load(self, load: Callable[..., object]) -> Callable[..., object]:
         def counted(*args: object, **kwargs: object) -> object:
             self._loads += 1
