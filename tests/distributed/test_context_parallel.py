@@ -23,13 +23,16 @@ def test_cp_attention_flex_matches_single_process():
 def test_hstu_model_cp2_matches_single_process(backend):
     """triton runs in Triton's interpreter here: the CP path (queries at their global rows, keys
     back in global order, rows restricted by the block mask) against one process's kernel.
-    ``triton-per-head`` attends (and gathers) one head per pass, as long sequences do."""
+    ``triton-per-head`` attends (and gathers) one head per pass, as long sequences do. All of
+    that is host-side, so the kernels take 64-row tiles (the GPU's dq and dk/dv tile; the
+    kernel's own tiles are tested in tests/ops/test_triton.py)."""
     if backend.startswith("triton"):
         pytest.importorskip("triton")
     pass_mib = 64.0
     if backend == "triton-per-head":
         backend, pass_mib = "triton", 0.0  # kernel.cp_pass_mib = 0: one head per pass
-    run_world(workers.model_parallel, 2, 1, 2, backend, "cpu", pass_mib)
+    coarse = backend == "triton"
+    run_world(workers.model_parallel, 2, 1, 2, backend, "cpu", pass_mib, coarse)
 
 
 def test_hstu_model_dp2_matches_combined_batch():

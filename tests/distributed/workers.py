@@ -233,8 +233,15 @@ def _split_for_dp(lengths: list[int], dp_rank: int, dp_size: int, seed: int, dev
 
 
 def model_parallel(
-    dp: int, cp: int, backend: str = "reference", device: str = "cpu", pass_mib: float = 64.0
+    dp: int,
+    cp: int,
+    backend: str = "reference",
+    device: str = "cpu",
+    pass_mib: float = 64.0,
+    coarse_tiles: bool = False,
 ) -> None:
+    """``coarse_tiles``: the Triton kernels on 64-row tiles (tests/ops/tiles.py), a quarter of
+    the interpreter's tile visits, for tests whose subject is not the kernel's tiling."""
     set_kernel_options(KernelOptions(cp_pass_mib=pass_mib))
     if backend == "flex" and device == "cpu":
         _allow_cpu_flex_backward()
@@ -265,7 +272,13 @@ def model_parallel(
         batch = shard_inputs(model, JaggedBatch(ids, off, ts, qt, nt), ctx)
         global_batches.append(glob)
         local_batches.append((batch, rows))
-    _train_two_steps(ref, net, ctx, global_batches, local_batches)
+    if coarse_tiles:
+        from tests.ops.tiles import coarse_tiles as tiles
+
+        with tiles():
+            _train_two_steps(ref, net, ctx, global_batches, local_batches)
+    else:
+        _train_two_steps(ref, net, ctx, global_batches, local_batches)
 
 
 def gpu_cp_flex() -> None:
