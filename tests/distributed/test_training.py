@@ -43,11 +43,6 @@ def fit_single(cfg: Config, run_dir: Path) -> Path:
     return run_dir
 
 
-def fit_world(cfg: Config, run_dir: Path, world: int = 2) -> Path:
-    run_world(train_workers.fit_body, world, cfg, run_dir)
-    return run_dir
-
-
 def records(run_dir: Path) -> list[dict]:
     return [
         {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in RunDir(run_dir).read_metrics()
@@ -81,10 +76,36 @@ def single_run(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return fit_single(config(tiny_home), tmp_path_factory.mktemp("single") / "run")
 
 
+# The 2-process runs that the tests below compare with one process: (overrides of the one-process
+# config, the parallel settings added to it).
+WORLD_RUNS = {
+    "cp2": ([], ["parallel.cp=2"]),
+    "cp2_short": (["data.max_seq_len=3"], ["parallel.cp=2"]),
+    "dp2": (["train.batch_size=9"], ["parallel.dp=2"]),
+    "sasrec_dp2": (
+        ["model.arch=sasrec", "model.dropout=0", "model.attn_dropout=0", "model.input_dropout=0"],
+        ["parallel.dp=2"],
+    ),
+}
+
+
 @pytest.fixture(scope="module")
-def cp2_run(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = config(tiny_home, "parallel.cp=2")
-    return fit_world(cfg, tmp_path_factory.mktemp("cp2") / "run")
+def world_runs(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every run of WORLD_RUNS, trained one after another by the same two processes: they start
+    once (a start imports torch, seconds on CI) and join the gloo group once; each fit finds
+    the group and leaves it up for the next, as under a caller that owns the group."""
+    root = tmp_path_factory.mktemp("world")
+    jobs = [
+        (apply_overrides(config(tiny_home, *single), parallel), root / name)
+        for name, (single, parallel) in WORLD_RUNS.items()
+    ]
+    run_world(train_workers.fit_many_body, 2, jobs)
+    return {name: root / name for name in WORLD_RUNS}
+
+
+@pytest.fixture(scope="module")
+def cp2_run(world_runs: dict[str, Path]) -> Path:
+    return world_runs["cp2"]
 
 
 def test_cp2_losses_match_one_process(cp2_run: Path, single_run: Path) -> None:
@@ -92,38 +113,33 @@ def test_cp2_losses_match_one_process(cp2_run: Path, single_run: Path) -> None:
     assert load_checkpoint(cp2_run / "checkpoints" / "last.pt")["state"]["step"] == 6
 
 
-def test_cp2_with_sequences_shorter_than_the_chunks(tiny_home: Path, tmp_path: Path) -> None:
+def test_cp2_with_sequences_shorter_than_the_chunks(
+    tiny_home: Path, tmp_path: Path, world_runs: dict[str, Path]
+) -> None:
     """data.max_seq_len=3: every sequence has 1 to 3 tokens, fewer than the 2C = 4 chunks, so
     chunks are empty and rank 1 holds no token of the 1-token sequences."""
-    cfg = config(tiny_home, "data.max_seq_len=3")
-    single = fit_single(cfg, tmp_path / "single")
-    parallel = fit_world(apply_overrides(cfg, ["parallel.cp=2"]), tmp_path / "cp2")
-    assert_same_training(parallel, single)
+    single = fit_single(config(tiny_home, *WORLD_RUNS["cp2_short"][0]), tmp_path / "single")
+    assert_same_training(world_runs["cp2_short"], single)
 
 
 def test_dp2_losses_match_one_process_on_the_combined_batch(
-    tiny_home: Path, tmp_path: Path
+    tiny_home: Path, tmp_path: Path, world_runs: dict[str, Path]
 ) -> None:
     """46 sequences in batches of 9: the sixth batch holds one sequence, so replica 1 has an
     empty batch at step 6 and must still take part (dropout draws, DDP's all-reduce)."""
-    cfg = config(tiny_home, "train.batch_size=9")
-    single = fit_single(cfg, tmp_path / "single")
-    parallel = fit_world(apply_overrides(cfg, ["parallel.dp=2"]), tmp_path / "dp2")
-    assert_same_training(parallel, single)
+    single = fit_single(config(tiny_home, *WORLD_RUNS["dp2"][0]), tmp_path / "single")
+    assert_same_training(world_runs["dp2"], single)
 
 
-def test_sasrec_dp2_without_dropout_matches_one_process(tiny_home: Path, tmp_path: Path) -> None:
+def test_sasrec_dp2_without_dropout_matches_one_process(
+    tiny_home: Path, tmp_path: Path, world_runs: dict[str, Path]
+) -> None:
     """SASRec's attention dropout works on a padded local batch, so under DP each rank draws its
     own masks (rank_local_rng) and only the distribution matches; with dropout off the run must
     match exactly as HSTU's does, which also shows that the private draws leave the shared
     generator (the negatives) alone."""
-    cfg = apply_overrides(
-        config(tiny_home),
-        ["model.arch=sasrec", "model.dropout=0", "model.attn_dropout=0", "model.input_dropout=0"],
-    )
-    single = fit_single(cfg, tmp_path / "single")
-    parallel = fit_world(apply_overrides(cfg, ["parallel.dp=2"]), tmp_path / "dp2")
-    assert_same_training(parallel, single)
+    single = fit_single(config(tiny_home, *WORLD_RUNS["sasrec_dp2"][0]), tmp_path / "single")
+    assert_same_training(world_runs["sasrec_dp2"], single)
 
 
 def test_resume_under_two_processes_ends_like_the_unbroken_run(

@@ -39,6 +39,14 @@ def fit_body(
     fit(cfg, run_dir, resume=resume, console=Console(quiet=True), callbacks=callbacks)
 
 
+def fit_many_body(jobs: list[tuple[Config, Path]]) -> None:
+    """fit_body for each (config, run dir) in turn. The process group is joined here, so every
+    fit finds it and leaves it up for the next."""
+    dist.init_process_group("gloo")
+    for cfg, run_dir in jobs:
+        fit_body(cfg, run_dir)
+
+
 def split_eval_body(home: Path) -> None:
     """Every rank ranks half of the batches; the all-reduced metrics must equal one process's
     metrics on the same weights exactly (same batches, same order of the float sums)."""
