@@ -281,6 +281,16 @@ def model_parallel(
         _train_two_steps(ref, net, ctx, global_batches, local_batches)
 
 
+def model_parallel_runs(runs: dict[str, tuple]) -> None:
+    """model_parallel(*args) for each named run in turn, in one process group (the first run
+    joins it, the others find it); a failure names its run."""
+    for name, args in runs.items():
+        try:
+            model_parallel(*args)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
+
+
 def gpu_cp_flex() -> None:
     """CUDA + NCCL: compiled flex with Q_LEN != KV_LEN against single-GPU flex (fp32)."""
     ctx = init_parallel(ParallelConfig(cp=2))
