@@ -2,15 +2,17 @@
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported) on tiny shapes: fp32 against an fp64 oracle, forward and every gradient, on poisoned
-buffers. The interpreter's time grows with the tile visits it runs, so the sweeps over mask
-options run on 64-row tiles (two sub-tiles per 128-token mask block, ``coarse_tiles``); the
-interpreter's default 32-row tiles (four sub-tiles) run in the backward-mode, relative-bias and
-tile-shape tests. GPU tests (``-m gpu``) check bf16 under the FlashAttention rule on poisoned
-buffers.
+buffers. The interpreter's time grows with the tile visits it runs, so most checks run on
+64-row tiles (``coarse_tiles``: two sub-tiles per 128-token mask block, the GPU's own dq, dk/dv
+and merged tile); the interpreter's default 32-row tiles (four sub-tiles) run in the split
+backward's lane-copy test, the tile-shape, 64-block and compile tests (and in
+tests/ops/test_triton_visits.py's loop counts, every mode). GPU tests (``-m gpu``) check bf16
+under the FlashAttention rule on poisoned buffers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -176,15 +178,17 @@ def test_interpreter_matches_fp64(
 
 
 @cpu_only
-@pytest.mark.parametrize("mode,lanes", [("split", 1), ("merged", 4), ("fused", 2)])
+@pytest.mark.parametrize("mode,lanes,tile", [("split", 1, 32), ("merged", 4, 64), ("fused", 2, 64)])
 def test_interpreter_backward_modes_and_bias_gradient_copies(
-    mode: str, lanes: int, monkeypatch: pytest.MonkeyPatch
+    mode: str, lanes: int, tile: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each backward mode on the richest option set with the bias, on the interpreter's default
-    32-row tiles and poisoned buffers. The table-gradient atomics go into lane copies (the sweep
-    above runs the default, 16); the sum over the copies must match fp64 for any layout."""
+    """Each backward mode on the richest option set with the bias, two heads and poisoned
+    buffers: split on the interpreter's default 32-row tiles, merged and fused on 64-row ones.
+    The table-gradient atomics go into lane copies (the sweep above runs the default, 16); the
+    sum over the copies must match fp64 for any layout."""
     monkeypatch.setattr(launch, "poison_outputs", True)
-    with kernel_options_set(backward=mode, rab_lanes=lanes):
+    tiles = coarse_tiles(tile) if tile != tuning.INTERPRET.block_m else contextlib.nullcontext()
+    with tiles, kernel_options_set(backward=mode, rab_lanes=lanes):
         assert launch.rab_lanes() == lanes
         check_fp32_against_fp64(CASES["all"], with_rab=True, seed=5)
 
