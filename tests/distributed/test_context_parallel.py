@@ -8,15 +8,12 @@ from tests.distributed import workers
 from tests.distributed.launch import run_world
 
 
-def test_cp_attention_reference_matches_single_process():
-    """Every mask option, relative bias, a custom mask_mod; output and dq, dk, dv, dpos_w, dts_w."""
-    run_world(workers.cp_attention_reference, 2)
-
-
-def test_cp_attention_flex_matches_single_process():
-    """The flex CP path (Q_LEN != KV_LEN, remapped masks and bias, table-gradient bridge), run
-    through eager FlexAttention's CPU math path."""
-    run_world(workers.cp_attention_flex, 2)
+def test_cp_attention_reference_and_flex_match_single_process():
+    """The reference CP path on every mask option, relative bias and a custom mask_mod; then the
+    flex CP path (Q_LEN != KV_LEN, remapped masks and bias, table-gradient bridge), run through
+    eager FlexAttention's CPU math path: output and dq, dk, dv, dpos_w, dts_w. One world of two
+    processes for both (each start of the two imports torch, seconds on CI)."""
+    run_world(workers.cp_attention_reference_then_flex, 2)
 
 
 def test_hstu_model_cp2_and_dp2_match_single_process():

@@ -281,6 +281,16 @@ def model_parallel(
         _train_two_steps(ref, net, ctx, global_batches, local_batches)
 
 
+def cp_attention_reference_then_flex() -> None:
+    """Both attention bodies in one process group; flex second, as it lifts torch's CPU
+    flex-backward check for the rest of the process. A failure names its body."""
+    for name, body in (("reference", cp_attention_reference), ("flex", cp_attention_flex)):
+        try:
+            body()
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
+
+
 def model_parallel_runs(runs: dict[str, tuple]) -> None:
     """model_parallel(*args) for each named run in turn, in one process group (the first run
     joins it, the others find it); a failure names its run."""
