@@ -316,12 +316,23 @@ def _gpu_case(name: str, seed: int) -> Case:
     return Case(tuple(lengths), nt, base.contextual_len, base.max_attn_len, base.full_attn_tail)
 
 
+def _pin_backward(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """kernel.backward = mode for one test (these tests used to set FLEXGR_TRITON_BWD, which
+    nothing has read since the kernel options moved to the config, so they ran "auto")."""
+    import dataclasses
+
+    from flexgr.ops import kernel_options as options
+
+    monkeypatch.setattr(options, "_current", dataclasses.replace(options.kernel_options(),
+                                                                 backward=mode))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, dqk, dv, with_rab, mode", GPU_CASES)
 def test_gpu_bf16_flash_rule(
     name: str, dqk: int, dv: int, with_rab: bool, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
+    _pin_backward(monkeypatch, mode)
     monkeypatch.setattr(launch, "poison_outputs", True)
     case = _gpu_case(name, seed=dqk + dv)
     h = 2
@@ -345,7 +356,7 @@ def test_gpu_bf16_flash_rule(
 @pytest.mark.parametrize("name", ["all", "targets"])
 def test_gpu_fp32_matches_fp64(name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The compiled kernels in fp32 (exact dots, exact silu) on the interpreter's small cases."""
-    monkeypatch.setenv("FLEXGR_TRITON_BWD", mode)
+    _pin_backward(monkeypatch, mode)
     monkeypatch.setattr(launch, "poison_outputs", True)
     check_fp32_against_fp64(CASES[name], with_rab=True, dqk=64, dv=32, seed=2)
 
