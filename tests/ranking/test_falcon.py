@@ -388,13 +388,17 @@ def test_live_cuda_graphs_are_capped_least_recently_used_first(monkeypatch) -> N
 
     monkeypatch.setattr(cuda_graphs, "MAX_LIVE_GRAPHS", 2)
     monkeypatch.setattr(cuda_graphs, "_live", cuda_graphs.OrderedDict())
-    a, b = {4: object(), 8: object()}, {4: object()}
-    cuda_graphs._touch(a, 4)
-    cuda_graphs._touch(a, 8)
-    cuda_graphs._touch(a, 4)  # a[4] is now the most recent
-    cuda_graphs._touch(b, 4)  # evicts a[8], the least recently used
+    from flexgr.model.hstu.falcon import GraphSlots
+
+    a, b = GraphSlots({4: object(), 8: object()}), GraphSlots({4: object()})
+    cuda_graphs._touch(a, 4, a[4])
+    cuda_graphs._touch(a, 8, a[8])
+    cuda_graphs._touch(a, 4, a[4])  # a[4] is now the most recent
+    cuda_graphs._touch(b, 4, b[4])  # evicts a[8], the least recently used
     assert sorted(a) == [4] and list(b) == [4] and cuda_graphs.live_graphs() == 2
     a[4] = object()  # a newer capture under the same key: its own entry
-    cuda_graphs._touch(a, 4)
-    cuda_graphs._touch(b, 4)
+    cuda_graphs._touch(a, 4, a[4])
+    cuda_graphs._touch(b, 4, b[4])
     assert 4 in a and 4 in b
+    del a  # an evicted history: the list does not keep its graphs
+    assert cuda_graphs.live_graphs() == 1

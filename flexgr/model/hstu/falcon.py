@@ -44,6 +44,11 @@ from flexgr.ops.kernel_options import kernel_options
 from flexgr.ops.rab import time_bucket
 
 
+class GraphSlots(dict):
+    """A cache's captured passes by microbatch size: a dict that can be weakly referenced (the
+    process-wide LRU of flexgr.ranking.cuda_graphs must not keep an evicted history's graphs)."""
+
+
 @dataclass(frozen=True)
 class HistoryCache:
     """One history's per-layer keys and values and the candidates' bias row over it.
@@ -63,7 +68,8 @@ class HistoryCache:
     candidate_bias: list[Tensor | None] = field(default_factory=list, kw_only=True)
     # Captured candidate passes by microbatch size (flexgr.ranking.cuda_graphs), kept with the
     # history they read so that they go when it is evicted.
-    graphs: dict = field(default_factory=dict, kw_only=True, compare=False, repr=False)
+    graphs: dict = field(default_factory=lambda: GraphSlots(), kw_only=True, compare=False,
+                         repr=False)
 
     def nbytes(self) -> int:
         rows = [row for row in self.candidate_bias if row is not None]
