@@ -148,25 +148,15 @@ def main() -> None:
 
 def print_profile(call, device: torch.device) -> None:  # noqa: ANN001
     """Kernels of 3 cached passes by device time, and the host time of one pass."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from profiling import profile_calls  # benchmarks/profiling.py
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync()
-    with profile(activities=activities) as prof:
-        for _ in range(3):
-            call()
-        sync()
-    kernels = [e for e in prof.key_averages() if e.device_type != DeviceType.CPU]
-    device_ms = sum(e.self_device_time_total for e in kernels) / 3e3
-    launches = sum(e.count for e in kernels) // 3
-    print(f"## profile: kernels {device_ms:.2f} ms per pass, {launches} kernel launches per pass")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:10]:
+    p = profile_calls(call, 3, device)
+    launches = sum(e.count for e in p.kernels) // 3
+    print(f"## profile: kernels {p.device_ms:.2f} ms per pass, {launches} kernel launches per "
+          f"pass, host {p.host_ms:.2f} ms per pass (unsynchronised)")
+    for e in p.top_kernels(10):
         print(f"  {e.self_device_time_total / 3e3:7.3f} ms {e.count // 3:5d}x  {e.key[:80]}")
-    top = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CPU),
-                 key=lambda e: -e.self_cpu_time_total)[:10]
-    for e in top:
+    for e in p.top_host(10):
         print(f"  host {e.self_cpu_time_total / 3e3:7.3f} ms {e.count // 3:5d}x  {e.key[:70]}")
 
 

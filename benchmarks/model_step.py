@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import DeviceType
 
 from flexgr.batch import JaggedBatch
 from flexgr.model import HSTU, HSTUConfig, encode
@@ -48,26 +47,12 @@ def measure_peak(device: torch.device) -> float:
 def print_profile(step: Callable[[], None], label: str, device: torch.device) -> None:
     """Where a step's time goes: kernels by device time (3 steps), and the host time per step
     of an unsynchronised loop (far above the device total: launch-bound)."""
-    from torch.profiler import ProfilerActivity, profile
+    from profiling import profile_calls  # benchmarks/profiling.py
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync()
-    with profile(activities=activities) as prof:
-        for _ in range(3):
-            step()
-        sync()
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type != DeviceType.CPU]
-    device_ms = sum(e.self_device_time_total for e in kernels) / 3e3
-    start = time.perf_counter()
-    for _ in range(3):
-        step()
-    host_ms = (time.perf_counter() - start) / 3 * 1e3
-    sync()
-    print(f"\n## {label}: kernels {device_ms:.1f} ms per step over {len(kernels)} kernel names, "
-          f"host {host_ms:.1f} ms per step (unsynchronised)", file=sys.stderr)
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
+    p = profile_calls(step, 3, device)
+    print(f"\n## {label}: kernels {p.device_ms:.1f} ms per step over {len(p.kernels)} kernel "
+          f"names, host {p.host_ms:.1f} ms per step (unsynchronised)", file=sys.stderr)
+    for e in p.top_kernels(15):
         print(f"  {e.self_device_time_total / 3e3:8.2f} ms  {e.count // 3:5d}x  {e.key[:90]}",
               file=sys.stderr)
     sys.stderr.flush()

@@ -287,8 +287,7 @@ def profile_sparse() -> None:
     the wall time of one call against the summed device time of the kernels it launched
     (torch.profiler), and the kernels by device time. Wall far above kernel time means host
     work (table unpacking, launches), not the kernels."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from profiling import profile_calls  # benchmarks/profiling.py
 
     B, N = SLA_SHAPE
     offsets, q, k, v = packed_inputs(torch.full((B,), N))
@@ -298,36 +297,19 @@ def profile_sparse() -> None:
         masks[f"sla_{mode}"] = build_semi_local_mask(
             offsets, k1, k2, mode=mode, max_len=N, block_size=MASK_BLOCK
         )
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     for case, mask in masks.items():
         def fwd(m=mask) -> torch.Tensor:
             return hstu_attention_triton(q, k, v, m, max_seq_len=N, alpha=1.0 / D**0.5)
 
         with torch.no_grad():
             fwd()  # compile and tune outside the profile
-            synchronize()
-            reps = 10
-            with profile(activities=activities) as prof:
-                for _ in range(reps):
-                    fwd()
-                synchronize()
-        events = prof.key_averages()
-        # Kernel rows only: an op's row repeats the device time of the kernels it launched.
-        device_us = sum(e.self_device_time_total for e in events
-                        if e.device_type != DeviceType.CPU) / reps
+            p = profile_calls(fwd, 10, DEVICE)
         wall_ms = median_ms(lambda m=mask: fwd(m))
-        with torch.no_grad():  # host time: calls queued without waiting for the device
-            synchronize()
-            start = time.perf_counter()
-            for _ in range(reps):
-                fwd()
-            host_ms = (time.perf_counter() - start) / reps * 1e3
-            synchronize()
         print(f"\n## {case} {B}x{N} forward: wall {wall_ms:.3f} ms (do_bench median), "
-              f"kernels {device_us / 1e3:.3f} ms per call (profiler), "
-              f"host {host_ms:.3f} ms per call (unsynchronised loop)")
-        print(events.table(sort_by="self_device_time_total" if DEVICE == "cuda" else
-                           "self_cpu_time_total", row_limit=8))
+              f"kernels {p.device_ms:.3f} ms per call (profiler), "
+              f"host {p.host_ms:.3f} ms per call (unsynchronised loop)")
+        print(p.events.table(sort_by="self_device_time_total" if DEVICE == "cuda" else
+                             "self_cpu_time_total", row_limit=8))
 
 
 def print_sparse_table(rows: list[Row]) -> None:

@@ -1,0 +1,57 @@
+"""One torch.profiler pass over repeated calls, shared by the benchmarks' ``--profile`` modes.
+
+    from profiling import profile_calls   # benchmarks/ is the script's directory
+
+Device time counts the kernel rows only: an op's row repeats the device time of the kernels it
+launched, so summing every row counts them twice. Host time is an unsynchronised loop of the
+same calls: far above the device time means the calls are launch-bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd import DeviceType
+
+
+@dataclass
+class CallProfile:
+    events: Any  # torch.profiler's key_averages() of the profiled calls
+    kernels: list  # its device (kernel) rows
+    reps: int
+    device_ms: float  # kernel time per call
+    host_ms: float  # wall time per call of an unsynchronised loop
+
+    def top_kernels(self, n: int) -> list:
+        return sorted(self.kernels, key=lambda e: -e.self_device_time_total)[:n]
+
+    def top_host(self, n: int) -> list:
+        rows = [e for e in self.events if e.device_type == DeviceType.CPU]
+        return sorted(rows, key=lambda e: -e.self_cpu_time_total)[:n]
+
+
+def profile_calls(call: Callable[[], object], reps: int, device: torch.device | str) -> CallProfile:
+    """Profile ``reps`` calls (already warmed up), then time ``reps`` more without waiting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(reps):
+            call()
+        sync()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    device_ms = sum(e.self_device_time_total for e in kernels) / reps / 1e3
+    start = time.perf_counter()
+    for _ in range(reps):
+        call()
+    host_ms = (time.perf_counter() - start) / reps * 1e3
+    sync()
+    return CallProfile(events, kernels, reps, device_ms, host_ms)
