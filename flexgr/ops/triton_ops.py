@@ -38,7 +38,7 @@ def pack(tab) -> tuple[list[Tensor], list[int], float]:  # noqa: ANN001 - launch
 
 
 def unpack(tensors: list[Tensor], ints: list[int], inv_bucket_div: float):  # noqa: ANN201
-    from flexgr.ops.triton_hstu.launch import MaskTables, shared_orders
+    from flexgr.ops.triton_hstu.launch import MaskTables
 
     mbq, mbkv, total, padded, rab_n, buckets, ctx, window, tail, targets, sla, glob = ints
     spec = MaskSpec(
@@ -49,7 +49,6 @@ def unpack(tensors: list[Tensor], ints: list[int], inv_bucket_div: float):  # no
         **dict(zip(TABLE_TENSORS, tensors, strict=True)),
         mask_block_q=mbq, mask_block_kv=mbkv, total_len=total, padded_len=padded, spec=spec,
         rab_n=rab_n, num_buckets=buckets, inv_bucket_div=inv_bucket_div,
-        _orders=shared_orders(tensors[TABLE_TENSORS.index("kv_num")]),
     )
 
 

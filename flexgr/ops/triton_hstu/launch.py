@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -50,7 +50,6 @@ class MaskTables:
     rab_n: int
     num_buckets: int
     inv_bucket_div: float  # fp32 reciprocal, as torch's CUDA division by a scalar uses
-    _orders: dict[tuple[str, int], Tensor] = field(default_factory=dict, compare=False)
 
     def tile_order(self, side: str, block: int) -> Tensor:
         """Launch order of tiles. Forward ("q"): heaviest first (most mask blocks to visit), the
@@ -59,7 +58,8 @@ class MaskTables:
         "q_bwd" for dq): tile order, which measured ~5% faster than heaviest-first in two of
         three runs (docs/triton-kernel.md); kernel.tile_order = "lpt_all" restores LPT there."""
         key = (side, block, kernel_options().tile_order)
-        if key not in self._orders:
+        orders = _orders_of(self.kv_num)
+        if key not in orders:
             if side in ("q", "q_bwd"):  # query tiles walk KV blocks
                 work, mask_block = self.kv_num + self.full_kv_num, self.mask_block_q
             else:
@@ -71,15 +71,16 @@ class MaskTables:
                 order = torch.argsort(per_tile, descending=True, stable=True)
             else:
                 order = torch.arange(per_tile.numel(), device=per_tile.device)
-            self._orders[key] = order.to(torch.int32)
-        return self._orders[key]
+            orders[key] = order.to(torch.int32)
+        return orders[key]
 
     def merged_order(self, kv_block: int, q_block: int) -> Tensor:
         """Virtual program ids of the merged backward launch, heaviest first: ids below the
         number of key tiles are dk/dv programs (4 products per visited element), the rest dq
         programs (3 products)."""
         key = ("merged", kv_block * 1000 + q_block, kernel_options().tile_order)
-        if key not in self._orders:
+        orders = _orders_of(self.kv_num)
+        if key not in orders:
             kv_work = (self.q_num + self.full_q_num).repeat_interleave(self.mask_block_kv // kv_block)
             q_work = (self.kv_num + self.full_kv_num).repeat_interleave(self.mask_block_q // q_block)
             cost = torch.cat([4 * kv_block * kv_work, 3 * q_block * q_work])
@@ -87,18 +88,18 @@ class MaskTables:
                 order = torch.arange(cost.numel(), device=cost.device)
             else:
                 order = torch.argsort(cost, descending=True, stable=True)
-            self._orders[key] = order.to(torch.int32)
-        return self._orders[key]
+            orders[key] = order.to(torch.int32)
+        return orders[key]
 
 
-# Tile orders by the id of the tables' kv_num tensor, dropped when it dies: the custom op's
-# unpacking rebuilds MaskTables around the same tensors on every call, and would otherwise
-# sort the tiles again each time. (A WeakKeyDictionary cannot hold tensors: it compares keys
-# with ==.)
+# Tile orders by the id of the tables' kv_num tensor, dropped when it dies. Every MaskTables
+# around the same tensors shares them: one with a bias added by dataclasses.replace, and the
+# custom op's unpacking, which rebuilds MaskTables on every call and would otherwise sort the
+# tiles again each time. (A WeakKeyDictionary cannot hold tensors: it compares keys with ==.)
 _orders_by_tables: dict[int, dict] = {}
 
 
-def shared_orders(kv_num: Tensor) -> dict:
+def _orders_of(kv_num: Tensor) -> dict:
     key = id(kv_num)
     orders = _orders_by_tables.get(key)
     if orders is None:
