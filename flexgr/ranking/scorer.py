@@ -17,9 +17,8 @@ running the whole model per microbatch.
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Hashable, Mapping, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from types import ModuleType
 
 import numpy as np
@@ -34,6 +33,13 @@ from flexgr.ranking.tasks import predictions, rating_codes
 
 Actions = Sequence[float] | Mapping[str, Sequence[float]]
 HISTORY_CACHE_ENTRIES = 64  # Ranker.history_cache's default bound (replace it to change)
+
+
+@cache
+def _takes_cuda_graph(module: ModuleType) -> bool:
+    """Whether a falcon module's ``candidate_logits`` can replay CUDA graphs (read once per
+    module, not on every request)."""
+    return "cuda_graph" in inspect.signature(module.candidate_logits).parameters
 
 
 def falcon_module(arch: str) -> ModuleType | None:
@@ -198,7 +204,7 @@ class Ranker(LoadedModel):
         candidates: torch.Tensor,
         microbatch: int,
         cache_key: Hashable | None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool,
     ) -> torch.Tensor:
         module = falcon_module(spec_of(self.model).name)
         assert module is not None  # falcon_unsupported said the model has the path
@@ -209,7 +215,7 @@ class Ranker(LoadedModel):
             cache = self.history_cache.get(cache_key, content)
         # A reused history replays a captured pass (captured on its first reuse).
         graph = cuda_graphs and cache is not None and device.type == "cuda" and (
-            "cuda_graph" in inspect.signature(module.candidate_logits).parameters
+            _takes_cuda_graph(module)
         )
         extra = {"cuda_graph": True} if graph else {}
         if cache is None:
