@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flexgr.model.hstu.falcon import microbatches
+
 _lock = threading.Lock()  # replays and the LRU list
 _capture_lock = threading.Lock()  # one capture at a time in the process (torch's rule)
 _failed: set[str] = set()
@@ -137,7 +139,4 @@ def graphed_passes(
             torch.cuda.synchronize(candidates.device)
             return None
     _touch(graphs, size, graph)
-    return torch.cat([
-        graph(candidates[start : start + size])
-        for start in range(0, candidates.numel(), size)
-    ])
+    return torch.cat([graph(candidates[part]) for part in microbatches(candidates.numel(), size)])

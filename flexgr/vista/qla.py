@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flexgr.masks.layout import seq_ids_and_local
+from flexgr.ops.triton_backend import available as triton_available
 
 StateActivation = Literal["silu", "identity"]
 FeatureMap = Literal["silu", "identity"]
@@ -96,7 +97,7 @@ def qla(
     T = q.shape[0]
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     fq, fk, vv = phi(q.to(acc)), phi(k.to(acc)), v.to(acc)
-    if impl == "triton" or (impl == "auto" and q.is_cuda and _triton_runs(q.device)):
+    if impl == "triton" or (impl == "auto" and q.is_cuda and triton_available(q.device)):
         from flexgr.vista.qla_triton import qla_core_triton
 
         core = qla_core_triton(
@@ -116,10 +117,3 @@ def qla(
     self_term = (fq * fk).sum(-1, keepdim=True) * vv / divisor
     out = out + self_term * is_cand.to(acc).view(T, 1, 1)
     return out.to(v.dtype)
-
-
-def _triton_runs(device: torch.device) -> bool:
-    """Whether the QLA kernels can run here ("auto" stays eager where triton is missing)."""
-    from flexgr.ops import triton_backend
-
-    return triton_backend.available(device)

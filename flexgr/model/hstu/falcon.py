@@ -68,8 +68,8 @@ class HistoryCache:
     candidate_bias: list[Tensor | None] = field(default_factory=list, kw_only=True)
     # Captured candidate passes by microbatch size (flexgr.ranking.cuda_graphs), kept with the
     # history they read so that they go when it is evicted.
-    graphs: dict = field(default_factory=lambda: GraphSlots(), kw_only=True, compare=False,
-                         repr=False)
+    graphs: GraphSlots = field(default_factory=GraphSlots, kw_only=True, compare=False,
+                               repr=False)
 
     def nbytes(self) -> int:
         rows = [row for row in self.candidate_bias if row is not None]
