@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from tests.ranking.test_falcon import step_definition as _definition  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -27,15 +29,6 @@ def _inputs(M: int, L: int, H: int, D: int, DV: int, dtype: torch.dtype, seed: i
     values = torch.randn(H, L, DV, generator=g).to(DEVICE, dtype)
     row = (torch.randn(L + 1, generator=g) * 0.5).to(DEVICE, dtype)
     return q, k, v, keys, values, row
-
-
-def _definition(q, k, v, keys, values, row, alpha: float, n: int):  # noqa: ANN001, ANN202
-    s = alpha * torch.einsum("mhd,hdl->mhl", q, keys)
-    s_own = alpha * (q * k).sum(-1)
-    if row is not None:
-        s, s_own = s + row[:-1], s_own + row[-1]
-    out = torch.einsum("mhl,hld->mhd", torch.nn.functional.silu(s), values)
-    return (out + torch.nn.functional.silu(s_own).unsqueeze(-1) * v) / n
 
 
 @pytest.mark.parametrize(("M", "L", "bias"), [(1, 1, True), (5, 37, True), (19, 70, False),

@@ -296,16 +296,24 @@ def test_bf16_cached_logits_are_as_close_as_the_bf16_forward(
     assert (got - truth).abs().max() <= 2 * (eager - truth).abs().max()
 
 
-def _step_by_formula(cache: HistoryCache, index: int, q, k, v, alpha: float, n: int):  # noqa: ANN001, ANN202
+def step_definition(q, k, v, keys_HDL, values_HLD, row, alpha: float, n: int):  # noqa: ANN001, ANN202
     """The candidate step's definition in the inputs' own dtype: scores against the cached
-    keys plus the bias row, the own key's term, SiLU, both value sums, divided by n."""
-    keys, values = cache.keys[index].to(q.dtype), cache.values[index].to(q.dtype)
-    row = cache.candidate_bias[index].to(q.dtype)
-    L = cache.length
-    s_MHL = alpha * torch.einsum("mhd,lhd->mhl", q, keys) + row[:L]
-    s_self = alpha * (q * k).sum(-1) + row[L]
-    out = torch.einsum("mhl,lhd->mhd", torch.nn.functional.silu(s_MHL), values)
-    return (out + torch.nn.functional.silu(s_self).unsqueeze(-1) * v) / n
+    keys plus the bias row ([L + 1]; None: no bias), the own key's term, SiLU, both value
+    sums, divided by n. tests/ops/test_delta_query.py checks the kernel against it too."""
+    s = alpha * torch.einsum("mhd,hdl->mhl", q, keys_HDL)
+    s_own = alpha * (q * k).sum(-1)
+    if row is not None:
+        s, s_own = s + row[:-1], s_own + row[-1]
+    out = torch.einsum("mhl,hld->mhd", torch.nn.functional.silu(s), values_HLD)
+    return (out + torch.nn.functional.silu(s_own).unsqueeze(-1) * v) / n
+
+
+def _step_by_formula(cache: HistoryCache, index: int, q, k, v, alpha: float, n: int):  # noqa: ANN001, ANN202
+    """step_definition over one layer of ``cache``, in q's dtype."""
+    keys = cache.keys[index].permute(1, 2, 0).to(q.dtype)
+    values = cache.values[index].permute(1, 0, 2).to(q.dtype)
+    return step_definition(q, k, v, keys, values, cache.candidate_bias[index].to(q.dtype),
+                           alpha, n)
 
 
 @pytest.mark.parametrize("half_products", [False, True])
