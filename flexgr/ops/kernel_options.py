@@ -44,6 +44,12 @@ class KernelOptions:
     # (flexgr/ops/triton_hstu/delta.py, one launch per layer) instead of batched matmuls. Off
     # until it is timed on a GPU; tested against the eager step in Triton's interpreter.
     delta_query: bool = False
+    # The relative bias as tiles (flexgr/ops/triton_hstu/rab_tiles.py): per batch the pair
+    # indices of every visited mask block, per layer their bias values by one torch gather,
+    # read by the kernels with plain 2-D loads; the backward adds dS per pair and reduces it
+    # with torch.bincount. Costs memory per visited block pair (docs/triton-kernel.md, "Bias as
+    # tiles"). Off: the inline path (two table reads and two table atomics per element).
+    rab_tiles: bool = False
 
     def __post_init__(self) -> None:
         lanes = self.rab_lanes
@@ -64,7 +70,10 @@ class KernelOptions:
 
     def cache_key(self) -> str:
         """The settings that change which tile or backward mode tuning picks."""
-        return f"bwd={self.backward},lanes={self.rab_lanes},order={self.tile_order},fast={self.fast_silu}"
+        return (
+            f"bwd={self.backward},lanes={self.rab_lanes},order={self.tile_order},"
+            f"fast={self.fast_silu},tiles={self.rab_tiles}"
+        )
 
 
 _current = KernelOptions()
