@@ -34,12 +34,19 @@ def pack(tab) -> tuple[list[Tensor], list[int], float]:  # noqa: ANN001 - launch
         tab.num_buckets, spec.contextual_len, spec.max_attn_len, spec.full_attn_tail,
         int(spec.has_targets), int(spec.semi_local), spec.global_len,
     ]
-    return [getattr(tab, name) for name in TABLE_TENSORS], ints, float(tab.inv_bucket_div)
+    tensors = [getattr(tab, name) for name in TABLE_TENSORS]
+    if tab.rab_tiles is not None:  # kernel.rab_tiles: the tiles travel after the tables
+        tensors += tab.rab_tiles.tensors()
+    return tensors, ints, float(tab.inv_bucket_div)
 
 
 def unpack(tensors: list[Tensor], ints: list[int], inv_bucket_div: float):  # noqa: ANN201
     from flexgr.ops.triton_hstu.launch import MaskTables
+    from flexgr.ops.triton_hstu.rab_tiles import RabTiles
 
+    n = len(TABLE_TENSORS)
+    tiles = RabTiles(*tensors[n:]) if len(tensors) > n else None
+    tensors = tensors[:n]
     mbq, mbkv, total, padded, rab_n, buckets, ctx, window, tail, targets, sla, glob = ints
     spec = MaskSpec(
         contextual_len=ctx, max_attn_len=window, full_attn_tail=tail, has_targets=bool(targets),
@@ -48,7 +55,7 @@ def unpack(tensors: list[Tensor], ints: list[int], inv_bucket_div: float):  # no
     return MaskTables(
         **dict(zip(TABLE_TENSORS, tensors, strict=True)),
         mask_block_q=mbq, mask_block_kv=mbkv, total_len=total, padded_len=padded, spec=spec,
-        rab_n=rab_n, num_buckets=buckets, inv_bucket_div=inv_bucket_div,
+        rab_n=rab_n, num_buckets=buckets, inv_bucket_div=inv_bucket_div, rab_tiles=tiles,
     )
 
 

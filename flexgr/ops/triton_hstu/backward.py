@@ -12,6 +12,12 @@ contribution into an fp32 buffer with atomics; otherwise ``_dq_program`` (one pr
 tile, like the forward) computes dq. They run as two kernels (``split``), or as one launch
 (``hstu_bwd_merged_kernel``). The bias-table gradients are accumulated by the dk/dv programs with
 fp32 atomics.
+
+With RAB_TILES (kernel.rab_tiles) both kinds of program read the bias as precomputed tiles
+(``Bias``, [slots, MASK_BLOCK_Q, MASK_BLOCK_KV] fp32, the slot of each listed block in the slot
+tables aligned with the block lists), and the dk/dv programs add each pair's dS into ``DBias``
+(same layout: only the H heads' programs add into one address) instead of the table
+gradients; ``launch`` reduces it into dpos_w / dts_w with ``torch.bincount``.
 """
 
 import triton
@@ -24,14 +30,15 @@ from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, score
 def _dkdv_visit(
     dk, dv, k, v, offs_n, k_seq, k_pos, k_local, k_ts,
     Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
-    SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
+    SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW, Bias, DBias, slot_list,
     block_list, num_blocks, T, alpha, out_scale, dq_scale, window, tail, global_len,
     rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, IS_FULL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BLOCK_Q: tl.constexpr,
+    MASK_BLOCK_KV: tl.constexpr, IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_Q // BLOCK_M
@@ -54,12 +61,22 @@ def _dkdv_visit(
         # Transposed tiles [keys, queries]: dk and dv then come out of plain dots.
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
         if HAS_RAB:
-            q_local = tl.load(Local + offs_m)
-            q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
-            rel, bucket = rab_index(
-                q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, True
-            )
-            bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            if RAB_TILES:
+                # The transposed tile [keys, queries] of this block's slot: queries are its
+                # rows, keys its columns (padded pairs hold finite values: no mask).
+                slot = tl.load(slot_list + t // SUB).to(tl.int64)
+                tile_at = slot * (MASK_BLOCK_Q * MASK_BLOCK_KV) + (
+                    ((t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :] * MASK_BLOCK_KV
+                    + (offs_n % MASK_BLOCK_KV)[:, None]
+                )
+                bias = tl.load(Bias + tile_at)
+            else:
+                q_local = tl.load(Local + offs_m)
+                q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
+                rel, bucket = rab_index(
+                    q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, True
+                )
+                bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
             sT += bias * bias_scale
         pT, slopeT = silu_and_slope(sT, FAST)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -83,7 +100,15 @@ def _dkdv_visit(
                 DQacc + offs_m[:, None] * stride_dqt + offs_dk[None, :], dq_part,
                 mask=row_ok[:, None] & (offs_dk[None, :] < DQK), sem="relaxed",
             )
-        if HAS_RAB:
+        if HAS_RAB and RAB_TILES:
+            # d bias = ds (with p's 1/N) into the pair's own address: only the H heads'
+            # programs add there. Masked-off pairs send no atomics at all.
+            g = dsT * out_scale
+            if IS_FULL:
+                tl.atomic_add(DBias + tile_at, g, sem="relaxed")
+            else:
+                tl.atomic_add(DBias + tile_at, g, mask=valid, sem="relaxed")
+        elif HAS_RAB:
             # d bias = ds (with p's 1/N). Masked-off pairs send no atomics at all.
             g = dsT * out_scale
             pos_at = DPosW + rel
@@ -112,7 +137,7 @@ def _dkdv_program(
     Q, K, V, DO, GradK, GradV, DQacc,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
-    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW, Bias, DBias, QSlot, FullQSlot,
     QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
     T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -120,7 +145,7 @@ def _dkdv_program(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     start_n = pid_n * BLOCK_N
@@ -145,7 +170,7 @@ def _dkdv_program(
     )
     k_seq = tl.load(SeqId + offs_n)
     k_pos = tl.load(PosId + offs_n)
-    if HAS_RAB:
+    if HAS_RAB and not RAB_TILES:
         k_local = tl.load(Local + offs_n)
         k_ts = tl.load(Ts + offs_n, mask=col_ok, other=0)
     else:
@@ -160,12 +185,13 @@ def _dkdv_program(
         dk, dv, k, v, offs_n, k_seq, k_pos, k_local, k_ts,
         Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
         SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
+        Bias, DBias, QSlot + mask_col * q_idx_stride,
         QIdx + mask_col * q_idx_stride, num_partial, T, alpha, out_scale, dq_scale, window, tail,
         global_len,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FUSE_DQ, FAST,
-        DOT_PRECISION,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, False,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FUSE_DQ,
+        FAST, DOT_PRECISION,
         RAB_LANES,
     )
     num_full = tl.load(FullQNum + mask_col)
@@ -173,12 +199,13 @@ def _dkdv_program(
         dk, dv, k, v, offs_n, k_seq, k_pos, k_local, k_ts,
         Q, DO, DQacc, stride_qt, stride_dot, stride_dqt,
         SeqId, PosId, MaxId, Local, NextTs, PosW, TsW, DPosW, DTsW,
+        Bias, DBias, FullQSlot + mask_col * q_idx_stride,
         FullQIdx + mask_col * q_idx_stride, num_full, T, alpha, out_scale, dq_scale, window, tail,
         global_len,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, MASK_BLOCK_Q, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FUSE_DQ, FAST,
-        DOT_PRECISION,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, True,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FUSE_DQ,
+        FAST, DOT_PRECISION,
         RAB_LANES,
     )
     if DQK == BLOCK_DQK:
@@ -205,7 +232,7 @@ def hstu_bwd_dkdv_kernel(
     Q, K, V, DO, GradK, GradV, DQacc,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
-    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW, Bias, DBias, QSlot, FullQSlot,
     QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, TileOrder,
     T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -213,7 +240,7 @@ def hstu_bwd_dkdv_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FUSE_DQ: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -222,24 +249,27 @@ def hstu_bwd_dkdv_kernel(
         pid_n, head, Q, K, V, DO, GradK, GradV, DQacc, stride_qt, stride_qh, stride_kt,
         stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh,
         stride_dvt, stride_dvh, stride_dqt, stride_dqh, SeqId, PosId, MaxId, Local, Ts,
-        NextTs, PosW, TsW, DPosW, DTsW, QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, T,
+        NextTs, PosW, TsW, DPosW, DTsW, Bias, DBias, QSlot, FullQSlot,
+        QNum, QIdx, FullQNum, FullQIdx, q_idx_stride, T,
         alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div, DQK, DV,
         BLOCK_DQK,
         BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
-        HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FUSE_DQ, FAST, DOT_PRECISION, RAB_LANES,
+        HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FUSE_DQ, FAST, DOT_PRECISION,
+        RAB_LANES,
     )
 
 
 @triton.jit
 def _dq_visit(
     dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
-    K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+    K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW, Bias, slot_list,
     block_list, num_blocks, T, alpha, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, IS_FULL: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+    IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
@@ -261,12 +291,19 @@ def _dq_visit(
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_RAB:
-            k_local = tl.load(Local + offs_n)
-            k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
-            rel, bucket = rab_index(
-                q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
-            )
-            bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            if RAB_TILES:  # as the forward's tile read
+                slot = tl.load(slot_list + t // SUB).to(tl.int64)
+                in_block = (offs_m % MASK_BLOCK_Q)[:, None] * MASK_BLOCK_KV + (
+                    (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+                )[None, :]
+                bias = tl.load(Bias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV) + in_block)
+            else:
+                k_local = tl.load(Local + offs_n)
+                k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
+                rel, bucket = rab_index(
+                    q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
+                )
+                bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
             s += bias * bias_scale
         _, slope = silu_and_slope(s, FAST)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -289,7 +326,7 @@ def _dq_program(
     Q, K, V, DO, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
-    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, Bias, KvSlot, FullKvSlot,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
     T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -297,7 +334,7 @@ def _dq_program(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     start_m = pid_m * BLOCK_M
@@ -321,7 +358,7 @@ def _dq_program(
     q_seq = tl.load(SeqId + offs_m)
     q_pos = tl.load(PosId + offs_m)
     q_max = tl.load(MaxId + offs_m)
-    if HAS_RAB:
+    if HAS_RAB and not RAB_TILES:
         q_local = tl.load(Local + offs_m)
         q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
     else:
@@ -333,19 +370,23 @@ def _dq_program(
     dq = _dq_visit(
         dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+        Bias, KvSlot + mask_row * kv_idx_stride,
         KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, False,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FAST,
+        DOT_PRECISION,
     )
     num_full = tl.load(FullKvNum + mask_row)
     dq = _dq_visit(
         dq, q, do, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+        Bias, FullKvSlot + mask_row * kv_idx_stride,
         FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, True,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FAST,
+        DOT_PRECISION,
     )
     if DQK == BLOCK_DQK:
         dq_mask = row_ok[:, None]
@@ -361,7 +402,7 @@ def hstu_bwd_dq_kernel(
     Q, K, V, DO, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
-    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, Bias, KvSlot, FullKvSlot,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, TileOrder,
     T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -369,7 +410,7 @@ def hstu_bwd_dq_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -377,11 +418,12 @@ def hstu_bwd_dq_kernel(
     _dq_program(
         pid_m, head, Q, K, V, DO, DQ, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
         stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh, SeqId, PosId, MaxId,
-        Local, Ts, NextTs, PosW, TsW, KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, T,
+        Local, Ts, NextTs, PosW, TsW, Bias, KvSlot, FullKvSlot,
+        KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, T,
         alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div, DQK, DV,
         BLOCK_DQK,
         BLOCK_DV, BLOCK_M, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, HAS_TARGETS, HAS_CONTEXT,
-        HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
+        HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FAST, DOT_PRECISION,
     )
 
 
@@ -391,6 +433,7 @@ def hstu_bwd_merged_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+    Bias, DBias, QSlot, FullQSlot, KvSlot, FullKvSlot,
     QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, MergedOrder, num_kv_tiles,
     T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
@@ -400,7 +443,7 @@ def hstu_bwd_merged_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, RAB_LANES: tl.constexpr,
 ):
     """dk/dv programs and dq programs in one launch, heaviest first across both kinds, so the
@@ -414,11 +457,12 @@ def hstu_bwd_merged_kernel(
             stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
             stride_dqt, stride_dqh,
             SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, DPosW, DTsW,
+            Bias, DBias, QSlot, FullQSlot,
             QNum, QIdx, FullQNum, FullQIdx, q_idx_stride,
             T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
             DQK, DV, BLOCK_DQK, BLOCK_DV, KV_BLOCK_M, KV_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
-            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, False, FAST,
-            DOT_PRECISION,
+            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, False,
+            FAST, DOT_PRECISION,
             RAB_LANES,
         )
     else:
@@ -426,10 +470,10 @@ def hstu_bwd_merged_kernel(
             vid - num_kv_tiles, head, Q, K, V, DO, DQ,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_dot, stride_doh, stride_dqt, stride_dqh,
-            SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
+            SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, Bias, KvSlot, FullKvSlot,
             KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride,
             T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
             DQK, DV, BLOCK_DQK, BLOCK_DV, Q_BLOCK_M, Q_BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV,
-            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST,
+            HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FAST,
             DOT_PRECISION,
         )

@@ -5,6 +5,11 @@ blocks (element mask evaluated inline), then the full ones (no mask). A mask blo
 MASK_BLOCK_KV columns is walked in MASK_BLOCK_KV // BLOCK_N sub-tiles; BLOCK_M divides
 MASK_BLOCK_Q, so a query tile lies inside one mask row. Tiles are launched heaviest first
 (``TileOrder``), which shortens the tail of jagged batches.
+
+With RAB_TILES (kernel.rab_tiles) the bias comes as precomputed values per visited mask block
+(``Bias``, [slots, MASK_BLOCK_Q, MASK_BLOCK_KV] fp32; the slot of each listed block in
+``KvSlot`` / ``FullKvSlot``, aligned with the kv lists): one plain 2-D load per sub-tile instead
+of the index arithmetic and two per-element table reads.
 """
 
 import triton
@@ -16,13 +21,14 @@ from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, score
 @triton.jit
 def _fwd_visit(
     acc, q, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
-    K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+    K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW, Bias, slot_list,
     block_list, num_blocks, T, alpha, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, IS_FULL: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+    IS_FULL: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     SUB: tl.constexpr = MASK_BLOCK_KV // BLOCK_N
@@ -41,12 +47,21 @@ def _fwd_visit(
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_RAB:
-            k_local = tl.load(Local + offs_n)
-            k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
-            rel, bucket = rab_index(
-                q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
-            )
-            bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+            if RAB_TILES:
+                # Row (query) and column (key) offsets inside the mask block; padded tokens
+                # have finite values there (weights of in-range indices), so no mask.
+                slot = tl.load(slot_list + t // SUB).to(tl.int64)
+                in_block = (offs_m % MASK_BLOCK_Q)[:, None] * MASK_BLOCK_KV + (
+                    (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+                )[None, :]
+                bias = tl.load(Bias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV) + in_block)
+            else:
+                k_local = tl.load(Local + offs_n)
+                k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)
+                rel, bucket = rab_index(
+                    q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
+                )
+                bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
             s += bias * bias_scale
         p = silu(s, FAST)
         if not IS_FULL:
@@ -69,7 +84,7 @@ def _fwd_visit(
 def hstu_fwd_kernel(
     Q, K, V, Out,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW,
+    SeqId, PosId, MaxId, Local, Ts, NextTs, PosW, TsW, Bias, KvSlot, FullKvSlot,
     KvNum, KvIdx, FullKvNum, FullKvIdx, kv_idx_stride, TileOrder,
     T, alpha, out_scale, window, tail, global_len, rab_n, num_buckets, bucket_div,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -77,7 +92,7 @@ def hstu_fwd_kernel(
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
     HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_TAIL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_RAB: tl.constexpr, FAST: tl.constexpr,
+    HAS_RAB: tl.constexpr, RAB_TILES: tl.constexpr, FAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0).to(tl.int64)
@@ -99,7 +114,7 @@ def hstu_fwd_kernel(
     q_seq = tl.load(SeqId + offs_m)
     q_pos = tl.load(PosId + offs_m)
     q_max = tl.load(MaxId + offs_m)
-    if HAS_RAB:
+    if HAS_RAB and not RAB_TILES:
         q_local = tl.load(Local + offs_m)
         q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
     else:
@@ -111,19 +126,23 @@ def hstu_fwd_kernel(
     acc = _fwd_visit(
         acc, q, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+        Bias, KvSlot + mask_row * kv_idx_stride,
         KvIdx + mask_row * kv_idx_stride, num_partial, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, False,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, False,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FAST,
+        DOT_PRECISION,
     )
     num_full = tl.load(FullKvNum + mask_row)
     acc = _fwd_visit(
         acc, q, offs_m, q_seq, q_pos, q_max, q_local, q_next_ts,
         K, V, stride_kt, stride_vt, SeqId, PosId, Local, Ts, PosW, TsW,
+        Bias, FullKvSlot + mask_row * kv_idx_stride,
         FullKvIdx + mask_row * kv_idx_stride, num_full, T, alpha, window, tail, global_len,
         rab_n, num_buckets, bucket_div,
-        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_KV, True,
-        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, FAST, DOT_PRECISION,
+        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV, True,
+        HAS_TARGETS, HAS_CONTEXT, HAS_WINDOW, HAS_TAIL, HAS_GLOBAL, HAS_RAB, RAB_TILES, FAST,
+        DOT_PRECISION,
     )
     out = acc * out_scale
     if DV == BLOCK_DV:

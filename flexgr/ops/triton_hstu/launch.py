@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -14,6 +14,7 @@ from torch import Tensor
 from flexgr.masks.block import HSTUMask, MaskSpec
 from flexgr.ops.kernel_options import kernel_options
 from flexgr.ops.rab import RelativeBias
+from flexgr.ops.triton_hstu import rab_tiles as tiles_mod
 from flexgr.ops.triton_hstu import tuning
 from flexgr.ops.triton_hstu.backward import (
     hstu_bwd_dkdv_kernel,
@@ -21,6 +22,7 @@ from flexgr.ops.triton_hstu.backward import (
     hstu_bwd_merged_kernel,
 )
 from flexgr.ops.triton_hstu.forward import hstu_fwd_kernel
+from flexgr.ops.triton_hstu.rab_tiles import RabTiles
 from flexgr.ops.triton_hstu.tuning import TileConfig
 
 
@@ -50,6 +52,9 @@ class MaskTables:
     rab_n: int
     num_buckets: int
     inv_bucket_div: float  # fp32 reciprocal, as torch's CUDA division by a scalar uses
+    # The bias as tiles (kernel.rab_tiles): slots and pair indices, once per batch; None when
+    # the tables were built with the option off (or without a bias).
+    rab_tiles: RabTiles | None = field(default=None, compare=False)
 
     def tile_order(self, side: str, block: int) -> Tensor:
         """Launch order of tiles. Forward ("q"): heaviest first (most mask blocks to visit), the
@@ -163,7 +168,7 @@ def bias_tables(
     if positions is not None:  # e.g. HSTU position ids, so that candidates share a position
         pad = mask.padded_len - mask.total_len
         local = torch.nn.functional.pad(positions.to(torch.int32), (0, pad)).contiguous()
-    return dataclasses.replace(
+    tab = dataclasses.replace(
         base,
         local=local,
         ts=timestamps.to(torch.int64).contiguous(),
@@ -172,6 +177,49 @@ def bias_tables(
         num_buckets=num_buckets,
         inv_bucket_div=float(np.float32(1.0) / np.float32(bucket_divisor)),
     )
+    if not kernel_options().rab_tiles:
+        return tab
+    sources = (timestamps, next_timestamps, positions)
+    return dataclasses.replace(tab, rab_tiles=_cached_tiles(mask, tab, sources, bucket_divisor))
+
+
+# The bias tiles of the last bias seen with each live BlockMask: the per-call path
+# (``mask_tables`` on every layer) would otherwise rebuild them per layer. An entry keeps the
+# per-token tensors it was built from alive, so their ids are not reused while it lives.
+_tiles_cache: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _cached_tiles(
+    mask: HSTUMask, tab: MaskTables, sources: tuple[Tensor | None, ...], bucket_divisor: float
+) -> RabTiles:
+    key = (tab.rab_n, tab.num_buckets, float(bucket_divisor))
+    try:
+        entry = _tiles_cache.get(mask.block_mask)
+    except TypeError:  # not weak-referenceable
+        entry = None
+    if entry is not None:
+        kv_num, old_sources, old_key, built = entry
+        same = all(a is b for a, b in zip(old_sources, sources, strict=True))
+        if kv_num is tab.kv_num and same and old_key == key:
+            return built
+    built = tiles_mod.build(tab, bucket_divisor)
+    try:
+        _tiles_cache[mask.block_mask] = (tab.kv_num, sources, key, built)
+    except TypeError:
+        pass
+    return built
+
+
+def rab_tiles_of(tab: MaskTables) -> RabTiles:
+    """The tables' bias tiles; they are built with the bias tables (``bias_tables``,
+    ``prepare.kernel_tables``) while kernel.rab_tiles is on, since that is where the bucket
+    divisor is known exactly (the tables keep only its fp32 reciprocal)."""
+    if tab.rab_tiles is None:
+        raise ValueError(
+            "kernel.rab_tiles is on but these kernel tables were built without it: build them "
+            "(launch.bias_tables / prepare.kernel_tables) with the option on"
+        )
+    return tab.rab_tiles
 
 
 def _mask_only_tables(mask: HSTUMask) -> MaskTables:
@@ -225,6 +273,9 @@ def _mask_flags(tab: MaskTables, has_rab: bool) -> dict[str, object]:
         HAS_TAIL=window and spec.full_attn_tail > 0,
         HAS_GLOBAL=window and spec.global_len > 0,
         HAS_RAB=has_rab,
+        # In the flags, so also in the tuning and backward-mode keys (the tiles path's best
+        # tile and mode need not be the inline path's).
+        RAB_TILES=has_rab and kernel_options().rab_tiles,
     )
 
 
@@ -331,6 +382,14 @@ def _forward(
     dims = _dims(q, v)
     pos_w_ = _placeholder(pos_w, tab.seq_id)
     ts_w_ = _placeholder(ts_w, tab.seq_id)
+    # The bias as tiles: this layer's values of every visited pair, one gather (never
+    # dereferenced otherwise: placeholders).
+    bias, kv_slot, full_kv_slot = tab.seq_id, tab.seq_id, tab.seq_id
+    if flags["RAB_TILES"]:
+        tiles = rab_tiles_of(tab)
+        assert pos_w is not None and ts_w is not None
+        bias = tiles_mod.gather_bias(tiles, pos_w, ts_w)
+        kv_slot, full_kv_slot = tiles.kv_slot, tiles.full_kv_slot
 
     def launch(cfg: TileConfig) -> None:
         grid = (H, tab.padded_len // cfg.block_m)
@@ -339,6 +398,7 @@ def _forward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_,
+            bias, kv_slot, full_kv_slot,
             tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0),
             tab.tile_order("q", cfg.block_m), *_scalars(tab, alpha, out_scale),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -389,13 +449,24 @@ def _backward(
     dims = _dims(q, v)
     pos_w_ = _placeholder(pos_w, tab.seq_id)
     ts_w_ = _placeholder(ts_w, tab.seq_id)
-    lanes = rab_lanes() if has_rab else 1
+    use_tiles = bool(flags["RAB_TILES"])
+    lanes = rab_lanes() if has_rab and not use_tiles else 1
     pos_copies, ts_copies = lanes, lanes * lanes
-    if has_rab:
+    if has_rab and not use_tiles:
         dpos = torch.zeros(pos_copies * pos_w.numel(), dtype=torch.float32, device=q.device)
         dts = torch.zeros(ts_copies * ts_w.numel(), dtype=torch.float32, device=q.device)
     else:  # never dereferenced
         dpos = dts = tab.seq_id
+    # The bias as tiles: the values recomputed (one gather, not saved by the forward) and the
+    # per-pair gradient buffer the dk/dv programs add dS into (placeholders otherwise).
+    bias = dbias = q_slot = full_q_slot = kv_slot = full_kv_slot = tab.seq_id
+    if use_tiles:
+        tiles = rab_tiles_of(tab)
+        assert pos_w is not None and ts_w is not None
+        bias = tiles_mod.gather_bias(tiles, pos_w, ts_w)
+        dbias = torch.zeros_like(bias)
+        q_slot, full_q_slot = tiles.q_slot, tiles.full_q_slot
+        kv_slot, full_kv_slot = tiles.kv_slot, tiles.full_kv_slot
     scalars = _scalars(tab, alpha, out_scale)
     P, mbq, mbkv = tab.padded_len, tab.mask_block_q, tab.mask_block_kv
     strides = (
@@ -403,6 +474,8 @@ def _backward(
         do.stride(0), do.stride(1),
     )
     side = (tab.seq_id, tab.pos_id, tab.max_id, tab.local, tab.ts, tab.next_ts, pos_w_, ts_w_)
+    kv_tiles = (bias, kv_slot, full_kv_slot)  # what the dq programs read of the bias tiles
+    q_tiles = (bias, dbias, q_slot, full_q_slot)  # and the dk/dv programs
     q_lists = (tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx, tab.q_idx.stride(0))
     kv_lists = (tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx, tab.kv_idx.stride(0))
     common = dict(MASK_BLOCK_Q=mbq, MASK_BLOCK_KV=mbkv, **dims, **flags)
@@ -411,7 +484,7 @@ def _backward(
         hstu_bwd_dkdv_kernel[(H, P // cfg.block_n)](
             q, k, v, do, dk, dv, dq_acc, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
-            *side, dpos, dts, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
+            *side, dpos, dts, *q_tiles, *q_lists, tab.tile_order("kv", cfg.block_n), *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSE_DQ=fuse, RAB_LANES=lanes,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
@@ -419,7 +492,7 @@ def _backward(
     def launch_dq(cfg: TileConfig) -> None:
         hstu_bwd_dq_kernel[(H, P // cfg.block_m)](
             q, k, v, do, dq, *strides, dq.stride(0), dq.stride(1),
-            *side, *kv_lists, tab.tile_order("q_bwd", cfg.block_m), *scalars,
+            *side, *kv_tiles, *kv_lists, tab.tile_order("q_bwd", cfg.block_m), *scalars,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
         )
@@ -430,7 +503,7 @@ def _backward(
         hstu_bwd_merged_kernel[(H, n_kv + P // q_cfg.block_m)](
             q, k, v, do, dk, dv, dq, *strides,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1),
-            *side, dpos, dts, *q_lists, *kv_lists,
+            *side, dpos, dts, *q_tiles, kv_slot, full_kv_slot, *q_lists, *kv_lists,
             tab.merged_order(kv_cfg.block_n, q_cfg.block_m), n_kv, *scalars,
             KV_BLOCK_M=kv_cfg.block_m, KV_BLOCK_N=kv_cfg.block_n,
             Q_BLOCK_M=q_cfg.block_m, Q_BLOCK_N=q_cfg.block_n, RAB_LANES=lanes,
@@ -486,12 +559,17 @@ def _backward(
                 mode = "fused" if has_rab else "split"
             _bwd_modes[mode_key] = mode
     run = plan(mode)
-    if has_rab:
-        dpos.zero_()
-        dts.zero_()
-    run()
-    if has_rab and ts_copies > 1:
-        dpos, dts = dpos.view(pos_copies, -1).sum(0), dts.view(ts_copies, -1).sum(0)
+    if use_tiles:
+        dbias.zero_()
+        run()
+        dpos, dts = tiles_mod.table_grads(tiles, dbias, pos_w.numel(), ts_w.numel())
+    else:
+        if has_rab:
+            dpos.zero_()
+            dts.zero_()
+        run()
+        if has_rab and ts_copies > 1:
+            dpos, dts = dpos.view(pos_copies, -1).sum(0), dts.view(ts_copies, -1).sum(0)
     dpos_w = dpos.to(pos_w.dtype) if pos_w is not None else None
     dts_w = dts.to(ts_w.dtype) if ts_w is not None else None
     return dq, dk, dv, dpos_w, dts_w

@@ -19,6 +19,7 @@ Design notes: docs/triton-kernel.md, "Per-batch tables".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -379,14 +380,19 @@ def kernel_tables(
     """The attention kernel's tables of a mask built from :func:`band_and_bias_tables`, as
     ``launch.bias_tables`` gives them but without its conversions (the tensors already have
     the kernel's dtypes and the padded positions). Without a relative bias the kernel reads
-    neither timestamp table (``launch`` puts a one-element placeholder there)."""
+    neither timestamp table (``launch`` puts a one-element placeholder there).
+
+    With kernel.rab_tiles (and the bias) the tables also carry the bias tiles
+    (``rab_tiles.build``: torch ops and one host sync, for the number of visited block pairs)."""
+    from flexgr.ops.kernel_options import kernel_options
+    from flexgr.ops.triton_hstu import rab_tiles
     from flexgr.ops.triton_hstu.launch import MaskTables
 
     lay, bm = mask.layout, mask.block_mask
     assert mask.spec is not None and bm.full_kv_num_blocks is not None
     assert bm.q_num_blocks is not None and bm.full_q_num_blocks is not None
     mbq, mbkv = bm.BLOCK_SIZE
-    return MaskTables(
+    tab = MaskTables(
         seq_id=lay.seq_id,
         pos_id=lay.pos_id,
         max_id=lay.max_id,
@@ -410,6 +416,9 @@ def kernel_tables(
         num_buckets=num_buckets if rel_bias else 0,
         inv_bucket_div=float(np.float32(1.0) / np.float32(bucket_divisor)) if rel_bias else 1.0,
     )
+    if rel_bias and kernel_options().rab_tiles:
+        tab = dataclasses.replace(tab, rab_tiles=rab_tiles.build(tab, bucket_divisor))
+    return tab
 
 
 def _launch(

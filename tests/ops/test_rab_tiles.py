@@ -1,0 +1,304 @@
+"""The relative bias as tiles (``kernel.rab_tiles``, flexgr/ops/triton_hstu/rab_tiles.py).
+
+Checked here: the slot tables (every visited block pair has exactly one slot; the transposed
+lists' slots are the kv lists' slots of the same pair), the pair indices against the reference's
+formulas on the dense [T, T] grid, and the kernels with the option on against the fp64 oracle
+under the existing bias tests' rules (fp32 vs fp64 at 2e-6 / 1e-5 of the scale for the HSTU
+masks, the 2x / 5x rule of ``test_triton_sla`` for semi-local), in every backward mode, on
+poisoned outputs, with 128-, 32- and 16-token mask blocks. A slot off by one in either list
+fails them. Without CUDA the kernels run in Triton's interpreter on small shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from flexgr.masks import build_hstu_mask, build_semi_local_mask  # noqa: E402
+from flexgr.masks.block import HSTUMask  # noqa: E402
+from flexgr.ops import triton_ops  # noqa: E402
+from flexgr.ops.attention import hstu_attention  # noqa: E402
+from flexgr.ops.kernel_options import KernelOptions, kernel_options_set  # noqa: E402
+from flexgr.ops.rab import RelativeBias, time_bucket  # noqa: E402
+from flexgr.ops.triton_backend import hstu_attention_triton  # noqa: E402
+from flexgr.ops.triton_hstu import launch, rab_tiles  # noqa: E402
+from tests.conftest import make_offsets  # noqa: E402
+from tests.ops import test_triton_sla as sla  # noqa: E402
+from tests.ops.test_triton import CASES, Case, check_fp32_against_fp64, max_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+cpu_only = pytest.mark.skipif(not INTERPRETED, reason="interpreter tests (no TRITON_INTERPRET)")
+MODES = ("split", "fused", "merged")
+
+
+def _bias(offsets: torch.Tensor, n: int, seed: int, buckets: int = 32) -> RelativeBias:
+    g = torch.Generator().manual_seed(seed)
+    T = int(offsets[-1])
+    ts = torch.cumsum(torch.randint(0, 5000, (T,), generator=g), 0)
+    return RelativeBias.from_timestamps(
+        torch.randn(2 * n - 1, generator=g), torch.randn(buckets + 1, generator=g), ts, offsets
+    )
+
+
+# Masks whose lists have partial and full blocks, several rows and columns, empty rows past the
+# last token (band tables with extra length), windows and semi-local bands.
+def _masks() -> dict[str, tuple[HSTUMask, torch.Tensor]]:
+    off = make_offsets([1, 37, 140, 1, 9, 70])
+    off_long = make_offsets([260, 3, 30])
+    nt = torch.tensor([7, 0, 3])
+    return {
+        "causal_128": (build_hstu_mask(off), off),
+        "causal_32": (build_hstu_mask(off, block_size=32), off),
+        "full_blocks_32": (build_hstu_mask(off_long, block_size=32, num_targets=nt), off_long),
+        "window_16": (build_hstu_mask(off, block_size=16, max_attn_len=20, max_len=150), off),
+        "ctx_band_16": (build_hstu_mask(off_long, block_size=16, contextual_len=2,
+                                        max_len=300), off_long),
+        "semi_local_16": (build_semi_local_mask(off, 9, 4, mode="global_keys", block_size=16,
+                                                max_len=150), off),
+        "tail_rows_32": (build_semi_local_mask(off_long, 5, 9, mode="tail_rows", block_size=32),
+                         off_long),
+    }
+
+
+MASKS = _masks()
+
+
+def _pairs(num: torch.Tensor, idx: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(list row, entry, listed block) of every used entry."""
+    return [(r, e, int(idx[r, e])) for r in range(num.numel()) for e in range(int(num[r]))]
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_slot_tables(name: str) -> None:
+    mask, offsets = MASKS[name]
+    tab = launch.mask_tables(mask, _bias(offsets, 300, 0))
+    st = rab_tiles.slot_tables(
+        tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx,
+        tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx,
+    )
+    assert st.kv_slot.shape == tab.kv_idx.shape and st.full_kv_slot.shape == tab.full_kv_idx.shape
+    assert st.q_slot.shape == tab.q_idx.shape and st.full_q_slot.shape == tab.full_q_idx.shape
+    assert st.kv_slot.stride() == tab.kv_idx.stride() and st.q_slot.stride() == tab.q_idx.stride()
+    n = st.slot_row.numel()
+    assert n > 2 and n == int(tab.kv_num.sum() + tab.full_kv_num.sum())
+    # Every visited (r, c) of the kv lists has one slot, its own, and slots are 0..S-1.
+    by_pair: dict[tuple[int, int], tuple[int, bool]] = {}
+    for full, num, idx, slots in ((False, tab.kv_num, tab.kv_idx, st.kv_slot),
+                                  (True, tab.full_kv_num, tab.full_kv_idx, st.full_kv_slot)):
+        for r, e, c in _pairs(num, idx):
+            s = int(slots[r, e])
+            assert (int(st.slot_row[s]), int(st.slot_col[s])) == (r, c)
+            assert (r, c) not in by_pair, "a pair listed twice"
+            by_pair[(r, c)] = (s, full)
+    assert sorted(s for s, _ in by_pair.values()) == list(range(n))
+    # The transposed lists hold the same pairs, with the kv lists' slot and the same kind.
+    seen = set()
+    for full, num, idx, slots in ((False, tab.q_num, tab.q_idx, st.q_slot),
+                                  (True, tab.full_q_num, tab.full_q_idx, st.full_q_slot)):
+        for c, e, r in _pairs(num, idx):
+            assert by_pair[(r, c)] == (int(slots[c, e]), full), (r, c)
+            seen.add((r, c))
+    assert seen == set(by_pair)
+
+
+@pytest.mark.parametrize("name", ["causal_32", "window_16", "semi_local_16"])
+def test_pair_indices_match_the_reference(name: str) -> None:
+    mask, offsets = MASKS[name]
+    n = int((offsets[1:] - offsets[:-1]).max()) + 2
+    rab = _bias(offsets, n, 1)
+    tab = launch.mask_tables(mask, rab)
+    tiles = rab_tiles.build(tab, rab.bucket_divisor)
+    assert tiles.rel.dtype == torch.int16 and tiles.bucket.dtype == torch.uint8
+    st = rab_tiles.slot_tables(
+        tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx,
+        tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx,
+    )
+    # The reference's formulas (flexgr.ops.rab.dense_bias) on every pair of real tokens.
+    T, mbq, mbkv = tab.total_len, tab.mask_block_q, tab.mask_block_kv
+    pos = rab.token_positions(offsets)
+    rel = (n - 1 + pos[None, :] - pos[:, None]).clamp(0, 2 * n - 2)
+    dt = rab.next_timestamps[:, None] - rab.timestamps[None, :]
+    bucket = time_bucket(dt, rab.num_buckets, rab.bucket_divisor)
+    checked = 0
+    for s in range(tiles.n_slots):
+        i = int(st.slot_row[s]) * mbq + torch.arange(mbq)
+        j = int(st.slot_col[s]) * mbkv + torch.arange(mbkv)
+        qi, kj = i < T, j < T
+        got_rel = tiles.rel[s].long()
+        got_bucket = tiles.bucket[s].long()
+        assert got_rel.min() >= 0 and got_rel.max() <= 2 * n - 2  # padding too: in range
+        assert got_bucket.max() <= rab.num_buckets
+        want_rel = rel[i[qi]][:, j[kj]]
+        assert torch.equal(got_rel[qi][:, kj], want_rel)
+        assert torch.equal(got_bucket[qi][:, kj], bucket[i[qi]][:, j[kj]])
+        checked += int(qi.sum()) * int(kj.sum())
+    assert checked > 0
+
+
+def test_index_dtypes_widen_when_needed() -> None:
+    assert rab_tiles.index_dtypes(16384, 255) == (torch.int16, torch.uint8)
+    assert rab_tiles.index_dtypes(16385, 256) == (torch.int32, torch.int32)
+
+
+def test_option_is_in_the_cache_key() -> None:
+    assert KernelOptions(rab_tiles=True).cache_key() != KernelOptions().cache_key()
+
+
+def test_tables_carry_tiles_only_with_the_option() -> None:
+    mask, offsets = MASKS["causal_32"]
+    rab = _bias(offsets, 150, 2)
+    assert launch.mask_tables(mask, rab).rab_tiles is None
+    with kernel_options_set(rab_tiles=True):
+        tab = launch.mask_tables(mask, rab)
+        assert tab.rab_tiles is not None
+        assert launch.mask_tables(mask, rab).rab_tiles is tab.rab_tiles  # once per batch
+        # The custom op's flattened tables carry them.
+        again = triton_ops.unpack(*triton_ops.pack(tab))
+        assert again.rab_tiles is not None
+        for a, b in zip(again.rab_tiles.tensors(), tab.rab_tiles.tensors(), strict=True):
+            assert a is b
+
+
+def test_tiles_on_tables_built_without_them_is_an_error() -> None:
+    mask, offsets = MASKS["causal_32"]
+    rab = _bias(offsets, 150, 2)
+    tab = launch.mask_tables(mask, rab)
+    q = torch.zeros(mask.total_len, 1, 16)
+    with kernel_options_set(rab_tiles=True), pytest.raises(ValueError, match="rab_tiles"):
+        launch.forward(q, q, q, tab, alpha=1.0, max_seq_len=150, pos_w=rab.pos_w, ts_w=rab.ts_w)
+
+
+# ---------------------------------------------------------------------- kernels against fp64
+
+
+def check_block_size(case: Case, block: int, seed: int) -> None:
+    """``check_fp32_against_fp64`` on a mask of ``block``-token blocks (more slots per batch
+    than the default 128: a wrong slot is read on more tiles)."""
+    offsets = make_offsets(list(case.lengths))
+    T = int(offsets[-1])
+    g = torch.Generator().manual_seed(seed)
+    n = max(case.lengths) + 3
+    rab = _bias(offsets, n, seed)
+    h, d = 2, 16
+    q, k, v = (torch.randn(T, h, d, generator=g) for _ in range(3))
+    grad_out = torch.randn(T, h, d, generator=g)
+    kw = case.mask_kwargs("cpu")
+    mask = build_hstu_mask(offsets, block_size=block, **kw)
+
+    def go(dtype: torch.dtype, backend: str) -> list[torch.Tensor]:
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, rab.pos_w, rab.ts_w)]
+        bias = RelativeBias(leaves[3], leaves[4], rab.timestamps, rab.next_timestamps)
+        if backend == "triton":
+            out = hstu_attention_triton(*leaves[:3], mask, max_seq_len=n, alpha=0.4, rab=bias)
+        else:
+            out = hstu_attention(*leaves[:3], offsets, max_seq_len=n, alpha=0.4, rab=bias,
+                                 backend="reference", **kw)
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad_out.to(dtype))]
+
+    got, want = go(torch.float32, "triton"), go(torch.float64, "reference")
+    for name, x, r in zip(["out", "dq", "dk", "dv", "d_pos_w", "d_ts_w"], got, want, strict=True):
+        assert torch.isfinite(x).all(), f"{name}: unwritten or not finite"
+        scale = r.abs().max().item()
+        assert scale > 0, f"{name}: the reference is all zero, the test proves nothing"
+        tol = (2e-6 if name == "out" else 1e-5) * max(scale, 1.0)
+        assert max_err(x, r) <= tol, f"{name}: max err {max_err(x, r):.3g}, ref max {scale:.3g}"
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "poison_outputs", True)
+
+
+@cpu_only
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["causal", "all"])
+def test_interpreter_matches_fp64(name: str, mode: str, poisoned: None) -> None:
+    with kernel_options_set(rab_tiles=True, backward=mode):
+        check_fp32_against_fp64(CASES[name], with_rab=True, seed=3)
+
+
+@cpu_only
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name,block", [("window", 32), ("targets", 16)])
+def test_interpreter_small_blocks(name: str, block: int, mode: str, poisoned: None) -> None:
+    with kernel_options_set(rab_tiles=True, backward=mode):
+        check_block_size(CASES[name], block, seed=4)
+
+
+@cpu_only
+def test_interpreter_full_blocks(poisoned: None) -> None:
+    # 128-token full blocks (no element mask) walked in 32-token sub-tiles.
+    case = Case((260, 1, 30), num_targets=(7, 0, 3))
+    with kernel_options_set(rab_tiles=True, backward="merged"):
+        check_fp32_against_fp64(case, with_rab=True, seed=17)
+
+
+@cpu_only
+def test_interpreter_hstu_position_ids(poisoned: None) -> None:
+    with kernel_options_set(rab_tiles=True, backward="fused"):
+        check_fp32_against_fp64(CASES["ctx_targets"], with_rab=True, seed=7, use_positions=True)
+
+
+@cpu_only
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", [sla.CASES[0], sla.CASES[4]], ids=["global_keys", "tail_rows"])
+def test_interpreter_semi_local(case: sla.Case, mode: str, poisoned: None) -> None:
+    with kernel_options_set(rab_tiles=True, backward=mode):
+        sla.check_flash_rule(case, 20, h=2, d=16, dtype=torch.float32, short_max=25)
+
+
+@cpu_only
+@pytest.mark.parametrize("table", ["kv_slot", "full_kv_slot", "q_slot", "full_q_slot"])
+def test_a_wrong_slot_fails(table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each slot table shifted by one slot: the checks above must fail."""
+    build = rab_tiles.build
+
+    def off_by_one(tab, divisor):  # noqa: ANN001, ANN202
+        tiles = build(tab, divisor)
+        wrong = (getattr(tiles, table) + 1) % tiles.n_slots
+        return dataclasses.replace(tiles, **{table: wrong.to(torch.int32)})
+
+    monkeypatch.setattr(rab_tiles, "build", off_by_one)
+    monkeypatch.setattr(launch, "_tiles_cache", type(launch._tiles_cache)())
+    # Full blocks exist with 16-token blocks and sequences over two blocks long.
+    case = Case((1, 37, 70, 9), num_targets=(0, 5, 9, 2))
+    with kernel_options_set(rab_tiles=True, backward="split"):
+        with pytest.raises(AssertionError):
+            check_block_size(case, 16, seed=5)
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["all", "targets"])
+def test_gpu_bf16_flash_rule(name: str, mode: str, poisoned: None) -> None:
+    """bf16, 128-blocks, long jagged sequences: the FlashAttention rule (2x / 5x the eager bf16
+    error against fp32), as ``test_triton.test_gpu_bf16_flash_rule`` with the tiles on."""
+    from tests.ops.test_triton import _gpu_case, make_inputs, run
+
+    case = _gpu_case(name, seed=7)
+    tensors = make_inputs(case, 2, 64, 64, torch.float32, True, seed=3)
+    T = tensors[1].shape[0]
+    grad_out = torch.randn(T, 2, 64, generator=torch.Generator().manual_seed(1))
+    kw = dict(max_seq_len=1000, alpha=0.125, grad_out=grad_out)
+    with kernel_options_set(rab_tiles=True, backward=mode, autotune=False):
+        out, grads = run(case, tensors, torch.bfloat16, backend="triton", **kw)
+    ref, ref_grads = run(case, tensors, torch.float32, backend="reference", **kw)
+    eager, eager_grads = run(case, tensors, torch.bfloat16, backend="reference", **kw)
+    assert torch.isfinite(out).all()
+    assert max_err(out, ref) <= 2 * max_err(eager, ref)
+    for gname, g, r, e in zip(["dq", "dk", "dv", "d_pos_w", "d_ts_w"], grads, ref_grads,
+                              eager_grads, strict=True):
+        assert torch.isfinite(g).all(), gname
+        assert max_err(g, r) <= 5 * max_err(e, r), (gname, max_err(g, r), max_err(e, r))
