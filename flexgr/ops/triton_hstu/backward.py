@@ -64,12 +64,13 @@ def _dkdv_visit(
             if RAB_TILES:
                 # The transposed tile [keys, queries] of this block's slot: queries are its
                 # rows, keys its columns (padded pairs hold finite values: no mask).
-                slot = tl.load(slot_list + t // SUB).to(tl.int64)
-                tile_at = slot * (MASK_BLOCK_Q * MASK_BLOCK_KV) + (
-                    ((t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :] * MASK_BLOCK_KV
-                    + (offs_n % MASK_BLOCK_KV)[:, None]
-                )
-                bias = tl.load(Bias + tile_at)
+                # 64-bit slot base as a scalar, int32 offsets inside the block: the offsets
+                # stay live until the dS atomics below, at one register an element, not two.
+                slot_at = tl.load(slot_list + t // SUB).to(tl.int64) * (MASK_BLOCK_Q * MASK_BLOCK_KV)
+                in_block = ((t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :] * MASK_BLOCK_KV + (
+                    offs_n % MASK_BLOCK_KV
+                )[:, None]
+                bias = tl.load(Bias + slot_at + in_block)
             else:
                 q_local = tl.load(Local + offs_m)
                 q_next_ts = tl.load(NextTs + offs_m, mask=row_ok, other=0)
@@ -105,9 +106,9 @@ def _dkdv_visit(
             # programs add there. Masked-off pairs send no atomics at all.
             g = dsT * out_scale
             if IS_FULL:
-                tl.atomic_add(DBias + tile_at, g, sem="relaxed")
+                tl.atomic_add(DBias + slot_at + in_block, g, sem="relaxed")
             else:
-                tl.atomic_add(DBias + tile_at, g, mask=valid, sem="relaxed")
+                tl.atomic_add(DBias + slot_at + in_block, g, mask=valid, sem="relaxed")
         elif HAS_RAB:
             # d bias = ds (with p's 1/N). Masked-off pairs send no atomics at all.
             g = dsT * out_scale
