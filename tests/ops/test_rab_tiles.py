@@ -177,6 +177,61 @@ def test_tiles_on_tables_built_without_them_is_an_error() -> None:
         launch.forward(q, q, q, tab, alpha=1.0, max_seq_len=150, pos_w=rab.pos_w, ts_w=rab.ts_w)
 
 
+@cpu_only
+def test_prepare_kernel_tables_carry_the_same_tiles() -> None:
+    """prepare.kernel_tables (the model's fused per-batch tables) builds the tiles as
+    launch.bias_tables does."""
+    from flexgr.ops.rab import BUCKET_DIVISOR
+    from flexgr.ops.triton_hstu import prepare
+    from tests.ops.test_prepare_kernel import tiny_batch
+
+    batch = tiny_batch([20, 5, 33], targets=True)
+    mask, bias = prepare.hstu_mask_and_bias(
+        batch.offsets, num_targets=batch.num_targets, timestamps=batch.timestamps,
+        query_time=batch.query_time, contextual_len=0, max_attn_len=6, full_attn_tail=0,
+        total_len=batch.num_tokens, max_len=40,
+    )
+    sizes = dict(rab_n=40, num_buckets=128, bucket_divisor=BUCKET_DIVISOR)
+    with kernel_options_set(rab_tiles=True):
+        mine = prepare.kernel_tables(mask, bias, rel_bias=True, **sizes).rab_tiles
+        ref = launch.bias_tables(mask, positions=bias.positions, timestamps=bias.timestamps,
+                                 next_timestamps=bias.next_timestamps, **sizes).rab_tiles
+    assert mine is not None and ref is not None
+    for a, b in zip(mine.tensors(), ref.tensors(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@cpu_only
+def test_hstu_model_with_tiles_equals_inline() -> None:
+    """A one-layer HSTU on the Triton backend (its prepare builds the tiles once per batch):
+    the output and every parameter's gradient equal the inline bias path's."""
+    from flexgr.batch import JaggedBatch
+    from flexgr.model import HSTU, HSTUConfig, get_spec
+
+    torch.manual_seed(0)
+    model = HSTU(HSTUConfig(num_items=50, d_model=16, num_layers=1, num_heads=2, dqk=16, dv=16,
+                            max_seq_len=60, backend="triton", rel_bias=True, dropout=0.0,
+                            input_dropout=0.0))
+    off = make_offsets([7, 40, 1, 23])
+    ids = torch.randint(1, 51, (int(off[-1]),))
+    ts = torch.cumsum(torch.randint(0, 90_000, (int(off[-1]),)), 0)
+    batch = JaggedBatch(ids, off, ts, ts[off[1:] - 1] + 5)
+    prepare_fn = get_spec("hstu").prepare
+    results = []
+    for tiles in (False, True):
+        with kernel_options_set(rab_tiles=tiles, backward="merged"):
+            inputs = prepare_fn(model, batch)
+            assert inputs.attention.kernel_tables is not None
+            assert (inputs.attention.kernel_tables.rab_tiles is not None) == tiles
+            model.zero_grad()
+            out = model(ids, inputs)
+            out.square().sum().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in model.parameters()
+                                         if p.grad is not None)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- kernels against fp64
 
 
