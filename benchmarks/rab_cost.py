@@ -2,11 +2,17 @@
 
     python benchmarks/rab_cost.py                 # CUDA: 16 x [2048, 4096], H=4, D=128, bf16
     python benchmarks/rab_cost.py --quick         # tiny shapes (the interpreter on CPU)
+    python benchmarks/rab_cost.py --rab-tiles     # also the bias as tiles (kernel.rab_tiles)
 
 For each forward tile: forward ms without and with the bias (positional + time buckets, as
 ``benchmarks/model_step.py`` trains it), their ratio, and the compiled kernel's registers and
 spills. For each backward mode (split, fused, merged): forward + backward ms without and with the
 bias. The model step's bias cost (issue 15: <= 1.3x) is the sum of these per layer.
+
+``--rab-tiles`` adds the bias as tiles to both tables, in the same run: per forward tile a
+"tiles ms" column (the per-layer gather included, the per-batch pair indices not: they are built
+once, outside the timing, and timed on their own), per backward mode a "f+b tiles ms" column,
+and the tiles' memory (per batch and per layer).
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--forward-only", action="store_true", help="skip the backward table")
     parser.add_argument("--tiles", type=int, default=5, help="time the first N forward tiles")
+    parser.add_argument(
+        "--rab-tiles", action="store_true",
+        help="also time kernel.rab_tiles (the bias as precomputed tiles) against the inline path",
+    )
     args = parser.parse_args()
     if args.quick and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -52,7 +62,7 @@ def main() -> None:
     from flexgr.ops.kernel_options import kernel_options_set
     from flexgr.ops.rab import RelativeBias
     from flexgr.ops.triton_backend import hstu_attention_triton
-    from flexgr.ops.triton_hstu import tuning
+    from flexgr.ops.triton_hstu import launch, tuning
     from flexgr.ops.triton_hstu.forward import hstu_fwd_kernel
     from flexgr.ops.triton_hstu.tuning import TileConfig
 
@@ -77,6 +87,32 @@ def main() -> None:
     def fwd(bias: RelativeBias | None) -> torch.Tensor:
         return hstu_attention_triton(q, k, v, mask, max_seq_len=N, alpha=alpha, rab=bias)
 
+    tiles_on = args.rab_tiles
+    tiles_note = ""
+    if tiles_on:  # the per-batch part, once: built here, then found in launch's cache
+        with kernel_options_set(rab_tiles=True):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            tiles = launch.mask_tables(mask, rab).rab_tiles
+            if cuda:
+                torch.cuda.synchronize()
+            build_ms = (time.perf_counter() - start) * 1e3
+        assert tiles is not None
+        per_batch = sum(t.numel() * t.element_size() for t in tiles.tensors())
+        per_layer = tiles.rel.numel() * 4  # the fp32 bias values; the backward adds as much
+        tiles_note = (
+            f"# rab_tiles: {tiles.n_slots} visited block pairs, pair indices "
+            f"{per_batch / 2**20:.2f} MiB per batch (built in {build_ms:.1f} ms, one sync), bias "
+            f"values {per_layer / 2**20:.2f} MiB per layer (x2 in the backward)"
+        )
+
+    def tiled(fn):  # noqa: ANN001, ANN202 - fn with the bias as tiles
+        def run() -> object:
+            with kernel_options_set(rab_tiles=True):
+                return fn()
+        return run
+
     def fwd_bwd(bias: RelativeBias | None) -> None:
         fwd(bias).backward(grad)
 
@@ -90,9 +126,12 @@ def main() -> None:
 
     print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"B={B}, lengths in [{N // 2}, {N}], T={T}, H={H}, D={D}, {dtype}")
+    if tiles_note:
+        print(tiles_note)
+    extra_head = " tiles ms | tiles / no bias |" if tiles_on else ""
     print("\n| forward tile (m, n, warps, stages) | no bias ms | bias ms | bias / no bias "
-          "| regs, spills (no bias / bias) |")
-    print("|---|---|---|---|---|")
+          f"| regs, spills (no bias / bias) |{extra_head}")
+    print("|---|---|---|---|---|" + ("---|---|" if tiles_on else ""))
     tiles = (TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 3),
              TileConfig(128, 64, 8, 3), TileConfig(128, 32, 4, 3))
     tiles = tiles[: args.tiles]
@@ -107,20 +146,30 @@ def main() -> None:
                 biased = ms(lambda: fwd(rab))
                 info = compiled_info(hstu_fwd_kernel)[before:]
                 regs = " / ".join(f"{r}, {s}" for _, r, s in info) or "-"
+                extra = ""
+                if tiles_on:
+                    with_tiles = ms(tiled(lambda: fwd(rab)))
+                    extra = f" {with_tiles:.3f} | {with_tiles / plain:.2f}x |"
                 print(f"| {tuple(vars(cfg).values())} | {plain:.3f} | {biased:.3f} | "
-                      f"{biased / plain:.2f}x | {regs} |", flush=True)
+                      f"{biased / plain:.2f}x | {regs} |{extra}", flush=True)
             except Exception as exc:  # noqa: BLE001 - a tile this device cannot run
                 print(f"| {tuple(vars(cfg).values())} | failed: {type(exc).__name__} | | | |")
         tuning.force("fwd", None)
     if args.forward_only:
         return
-    print("\n| backward mode | f+b no bias ms | f+b bias ms | bias / no bias |")
-    print("|---|---|---|---|")
+    extra_head = " f+b tiles ms | tiles / no bias |" if tiles_on else ""
+    print(f"\n| backward mode | f+b no bias ms | f+b bias ms | bias / no bias |{extra_head}")
+    print("|---|---|---|---|" + ("---|---|" if tiles_on else ""))
     for mode in ("split", "fused", "merged"):
         with kernel_options_set(autotune=False, backward=mode):
             plain = ms(lambda: fwd_bwd(None))
             biased = ms(lambda: fwd_bwd(rab))
-        print(f"| {mode} | {plain:.3f} | {biased:.3f} | {biased / plain:.2f}x |", flush=True)
+            extra = ""
+            if tiles_on:
+                with_tiles = ms(tiled(lambda: fwd_bwd(rab)))
+                extra = f" {with_tiles:.3f} | {with_tiles / plain:.2f}x |"
+        print(f"| {mode} | {plain:.3f} | {biased:.3f} | {biased / plain:.2f}x |{extra}",
+              flush=True)
 
 
 if __name__ == "__main__":
