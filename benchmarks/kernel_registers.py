@@ -65,7 +65,7 @@ def resources(fn, constexprs: dict[str, object], warps: int, stages: int) -> str
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(
         ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-        options=dict(num_warps=warps, num_stages=stages),
+        options={"num_warps": warps, "num_stages": stages},
     )
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kernel.asm["ptx"])
@@ -101,9 +101,9 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, fn, extra, (bm, bn, warps, stages) in runs:
         if fn is hstu_bwd_merged_kernel:
-            tile = dict(KV_BLOCK_M=bm, KV_BLOCK_N=bn, Q_BLOCK_M=bm, Q_BLOCK_N=bn)
+            tile = {"KV_BLOCK_M": bm, "KV_BLOCK_N": bn, "Q_BLOCK_M": bm, "Q_BLOCK_N": bn}
         else:
-            tile = dict(BLOCK_M=bm, BLOCK_N=bn)
+            tile = {"BLOCK_M": bm, "BLOCK_N": bn}
         cells = []
         for tiles in (False, True):
             consts = dict(base, **tile, **extra, RAB_TILES=tiles)

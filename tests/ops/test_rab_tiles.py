@@ -191,7 +191,7 @@ def test_prepare_kernel_tables_carry_the_same_tiles() -> None:
         query_time=batch.query_time, contextual_len=0, max_attn_len=6, full_attn_tail=0,
         total_len=batch.num_tokens, max_len=40,
     )
-    sizes = dict(rab_n=40, num_buckets=128, bucket_divisor=BUCKET_DIVISOR)
+    sizes = {"rab_n": 40, "num_buckets": 128, "bucket_divisor": BUCKET_DIVISOR}
     with kernel_options_set(rab_tiles=True):
         mine = prepare.kernel_tables(mask, bias, rel_bias=True, **sizes).rab_tiles
         ref = launch.bias_tables(mask, positions=bias.positions, timestamps=bias.timestamps,
@@ -326,9 +326,8 @@ def test_a_wrong_slot_fails(table: str, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(launch, "_tiles_cache", type(launch._tiles_cache)())
     # Full blocks exist with 16-token blocks and sequences over two blocks long.
     case = Case((1, 37, 70, 9), num_targets=(0, 5, 9, 2))
-    with kernel_options_set(rab_tiles=True, backward="split"):
-        with pytest.raises(AssertionError):
-            check_block_size(case, 16, seed=5)
+    with kernel_options_set(rab_tiles=True, backward="split"), pytest.raises(AssertionError):
+        check_block_size(case, 16, seed=5)
 
 
 # ---------------------------------------------------------------------------------- GPU
@@ -346,7 +345,7 @@ def test_gpu_bf16_flash_rule(name: str, mode: str, poisoned: None) -> None:
     tensors = make_inputs(case, 2, 64, 64, torch.float32, True, seed=3)
     T = tensors[1].shape[0]
     grad_out = torch.randn(T, 2, 64, generator=torch.Generator().manual_seed(1))
-    kw = dict(max_seq_len=1000, alpha=0.125, grad_out=grad_out)
+    kw = {"max_seq_len": 1000, "alpha": 0.125, "grad_out": grad_out}
     with kernel_options_set(rab_tiles=True, backward=mode, autotune=False):
         out, grads = run(case, tensors, torch.bfloat16, backend="triton", **kw)
     ref, ref_grads = run(case, tensors, torch.float32, backend="reference", **kw)

@@ -66,10 +66,10 @@ def _dkdv_visit(
                 # rows, keys its columns (padded pairs hold finite values: no mask).
                 # 64-bit slot base as a scalar, int32 offsets inside the block: the offsets
                 # stay live until the dS atomics below, at one register an element, not two.
-                slot_at = tl.load(slot_list + t // SUB).to(tl.int64) * (MASK_BLOCK_Q * MASK_BLOCK_KV)
-                in_block = ((t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :] * MASK_BLOCK_KV + (
-                    offs_n % MASK_BLOCK_KV
-                )[:, None]
+                slot = tl.load(slot_list + t // SUB).to(tl.int64)
+                slot_at = slot * (MASK_BLOCK_Q * MASK_BLOCK_KV)
+                q_in = (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+                in_block = q_in[None, :] * MASK_BLOCK_KV + (offs_n % MASK_BLOCK_KV)[:, None]
                 bias = tl.load(Bias + slot_at + in_block)
             else:
                 q_local = tl.load(Local + offs_m)

@@ -18,11 +18,15 @@ backward a second fp32 buffer for the bias gradient per pair (another 64 KiB a p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from flexgr.ops.rab import time_bucket
+
+if TYPE_CHECKING:  # launch imports this module
+    from flexgr.ops.triton_hstu.launch import MaskTables
 
 # Elements per chunk of the torch passes: bounds their int64 / fp32 temporaries (~4 of 8 bytes
 # an element) to ~0.5 GiB whatever the batch, at a few launches more for long batches.
@@ -117,11 +121,9 @@ def index_dtypes(rab_n: int, num_buckets: int) -> tuple[torch.dtype, torch.dtype
     return rel_dtype, bucket_dtype
 
 
-def build(
-    tab,  # noqa: ANN001 - launch.MaskTables with its bias tables (ts, next_ts, local, sizes)
-    bucket_divisor: float,
-) -> RabTiles:
-    """The slots of ``tab``'s lists and every slot's pair indices, by the functions of
+def build(tab: MaskTables, bucket_divisor: float) -> RabTiles:
+    """The slots of ``tab``'s lists (tables with their bias tables: ts, next_ts, local and the
+    sizes) and every slot's pair indices, by the functions of
     ``flexgr.ops.rab`` (the reference's), so buckets match the reference on the same device.
     Padded tokens (index >= T) get timestamp 0 and their padded position: any in-range index
     (their weights are zero)."""
