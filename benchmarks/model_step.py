@@ -71,6 +71,10 @@ def main() -> None:
         help="comma list of L, time triton once per kernel.rab_lanes=L (bias on only; "
         "default: the library's default)",
     )
+    parser.add_argument("--compare-no-bias", action="store_true",
+                        help="also time triton without the bias in the same run (bias cost ratio)")
+    parser.add_argument("--rab-tiles", action="store_true",
+                        help="also time triton with kernel.rab_tiles (the bias as tiles)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print the kernels of 3 steps by device time")
     args = parser.parse_args()
@@ -89,17 +93,29 @@ def main() -> None:
     negatives = torch.randint(1, num_items + 1, (512,), generator=gen).to(device)
     names = ["reference"] if device.type == "cpu" else args.backends.split(",")
     copies = args.rab_lanes.split(",") if args.rab_lanes and not args.no_rel_bias else [""]
+    if args.rab_tiles and not args.no_rel_bias:
+        copies.append("tiles")
+    if args.compare_no_bias and not args.no_rel_bias:
+        copies.append("no bias")
     runs = [(b, c) for b in names for c in (copies if b == "triton" else [""])]
     rows = []
     for backend, copy in runs:
         label = backend
-        if copy:
+        if copy == "no bias":
+            set_kernel_options(KernelOptions())
+            label = f"{backend} no bias"
+        elif copy == "tiles":
+            set_kernel_options(KernelOptions(rab_tiles=True))
+            label = f"{backend} rab_tiles"
+        elif copy:
             set_kernel_options(KernelOptions(rab_lanes=int(copy)))
             label = f"{backend} L={copy}"
+        else:
+            set_kernel_options(KernelOptions())
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,
-                         rel_bias=not args.no_rel_bias, **dims)
+                         rel_bias=not args.no_rel_bias and copy != "no bias", **dims)
         model = HSTU(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
