@@ -47,9 +47,9 @@ OPTIONS = ("causal", "sl16", "sl18", "sla", "truncate")
 
 def quality_grid(args: argparse.Namespace, home: Path, work: Path) -> list[dict]:
     rows = []
-    for option in OPTIONS:
+    for option in args.options.split(","):
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             over = [f"data.data_dir={home}", f"data.max_seq_len={args.max_seq_len}",
                     f"train.seed={seed}", f"train.max_epochs={args.epochs}", *args.set]
             if args.small:
@@ -64,18 +64,45 @@ def quality_grid(args: argparse.Namespace, home: Path, work: Path) -> list[dict]
             epochs = [r for r in records if r["kind"] == "epoch"]
             steps = [r["step"] for r in epochs]
             per_epoch = [b - a for a, b in zip([0, *steps], steps)]
-            step_s = sum(r["train_s"] for r in epochs) / max(sum(per_epoch), 1)
-            runs.append({"hr@10": result.test["hr@10"], "ndcg@10": result.test["ndcg@10"],
-                         "step_ms": 1e3 * step_s, "epoch": result.epoch})
-        row = {"option": option, "seeds": len(runs)}
-        for key in ("hr@10", "ndcg@10", "step_ms"):
-            values = [r[key] for r in runs]
-            row[key] = statistics.mean(values)
-            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        row["runs"] = runs
+            # The first epoch holds the kernels' compiles for new tile configurations; the step
+            # time is the median over the later epochs (the only epoch when there is one).
+            epoch_step_s = [r["train_s"] / max(n, 1) for r, n in zip(epochs, per_epoch)]
+            step_s = statistics.median(epoch_step_s[1:] or epoch_step_s)
+            runs.append({"seed": seed, "hr@10": result.test["hr@10"],
+                         "ndcg@10": result.test["ndcg@10"], "step_ms": 1e3 * step_s,
+                         "first_epoch_step_ms": 1e3 * epoch_step_s[0], "epoch": result.epoch})
+        row = summarise(option, runs)
         rows.append(row)
         print(f"  {option}: hr@10 {row['hr@10']:.4f} +- {row['hr@10_std']:.4f}", flush=True)
     return rows
+
+
+def summarise(option: str, runs: list[dict]) -> dict:
+    """One option's row: mean and sample standard deviation over its runs (seeds)."""
+    row: dict = {"option": option, "seeds": len(runs)}
+    for key in ("hr@10", "ndcg@10", "step_ms"):
+        values = [r[key] for r in runs]
+        row[key] = statistics.mean(values)
+        row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    row["runs"] = runs
+    return row
+
+
+def print_quality(rows: list[dict]) -> None:
+    print("\n| option | HR@10 | NDCG@10 | step ms | seeds |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['option']} | {r['hr@10']:.4f} +- {r['hr@10_std']:.4f} | "
+              f"{r['ndcg@10']:.4f} +- {r['ndcg@10_std']:.4f} | "
+              f"{r['step_ms']:.1f} +- {r['step_ms_std']:.1f} | {r['seeds']} |")
+
+
+def merge(paths: list[Path]) -> list[dict]:
+    """The quality rows of several --json files (one per seed range), runs pooled by option."""
+    pooled: dict[str, list[dict]] = {}
+    for path in paths:
+        for row in json.loads(path.read_text()).get("quality", []):
+            pooled.setdefault(row["option"], []).extend(row["runs"])
+    return [summarise(option, runs) for option, runs in pooled.items()]
 
 
 def step_fits(L: int, recompute: str, args: argparse.Namespace, device: torch.device) -> bool:
@@ -139,6 +166,10 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=0, help="training window")
     parser.add_argument("--epochs", type=int, default=0, help="max epochs per run")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are first-seed .. first-seed + seeds - 1 (split a grid over processes)")
+    parser.add_argument("--options", default=",".join(OPTIONS),
+                        help=f"comma list of presets synthetic-long-OPTION (default: {','.join(OPTIONS)})")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
     parser.add_argument("--mem-cap-gib", type=float, default=8.0)
     parser.add_argument("--cpu-saved-mib", type=float, default=4.0)
@@ -149,7 +180,15 @@ def main() -> None:
     parser.add_argument("--skip-length", action="store_true")
     parser.add_argument("--data-dir", type=Path, help="where to prepare the data (default: tmp)")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="only pool the quality rows of these --json files and print them")
     args = parser.parse_args()
+    if args.merge:
+        rows = merge(args.merge)
+        print_quality(rows)
+        if args.json:
+            args.json.write_text(json.dumps({"quality": rows}, indent=2))
+        return
     small = args.small
     args.users = args.users or (24 if small else 2048)
     args.max_seq_len = args.max_seq_len or (64 if small else 16384)
@@ -170,11 +209,7 @@ def main() -> None:
             prepare("synthetic-long", synthetic=params, data_dir=home, progress=False)
             print(f"prepared synthetic-long {params} in {time.perf_counter() - start:.1f} s")
             out["quality"] = quality_grid(args, home, Path(tmp) / "runs")
-            print("\n| option | HR@10 | NDCG@10 | step ms | seeds |\n|---|---|---|---|---|")
-            for r in out["quality"]:
-                print(f"| {r['option']} | {r['hr@10']:.4f} +- {r['hr@10_std']:.4f} | "
-                      f"{r['ndcg@10']:.4f} +- {r['ndcg@10_std']:.4f} | "
-                      f"{r['step_ms']:.1f} +- {r['step_ms_std']:.1f} | {r['seeds']} |")
+            print_quality(out["quality"])
         if not args.skip_length:
             out["longest"] = {mode: longest_window(mode, args, device)
                               for mode in ("none", "layers")}
