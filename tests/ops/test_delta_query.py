@@ -45,16 +45,31 @@ def test_fp32_equals_the_definition(M: int, L: int, bias: bool) -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("M", "L", "splits"), [(5, 37, 3), (19, 70, 2), (3, 1, 4), (2, 0, 1)])
+def test_key_splits_sum_to_the_definition(M: int, L: int, splits: int) -> None:
+    """Keys split over programs (partials summed outside the kernel): the same result, also
+    when the rounding to whole key tiles leaves fewer splits than asked, and for an empty
+    cache (only the candidates' own terms)."""
+    from flexgr.ops.triton_hstu.delta import delta_query_attention
+
+    q, k, v, keys, values, row = _inputs(M, L, 2, 16, 24, torch.float32, 3 * M + L)
+    got = delta_query_attention(q, k, v, keys, values, row, alpha=0.6, max_seq_len=50,
+                                key_splits=splits)
+    want = _definition(*(x.double() for x in (q, k, v, keys, values, row)), 0.6, 50)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(INTERPRETED or DEVICE != "cuda", reason="bf16 products need a GPU")
 def test_bf16_within_twice_the_bf16_definitions_error() -> None:
     from flexgr.ops.triton_hstu.delta import delta_query_attention
 
-    q, k, v, keys, values, row = _inputs(24, 90, 2, 16, 16, torch.bfloat16, 7)
-    got = delta_query_attention(q, k, v, keys, values, row, alpha=0.5, max_seq_len=64)
-    truth = _definition(*(x.double() for x in (q, k, v, keys, values, row)), 0.5, 64)
-    in_bf16 = _definition(q, k, v, keys, values, row, 0.5, 64).double()
-    assert got.dtype == torch.bfloat16
-    assert (got.double() - truth).abs().max() <= 2 * (in_bf16 - truth).abs().max()
+    for M, L in ((24, 90), (70, 3000)):  # the second one splits its keys (auto)
+        q, k, v, keys, values, row = _inputs(M, L, 2, 16, 16, torch.bfloat16, 7)
+        got = delta_query_attention(q, k, v, keys, values, row, alpha=0.5, max_seq_len=64)
+        truth = _definition(*(x.double() for x in (q, k, v, keys, values, row)), 0.5, 64)
+        in_bf16 = _definition(q, k, v, keys, values, row, 0.5, 64).double()
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - truth).abs().max() <= 2 * (in_bf16 - truth).abs().max()
 
 
 @pytest.mark.skipif(not INTERPRETED and DEVICE != "cuda", reason="no triton device")
