@@ -84,6 +84,10 @@ class Row:
     pairs: int = 0
     note: str = ""
     blocks: int = 0  # mask blocks the kernel's query tiles visit (partial + full)
+    # The same calls replayed from a CUDA graph (sparse table): the kernels' time without the
+    # ~0.3 ms of host work per call that bounds short sparse kernels (BENCHMARKS.md).
+    graph_fwd_ms: float | None = None
+    graph_fwd_bwd_ms: float | None = None
 
 
 def median_ms(fn: Callable[[], object]) -> float:
@@ -94,6 +98,25 @@ def median_ms(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def graphed_ms(fn: Callable[[], object]) -> float | None:
+    """Median ms of replaying ``fn``'s launches from one CUDA graph (None off CUDA). ``fn``
+    must not sync with the host (tiles tuned and tile orders built by earlier calls)."""
+    if DEVICE != "cuda":
+        return None
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))
 
 
 def synchronize() -> None:
@@ -127,7 +150,8 @@ def visible_pairs(lengths: torch.Tensor, num_targets: torch.Tensor | None, max_a
     return total
 
 
-def triton_row(case: str, shape: str, q, k, v, mask, N: int, impl: str, pairs: int) -> Row:
+def triton_row(case: str, shape: str, q, k, v, mask, N: int, impl: str, pairs: int,
+               graphs: bool = False) -> Row:
     def fwd() -> torch.Tensor:
         return hstu_attention_triton(q, k, v, mask, max_seq_len=N, alpha=1.0 / D**0.5)
 
@@ -136,8 +160,12 @@ def triton_row(case: str, shape: str, q, k, v, mask, N: int, impl: str, pairs: i
     synchronize()
     first_s = time.perf_counter() - start
     note = f"first call {first_s:.1f} s" if first_s > 1.0 else ""
-    return Row(case, shape, impl, median_ms(fwd), median_ms(with_backward(fwd, [q, k, v])), pairs,
-               note, visited_blocks(mask))
+    row = Row(case, shape, impl, median_ms(fwd), median_ms(with_backward(fwd, [q, k, v])), pairs,
+              note, visited_blocks(mask))
+    if graphs:
+        row.graph_fwd_ms = graphed_ms(fwd)
+        row.graph_fwd_bwd_ms = graphed_ms(with_backward(fwd, [q, k, v]))
+    return row
 
 
 def flex_row(case: str, shape: str, q, k, v, mask, N: int, pairs: int) -> Row:
@@ -256,7 +284,8 @@ def bench_sparse(gen: torch.Generator, args: argparse.Namespace) -> list[Row]:
     for case, kw in (("causal", {}), (f"window{WINDOW}", {"max_attn_len": WINDOW})):
         mask = build_hstu_mask(offsets, block_size=MASK_BLOCK, **kw)
         pairs = causal_p if not kw else visible_pairs(lengths, None, WINDOW)
-        safe(rows, lambda c=case, m=mask, p=pairs: triton_row(c, shape, q, k, v, m, N, "triton", p),
+        safe(rows, lambda c=case, m=mask, p=pairs: triton_row(c, shape, q, k, v, m, N, "triton", p,
+                                                              graphs=True),
              Row(case, shape, "triton"))
     del q, k, v
     B, N = SLA_SHAPE
@@ -266,13 +295,14 @@ def bench_sparse(gen: torch.Generator, args: argparse.Namespace) -> list[Row]:
     k1, k2 = SLA
     causal = build_hstu_mask(offsets, block_size=MASK_BLOCK)
     safe(rows, lambda: triton_row("causal", shape, q, k, v, causal, N, "triton",
-                                  N * (N + 1) // 2 * B),
+                                  N * (N + 1) // 2 * B, graphs=True),
          Row("causal", shape, "triton"))
     for mode in ("global_keys", "tail_rows"):
         case = f"sla_{mode} {k1}+{k2}"
         pairs = sla_pairs([N] * B, k1, k2, mode)
         mask = build_semi_local_mask(offsets, k1, k2, mode=mode, max_len=N, block_size=MASK_BLOCK)
-        safe(rows, lambda c=case, m=mask, p=pairs: triton_row(c, shape, q, k, v, m, N, "triton", p),
+        safe(rows, lambda c=case, m=mask, p=pairs: triton_row(c, shape, q, k, v, m, N, "triton", p,
+                                                              graphs=True),
              Row(case, shape, "triton"))
         if not args.no_flex and DEVICE == "cuda":
             rule = and_masks(jagged(offsets), semi_local(offsets, k1, k2, mode=mode))
@@ -313,11 +343,13 @@ def profile_sparse() -> None:
 
 
 def print_sparse_table(rows: list[Row]) -> None:
-    """Each sparse row against the Triton causal row of its shape (same run, same batch)."""
+    """Each sparse row against the Triton causal row of its shape (same run, same batch), called
+    from Python and replayed from a CUDA graph (the kernels alone, no host work per call)."""
     causal = {r.shape: r for r in rows if r.case == "causal" and r.impl == "triton"}
     print("\n| mask | B×N | impl | fwd ms | fwd+bwd ms | fwd / causal fwd "
-          "| fwd+bwd / causal fwd+bwd | pairs / causal | blocks / causal |")
-    print("|" + "---|" * 9)
+          "| fwd+bwd / causal fwd+bwd | graph: fwd / causal | graph: fwd+bwd / causal "
+          "| pairs / causal | blocks / causal |")
+    print("|" + "---|" * 11)
 
     def ratio(a: float | None, b: float | None) -> str:
         return f"{a / b:.3f}" if a and b else "-"
@@ -328,7 +360,12 @@ def print_sparse_table(rows: list[Row]) -> None:
             continue
         print(f"| {r.case} | {r.shape} | {r.impl} | {fmt(r.fwd_ms)} | {fmt(r.fwd_bwd_ms)} "
               f"| {ratio(r.fwd_ms, ref.fwd_ms)} | {ratio(r.fwd_bwd_ms, ref.fwd_bwd_ms)} "
+              f"| {ratio(r.graph_fwd_ms, ref.graph_fwd_ms)} "
+              f"| {ratio(r.graph_fwd_bwd_ms, ref.graph_fwd_bwd_ms)} "
               f"| {ratio(r.pairs, ref.pairs)} | {ratio(r.blocks, ref.blocks)} |")
+    for r in causal.values():
+        print(f"(causal {r.shape}: fwd {fmt(r.fwd_ms)} / graph {fmt(r.graph_fwd_ms)} ms, fwd+bwd "
+              f"{fmt(r.fwd_bwd_ms)} / graph {fmt(r.graph_fwd_bwd_ms)} ms)")
     print("(goals, issue 15: window forward / causal forward <= 0.20 at 16x4096; SLA 256+256 "
           "fwd+bwd / causal <= 0.15 at 1x16384)")
 
