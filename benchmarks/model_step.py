@@ -12,6 +12,7 @@ and the attention's causal pairs, forward and backward) over the measured bf16 m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -58,6 +59,19 @@ def print_profile(step: Callable[[], None], label: str, device: torch.device) ->
     sys.stderr.flush()
 
 
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of a kernel option: true/false, an int, or the string."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--kernel {text!r}: expected KEY=VALUE")
+    value: object = raw
+    if raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    elif raw.lstrip("-").isdigit():
+        value = int(raw)
+    return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda")
@@ -71,6 +85,9 @@ def main() -> None:
         help="comma list of L, time triton once per kernel.rab_lanes=L (bias on only; "
         "default: the library's default)",
     )
+    parser.add_argument("--kernel", action="append", default=[], metavar="KEY=VALUE",
+                        help="a kernel option for every row, e.g. tuning_threads=8 (flexgr.ops."
+                        "kernel_options.KernelOptions; ints and true/false parsed)")
     parser.add_argument("--compare-no-bias", action="store_true",
                         help="also time triton without the bias in the same run (bias cost ratio)")
     parser.add_argument("--rab-tiles", action="store_true",
@@ -99,19 +116,23 @@ def main() -> None:
         copies.append("no bias")
     runs = [(b, c) for b in names for c in (copies if b == "triton" else [""])]
     rows = []
+    try:
+        base = KernelOptions(**dict(parse_option(kv) for kv in args.kernel))
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--kernel: {exc}") from None
     for backend, copy in runs:
         label = backend
         if copy == "no bias":
-            set_kernel_options(KernelOptions())
+            set_kernel_options(base)
             label = f"{backend} no bias"
         elif copy == "tiles":
-            set_kernel_options(KernelOptions(rab_tiles=True))
+            set_kernel_options(dataclasses.replace(base, rab_tiles=True))
             label = f"{backend} rab_tiles"
         elif copy:
-            set_kernel_options(KernelOptions(rab_lanes=int(copy)))
+            set_kernel_options(dataclasses.replace(base, rab_lanes=int(copy)))
             label = f"{backend} L={copy}"
         else:
-            set_kernel_options(KernelOptions())
+            set_kernel_options(base)
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,

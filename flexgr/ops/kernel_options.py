@@ -50,6 +50,11 @@ class KernelOptions:
     # with torch.bincount. Costs memory per visited block pair (docs/triton-kernel.md, "Bias as
     # tiles"). Off: the inline path (two table reads and two table atomics per element).
     rab_tiles: bool = False
+    # Threads that compile a tuning key's tile candidates at once before they are timed (the
+    # first call of a new shape bucket or option set compiles every candidate: ~13 compiles
+    # for a forward and an "auto" backward). 0 or 1: one after another. Off until measured on
+    # a GPU (the speed-up depends on how much of Triton's compile releases the GIL).
+    tuning_threads: int = 0
 
     def __post_init__(self) -> None:
         lanes = self.rab_lanes
@@ -63,6 +68,8 @@ class KernelOptions:
             raise ValueError(
                 f"kernel.prepare must be triton, compiled or eager, got {self.prepare!r}"
             )
+        if self.tuning_threads < 0:
+            raise ValueError(f"kernel.tuning_threads must be >= 0, got {self.tuning_threads}")
         if self.tile_order not in ("lpt", "lpt_all", "natural"):
             raise ValueError(
                 f"kernel.tile_order must be lpt, lpt_all or natural, got {self.tile_order!r}"

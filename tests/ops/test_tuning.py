@@ -135,3 +135,57 @@ def test_backward_mode_choice_is_kept_per_kernel_options(monkeypatch) -> None:
     options = sorted(key[1] for key in launch.bwd_choices())
     assert len(options) == 2 and "lanes=16" in options[0] + options[1]
     assert any("lanes=4" in o for o in options)
+
+
+def test_tuning_threads_compile_every_candidate_off_the_main_thread_first(store, monkeypatch) -> None:
+    """kernel.tuning_threads: each candidate is launched once from the pool (a failing one does
+    not stop the others or the timing), the device is synchronised, then the timing loop runs
+    on the calling thread; the choice is the same as without threads."""
+    import contextlib
+    import threading
+
+    import torch
+
+    from flexgr.ops.kernel_options import kernel_options_set
+
+    events: list[tuple[str, object]] = []
+    main = threading.get_ident()
+
+    def launch(cfg: object) -> None:
+        where = "main" if threading.get_ident() == main else "pool"
+        events.append((where, cfg))
+        if cfg == C and where == "pool":
+            raise RuntimeError("out of shared memory")  # a candidate that cannot compile
+
+    def fake_time(fn) -> float:  # noqa: ANN001
+        fn()
+        return COST[events[-1][1]]
+
+    monkeypatch.setattr(tuning, "time_ms", fake_time)
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda device=None: events.append(("sync", device)))
+    with kernel_options_set(tuning_threads=4):
+        choice = tuning.pick(KEY, [A, B, C], launch)
+    assert choice == B
+    first = events[:4]
+    assert sorted(str(e) for e in first[:3]) == sorted(str(("pool", c)) for c in (A, B, C))
+    assert first[3] == ("sync", 0)
+    assert [e for e in events[4:] if e[0] != "main"] == []  # timing: caller's thread only
+
+    events.clear()
+    monkeypatch.setattr(tuning, "_chosen", {})
+    store.unlink()
+    with kernel_options_set(tuning_threads=0):
+        assert tuning.pick(KEY, [A, B, C], launch) == B
+    assert all(where == "main" for where, _ in events)  # no pool, no extra sync
+
+
+def test_tuning_threads_must_not_be_negative() -> None:
+    from flexgr.ops.kernel_options import KernelOptions
+
+    with pytest.raises(ValueError, match="kernel.tuning_threads"):
+        KernelOptions(tuning_threads=-1)

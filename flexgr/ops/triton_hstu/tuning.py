@@ -240,6 +240,31 @@ def time_ms(launch: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(launch, warmup=5, rep=20, return_mode="median"))
 
 
+def _compile_at_once(options: list, launch: Callable[[object], None]) -> None:
+    """With ``kernel.tuning_threads`` > 1, launch every candidate once from a thread pool so
+    that their compiles overlap; the timing loop then finds them compiled. Failures are left
+    for the timing loop to report. The warm-up launches write garbage into the outputs on each
+    thread's default stream, so the device is synchronised before anything else runs (the
+    timing loop's launches write garbage too; the caller's final launch writes the result)."""
+    threads = min(kernel_options().tuning_threads, len(options))
+    if threads <= 1 or interpreting() or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+
+    def warm(cfg: object) -> None:
+        with torch.cuda.device(device):
+            try:
+                launch(cfg)
+            except Exception:  # noqa: BLE001 - the timing loop reports it
+                pass
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="flexgr-tile-compile") as pool:
+        list(pool.map(warm, options))
+    torch.cuda.synchronize(device)
+
+
 def pick(key: Hashable, options: list, launch: Callable[[object], None]):  # noqa: ANN201
     """Fastest of ``options`` for ``key``; ``launch(cfg)`` runs the kernel once. The kernel
     options that change the timings are part of the key (in this process and on disk)."""
@@ -253,6 +278,7 @@ def pick(key: Hashable, options: list, launch: Callable[[object], None]):  # noq
     if stored is not None:
         _chosen[key] = stored
         return stored
+    _compile_at_once(options, launch)
     best, best_ms, errors = None, float("inf"), []
     for cfg in options:
         try:
