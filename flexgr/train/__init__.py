@@ -23,7 +23,7 @@ from flexgr.train.config import (
     preset_names,
     preset_text,
 )
-from flexgr.train.loop import Callback, RunResult, TrainError, TrainState, fit
+from flexgr.train.loop import Callback, NonFiniteLoss, RunResult, TrainError, TrainState, fit
 from flexgr.train.loss import sample_negatives, sampled_softmax_loss
 from flexgr.train.rundir import RunDir, RunDirError
 
@@ -35,6 +35,7 @@ __all__ = [
     "EpochBatches",
     "EvalConfig",
     "ModelConfig",
+    "NonFiniteLoss",
     "ParallelConfig",
     "RunDir",
     "RunDirError",

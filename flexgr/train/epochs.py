@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,11 @@ class RunResult:
 
 class TrainError(ValueError):
     """A run that cannot start as configured (no CUDA, nothing to train on, ...)."""
+
+
+class NonFiniteLoss(TrainError):
+    """The training loss became NaN or infinite: the run stops instead of training on (and
+    evaluating, selecting and checkpointing) weights that no longer mean anything."""
 
 
 class Callback:
@@ -137,10 +143,34 @@ class EpochTrainer:
             callback.on_log(record)
 
     def _mean_loss(self) -> float:
-        """The mean training loss since the last record (and start a new interval)."""
+        """The mean training loss since the last record (and start a new interval); raises
+        :class:`NonFiniteLoss` if a step's loss in it was NaN or infinite."""
         acc, steps = self._loss_acc, self._loss_steps
         self._loss_acc, self._loss_steps = None, 0
-        return float(acc) / steps if acc is not None else float("nan")
+        if acc is None:
+            return float("nan")
+        loss = float(acc) / steps
+        self._require_finite(loss, steps)
+        return loss
+
+    def _check_loss(self) -> None:
+        """Raise :class:`NonFiniteLoss` if a step since the last record had a NaN or infinite
+        loss. One host sync, so it is called only where the loop waits anyway (before an
+        evaluation or a checkpoint): a NaN in any step makes the device-side sum NaN, so
+        checking the sum there and at every record covers every step without a per-step sync."""
+        if self._loss_acc is not None:
+            self._require_finite(float(self._loss_acc) / self._loss_steps, self._loss_steps)
+
+    def _require_finite(self, mean_loss: float, steps: int) -> None:
+        if math.isfinite(mean_loss):
+            return
+        last = self.state.step
+        raise NonFiniteLoss(
+            f"training stopped: the mean training loss of steps {last - steps + 1}-{last} "
+            f"(epoch {self.state.epoch}) is {mean_loss}; {self.run.last_checkpoint} was saved "
+            "before any non-finite loss (lower train.lr or set train.grad_clip, then --resume "
+            "or start again)"
+        )
 
     def _add_loss(self, loss: Tensor) -> None:
         self._loss_acc = loss if self._loss_acc is None else self._loss_acc + loss
@@ -163,6 +193,7 @@ class EpochTrainer:
             self._write_best()  # best.pt may be ahead of last.pt if the run died between them
 
     def save(self) -> None:
+        self._check_loss()  # never checkpoint weights trained through a NaN loss
         if self.metrics is not None:
             self.state.metrics_size = self.metrics.size
             self.metrics.sync()
@@ -256,6 +287,7 @@ class EpochTrainer:
 
     def end_of_epoch(self, progress: TrainProgress, partial: bool) -> dict[str, float]:
         """Evaluate the selection split and track the best epoch."""
+        self._check_loss()  # the evaluation syncs anyway; do not rank with diverged weights
         state, which, name = self.state, self.selection_split, self.selection_metric
         metrics, seconds = self.evaluate(which, progress)
         record: dict[str, Any] = {"kind": "eval", "split": which, "epoch": state.epoch}

@@ -23,10 +23,11 @@ from flexgr.model.registry import spec_of
 from flexgr.ops.kernel_options import set_kernel_options
 from flexgr.train.batches import ReplicaBatches, TrainBatch, TrainSequences, train_loader
 from flexgr.train.config import Config, eval_batch_size, exclusion, item_pool
-from flexgr.train.epochs import (  # noqa: F401 (TIMING_KEYS: re-exported)
+from flexgr.train.epochs import (  # noqa: F401 (TIMING_KEYS, NonFiniteLoss: re-exported)
     TIMING_KEYS,
     Callback,
     EpochTrainer,
+    NonFiniteLoss,
     RunResult,
     TrainError,
     TrainState,
