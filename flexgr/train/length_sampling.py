@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexgr.data.ties import _mix64
+from flexgr.eval.batches import concat_ranges
 from flexgr.train.stochastic_length import (
     SELECTIONS,
     keep_full_probability,
@@ -69,23 +70,23 @@ class LengthSampler:
         order: its inputs and, last, its final target (which is always kept)."""
         full = window_end - window_start - 1
         kept = self.input_lengths(rows, full, epoch) + 1
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(kept, out=offsets[1:])
-        index = np.empty(offsets[-1], dtype=np.int64)
-        for b in range(len(rows)):
+        # The last k events of every window, in one vectorised pass: what "recent" keeps, and
+        # all of an uncut window. (A per-sequence Python loop here was 0.5 ms of a 128-user
+        # batch's 0.85 ms build on CPU.)
+        index, offsets = concat_ranges(window_end - kept, window_end)
+        if self.selection == "recent":
+            return index, offsets
+        # Only cut windows draw their events, each from its own (seed, epoch, sequence) stream.
+        for b in np.flatnonzero(kept < window_end - window_start):
             start, end, k = int(window_start[b]), int(window_end[b]), int(kept[b])
-            if k == end - start or self.selection == "recent":
-                chosen = np.arange(end - k, end)
-            else:
-                rng = np.random.default_rng([self.seed, epoch, int(rows[b]), 1])
-                local = select_events(
-                    np.array([0, end - start]),
-                    timestamps[start:end],
-                    np.array([k]),
-                    self.selection,
-                    rng,
-                    keep_last=True,  # type: ignore[arg-type]
-                )
-                chosen = start + local
-            index[offsets[b] : offsets[b + 1]] = chosen
+            rng = np.random.default_rng([self.seed, epoch, int(rows[b]), 1])
+            local = select_events(
+                np.array([0, end - start]),
+                timestamps[start:end],
+                np.array([k]),
+                self.selection,
+                rng,
+                keep_last=True,  # type: ignore[arg-type]
+            )
+            index[offsets[b] : offsets[b + 1]] = start + local
         return index, offsets

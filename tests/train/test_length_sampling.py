@@ -11,7 +11,7 @@ from flexgr.data import RawEvents, build_interactions, make_split
 from flexgr.train import fit
 from flexgr.train.batches import BatchRows, EpochBatches, ReplicaBatches, TrainSequences
 from flexgr.train.length_sampling import LengthSampler
-from flexgr.train.stochastic_length import keep_full_probability, sl_threshold
+from flexgr.train.stochastic_length import keep_full_probability, select_events, sl_threshold
 from tests.conftest import tiny_config
 
 
@@ -54,6 +54,49 @@ def test_kept_events_are_an_ordered_subsequence_ending_at_the_last_target(select
         if selection == "recent":
             assert (np.diff(kept) == 1).all()  # the most recent events, contiguous
         assert int(batch.query_time[b]) == int(data.timestamps[kept[-1]])
+
+
+def events_one_by_one(
+    sampler: LengthSampler, seqs: TrainSequences, rows: np.ndarray, epoch: int
+) -> list[np.ndarray]:
+    """The kept events of each sequence on its own, written out from the rule: the last k
+    events of the window, or (random / weighted, cut windows only) select_events' draw from the
+    sequence's own (seed, epoch, row) stream."""
+    out = []
+    for row in rows:
+        start, end = int(seqs.window_start[row]), int(seqs.window_end[row])
+        k = int(sampler.input_lengths(np.array([row]), np.array([end - start - 1]), epoch)[0]) + 1
+        if k == end - start or sampler.selection == "recent":
+            out.append(np.arange(end - k, end))
+            continue
+        rng = np.random.default_rng([sampler.seed, epoch, int(row), 1])
+        local = select_events(
+            np.array([0, end - start]),
+            seqs.timestamps[start:end],
+            np.array([k]),
+            sampler.selection,
+            rng,
+            keep_last=True,
+        )
+        out.append(start + local)
+    return out
+
+
+@pytest.mark.parametrize("selection", ["recent", "random", "weighted"])
+def test_batched_events_equal_the_rule_sequence_by_sequence(selection: str) -> None:
+    _, seqs = sequences(selection=selection)
+    sampler = seqs.sampler
+    assert sampler is not None
+    rows = np.random.default_rng(1).permutation(len(seqs))[:150]
+    for epoch in (1, 2, 9):
+        index, offsets = sampler.events(
+            rows, seqs.window_start[rows], seqs.window_end[rows], seqs.timestamps, epoch
+        )
+        expected = events_one_by_one(sampler, seqs, rows, epoch)
+        assert offsets.tolist() == np.cumsum([0] + [len(e) for e in expected]).tolist()
+        assert index.dtype == np.int64
+        assert np.array_equal(index, np.concatenate(expected))
+    assert any(len(e) < seqs.window_end[r] - seqs.window_start[r] for r, e in zip(rows, expected))
 
 
 def test_draws_depend_on_seed_epoch_and_sequence_only() -> None:
