@@ -263,7 +263,7 @@ class Trainer(EpochTrainer):
             state.step += 1
             state.batch_in_epoch += 1
             interval_tokens += cpu_batch.row_total  # the step's tokens, all replicas
-            progress.advance(loss)  # read only until the first training record
+            progress.advance(loss)  # read only where shown, before the first record
             if state.step % t.log_every == 0:
                 elapsed = time.perf_counter() - interval_start
                 self._log_train(progress, interval_tokens / max(elapsed, 1e-9))

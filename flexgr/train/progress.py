@@ -148,12 +148,15 @@ class TrainProgress:
         )
 
     def advance(self, loss: Tensor | float | None = None) -> None:
-        """One training batch done. ``loss`` (the step's loss, on any device) is read only until
-        the first training record is shown, so the first steps show a loss at the cost of a
-        few host syncs; later steps show the records' losses."""
+        """One training batch done. ``loss`` (the step's loss, on any device) is read only while
+        something shows it before the first training record: the bar's running mean (every
+        step until then), the first step's line; so the first steps show a loss at the cost of
+        a few host syncs, and without a bar only the first step pays one (none when quiet).
+        Later steps show the records' losses."""
         self._done += 1
         early = None
-        if loss is not None and not self._logged:
+        shown = self._progress is not None or (self.lines and self._early_steps == 0)
+        if loss is not None and not self._logged and shown:
             self._early_sum += float(loss)
             self._early_steps += 1
             early = self._early_sum / self._early_steps

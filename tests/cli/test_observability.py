@@ -114,6 +114,34 @@ def test_progress_lines_show_epochs_of_n_the_first_loss_and_an_eta() -> None:
     assert "evaluating val" in text
 
 
+class CountedLoss:
+    """A step's loss that counts its host reads (float() of a CUDA tensor waits for the GPU)."""
+
+    reads = 0
+
+    def __float__(self) -> float:
+        CountedLoss.reads += 1
+        return 2.0
+
+
+@pytest.mark.parametrize(
+    "show, terminal, reads", [(False, False, 0), (None, False, 1), (True, True, 3)]
+)
+def test_progress_reads_early_losses_only_where_it_shows_them(
+    show: bool | None, terminal: bool, reads: int
+) -> None:
+    """Quiet: never; log lines: the first step's only; the bar: every step before a record."""
+    console = Console(file=io.StringIO(), force_terminal=terminal, width=200)
+    CountedLoss.reads = 0
+    with TrainProgress(console, show, max_epochs=1) as progress:
+        progress.start_epoch(1, total_batches=5, done_batches=0)
+        for _ in range(3):
+            progress.advance(CountedLoss())  # type: ignore[arg-type]
+        progress.log(step=3, loss=2.0, lr=1e-3, tokens_per_s=1.0)
+        progress.advance(CountedLoss())  # type: ignore[arg-type]
+    assert CountedLoss.reads == reads
+
+
 def test_progress_bar_shows_eta_and_an_evaluation_bar() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=200)
