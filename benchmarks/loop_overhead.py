@@ -10,6 +10,7 @@ real ``run_epoch``. The model's forward, the loss, and backward + optimizer step
 in timers, and so are the loader's ``next`` (batch building, collation, pinning), the per-step
 input preparation (masks, positions, bias tables) and the negative draws; everything else is
 the loop's own work. A tiny model keeps the model's compute small so the rest is visible.
+Before the training epochs the loader is also timed alone (``loader_alone_ms``).
 
 On a CPU every op runs synchronously, so each bucket is its own cost; on CUDA the buckets time
 only the host's launches (no synchronisation is added: that would change the loop). Prints a
@@ -89,6 +90,16 @@ def instrument(trainer: Trainer, timers: Timers) -> None:
     parallel_module.shard_inputs = timers.wrap("prepare", parallel_module.shard_inputs)
 
 
+def loader_alone_ms(trainer: Trainer, epochs: int = 5) -> float:
+    """ms per batch of the loader iterated with no training between (warm caches): the build
+    cost itself, which the model's steps inflate on a CPU by evicting what it reads."""
+    start, batches = time.perf_counter(), 0
+    for epoch in range(1, epochs + 1):
+        trainer.batches.set_epoch(epoch)
+        batches += sum(1 for _ in trainer.loader)
+    return (time.perf_counter() - start) / batches * 1e3
+
+
 def run_epochs(trainer: Trainer, progress: TrainProgress, epochs: int) -> None:
     for _ in range(epochs):
         trainer.run_epoch(progress)
@@ -114,6 +125,7 @@ def main() -> None:
         run = RunDir(Path(tmp) / "bench")
         run.create(cfg)
         trainer = Trainer(cfg, run, Console(stderr=True), show_progress=False, callbacks=())
+        alone_ms = loader_alone_ms(trainer)
         instrument(trainer, timers)
         progress = TrainProgress(Console(quiet=True), False, max_epochs=cfg.train.max_epochs)
         run_epochs(trainer, progress, 1)  # warm-up
@@ -135,6 +147,7 @@ def main() -> None:
         **{f"{k}_ms": round(v, 3) for k, v in sorted(per_step.items())},
         "outside_model_ms": round(outside, 3),
         "loop_own_ms": round(loop_own, 3),
+        "loader_alone_ms": round(alone_ms, 3),
         "overrides": overrides,
     }
     from rich.table import Table
