@@ -340,6 +340,26 @@ def profile_sparse() -> None:
               f"host {p.host_ms:.3f} ms per call (unsynchronised loop)")
         print(p.events.table(sort_by="self_device_time_total" if DEVICE == "cuda" else
                              "self_cpu_time_total", row_limit=8))
+        print_python_host(fwd, f"{case} forward")
+        print_python_host(with_backward(fwd, [q, k, v]), f"{case} forward + backward")
+
+
+def print_python_host(fn: Callable[[], object], label: str) -> None:
+    """Where the host time of ``calls`` unsynchronised calls goes, by Python function (cProfile,
+    top 14 by own time): which of flexgr's wrappers, Triton's launcher and torch's ops cost."""
+    import cProfile
+    import pstats
+
+    calls = 200 if DEVICE == "cuda" else 1  # the interpreter takes ~1 s a call
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    synchronize()
+    print(f"\n### Python host time of {label}, {calls} calls (cProfile; us per call = "
+          f"tottime / {calls} x 1e6)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
 
 def print_sparse_table(rows: list[Row]) -> None:
