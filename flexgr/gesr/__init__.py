@@ -5,13 +5,8 @@ ranking model (:mod:`flexgr.gesr.model`)."""
 
 # flexgr.model first: its registry imports flexgr.gesr.spec, which needs the model modules.
 import flexgr.model  # noqa: F401  isort: skip
-from flexgr.gesr.cross import (
-    CrossAttention,
-    CrossAttentionConfig,
-    CrossPairs,
-    cross_pairs,
-    jagged_cross_attention,
-)
+from flexgr.gesr.cross import CrossAttention, CrossAttentionConfig, jagged_cross_attention
+from flexgr.gesr.cross_layout import CrossPairs, cross_pairs
 from flexgr.gesr.falcon import GESRHistoryCache, ItemSide, item_side
 from flexgr.gesr.matching import (
     HardMatchConfig,

@@ -8,15 +8,17 @@ For candidate c of sequence b (history rows ``[h_b, h_{b+1})``), per head:
 over the history rows j of b only. Candidates never see each other or other requests' histories;
 an empty history gives o_c = 0. Two eager implementations compute the same thing:
 
-- ``jagged_cross_attention`` enumerates the (candidate, history row) pairs of each request,
-  sum_b M_b * L_b of them, which is the op's cost: nothing quadratic in the batch's total length
-  is formed, whatever the length skew (the reference the other is tested against);
-- ``padded_cross_attention`` pads each request's candidates and history to the batch's longest
-  (B x M_max x L_max scores, one batched matmul per side) and reads each history's keys and
-  values once per request instead of once per candidate: much faster when the lengths are
-  alike, as in early-stage ranking where every request has many candidates.
+- ``jagged_cross_attention`` enumerates (candidate, history slot) pairs, ``max_history`` slots
+  per candidate; the slots past a request's history go to a discarded output row, so each
+  candidate sums over exactly its own history (the reference the other is tested against);
+- ``padded_cross_attention`` puts each request's candidates in tiles of ``tile_size`` slots
+  (one request per tile) and pads every tile's history to ``max_history`` (one batched matmul
+  per side over [tiles, tile_size, max_history] scores), reading a history's keys and values
+  once per tile instead of once per candidate: much faster when many candidates share a history,
+  as in early-stage ranking.
 
-A fused kernel is not written (docs/gesr.md).
+The layouts (flexgr.gesr.cross_layout) are built from shapes and the caller's ``max_history``
+bound alone, never from a value read on the host. A fused kernel is not written (docs/gesr.md).
 
 Shapes: M candidates in all, L history rows in all, H heads, D head dim.
 """
@@ -31,33 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexgr.ranking.tokens import segments
+from flexgr.gesr.cross_layout import CrossPadding, CrossPairs
 
 CrossActivation = Literal["softmax", "silu"]
 
 
-@dataclass(frozen=True)
-class CrossPairs:
-    """Every (candidate, history row) pair of the same sequence: a per-batch input, built once
-    outside the forward (it holds the batch's one host sync, the pair count)."""
-
-    candidate: Tensor  # [P] candidate row of each pair
-    history: Tensor  # [P] history row of each pair
-
-
-def cross_pairs(
-    history_offsets: Tensor, candidate_offsets: Tensor, num_candidates: int
-) -> CrossPairs:
-    c_seq, _ = segments(candidate_offsets, num_candidates)
-    hist_len = history_offsets[1:] - history_offsets[:-1]
-    per_candidate = hist_len[c_seq]
-    P = int(per_candidate.sum())
-    pair_cand = torch.repeat_interleave(
-        torch.arange(num_candidates, device=c_seq.device), per_candidate, output_size=P
+def readable(k_LHD: Tensor, v_LHD: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values every padding slot can read (row 0): a batch with no history row at all
+    gets one zero row, which the masks then leave out like any padding slot."""
+    if k_LHD.shape[0]:
+        return k_LHD, v_LHD
+    # Concatenated, not replaced, so that the empty k and v still get their (empty) gradients.
+    return (
+        torch.cat([k_LHD, k_LHD.new_zeros(1, *k_LHD.shape[1:])]),
+        torch.cat([v_LHD, v_LHD.new_zeros(1, *v_LHD.shape[1:])]),
     )
-    first_pair = torch.cumsum(per_candidate, 0) - per_candidate
-    local = torch.arange(P, device=c_seq.device) - first_pair[pair_cand]
-    return CrossPairs(pair_cand, history_offsets[c_seq][pair_cand] + local)
 
 
 def jagged_cross_attention(
@@ -70,50 +60,25 @@ def jagged_cross_attention(
 ) -> Tensor:
     """[M, H, Dv]: candidate queries over their own sequence's history keys and values."""
     M, H, _ = q_MHD.shape
+    k_LHD, v_LHD = readable(k_LHD, v_LHD)
     scores_PH = (q_MHD[pairs.candidate] * k_LHD[pairs.history]).sum(-1)
     v_PHD = v_LHD[pairs.history]
-    out = v_LHD.new_zeros(M, H, v_LHD.shape[-1])
+    # Row M collects the slots past each history and is dropped: a candidate's row sums its
+    # own history's pairs only, in the order of its history.
+    out = v_LHD.new_zeros(M + 1, H, v_LHD.shape[-1])
     if activation == "silu":
-        return out.index_add(0, pairs.candidate, F.silu(scores_PH).unsqueeze(-1) * v_PHD) / divisor
+        out = out.index_add(0, pairs.target, F.silu(scores_PH).unsqueeze(-1) * v_PHD)
+        return out[:M] / divisor
     scores_PH = scores_PH / math.sqrt(q_MHD.shape[-1])
     # Softmax per candidate: subtract its max (detached; softmax does not depend on it).
-    peak = scores_PH.new_full((M, H), -math.inf)
-    index_PH = pairs.candidate.unsqueeze(1).expand(-1, H)
+    peak = scores_PH.new_full((M + 1, H), -math.inf)
+    index_PH = pairs.target.unsqueeze(1).expand(-1, H)
     peak = peak.scatter_reduce(0, index_PH, scores_PH.detach(), "amax")
-    weights_PH = torch.exp(scores_PH - peak[pairs.candidate])
-    total = scores_PH.new_zeros(M, H).index_add(0, pairs.candidate, weights_PH)
-    out = out.index_add(0, pairs.candidate, weights_PH.unsqueeze(-1) * v_PHD)
+    weights_PH = torch.exp(scores_PH - peak[pairs.target])
+    total = scores_PH.new_zeros(M + 1, H).index_add(0, pairs.target, weights_PH)
+    out = out.index_add(0, pairs.target, weights_PH.unsqueeze(-1) * v_PHD)
     # Candidates with an empty history have total 0 and out 0: keep them 0, not NaN.
-    return out / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(-1)
-
-
-@dataclass(frozen=True)
-class CrossPadding:
-    """Where every candidate and history row goes in the padded layout: a per-batch input,
-    built once outside the forward (it holds the batch's one host sync, the longest lengths)."""
-
-    history_rows: Tensor  # [B, L_max] row of each padded history slot (0 where padding)
-    history_valid: Tensor  # [B, L_max] bool: the slot holds a history row
-    candidate_seq: Tensor  # [M] sequence of each candidate
-    candidate_slot: Tensor  # [M] its slot in its sequence's padded candidates
-    max_candidates: int  # M_max
-
-
-def cross_padding(
-    history_offsets: Tensor, candidate_offsets: Tensor, num_candidates: int
-) -> CrossPadding:
-    hist_len = history_offsets[1:] - history_offsets[:-1]
-    cand_len = candidate_offsets[1:] - candidate_offsets[:-1]
-    # One host sync: both longest lengths in one read.
-    if hist_len.numel():
-        longest = torch.stack([hist_len.max(), cand_len.max()]).tolist()
-    else:
-        longest = [0, 0]
-    slots = torch.arange(longest[0], device=history_offsets.device)
-    valid = slots < hist_len.unsqueeze(1)
-    rows = torch.where(valid, history_offsets[:-1].unsqueeze(1) + slots, 0)
-    c_seq, c_slot = segments(candidate_offsets, num_candidates)
-    return CrossPadding(rows, valid, c_seq, c_slot, longest[1])
+    return out[:M] / total[:M].clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(-1)
 
 
 def padded_cross_attention(
@@ -126,31 +91,32 @@ def padded_cross_attention(
 ) -> Tensor:
     """[M, H, Dv]: the same as :func:`jagged_cross_attention`, through padded batched matmuls."""
     _, H, D = q_MHD.shape
-    B, L_max = padding.history_rows.shape
-    valid_BL = padding.history_valid
+    N, L_max = padding.history_rows.shape
+    pad_N11L = padding.history_padding[:, None, None, :]
     # Padding slots read row 0; their scores are masked below, so their values never count.
-    k_BLHD, v_BLHD = k_LHD[padding.history_rows], v_LHD[padding.history_rows]
-    q_BMHD = q_MHD.new_zeros(B, padding.max_candidates, H, D)
-    q_BMHD = q_BMHD.index_put((padding.candidate_seq, padding.candidate_slot), q_MHD)
-    scores_BHML = torch.einsum("bmhd,blhd->bhml", q_BMHD, k_BLHD)
-    keep_B11L = valid_BL[:, None, None, :]
+    k_LHD, v_LHD = readable(k_LHD, v_LHD)
+    k_NLHD, v_NLHD = k_LHD[padding.history_rows], v_LHD[padding.history_rows]
+    q_NTHD = q_MHD.new_zeros(N, padding.tile_size, H, D)
+    q_NTHD = q_NTHD.index_put((padding.candidate_tile, padding.candidate_slot), q_MHD)
+    scores_NHTL = torch.einsum("nthd,nlhd->nhtl", q_NTHD, k_NLHD)
     if activation == "silu":
-        weights = F.silu(scores_BHML) * keep_B11L / divisor
-        out_BHMD = torch.einsum("bhml,blhe->bhme", weights, v_BLHD)
+        weights = F.silu(scores_NHTL).masked_fill(pad_N11L, 0.0) / divisor
+        out_NHTD = torch.einsum("nhtl,nlhe->nhte", weights, v_NLHD)
     else:
-        scores_BHML = (scores_BHML / math.sqrt(D)).masked_fill(~keep_B11L, -math.inf)
+        scores_NHTL = (scores_NHTL / math.sqrt(D)).masked_fill(pad_N11L, -math.inf)
         # The row maximum (detached: softmax does not depend on it); an empty history's row
-        # is all -inf, so its peak is taken as 0 and every weight comes out 0, not NaN.
+        # is all -inf, and its peak is raised to the lowest finite value, so every weight comes
+        # out exp(-inf) = 0, not NaN. A finite peak is unchanged.
         if L_max:
-            peak = scores_BHML.detach().amax(-1, keepdim=True)
-            peak = torch.where(torch.isfinite(peak), peak, 0.0)
+            peak = scores_NHTL.detach().amax(-1, keepdim=True)
+            peak = peak.clamp_min(torch.finfo(peak.dtype).min)
         else:  # every history empty (amax has no identity): every output 0
-            peak = scores_BHML.new_zeros(*scores_BHML.shape[:-1], 1)
-        weights = torch.exp(scores_BHML - peak)
+            peak = scores_NHTL.new_zeros(*scores_NHTL.shape[:-1], 1)
+        weights = torch.exp(scores_NHTL - peak)
         total = weights.sum(-1, keepdim=True)
-        out_BHMD = torch.einsum("bhml,blhe->bhme", weights, v_BLHD)
-        out_BHMD = out_BHMD / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return out_BHMD.permute(0, 2, 1, 3)[padding.candidate_seq, padding.candidate_slot]
+        out_NHTD = torch.einsum("nhtl,nlhe->nhte", weights, v_NLHD)
+        out_NHTD = out_NHTD / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return out_NHTD.permute(0, 2, 1, 3)[padding.candidate_tile, padding.candidate_slot]
 
 
 @dataclass(frozen=True)

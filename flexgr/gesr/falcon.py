@@ -9,7 +9,8 @@ scoring calls (:func:`encode_ranking_history`, a :class:`GESRHistoryCache`):
   cached keys and to itself, never to another candidate, at the position and time it has in the
   normal forward;
 - the user tower's output, and the cross attention's history keys and values;
-- the history's items and timestamps, which the match join reads for each microbatch.
+- the history's items and timestamps, which the match join sorts once per scoring call (its
+  microbatches then only look their candidates up).
 
 Everything that depends on the item alone is computed once per loaded model for the whole
 catalogue (:func:`item_side`, an :class:`ItemSide`): the item tower's outputs, the self
@@ -39,8 +40,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flexgr.gesr.cross import cross_padding
-from flexgr.gesr.matching import hard_match_features
+from flexgr.gesr.cross_layout import one_request_padding
+from flexgr.gesr.matching import (
+    HardMatchConfig,
+    SortedHistory,
+    candidate_counts,
+    decay,
+    features_of,
+    one_history_join,
+)
 from flexgr.gesr.model import GESRRanker, self_expert_inputs
 from flexgr.model.hstu.falcon import (
     HistoryCache,
@@ -232,11 +240,10 @@ def candidate_logits(
     """[M, K] task logits (BCE) or values (MSE) of ``candidates`` (item ids [M]) after
     ``cache``'s history, ``microbatch`` candidates per pass. ``use_item_side=False`` computes
     the per-item inputs for these candidates instead of reading :func:`item_side`."""
-    cfg = model.cfg
     n, device = cache.length, candidates.device
     table = item_side(model) if use_item_side else None
-    history_offsets = torch.tensor([0, n], device=device)
-    query_time = torch.tensor([cache.query_time], dtype=torch.int64, device=device)
+    match_cfg = model.cfg.match_config()
+    join = history_join(match_cfg, cache) if model.match is not None else None
     out = []
     for part in microbatches(candidates.numel(), microbatch):
         chunk = candidates[part]
@@ -247,24 +254,17 @@ def candidate_logits(
             tower_mKd = table.item_tower[chunk]
             tokens = table.self_tokens[chunk] if table.self_tokens is not None else None
             queries = table.cross_queries[chunk] if table.cross_queries is not None else None
-        candidate_offsets = torch.tensor([0, m], device=device)
         parts: list[Tensor] = []  # in EXPERTS order, as GESRRanker.experts
         if model.match is not None:
-            features = hard_match_features(
-                cfg.match_config(),
-                cache.items.unsqueeze(1),
-                history_offsets,
-                chunk.unsqueeze(1),
-                candidate_offsets,
-                cache.timestamps,
-                query_time,
-            )
-            parts.append(model.match(features))
+            assert join is not None
+            values = chunk.long()
+            counts = candidate_counts(join, values, values, match_cfg.ignore_value)
+            parts.append(model.match(features_of(match_cfg, counts).unsqueeze(1)))
         if model.cross is not None:
             # One request: the padded layout has no padding, whatever model.cross_impl says.
             assert queries is not None and cache.cross_keys is not None
             assert cache.cross_values is not None
-            layout = cross_padding(history_offsets, candidate_offsets, m)
+            layout = one_request_padding(n, m, device)
             parts.append(model.cross.attend(queries, cache.cross_keys, cache.cross_values, layout))
         if model.encoder is not None:
             assert tokens is not None
@@ -273,6 +273,15 @@ def candidate_logits(
         user_mKd = cache.user.unsqueeze(0).expand(m, -1, -1)
         out.append(model.fused_logits(parts, user_mKd, tower_mKd))
     return torch.cat(out)
+
+
+def history_join(cfg: HardMatchConfig, cache: GESRHistoryCache) -> SortedHistory:
+    """The match join's history side, once per scoring call: the history's items sorted (one
+    request: the items are the keys), weighted by recency at the cache's query time."""
+    weights = None
+    if cfg.half_life is not None:
+        weights = decay(cache.query_time - cache.timestamps, cfg.half_life)
+    return one_history_join(cache.items, weights, cfg.ignore_value)
 
 
 def history_content(

@@ -30,15 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from flexgr.gesr.cross import (
-    CrossActivation,
-    CrossAttention,
-    CrossAttentionConfig,
-    CrossPadding,
-    CrossPairs,
-    cross_padding,
-    cross_pairs,
-)
+from flexgr.gesr.cross import CrossActivation, CrossAttention, CrossAttentionConfig
+from flexgr.gesr.cross_layout import CrossPadding, CrossPairs, cross_padding, cross_pairs
 from flexgr.gesr.matching import HardMatchConfig, HardMatchEmbedding, hard_match_features
 from flexgr.gesr.mlpg import MLPG, MLPGConfig
 from flexgr.model.hstu.inputs import HSTUInputs
@@ -47,7 +40,7 @@ from flexgr.model.hstu.model import HSTUConfig
 from flexgr.ranking.baselines import TwoTowerConfig, TwoTowerRanker, validate_common
 from flexgr.ranking.batch import RankingBatch
 from flexgr.ranking.hstu import HSTUStack
-from flexgr.ranking.tokens import TokenRows, place, segments, token_batch, token_rows
+from flexgr.ranking.tokens import BatchSegments, TokenRows, place, token_batch, token_rows
 
 Expert = Literal["match", "cross", "self"]
 EXPERTS: tuple[str, ...] = ("match", "cross", "self")
@@ -69,8 +62,8 @@ class GESRRankingConfig(TwoTowerConfig):
     match_dim: int = 8
     match_half_life: float | None = None
     # cross: heads of cross_head_dim; softmax (DIN-style) or HSTU's silu / max_seq_len.
-    # cross_impl: "padded" (batched matmuls over the batch's longest lengths; fast when the
-    # lengths are alike) or "pairs" (every (candidate, history event) pair; no padding).
+    # cross_impl: "padded" (batched matmuls over tiles of a request's candidates, histories
+    # padded to max_seq_len) or "pairs" (every candidate with max_seq_len history slots).
     cross_heads: int = 2
     cross_head_dim: int = 16
     cross_activation: CrossActivation = "softmax"
@@ -209,12 +202,12 @@ class GESRRanker(nn.Module):
 
 
 def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
-    """The experts' per-batch inputs: the match features (one host sync, the join's value
-    range), the cross attention's layout (one host sync: the pair count or the longest
-    lengths) and the self expert's token rows and HSTU inputs."""
+    """The experts' per-batch inputs: the match features, the cross attention's layout and the
+    self expert's token rows and HSTU inputs, from one set of segment ids. Nothing here reads a
+    tensor's value on the host: the bounds are the config's (the item vocabulary for the match
+    join's keys, ``max_seq_len`` for the cross layouts) and the sizes the shapes'."""
     cfg = model.cfg
-    h_seq, _ = segments(batch.history_offsets, batch.num_history)
-    c_seq, _ = segments(batch.candidate_offsets, batch.num_candidates)
+    segs = BatchSegments.of(batch)
     match = cross = rows = hstu = None
     if model.match is not None:
         match = hard_match_features(
@@ -225,19 +218,34 @@ def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
             batch.candidate_offsets,
             batch.history_timestamps,
             batch.query_time,
+            value_range=(0, cfg.num_items),  # item ids, 0 the padding id
+            history_seq=segs.history_seq,
+            candidate_seq=segs.candidate_seq,
         )
     if model.cross is not None:
-        layout = cross_pairs if cfg.cross_impl == "pairs" else cross_padding
-        cross = layout(batch.history_offsets, batch.candidate_offsets, batch.num_candidates)
+        offsets = (batch.history_offsets, batch.candidate_offsets, batch.num_candidates)
+        if cfg.cross_impl == "pairs":
+            cross = cross_pairs(
+                *offsets, max_history=cfg.max_seq_len, candidate_seq=segs.candidate_seq
+            )
+        else:
+            cross = cross_padding(
+                *offsets,
+                max_history=cfg.max_seq_len,
+                candidate_seq=segs.candidate_seq,
+                candidate_local=segs.candidate_local,
+            )
     if model.encoder is not None:
-        rows, hstu = self_expert_inputs(model.encoder, batch)
-    return GESRInputs(h_seq, c_seq, match, cross, rows, hstu)  # type: ignore[arg-type]
+        rows, hstu = self_expert_inputs(model.encoder, batch, segs)
+    return GESRInputs(segs.history_seq, segs.candidate_seq, match, cross, rows, hstu)  # type: ignore[arg-type]
 
 
-def self_expert_inputs(encoder: HSTUStack, batch: RankingBatch) -> tuple[TokenRows, HSTUInputs]:
+def self_expert_inputs(
+    encoder: HSTUStack, batch: RankingBatch, segs: BatchSegments | None = None
+) -> tuple[TokenRows, HSTUInputs]:
     """The self expert's merged token rows and HSTU inputs (target-aware mask, positions, bias
     tables): every candidate a target of its request's history."""
-    rows = token_rows(batch, "merged")
+    rows = token_rows(batch, "merged", segs)
     tokens = token_batch(rows, batch)
     return rows, prepare_hstu(encoder, tokens)  # type: ignore[arg-type,return-value]
 

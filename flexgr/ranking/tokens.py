@@ -43,17 +43,41 @@ def segments(offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
     return seg, torch.arange(total, device=offsets.device) - offsets[seg]
 
 
-def token_rows(batch: RankingBatch, layout: TokenLayout) -> TokenRows:
+@dataclass(frozen=True)
+class BatchSegments:
+    """Each history event's and candidate's sequence and index in it, and the lengths: derived
+    once per batch and shared by everything a model prepares from them."""
+
+    history_seq: Tensor  # [H]
+    history_local: Tensor  # [H]
+    candidate_seq: Tensor  # [C]
+    candidate_local: Tensor  # [C]
+    history_len: Tensor  # [B]
+    candidate_len: Tensor  # [B]
+
+    @staticmethod
+    def of(batch: RankingBatch) -> BatchSegments:
+        h_seq, h_local = segments(batch.history_offsets, batch.num_history)
+        c_seq, c_local = segments(batch.candidate_offsets, batch.num_candidates)
+        hist_len = batch.history_offsets[1:] - batch.history_offsets[:-1]
+        cand_len = batch.candidate_offsets[1:] - batch.candidate_offsets[:-1]
+        return BatchSegments(h_seq, h_local, c_seq, c_local, hist_len, cand_len)
+
+
+def token_rows(
+    batch: RankingBatch, layout: TokenLayout, segs: BatchSegments | None = None
+) -> TokenRows:
+    """``segs``: the batch's :class:`BatchSegments`, where the caller has them already."""
     per_event = 2 if layout == "interleaved" else 1
     H, C = batch.num_history, batch.num_candidates
-    hist_len = batch.history_offsets[1:] - batch.history_offsets[:-1]
-    cand_len = batch.candidate_offsets[1:] - batch.candidate_offsets[:-1]
+    segs = BatchSegments.of(batch) if segs is None else segs
+    hist_len, cand_len = segs.history_len, segs.candidate_len
     lengths = per_event * hist_len + cand_len
     offsets = torch.zeros_like(batch.history_offsets)
     offsets[1:] = torch.cumsum(lengths, 0)
     T = per_event * H + C
-    h_seq, h_local = segments(batch.history_offsets, H)
-    c_seq, c_local = segments(batch.candidate_offsets, C)
+    h_seq, h_local = segs.history_seq, segs.history_local
+    c_seq, c_local = segs.candidate_seq, segs.candidate_local
     item_rows = offsets[h_seq] + per_event * h_local
     action_rows = item_rows + 1 if layout == "interleaved" else None
     candidate_rows = offsets[c_seq] + per_event * hist_len[c_seq] + c_local

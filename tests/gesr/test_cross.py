@@ -10,22 +10,25 @@ import torch.nn.functional as F
 from flexgr.gesr.cross import (
     CrossAttention,
     CrossAttentionConfig,
-    cross_padding,
-    cross_pairs,
     jagged_cross_attention,
     padded_cross_attention,
 )
+from flexgr.gesr.cross_layout import cross_padding, cross_pairs
 
 IMPLS = ["pairs", "padded"]
 
 
-def layout_of(impl, h_off, c_off, M):
-    return cross_pairs(h_off, c_off, M) if impl == "pairs" else cross_padding(h_off, c_off, M)
+def layout_of(impl, h_off, c_off, M, extra_slots=0):
+    """Either layout, bounded by the longest history plus ``extra_slots`` padding slots."""
+    longest = int((h_off[1:] - h_off[:-1]).max()) + extra_slots
+    layout = cross_pairs if impl == "pairs" else cross_padding
+    return layout(h_off, c_off, M, max_history=longest)
 
 
-def attend(impl, q, k, v, h_off, c_off, activation="softmax", divisor=1.0):
+def attend(impl, q, k, v, h_off, c_off, activation="softmax", divisor=1.0, extra_slots=0):
     fn = jagged_cross_attention if impl == "pairs" else padded_cross_attention
-    return fn(q, k, v, layout_of(impl, h_off, c_off, q.shape[0]), activation, divisor)
+    layout = layout_of(impl, h_off, c_off, q.shape[0], extra_slots)
+    return fn(q, k, v, layout, activation, divisor)
 
 
 def _offsets(lengths):
@@ -68,7 +71,8 @@ def naive(q, k, v, h_off, c_off, activation, divisor):
 @pytest.mark.parametrize("activation", ["softmax", "silu"])
 def test_forward_and_backward_match_the_reference(impl, seed, activation):
     q, k, v, h_off, c_off = random_inputs(seed)
-    got = attend(impl, q, k, v, h_off, c_off, activation, divisor=3.0)
+    # Odd seeds bound the histories above the longest (slots that are padding everywhere).
+    got = attend(impl, q, k, v, h_off, c_off, activation, divisor=3.0, extra_slots=seed % 2 * 3)
     want = naive(q, k, v, h_off, c_off, activation, 3.0)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     grad = torch.randn_like(got)
@@ -91,14 +95,41 @@ def test_empty_history_gives_zero_and_finite_grads(impl, activation):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_every_history_empty_or_no_candidates(impl):
+@pytest.mark.parametrize("extra_slots", [0, 2])
+def test_every_history_empty_or_no_candidates(impl, extra_slots):
     q = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
     k, v = torch.zeros(0, 2, 3, dtype=torch.float64), torch.zeros(0, 2, 4, dtype=torch.float64)
-    out = attend(impl, q, k, v, _offsets([0, 0]), _offsets([2, 1]))
+    out = attend(impl, q, k, v, _offsets([0, 0]), _offsets([2, 1]), extra_slots=extra_slots)
     assert out.shape == (3, 2, 4) and bool((out == 0).all())
     q0, k1, v1 = q[:0], torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 2, 4)
-    out = attend(impl, q0, k1, v1.double(), _offsets([1, 3]), _offsets([0, 0]))
+    out = attend(
+        impl, q0, k1, v1.double(), _offsets([1, 3]), _offsets([0, 0]), extra_slots=extra_slots
+    )
     assert out.shape == (0, 2, 4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_history_longer_than_the_bound_fails(impl):
+    q, k, v, h_off, c_off = random_inputs(1)
+    longest = int((h_off[1:] - h_off[:-1]).max())
+    layout = cross_pairs if impl == "pairs" else cross_padding
+    with pytest.raises(RuntimeError, match="longer than max_history"):
+        layout(h_off, c_off, q.shape[0], max_history=longest - 1)
+
+
+def test_tiles_hold_every_candidate_once_with_little_padding():
+    for counts in ([8] * 16, [512] * 16, [1, 0, 700, 3, 64], [0, 0], [5]):
+        h_off, c_off = _offsets([2] * len(counts)), _offsets(counts)
+        M = sum(counts)
+        layout = cross_padding(h_off, c_off, M, max_history=2)
+        N, T = layout.history_rows.shape[0], layout.tile_size
+        assert N * T <= 1.25 * M
+        slot = layout.candidate_tile * T + layout.candidate_slot
+        assert slot.unique().numel() == M and bool((layout.candidate_tile < N).all())
+        # Each candidate's tile reads its own request's history.
+        seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        rows = layout.history_rows[layout.candidate_tile, 0]
+        assert torch.equal(rows, h_off[:-1][seq])
 
 
 @pytest.mark.parametrize("impl", IMPLS)

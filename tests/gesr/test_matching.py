@@ -132,6 +132,23 @@ def test_large_ids_and_key_overflow():
     h_off, c_off = torch.tensor([0, 3]), torch.tensor([0, 2])
     got = match_counts(hist, h_off, torch.tensor([[10**12], [6]]), c_off)
     assert got[:, 0].tolist() == [2.0, 0.0]
-    wide = torch.tensor([[-(2**61)], [2**61]])
+    # Without a value range the keys are ranks: any int64 values join.
+    wide = torch.tensor([[-(2**61)], [2**61], [2**61]])
+    offsets = torch.tensor([0, 1, 3])
+    assert match_counts(wide, offsets, wide, offsets)[:, 0].tolist() == [1.0, 2.0, 2.0]
     with pytest.raises(ValueError, match="overflows the int64 join key"):
-        match_counts(wide, torch.tensor([0, 1, 2]), wide, torch.tensor([0, 1, 2]))
+        match_counts(wide, offsets, wide, offsets, value_range=(-(2**61), 2**61))
+    with pytest.raises(ValueError, match="value_range"):
+        match_counts(wide, offsets, wide, offsets, value_range=(1, 0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("half_life", [None, 250.0])
+def test_a_value_range_gives_the_same_features(seed, half_life):
+    hist, h_off, cand, c_off, ts, query = random_batch(seed, low=0, high=6)
+    cfg = HardMatchConfig(half_life=half_life, ignore_value=0, num_buckets=4)
+    ranks = hard_match_features(cfg, hist, h_off, cand, c_off, ts, query)
+    bounded = hard_match_features(cfg, hist, h_off, cand, c_off, ts, query, value_range=(0, 11))
+    assert torch.equal(ranks, bounded)
+    counts = match_counts(hist, h_off, cand, c_off, value_range=(0, 11), ignore_value=0)
+    torch.testing.assert_close(counts, naive_counts(hist, h_off, cand, c_off, ignore=0))

@@ -1,0 +1,142 @@
+"""Where GESR's cross attention finds each candidate's history: per-batch layouts, built once
+outside the forward (flexgr.gesr.cross runs the attention over them).
+
+Both layouts come from the offsets' shapes and the caller's ``max_history`` bound alone (the
+model's ``max_seq_len``), never from a value read on the host, so building them never waits for
+the device: no pair count, no longest length. A history longer than the bound fails a
+device-side assert (on CPU it raises at once).
+
+- :class:`CrossPairs`: every (candidate, history slot) pair, ``max_history`` slots per
+  candidate, the slots past a history sent to a discarded output row;
+- :class:`CrossPadding`: tiles of ``tile_size`` candidates of one request each, every tile's
+  history padded to ``max_history`` slots. The tile count is a bound from the shapes: a request
+  of M_b candidates fills ceil(M_b / T) tiles, so M + B (T - 1) slots always suffice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flexgr.ranking.tokens import segments
+
+
+def check_history_bound(history_len: Tensor, max_history: int) -> None:
+    """Fail where a history is longer than the layouts' bound, without waiting for the device
+    (a device-side assert; on CPU it raises at once)."""
+    if history_len.numel():
+        torch._assert_async(
+            (history_len <= max_history).all(),
+            f"cross attention: a history is longer than max_history ({max_history})",
+        )
+
+
+@dataclass(frozen=True)
+class CrossPairs:
+    """Every (candidate, history slot) pair, ``max_history`` slots per candidate: a per-batch
+    input, built once outside the forward."""
+
+    candidate: Tensor  # [P] candidate row of each pair (its query)
+    history: Tensor  # [P] history row of each pair (0 for a slot past its history)
+    target: Tensor  # [P] output row: the candidate's, or M (discarded) for a slot past it
+
+
+def cross_pairs(
+    history_offsets: Tensor,
+    candidate_offsets: Tensor,
+    num_candidates: int,
+    *,
+    max_history: int,
+    candidate_seq: Tensor | None = None,
+) -> CrossPairs:
+    """The pairs of each candidate with the ``max_history`` slots of its request's history
+    (every history at most ``max_history`` long). ``candidate_seq`` [M], each candidate's
+    sequence, where the caller has it already."""
+    if candidate_seq is None:
+        candidate_seq, _ = segments(candidate_offsets, num_candidates)
+    hist_len = history_offsets[1:] - history_offsets[:-1]
+    check_history_bound(hist_len, max_history)
+    slot_MS = torch.arange(max_history, device=candidate_seq.device).expand(num_candidates, -1)
+    valid_MS = slot_MS < hist_len[candidate_seq].unsqueeze(1)
+    row = torch.arange(num_candidates, device=candidate_seq.device).unsqueeze(1)
+    history_MS = torch.where(valid_MS, history_offsets[candidate_seq].unsqueeze(1) + slot_MS, 0)
+    target_MS = torch.where(valid_MS, row, num_candidates)
+    return CrossPairs(
+        row.expand(-1, max_history).reshape(-1), history_MS.reshape(-1), target_MS.reshape(-1)
+    )
+
+
+@dataclass(frozen=True)
+class CrossPadding:
+    """Where every candidate and history row goes in the padded layout: a per-batch input,
+    built once outside the forward. A tile holds up to ``tile_size`` candidates of one request
+    and that request's history, padded to ``max_history`` slots; tiles past the last used one
+    are all padding."""
+
+    history_rows: Tensor  # [N, max_history] history row of each tile's slot (0 where padding)
+    history_padding: Tensor  # [N, max_history] bool: the slot holds no history row
+    candidate_tile: Tensor  # [M] tile of each candidate
+    candidate_slot: Tensor  # [M] its slot in the tile
+    tile_size: int
+
+
+def tile_size_for(num_candidates: int, num_sequences: int) -> int:
+    """Candidates per tile: the largest power of two at most a quarter of the mean per request.
+    A request of M_b candidates fills ceil(M_b / T) tiles, so the tiles hold at most
+    M + B (T - 1) slots, no more than 1.25 M, whatever the spread of the counts; a power of two
+    keeps the shapes few (a compiled scorer sees few distinct sizes)."""
+    quarter = num_candidates // max(4 * num_sequences, 1)
+    return 1 << max(quarter.bit_length() - 1, 0)
+
+
+def cross_padding(
+    history_offsets: Tensor,
+    candidate_offsets: Tensor,
+    num_candidates: int,
+    *,
+    max_history: int,
+    candidate_seq: Tensor | None = None,
+    candidate_local: Tensor | None = None,
+) -> CrossPadding:
+    """The tiled layout for histories of at most ``max_history`` events. ``candidate_seq`` and
+    ``candidate_local`` [M] (each candidate's sequence and index in it), where the caller has
+    them already. The tile count is a bound from the shapes (:func:`tile_size_for`)."""
+    B, M = history_offsets.shape[0] - 1, num_candidates
+    if candidate_seq is None or candidate_local is None:
+        candidate_seq, candidate_local = segments(candidate_offsets, M)
+    T = tile_size_for(M, B)
+    num_tiles = (M + B * (T - 1)) // T
+    device = history_offsets.device
+    hist_len = history_offsets[1:] - history_offsets[:-1]
+    check_history_bound(hist_len, max_history)
+    cand_len = candidate_offsets[1:] - candidate_offsets[:-1]
+    # Tiles of request b: [tiles_end[b] - ceil(M_b / T), tiles_end[b]).
+    tiles_of_request = (cand_len + (T - 1)) // T
+    tiles_end = torch.cumsum(tiles_of_request, 0)
+    first_tile = tiles_end - tiles_of_request
+    candidate_tile = first_tile[candidate_seq] + candidate_local // T
+    candidate_slot = candidate_local % T
+    # The request of each tile; unused tiles (past the last request's) take request B - 1.
+    tile_seq = torch.searchsorted(tiles_end, torch.arange(num_tiles, device=device), right=True)
+    tile_seq = tile_seq.clamp_max(max(B - 1, 0))
+    slots = torch.arange(max_history, device=device)
+    padding = slots >= hist_len[tile_seq].unsqueeze(1)
+    rows = torch.where(padding, 0, history_offsets[tile_seq].unsqueeze(1) + slots)
+    return CrossPadding(rows, padding, candidate_tile, candidate_slot, T)
+
+
+def one_request_padding(
+    history_len: int, num_candidates: int, device: torch.device
+) -> CrossPadding:
+    """The layout of one request (serving: its lengths are the host's): one tile of all its
+    candidates over its whole history, no padding, nothing uploaded."""
+    rows = torch.arange(history_len, device=device).unsqueeze(0)
+    return CrossPadding(
+        rows,
+        torch.zeros(1, history_len, dtype=torch.bool, device=device),
+        torch.zeros(num_candidates, dtype=torch.int64, device=device),
+        torch.arange(num_candidates, device=device),
+        num_candidates,
+    )
