@@ -13,12 +13,16 @@ expert alone and with all of them, and each one's throughput relative to the two
 same process. On CPU it also
 prints the thread's CPU time per batch (``cpu_ms``, ``candidates_per_cpu_s``): with the
 default one thread that leaves out the time spent waiting for a core on a shared machine.
+Every line also counts what one call dispatches (benchmarks/op_count.py, one extra call outside
+the timing): ``ops_per_call``, the aten ops that launch a kernel on CUDA (a proxy for the
+launches), ``host_reads_per_call`` (each a device-to-host sync on CUDA) and
+``uploads_per_call`` (tensors made from host data, each a blocking copy on CUDA).
 
 The models are the presets' (``ml-100k-two-tower-ranking`` and ``ml-100k-gesr-ranking``, or
 the ml-1m ones) with their own sizes; only the expert set changes. Nothing is cached across
 calls: both models run their item tower on every candidate (a serving cache of the item tower
-would speed both up alike), and GESR's prepare includes its host syncs (the match join's value
-range, the cross-attention pair count).
+would speed both up alike), and GESR's prepare is in the timing (it reads nothing on the host:
+``host_reads_per_call`` says so).
 
 ``--serving`` times one request at a time instead (``--history`` events, each of
 ``--candidates``), for the GESR preset's model (``--experts`` to change its expert set), one
@@ -45,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from op_count import OpCount, count_ops
 
 VARIANTS: list[tuple[str, str, list[str] | None]] = [
     ("two-tower", "two-tower-ranking", None),
@@ -107,6 +112,14 @@ def scoring_call(model, batch, device: torch.device, precision: str):
             torch.cuda.synchronize(device)
 
     return call
+
+
+def count_fields(count: OpCount) -> dict[str, int]:
+    return {
+        "ops_per_call": count.ops,
+        "host_reads_per_call": count.host_reads,
+        "uploads_per_call": count.uploads,
+    }
 
 
 def time_round_robin(
@@ -209,6 +222,7 @@ def serving_main(args: argparse.Namespace, history_len: int) -> None:
         calls["falcon+items+history+fp8"] = fp8
         with torch.no_grad():
             timed = time_round_robin(calls, args.warmup, args.repeats)
+            counts = {name: count_ops(call) for name, call in calls.items()}
         whole_cpu = timed["whole"][1]
         for name, (seconds, cpu_seconds) in timed.items():
             line = {
@@ -221,6 +235,7 @@ def serving_main(args: argparse.Namespace, history_len: int) -> None:
                 "ms_per_request": round(seconds * 1e3, 3),
                 "cpu_ms_per_request": round(cpu_seconds * 1e3, 3),
                 "cpu_speedup_over_whole": round(whole_cpu / cpu_seconds, 2),
+                **count_fields(counts[name]),
             }
             if name.endswith("fp8"):
                 line["fp8_modules"] = len(fp8_modules)
@@ -282,6 +297,7 @@ def main() -> None:
             model = build_model(arch, options).to(device).eval()
             calls[name] = scoring_call(model, batch, device, args.precision)
         timed = time_round_robin(calls, args.warmup, args.repeats)
+        counts = {name: count_ops(call) for name, call in calls.items()}
         base = timed.get("two-tower")
         for name, (seconds, cpu_seconds) in timed.items():
             line = {
@@ -295,6 +311,7 @@ def main() -> None:
                 "candidates_per_request": candidates,
                 "batch_ms": round(seconds * 1e3, 3),
                 "candidates_per_s": round(batch.num_candidates / seconds, 1),
+                **count_fields(counts[name]),
             }
             if device.type == "cpu":
                 line["cpu_ms"] = round(cpu_seconds * 1e3, 3)
