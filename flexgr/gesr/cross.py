@@ -90,33 +90,35 @@ def padded_cross_attention(
     divisor: float = 1.0,
 ) -> Tensor:
     """[M, H, Dv]: the same as :func:`jagged_cross_attention`, through padded batched matmuls."""
-    _, H, D = q_MHD.shape
+    M, H, D = q_MHD.shape
     N, L_max = padding.history_rows.shape
-    pad_N11L = padding.history_padding[:, None, None, :]
+    pad_1N1L = padding.history_padding[None, :, None, :]
     # Padding slots read row 0; their scores are masked below, so their values never count.
+    # Everything is head-major ([H, N, ...]), the layout the batched matmuls read, so no
+    # operand is copied into place.
     k_LHD, v_LHD = readable(k_LHD, v_LHD)
-    k_NLHD, v_NLHD = k_LHD[padding.history_rows], v_LHD[padding.history_rows]
-    q_NTHD = q_MHD.new_zeros(N, padding.tile_size, H, D)
-    q_NTHD = q_NTHD.index_put((padding.candidate_tile, padding.candidate_slot), q_MHD)
-    scores_NHTL = torch.einsum("nthd,nlhd->nhtl", q_NTHD, k_NLHD)
+    k_HNLD = k_LHD.transpose(0, 1)[:, padding.history_rows]
+    v_HNLD = v_LHD.transpose(0, 1)[:, padding.history_rows]
+    q_HNTD = q_MHD.new_zeros(H, N, padding.tile_size, D)
+    q_HNTD[:, padding.candidate_tile, padding.candidate_slot] = q_MHD.transpose(0, 1)
+    scores_HNTL = q_HNTD @ k_HNLD.transpose(-1, -2)
     if activation == "silu":
-        weights = F.silu(scores_NHTL).masked_fill(pad_N11L, 0.0) / divisor
-        out_NHTD = torch.einsum("nhtl,nlhe->nhte", weights, v_NLHD)
+        weights = F.silu(scores_HNTL).masked_fill(pad_1N1L, 0.0) / divisor
+        out_HNTD = weights @ v_HNLD
     else:
-        scores_NHTL = (scores_NHTL / math.sqrt(D)).masked_fill(pad_N11L, -math.inf)
+        scores_HNTL = (scores_HNTL / math.sqrt(D)).masked_fill(pad_1N1L, -math.inf)
         # The row maximum (detached: softmax does not depend on it); an empty history's row
         # is all -inf, and its peak is raised to the lowest finite value, so every weight comes
         # out exp(-inf) = 0, not NaN. A finite peak is unchanged.
         if L_max:
-            peak = scores_NHTL.detach().amax(-1, keepdim=True)
+            peak = scores_HNTL.detach().amax(-1, keepdim=True)
             peak = peak.clamp_min(torch.finfo(peak.dtype).min)
         else:  # every history empty (amax has no identity): every output 0
-            peak = scores_NHTL.new_zeros(*scores_NHTL.shape[:-1], 1)
-        weights = torch.exp(scores_NHTL - peak)
+            peak = scores_HNTL.new_zeros(*scores_HNTL.shape[:-1], 1)
+        weights = torch.exp(scores_HNTL - peak)
         total = weights.sum(-1, keepdim=True)
-        out_NHTD = torch.einsum("nhtl,nlhe->nhte", weights, v_NLHD)
-        out_NHTD = out_NHTD / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return out_NHTD.permute(0, 2, 1, 3)[padding.candidate_tile, padding.candidate_slot]
+        out_HNTD = (weights @ v_HNLD) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return out_HNTD[:, padding.candidate_tile, padding.candidate_slot].transpose(0, 1)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flexgr.ranking.tokens import segments
+from flexgr.ranking.tokens import BatchSegments
 
 
 def check_history_bound(history_len: Tensor, max_history: int) -> None:
@@ -43,26 +43,17 @@ class CrossPairs:
     target: Tensor  # [P] output row: the candidate's, or M (discarded) for a slot past it
 
 
-def cross_pairs(
-    history_offsets: Tensor,
-    candidate_offsets: Tensor,
-    num_candidates: int,
-    *,
-    max_history: int,
-    candidate_seq: Tensor | None = None,
-) -> CrossPairs:
+def cross_pairs(history_offsets: Tensor, segs: BatchSegments, *, max_history: int) -> CrossPairs:
     """The pairs of each candidate with the ``max_history`` slots of its request's history
-    (every history at most ``max_history`` long). ``candidate_seq`` [M], each candidate's
-    sequence, where the caller has it already."""
-    if candidate_seq is None:
-        candidate_seq, _ = segments(candidate_offsets, num_candidates)
-    hist_len = history_offsets[1:] - history_offsets[:-1]
-    check_history_bound(hist_len, max_history)
-    slot_MS = torch.arange(max_history, device=candidate_seq.device).expand(num_candidates, -1)
-    valid_MS = slot_MS < hist_len[candidate_seq].unsqueeze(1)
-    row = torch.arange(num_candidates, device=candidate_seq.device).unsqueeze(1)
-    history_MS = torch.where(valid_MS, history_offsets[candidate_seq].unsqueeze(1) + slot_MS, 0)
-    target_MS = torch.where(valid_MS, row, num_candidates)
+    (every history at most ``max_history`` long); ``segs`` are the batch's segment ids."""
+    num_candidates = segs.candidate_seq.shape[0]
+    check_history_bound(segs.history_len, max_history)
+    seq, device = segs.candidate_seq, history_offsets.device
+    slot_MS = torch.arange(max_history, device=device).expand(num_candidates, -1)
+    padding_MS = slot_MS >= segs.history_len[seq].unsqueeze(1)
+    row = torch.arange(num_candidates, device=device).unsqueeze(1)
+    history_MS = (history_offsets[seq].unsqueeze(1) + slot_MS).masked_fill(padding_MS, 0)
+    target_MS = row.masked_fill(padding_MS, num_candidates)
     return CrossPairs(
         row.expand(-1, max_history).reshape(-1), history_MS.reshape(-1), target_MS.reshape(-1)
     )
@@ -92,38 +83,32 @@ def tile_size_for(num_candidates: int, num_sequences: int) -> int:
 
 
 def cross_padding(
-    history_offsets: Tensor,
-    candidate_offsets: Tensor,
-    num_candidates: int,
-    *,
-    max_history: int,
-    candidate_seq: Tensor | None = None,
-    candidate_local: Tensor | None = None,
+    history_offsets: Tensor, segs: BatchSegments, *, max_history: int
 ) -> CrossPadding:
-    """The tiled layout for histories of at most ``max_history`` events. ``candidate_seq`` and
-    ``candidate_local`` [M] (each candidate's sequence and index in it), where the caller has
-    them already. The tile count is a bound from the shapes (:func:`tile_size_for`)."""
-    B, M = history_offsets.shape[0] - 1, num_candidates
-    if candidate_seq is None or candidate_local is None:
-        candidate_seq, candidate_local = segments(candidate_offsets, M)
-    T = tile_size_for(M, B)
-    num_tiles = (M + B * (T - 1)) // T
+    """The tiled layout for histories of at most ``max_history`` events; ``segs`` are the
+    batch's segment ids. The tile count is a bound from the shapes (:func:`tile_size_for`)."""
+    B, M = history_offsets.shape[0] - 1, segs.candidate_seq.shape[0]
     device = history_offsets.device
-    hist_len = history_offsets[1:] - history_offsets[:-1]
-    check_history_bound(hist_len, max_history)
-    cand_len = candidate_offsets[1:] - candidate_offsets[:-1]
-    # Tiles of request b: [tiles_end[b] - ceil(M_b / T), tiles_end[b]).
-    tiles_of_request = (cand_len + (T - 1)) // T
-    tiles_end = torch.cumsum(tiles_of_request, 0)
-    first_tile = tiles_end - tiles_of_request
-    candidate_tile = first_tile[candidate_seq] + candidate_local // T
-    candidate_slot = candidate_local % T
-    # The request of each tile; unused tiles (past the last request's) take request B - 1.
-    tile_seq = torch.searchsorted(tiles_end, torch.arange(num_tiles, device=device), right=True)
-    tile_seq = tile_seq.clamp_max(max(B - 1, 0))
+    check_history_bound(segs.history_len, max_history)
+    T = tile_size_for(M, B)
+    if T == 1:  # a tile per candidate, in candidate order
+        candidate_tile = torch.arange(M, device=device)
+        candidate_slot = torch.zeros(M, dtype=torch.int64, device=device)
+        tile_seq = segs.candidate_seq
+    else:
+        # Tiles of request b: [tiles_end[b] - ceil(M_b / T), tiles_end[b]).
+        tiles_of_request = (segs.candidate_len + (T - 1)) // T
+        tiles_end = torch.cumsum(tiles_of_request, 0)
+        first_tile = tiles_end - tiles_of_request
+        candidate_tile = first_tile[segs.candidate_seq] + segs.candidate_local // T
+        candidate_slot = segs.candidate_local % T
+        # The request of each tile; unused tiles (past the last request's) take request B - 1.
+        num_tiles = (M + B * (T - 1)) // T
+        tiles = torch.arange(num_tiles, device=device)
+        tile_seq = torch.searchsorted(tiles_end, tiles, right=True).clamp_max(B - 1)
     slots = torch.arange(max_history, device=device)
-    padding = slots >= hist_len[tile_seq].unsqueeze(1)
-    rows = torch.where(padding, 0, history_offsets[tile_seq].unsqueeze(1) + slots)
+    padding = slots >= segs.history_len[tile_seq].unsqueeze(1)
+    rows = (history_offsets[tile_seq].unsqueeze(1) + slots).masked_fill(padding, 0)
     return CrossPadding(rows, padding, candidate_tile, candidate_slot, T)
 
 

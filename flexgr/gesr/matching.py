@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from flexgr.ranking.tokens import segments
+from flexgr.ranking.tokens import BatchSegments, segments
 
 # Composite keys are sequence * span + value in int64: keep the product well inside 2**63.
 _KEY_LIMIT = 2**62
@@ -115,8 +115,7 @@ def match_counts(
     ignore_value: int | None = None,
     *,
     value_range: tuple[int, int] | None = None,
-    history_seq: Tensor | None = None,
-    candidate_seq: Tensor | None = None,
+    segs: BatchSegments | None = None,
 ) -> Tensor:
     """[M, F] float64: the (weighted) number of history events of each candidate's sequence
     whose column-f value equals the candidate's, for every column f.
@@ -124,8 +123,8 @@ def match_counts(
     ``value_range`` (low, high): every value lies in it (the model passes its item vocabulary);
     it sets the key stride with no further work. A value outside it is the caller's error and
     is not checked (that would read the data on the host). None: the keys are the values'
-    ranks (exact for any int64 values, one more sort per column). ``history_seq`` [L] and
-    ``candidate_seq`` [M], each row's sequence, where the caller has them already."""
+    ranks (exact for any int64 values, one more sort per column). ``segs``: the offsets'
+    segment ids, where the caller has them already."""
     if history_LF.dim() != 2 or candidates_MF.dim() != 2:
         raise ValueError(
             "hard match: features must be [L, F] and [M, F], got "
@@ -151,21 +150,18 @@ def match_counts(
         raise ValueError(
             f"hard match: {num_seq} sequences x value range {span} overflows the int64 join key"
         )
-    if history_seq is None:
-        history_seq, _ = segments(history_offsets, L)
-    if candidate_seq is None:
-        candidate_seq, _ = segments(candidate_offsets, M)
-    h_base, c_base = history_seq * span, candidate_seq * span
-    if low:
-        h_base, c_base = h_base - low, c_base - low
+    if segs is None:
+        segs = BatchSegments.of_offsets(history_offsets, candidate_offsets, L, M)
     columns = []
     for f in range(F):
         h_val, c_val = history_LF[:, f].long(), candidates_MF[:, f].long()
         if value_range is None:
-            h_key, c_key = value_ranks(h_val, c_val)
-            h_key, c_key = h_key + h_base, c_key + c_base
+            h_pos, c_pos = value_ranks(h_val, c_val)
         else:
-            h_key, c_key = h_val + h_base, c_val + c_base
+            h_pos, c_pos = (h_val - low, c_val - low) if low else (h_val, c_val)
+        # key = sequence * span + position in the range, one fused multiply-add each.
+        h_key = torch.add(h_pos, segs.history_seq, alpha=span)
+        c_key = torch.add(c_pos, segs.candidate_seq, alpha=span)
         join = SortedHistory.of(h_key, counted_weights(weights_L, h_val, ignore_value))
         columns.append(candidate_counts(join, c_key, c_val, ignore_value))
     return columns[0].unsqueeze(1) if F == 1 else torch.stack(columns, dim=1)
@@ -209,7 +205,8 @@ def features_of(cfg: HardMatchConfig, counts: Tensor) -> Tensor:
 def bucketise(counts: Tensor, num_buckets: int) -> Tensor:
     """int64 buckets ``min(floor(log2(1 + count)), num_buckets - 1)``: 0 for no match, then
     1, 2-3, 4-7... events (fractional weighted counts fall between)."""
-    return torch.floor(torch.log2(1 + counts)).long().clamp(0, num_buckets - 1)
+    # log2(1 + count) >= 0 (counts are >= 0), so the cast's truncation is the floor.
+    return torch.log2(1 + counts).long().clamp(0, num_buckets - 1)
 
 
 def hard_match_features(
@@ -222,8 +219,7 @@ def hard_match_features(
     query_time: Tensor | None = None,
     *,
     value_range: tuple[int, int] | None = None,
-    history_seq: Tensor | None = None,
-    candidate_seq: Tensor | None = None,
+    segs: BatchSegments | None = None,
 ) -> Tensor:
     """[M, F]: float64 ``log1p(count)`` (``num_buckets == 0``) or int64 bucket indices.
     Recency weighting (``cfg.half_life``) needs ``history_timestamps`` [L] and ``query_time``
@@ -233,6 +229,7 @@ def hard_match_features(
     if cfg.half_life is not None:
         if history_timestamps is None or query_time is None:
             raise ValueError("hard match: half_life needs history_timestamps and query_time")
+        history_seq = None if segs is None else segs.history_seq
         weights = recency_weights(
             history_timestamps, history_offsets, query_time, cfg.half_life, history_seq
         )
@@ -244,8 +241,7 @@ def hard_match_features(
         weights,
         cfg.ignore_value,
         value_range=value_range,
-        history_seq=history_seq,
-        candidate_seq=candidate_seq,
+        segs=segs,
     )
     return features_of(cfg, counts)
 
@@ -262,6 +258,8 @@ class HardMatchEmbedding(nn.Module):
 
     def forward(self, features_MF: Tensor) -> Tensor:
         M, F = features_MF.shape
+        if self.num_buckets and F == 1:  # one column: one table, one gather
+            return self.table[0][features_MF[:, 0].long()]
         if self.num_buckets:
             column = torch.arange(F, device=features_MF.device)
             return self.table[column, features_MF.long()].reshape(M, -1)

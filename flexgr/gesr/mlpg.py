@@ -60,7 +60,9 @@ class MLPG(nn.Module):
         """[C, K, hidden]: every branch's ``g_k * h_k(z)``. The 2K projections are one matmul
         (a per-branch einsum batches over k and costs about twice as much on CPU)."""
         K, d, h = self.gate_weight.shape
-        weight = torch.cat([self.gate_weight, self.value_weight]).permute(1, 0, 2)
+        # Concatenated along the branch dimension of the [d, K, h] views: the [d, 2K, h] result
+        # is contiguous, so the reshape below copies nothing.
+        weight = torch.cat([self.gate_weight.transpose(0, 1), self.value_weight.transpose(0, 1)], 1)
         pre = (z_Cd @ weight.reshape(d, 2 * K * h)).view(-1, 2 * K, h)
         gate, value = (pre + torch.cat([self.gate_bias, self.value_bias])).split(K, dim=1)
         return torch.sigmoid(gate) * F.silu(value)

@@ -165,13 +165,15 @@ class GESRRanker(nn.Module):
     def output_bias(self) -> Tensor:
         return self.towers.output_bias
 
-    def experts(self, batch: RankingBatch, inputs: GESRInputs, history_Hd: Tensor) -> list[Tensor]:
-        """Each configured expert's [C, *] output, in EXPERTS order."""
+    def experts(
+        self, inputs: GESRInputs, history_Hd: Tensor, candidates_Cd: Tensor
+    ) -> list[Tensor]:
+        """Each configured expert's [C, *] output, in EXPERTS order, over the history tokens
+        and the candidates' item embeddings."""
         out: list[Tensor] = []
         if self.match is not None:
             assert inputs.match is not None
             out.append(self.match(inputs.match))
-        candidates_Cd = self.towers.item_emb(batch.candidates)
         if self.cross is not None:
             assert inputs.cross is not None
             out.append(self.cross(candidates_Cd, history_Hd, inputs.cross))
@@ -195,10 +197,13 @@ class GESRRanker(nn.Module):
         return self.mlpg(self.fuse(z), self.towers.logits(user_CKd, item_CKd))
 
     def forward(self, batch: RankingBatch, inputs: GESRInputs) -> Tensor:
+        # The candidates' item embeddings, looked up once for the item tower and the experts.
+        candidates_Cd = self.towers.item_emb(batch.candidates)
         user_CKd, item_CKd, history_Hd = self.towers.towers(
-            batch, inputs.history_seq, inputs.candidate_seq
+            batch, inputs.history_seq, inputs.candidate_seq, candidates_Cd
         )
-        return self.fused_logits(self.experts(batch, inputs, history_Hd), user_CKd, item_CKd)
+        parts = self.experts(inputs, history_Hd, candidates_Cd)
+        return self.fused_logits(parts, user_CKd, item_CKd)
 
 
 def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
@@ -219,22 +224,11 @@ def prepare(model: GESRRanker, batch: RankingBatch) -> GESRInputs:
             batch.history_timestamps,
             batch.query_time,
             value_range=(0, cfg.num_items),  # item ids, 0 the padding id
-            history_seq=segs.history_seq,
-            candidate_seq=segs.candidate_seq,
+            segs=segs,
         )
     if model.cross is not None:
-        offsets = (batch.history_offsets, batch.candidate_offsets, batch.num_candidates)
-        if cfg.cross_impl == "pairs":
-            cross = cross_pairs(
-                *offsets, max_history=cfg.max_seq_len, candidate_seq=segs.candidate_seq
-            )
-        else:
-            cross = cross_padding(
-                *offsets,
-                max_history=cfg.max_seq_len,
-                candidate_seq=segs.candidate_seq,
-                candidate_local=segs.candidate_local,
-            )
+        layout = cross_pairs if cfg.cross_impl == "pairs" else cross_padding
+        cross = layout(batch.history_offsets, segs, max_history=cfg.max_seq_len)
     if model.encoder is not None:
         rows, hstu = self_expert_inputs(model.encoder, batch, segs)
     return GESRInputs(segs.history_seq, segs.candidate_seq, match, cross, rows, hstu)  # type: ignore[arg-type]

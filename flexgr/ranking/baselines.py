@@ -128,16 +128,23 @@ class TwoTowerRanker(nn.Module):
         return self.bias
 
     def towers(
-        self, batch: RankingBatch, history_seq: Tensor, candidate_seq: Tensor
+        self,
+        batch: RankingBatch,
+        history_seq: Tensor,
+        candidate_seq: Tensor,
+        candidates_Cd: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(user [C, K, d]: the user tower of each candidate's sequence, item [C, K, d], the
-        history tokens [H, d] it pooled). GESR reads them beside the dot product."""
+        history tokens [H, d] it pooled). GESR reads them beside the dot product, and passes
+        the candidates' item embeddings [C, d] it looked up already."""
         d, K, B = self.cfg.d_model, len(self.cfg.tasks), batch.num_sequences
         tokens = self.item_emb(batch.history_items) + self.actions(batch.history_actions)
         summed = tokens.new_zeros(B, d).index_add(0, history_seq, tokens)
         counts = (batch.history_offsets[1:] - batch.history_offsets[:-1]).clamp_min(1)
         user = self.user_tower(summed / counts.unsqueeze(1).to(tokens.dtype)).view(B, K, d)
-        item = self.item_tower(self.item_emb(batch.candidates)).view(-1, K, d)
+        if candidates_Cd is None:
+            candidates_Cd = self.item_emb(batch.candidates)
+        item = self.item_tower(candidates_Cd).view(-1, K, d)
         return user[candidate_seq], item, tokens
 
     def logits(self, user_CKd: Tensor, item_CKd: Tensor) -> Tensor:

@@ -34,12 +34,13 @@ class TokenRows:
     num_tokens: int
 
 
-def segments(offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
-    """(segment id, index inside the segment) of each of ``total`` packed entries."""
-    lengths = offsets[1:] - offsets[:-1]
-    seg = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
-    )
+def segments(offsets: Tensor, total: int, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(segment id, index inside the segment) of each of ``total`` packed entries; ``lengths``
+    the segments' lengths where the caller has them already. The one-argument
+    ``repeat_interleave`` (each index repeated by its length) runs one kernel fewer than
+    repeating an arange."""
+    lengths = offsets[1:] - offsets[:-1] if lengths is None else lengths
+    seg = torch.repeat_interleave(lengths.long(), output_size=total)
     return seg, torch.arange(total, device=offsets.device) - offsets[seg]
 
 
@@ -57,10 +58,18 @@ class BatchSegments:
 
     @staticmethod
     def of(batch: RankingBatch) -> BatchSegments:
-        h_seq, h_local = segments(batch.history_offsets, batch.num_history)
-        c_seq, c_local = segments(batch.candidate_offsets, batch.num_candidates)
-        hist_len = batch.history_offsets[1:] - batch.history_offsets[:-1]
-        cand_len = batch.candidate_offsets[1:] - batch.candidate_offsets[:-1]
+        return BatchSegments.of_offsets(
+            batch.history_offsets, batch.candidate_offsets, batch.num_history, batch.num_candidates
+        )
+
+    @staticmethod
+    def of_offsets(
+        history_offsets: Tensor, candidate_offsets: Tensor, num_history: int, num_candidates: int
+    ) -> BatchSegments:
+        hist_len = history_offsets[1:] - history_offsets[:-1]
+        cand_len = candidate_offsets[1:] - candidate_offsets[:-1]
+        h_seq, h_local = segments(history_offsets, num_history, hist_len)
+        c_seq, c_local = segments(candidate_offsets, num_candidates, cand_len)
         return BatchSegments(h_seq, h_local, c_seq, c_local, hist_len, cand_len)
 
 

@@ -14,6 +14,7 @@ from flexgr.gesr.cross import (
     padded_cross_attention,
 )
 from flexgr.gesr.cross_layout import cross_padding, cross_pairs
+from flexgr.ranking.tokens import BatchSegments
 
 IMPLS = ["pairs", "padded"]
 
@@ -22,7 +23,11 @@ def layout_of(impl, h_off, c_off, M, extra_slots=0):
     """Either layout, bounded by the longest history plus ``extra_slots`` padding slots."""
     longest = int((h_off[1:] - h_off[:-1]).max()) + extra_slots
     layout = cross_pairs if impl == "pairs" else cross_padding
-    return layout(h_off, c_off, M, max_history=longest)
+    return layout(h_off, segments_of(h_off, c_off), max_history=longest)
+
+
+def segments_of(h_off, c_off):
+    return BatchSegments.of_offsets(h_off, c_off, int(h_off[-1]), int(c_off[-1]))
 
 
 def attend(impl, q, k, v, h_off, c_off, activation="softmax", divisor=1.0, extra_slots=0):
@@ -114,14 +119,14 @@ def test_a_history_longer_than_the_bound_fails(impl):
     longest = int((h_off[1:] - h_off[:-1]).max())
     layout = cross_pairs if impl == "pairs" else cross_padding
     with pytest.raises(RuntimeError, match="longer than max_history"):
-        layout(h_off, c_off, q.shape[0], max_history=longest - 1)
+        layout(h_off, segments_of(h_off, c_off), max_history=longest - 1)
 
 
 def test_tiles_hold_every_candidate_once_with_little_padding():
     for counts in ([8] * 16, [512] * 16, [1, 0, 700, 3, 64], [0, 0], [5]):
         h_off, c_off = _offsets([2] * len(counts)), _offsets(counts)
         M = sum(counts)
-        layout = cross_padding(h_off, c_off, M, max_history=2)
+        layout = cross_padding(h_off, segments_of(h_off, c_off), max_history=2)
         N, T = layout.history_rows.shape[0], layout.tile_size
         assert N * T <= 1.25 * M
         slot = layout.candidate_tile * T + layout.candidate_slot
