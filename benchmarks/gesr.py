@@ -3,6 +3,7 @@
     python benchmarks/gesr.py                                   # CPU, the ML-100K presets' sizes
     python benchmarks/gesr.py --device cuda --requests 64 --candidates 64,512,2048
     python benchmarks/gesr.py --device cuda --precision bf16 --preset-size ml-1m
+    python benchmarks/gesr.py --device cuda --compile           # model.compile_scorer = true
 
 Each row times ``prepare`` plus the forward of one batch of ``--requests`` requests, each a
 history of ``--history`` events and ``--candidates`` candidates (synthetic ids and ratings),
@@ -17,6 +18,9 @@ Every line also counts what one call dispatches (benchmarks/op_count.py, one ext
 the timing): ``ops_per_call``, the aten ops that launch a kernel on CUDA (a proxy for the
 launches), ``host_reads_per_call`` (each a device-to-host sync on CUDA) and
 ``uploads_per_call`` (tensors made from host data, each a blocking copy on CUDA).
+``--compile`` scores the GESR variants with ``model.compile_scorer = true`` (the forward under
+torch.compile, compiled in the warm-up); their counts then cover the eager ``prepare`` only
+(the dispatcher does not see inside compiled kernels).
 
 The models are the presets' (``ml-100k-two-tower-ranking`` and ``ml-100k-gesr-ranking``, or
 the ml-1m ones) with their own sizes; only the expert set changes. Nothing is cached across
@@ -120,6 +124,19 @@ def count_fields(count: OpCount) -> dict[str, int]:
         "host_reads_per_call": count.host_reads,
         "uploads_per_call": count.uploads,
     }
+
+
+def prepare_call(model, batch):
+    """A no-argument function: ``prepare`` of ``batch`` alone (what --compile leaves eager)."""
+    from flexgr.model.registry import spec_of
+
+    spec = spec_of(model)
+
+    def call() -> None:
+        with torch.no_grad():
+            spec.prepare(model, batch)
+
+    return call
 
 
 def time_round_robin(
@@ -261,6 +278,9 @@ def main() -> None:
         help="CPU threads (1: steady on a shared machine, where OpenMP threads contend); "
         "0: torch's default",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="GESR variants with model.compile_scorer = true"
+    )
     parser.add_argument("--serving", action="store_true", help="per-request serving paths")
     parser.add_argument("--experts", default=None, help="--serving: comma-separated, '' none")
     parser.add_argument("--fp8-min-features", type=int, default=64)
@@ -286,18 +306,22 @@ def main() -> None:
     for candidates in [int(c) for c in args.candidates.split(",")]:
         batch = synthetic_batch(args.requests, history, candidates, args.num_items, seed=0)
         batch = batch.to(device)
-        calls = {}
+        calls, preps = {}, {}
         for name, arch, experts in VARIANTS:
             if name not in wanted:
                 continue
             options = preset_options(f"{args.preset_size}-{arch}", args.num_items, history)
             if experts is not None:
                 options["experts"] = experts
+                options["compile_scorer"] = args.compile
             torch.manual_seed(0)
             model = build_model(arch, options).to(device).eval()
             calls[name] = scoring_call(model, batch, device, args.precision)
+            if experts is not None and args.compile:
+                preps[name] = prepare_call(model, batch)
         timed = time_round_robin(calls, args.warmup, args.repeats)
-        counts = {name: count_ops(call) for name, call in calls.items()}
+        counted = {name: preps.get(name, call) for name, call in calls.items()}
+        counts = {name: count_ops(call) for name, call in counted.items()}
         base = timed.get("two-tower")
         for name, (seconds, cpu_seconds) in timed.items():
             line = {
@@ -311,6 +335,7 @@ def main() -> None:
                 "candidates_per_request": candidates,
                 "batch_ms": round(seconds * 1e3, 3),
                 "candidates_per_s": round(batch.num_candidates / seconds, 1),
+                "compiled": name in preps,
                 **count_fields(counts[name]),
             }
             if device.type == "cpu":

@@ -147,6 +147,7 @@ def test_lambda_zero_is_exactly_the_two_tower_ranker() -> None:
         ({"match_half_life": 0.0}, "match_half_life"),
         ({"cross_heads": 0}, "cross_heads"),
         ({"mlpg_logits": 0}, "mlpg_logits"),
+        ({"compile_scorer": "yes"}, "compile_scorer must be true or false"),
     ],
 )
 def test_validate_names_the_bad_key(extra: dict, message: str) -> None:
