@@ -10,11 +10,13 @@ device-side assert (on CPU it raises at once).
   candidate, the slots past a history sent to a discarded output row;
 - :class:`CrossPadding`: tiles of ``tile_size`` candidates of one request each, every tile's
   history padded to ``max_history`` slots. The tile count is a bound from the shapes: a request
-  of M_b candidates fills ceil(M_b / T) tiles, so M + B (T - 1) slots always suffice.
+  of M_b candidates fills ceil(M_b / T) tiles, so M + B (T - 1) slots always suffice (the
+  tiles past the last used one are padding).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +76,15 @@ class CrossPadding:
 
 
 def tile_size_for(num_candidates: int, num_sequences: int) -> int:
-    """Candidates per tile: the largest power of two at most a quarter of the mean per request.
-    A request of M_b candidates fills ceil(M_b / T) tiles, so the tiles hold at most
-    M + B (T - 1) slots, no more than 1.25 M, whatever the spread of the counts; a power of two
-    keeps the shapes few (a compiled scorer sees few distinct sizes)."""
-    quarter = num_candidates // max(4 * num_sequences, 1)
-    return 1 << max(quarter.bit_length() - 1, 0)
+    """Candidates per tile T: a power of two (few distinct shapes), at most the mean m per
+    request and at most sqrt(32 m). A request of M_b candidates fills ceil(M_b / T) tiles, so
+    M + B (T - 1) slots always suffice, at most (1 + T / m) M; a larger T pads more, a smaller
+    one reads each history's keys and values for more tiles. sqrt(32 m) balances the two for
+    head dims near 16: on CPU (16 requests of 50 events) it picks the fastest or a tie at 8, 64
+    and 512 candidates per request (docs/gesr.md)."""
+    mean = num_candidates // max(num_sequences, 1)
+    bound = min(mean, math.isqrt(32 * mean))
+    return 1 << max(bound.bit_length() - 1, 0)
 
 
 def cross_padding(

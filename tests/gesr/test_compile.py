@@ -48,13 +48,14 @@ def _batch(history: list[int], candidates: list[int], seed: int) -> RankingBatch
     )
 
 
-# Batch shapes whose tile sizes differ (1, 2, 8, 16): the tile size is a dimension, not a guard.
+# Batch shapes whose tile sizes differ (1, 2, 8, 32, 32): the tile size is a dimension, not a
+# guard. Dynamo specialises a dimension of size 1 (tile size 1, first) and then the rest.
 SHAPES = [
+    ([2, 12, 12], [1, 1, 1]),
     ([12, 3, 7], [2, 5, 1]),
     ([12, 12, 0, 5], [9, 8, 0, 20]),
     ([4, 12], [40, 33]),
     ([12, 12, 1, 6, 9], [64, 80, 71, 90, 77]),
-    ([2, 12, 12], [3, 1, 4]),
 ]
 
 
@@ -78,7 +79,7 @@ def test_the_compiled_forward_is_one_graph_for_every_batch_shape(over: dict) -> 
             inputs = spec_of(model).prepare(model, batch)
             assert torch.equal(compiled(model, batch, inputs), model.eager_forward(batch, inputs))
             frames.append(counter.frame_count)
-    # The first batch may specialise a 0/1-sized dimension once; after that no shape recompiles.
+    # One graph for tile size 1, one for every other shape: no recompile after the second.
     assert frames[1] == frames[-1] <= 2, frames
 
 
@@ -104,15 +105,17 @@ def test_compile_scorer_routes_scoring_only(monkeypatch: pytest.MonkeyPatch) -> 
 def test_inductor_logits_equal_eager_without_recompiles() -> None:
     """The real compiler (inductor, C++ on CPU, ~40 s): fused kernels round differently, so the
     logits agree to fp32 rounding, not to the bit."""
+    from torch._dynamo.utils import counters
+
     model = _model(experts=["match", "cross"], compile_scorer=True)
     torch._dynamo.reset()
     compiled_scorer.cache_clear()
+    graphs_before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         for seed, shape in enumerate(SHAPES[:3]):
             batch = _batch(*shape, seed)
             inputs = spec_of(model).prepare(model, batch)
             got, want = model(batch, inputs), model.eager_forward(batch, inputs)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    from torch._dynamo.utils import counters
-
-    assert counters["stats"]["unique_graphs"] <= 2
+    # Tile sizes 1, 2 and 8: one graph for size 1, one for the others.
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2

@@ -18,8 +18,9 @@ import torch
 from flexgr.gesr.falcon import candidate_logits, encode_ranking_history
 from flexgr.gesr.model import GESRRanker
 from flexgr.model.registry import build_model, spec_of
-from flexgr.ranking import RankingConfig, build_requests, request_batch
+from flexgr.ranking import RankingConfig, build_requests, impression_batch, request_batch
 from flexgr.ranking.batch import RankingBatch
+from flexgr.ranking.requests import impressions_of
 from tests.gesr.old_scoring import old_logits
 from tests.ranking.helpers import events_of, model_options, synthetic_data
 
@@ -80,16 +81,30 @@ def _wide_batch(num_items: int, seed: int = 0) -> RankingBatch:
     )
 
 
+def _batch_of(kind: str):
+    """(data, batch): ROO requests of 5 candidates, one impression per sequence (a tile per
+    candidate) or the wide batch."""
+    data = synthetic_data(users=10, seed=3)
+    requests = build_requests(data, CFG, max_seq_len=MAX_EVENTS)
+    events = events_of(data, CFG)
+    if kind == "impressions":
+        return data, impression_batch(events, requests, *impressions_of(requests))
+    if kind == "wide":
+        return data, _wide_batch(data.num_items)
+    return data, request_batch(events, requests, np.arange(len(requests)))
+
+
+BATCHES = {"requests": 4, "impressions": 1, "wide": 8}  # and their tile sizes
+
+
 @pytest.mark.parametrize("over", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("wide", [False, True])
-def test_logits_equal_the_old_computation(over: dict, dtype: torch.dtype, wide: bool) -> None:
+@pytest.mark.parametrize("kind", BATCHES)
+def test_logits_equal_the_old_computation(over: dict, dtype: torch.dtype, kind: str) -> None:
     """To the bit on CPU. Histories shorter than the bound (max_seq_len) add padding slots,
     exact zeros in every sum; on another BLAS the longer rows might round the last bit
     differently, and a tolerance of an ulp or so would be the right test there."""
-    data, batch = _data_and_batch()
-    if wide:
-        batch = _wide_batch(data.num_items)
+    data, batch = _batch_of(kind)
     lengths = batch.history_offsets[1:] - batch.history_offsets[:-1]
     assert bool((lengths < MAX_EVENTS).any())  # padding slots are exercised
     model = _model(data, over, dtype)
@@ -97,14 +112,13 @@ def test_logits_equal_the_old_computation(over: dict, dtype: torch.dtype, wide: 
     assert torch.equal(new, old)
 
 
-def test_the_batches_exercise_tiles_and_matches() -> None:
-    data, batch = _data_and_batch()
-    wide = _wide_batch(data.num_items)
+@pytest.mark.parametrize("kind", BATCHES)
+def test_the_batches_exercise_tiles_and_matches(kind: str) -> None:
+    data, batch = _batch_of(kind)
     model = _model(data, {"experts": ["match", "cross"]})
-    for b, tiles in ((batch, 1), (wide, 2)):
-        inputs = spec_of(model).prepare(model, b)
-        assert inputs.cross.tile_size == tiles  # type: ignore[union-attr]
-        assert inputs.match is not None and int(inputs.match.max()) >= 1
+    inputs = spec_of(model).prepare(model, batch)
+    assert inputs.cross.tile_size == BATCHES[kind]  # type: ignore[union-attr]
+    assert inputs.match is not None and int(inputs.match.max()) >= 1
 
 
 @pytest.mark.parametrize("over", CONFIGS)
