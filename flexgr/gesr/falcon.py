@@ -115,14 +115,16 @@ def encode_ranking_history(
         raise ValueError("the history is empty: the model needs at least one event")
     device = items.device
     timestamps = timestamps.to(torch.int64)
+    # The offsets and the query time are made on the device (arange, full), not copied from
+    # host memory: a copy from pageable memory waits for the device queue on CUDA.
     batch = RankingBatch(
         items,
         actions,
         timestamps,
-        torch.tensor([0, n], device=device),
+        torch.arange(2, device=device) * n,  # [0, n]
         torch.zeros(0, dtype=torch.int64, device=device),  # no candidates: the history alone
         torch.zeros(2, dtype=torch.int64, device=device),
-        torch.tensor([query_time], dtype=torch.int64, device=device),
+        torch.full((1,), int(query_time), dtype=torch.int64, device=device),
     )
     # candidate_seq [0]: one row of the user tower, that of the only sequence.
     first = torch.zeros(1, dtype=torch.int64, device=device)
