@@ -17,7 +17,8 @@ keeps the attention and recomputes the cheap parts around it. Each
 2. the attention call (``HSTULayer.attend``) as usual: it saves what its backend saves and is
    not recomputed (no second all-gather under context parallelism either);
 3. ``post`` under checkpoint: the gated norm ``u * LN(attn)``, dropout and the output
-   projection (``HSTULayer.gate``), dropout's mask replayed by checkpoint's RNG restore.
+   projection (``HSTULayer.gate``), dropout's mask replayed by checkpoint's RNG restore;
+   ``model.drop_path``'s [T, 1] factor is drawn once before it and passed in.
 
 What stays for the backward, per layer: the layer input x [T, d] (held by both checkpoints,
 one tensor), u [T, H dv] and attn [T, H dv] (post's inputs), and what the attention saves
@@ -97,4 +98,7 @@ def _selective_forward(layer: HSTULayer, x_TD: Tensor, inputs: HSTUInputs) -> Te
     u, vqk = checkpoint(pre, x_TD, use_reentrant=False)
     v, q, k = torch.split(vqk, layer.splits[1:], dim=-1)
     attn = layer.attend(q, k, v, inputs)
-    return checkpoint(layer.gate, x_TD, u, attn, use_reentrant=False)
+    # model.drop_path's [T, 1] factor is drawn here, once, and handed to the recomputed part.
+    branch_scale = layer.branch_scale(x_TD, inputs)
+    gate_inputs = (x_TD, u, attn) if branch_scale is None else (x_TD, u, attn, branch_scale)
+    return checkpoint(layer.gate, *gate_inputs, use_reentrant=False)

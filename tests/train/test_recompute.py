@@ -98,6 +98,8 @@ def check_selective_matches_none(lengths: list[int], **overrides) -> None:
         ([37, 5, 50], {"rel_bias": True}),
         ([23, 1, 41, 9], {"rel_bias": False}),
         ([30, 19], {"rel_bias": True, "concat_ua": True, "norm_affine": True}),
+        # stochastic depth drawn once, outside the recomputed gate: the same kept sequences
+        ([37, 5, 50, 8, 21], {"rel_bias": True, "drop_path": 0.5}),
     ],
 )
 def test_selective_matches_none_in_fp64(lengths: list[int], overrides: dict) -> None:

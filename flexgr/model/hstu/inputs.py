@@ -127,6 +127,9 @@ class HSTUInputs:
     positions: Tensor  # [T] position ids of the tokens this process computes
     attention: Attention
     truncation: Truncation | None = None
+    # [B + 1] token offsets of the sequences these T tokens form (model.drop_path draws per
+    # sequence); None where the tokens are not whole sequences (context parallelism, caches).
+    offsets: Tensor | None = None
 
     @property
     def output_rows(self) -> Tensor | None:
@@ -304,7 +307,7 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
         softmax=cfg.attention == "softmax",
         kernel_tables=_kernel_tables(cfg, mask, tables, fused) if backend == "triton" else None,
     )
-    return HSTUInputs(positions=positions, attention=attention)
+    return HSTUInputs(positions=positions, attention=attention, offsets=batch.offsets)
 
 
 def _kernel_tables(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flexgr.model.drop_path import SequenceDropPath
 from flexgr.model.embedding import ItemEmbedding, SequenceInput, l2_normalize
 from flexgr.model.hstu.inputs import HSTUInputs
 from flexgr.model.hstu.mot import MixtureInputs, gather_latest
@@ -33,6 +34,9 @@ class HSTUConfig:
     len_margin: int = 11
     dropout: float = 0.2
     input_dropout: float = 0.2
+    # Stochastic depth: each layer's residual branch is dropped for a whole sequence with this
+    # probability at training, kept branches scaled by 1 / (1 - p) (flexgr/model/drop_path.py).
+    drop_path: float = 0.0
     # Score scale. None: 1.0 for "silu" (the reference HSTU), 1/sqrt(dqk) for "softmax".
     alpha: float | None = None
     # "silu": HSTU's pointwise silu(s) / N; "softmax": the paper's "HSTU w/ softmax" ablation
@@ -112,6 +116,7 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(H * cfg.dv * (3 if cfg.concat_ua else 1), d)
         nn.init.xavier_uniform_(self.out.weight)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path = SequenceDropPath(cfg.drop_path)
         self.rab = (
             RelativePositionTimeBias(cfg.attn_len, cfg.num_time_buckets) if cfg.rel_bias else None
         )
@@ -125,14 +130,28 @@ class HSTULayer(nn.Module):
             return F.silu(fp8_linear(normed, self.uvqk))
         return F.silu(normed @ self.uvqk)
 
-    def output(self, x_TD: Tensor, gated: Tensor) -> Tensor:
-        """The residual plus the output projection of the (dropped-out) gated values."""
+    def output(self, x_TD: Tensor, gated: Tensor, branch_scale_T1: Tensor | None = None) -> Tensor:
+        """The residual plus the output projection of the (dropped-out) gated values, that
+        branch times ``branch_scale_T1`` where given (:meth:`branch_scale`)."""
         dropped = self.dropout(gated)
         if self.cfg.fp8:
             from flexgr.ops.fp8 import fp8_linear
 
-            return x_TD + fp8_linear(dropped, self.out.weight.t(), self.out.bias)
-        return x_TD + self.out(dropped)
+            branch = fp8_linear(dropped, self.out.weight.t(), self.out.bias)
+        else:
+            branch = self.out(dropped)
+        if branch_scale_T1 is not None:
+            branch = branch * branch_scale_T1
+        return x_TD + branch
+
+    def branch_scale(self, x_TD: Tensor, inputs: HSTUInputs) -> Tensor | None:
+        """[T, 1] stochastic-depth factor of this layer's residual branch for the batch's
+        sequences (``model.drop_path``), drawn from the torch RNG; None (and no draw) in eval
+        mode or at drop_path = 0. Drawn outside :meth:`gate` so that a recomputed gate reuses
+        it."""
+        if not self.drop_path.active:
+            return None
+        return self.drop_path.scale(inputs.offsets, x_TD.shape[0])
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, inputs: HSTUInputs) -> Tensor:
         """The batch's attention over [T, H dqk] q, k and [T, H dv] v: [T, H dv]."""
@@ -148,18 +167,21 @@ class HSTULayer(nn.Module):
         )
         return attn_THD.reshape(T, H * cfg.dv)
 
-    def gate(self, x_TD: Tensor, u: Tensor, attn: Tensor) -> Tensor:
+    def gate(
+        self, x_TD: Tensor, u: Tensor, attn: Tensor, branch_scale_T1: Tensor | None = None
+    ) -> Tensor:
         """The gated norm u * LN(attn) (concatenated with u and attn under concat_ua), then
         :meth:`output`. Split from :meth:`attend` so that train.recompute = "selective"
         (flexgr/train/recompute.py) can recompute this part alone."""
         gated = u * self.attn_norm(attn)
         if self.cfg.concat_ua:
             gated = torch.cat([u, attn, gated], dim=-1)
-        return self.output(x_TD, gated)
+        return self.output(x_TD, gated, branch_scale_T1)
 
     def forward(self, x_TD: Tensor, inputs: HSTUInputs) -> Tensor:
         u, v, q, k = torch.split(self.project(x_TD), self.splits, dim=-1)
-        return self.gate(x_TD, u, self.attend(q, k, v, inputs))
+        attn = self.attend(q, k, v, inputs)
+        return self.gate(x_TD, u, attn, self.branch_scale(x_TD, inputs))
 
 
 class HSTU(nn.Module):

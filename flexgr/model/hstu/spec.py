@@ -31,6 +31,8 @@ def validate(options: dict[str, Any]) -> None:
             "model.attention='softmax' cannot run on model.backend='triton' (the kernel is "
             "pointwise SiLU only); use model.backend='auto', 'flex' or 'reference'"
         )
+    if not 0.0 <= options["drop_path"] < 1.0:
+        raise ValueError("model.drop_path must be in [0, 1)")
     if options["mot_streams"] < 1:
         raise ValueError("model.mot_streams must be >= 1 (1: one stack, no mixture)")
     if options["mot_streams"] > 1 and options["truncate_after"]:
