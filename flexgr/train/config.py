@@ -94,6 +94,14 @@ class TrainConfig:
     sl_balance_beta: float = -1.0
     num_negatives: int = 128
     temperature: float = 0.05
+    # The softmax's negatives (flexgr/train/loss.py, docs/train.md#loss): "uniform" (the
+    # reference's: num_negatives drawn per position), "full" (every item of the pool),
+    # "in_batch" (the batch's other targets plus num_negatives uniform ones).
+    negatives: Literal["uniform", "full", "in_batch"] = "uniform"
+    # in_batch: subtract log(I q_i) from each in-batch item's logit, q_i its frequency among
+    # the batch's targets (its in-batch sampling probability); false: no correction.
+    logq_correction: bool = True
+    label_smoothing: float = 0.0  # share of the target spread evenly over the candidates
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32", or "tf32" (fp32 with TF32
     # matmuls on CUDA: the reference HSTU trainer's enable_tf32 setting)
@@ -420,6 +428,11 @@ def validate(cfg: Config) -> None:
         "train.sl_balance_warmup and train.sl_balance_every must be >= 1",
     )
     _require(t.temperature > 0, "train.temperature must be > 0")
+    _require(0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+    _require(
+        t.logq_correction or t.negatives == "in_batch",
+        "train.logq_correction = false applies to train.negatives = 'in_batch' only",
+    )
     _require(t.log_every >= 1, "train.log_every must be >= 1")
     _require(t.num_workers >= -1, "train.num_workers must be >= 0, or -1 for auto")
     _require(
@@ -468,11 +481,19 @@ def validate(cfg: Config) -> None:
             spec.validate(cfg.model_options())
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if cfg.model_options().get("drop_path", 0.0) and cfg.model.arch != "hstu":
+        # hstu-ranking inherits the field from HSTUConfig; its trainer is not tested with it.
+        raise ConfigError(f"model.drop_path is implemented for arch 'hstu', not {cfg.model.arch!r}")
     if spec.task == "ranking":
         if p.cp > 1 or p.dp > 1 or d.source != "table":
             raise ConfigError(
                 "ranking models train in one process from the prepared table "
                 "(parallel.dp = cp = 1, data.source = table)"
+            )
+        if t.negatives != "uniform" or t.label_smoothing or not t.logq_correction:
+            raise ConfigError(
+                "train.negatives, train.logq_correction and train.label_smoothing set the "
+                "retrieval loss; ranking models take none of them (leave uniform, true, 0)"
             )
         if t.sl_alpha or t.recompute != "none" or t.compile:
             raise ConfigError(

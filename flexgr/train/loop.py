@@ -34,7 +34,7 @@ from flexgr.train.epochs import (  # noqa: F401 (TIMING_KEYS, NonFiniteLoss: re-
 )
 from flexgr.train.length_sampling import LengthSampler
 from flexgr.train.load_balance import balanced_sampler, load_ratio
-from flexgr.train.loss import sample_negatives, sampled_softmax_loss
+from flexgr.train.loss import loss_recipe, sample_negatives, training_loss
 from flexgr.train.parallel import (
     ParallelSetupError,
     ParallelStep,
@@ -112,11 +112,12 @@ class Trainer(EpochTrainer):
         # uses it on every process; training uses it inside the step at world size 1 (under
         # torchrun the step runs the DDP-wrapped model eagerly, see ParallelStep).
         self.forward: Callable[..., Tensor] = self.model
-        self.loss_fn: Callable[..., Tensor] = sampled_softmax_loss
+        self.loss_fn: Callable[..., Tensor] = training_loss(loss_recipe(t))
+        self.negatives_per_position = loss_recipe(t).sampled_negatives(t.num_negatives)
         if t.compile and self.device.type == "cuda":
             # dynamic: the packed length T changes every batch.
             self.forward = torch.compile(self.model, dynamic=True)
-            self.loss_fn = torch.compile(sampled_softmax_loss, dynamic=True)
+            self.loss_fn = torch.compile(self.loss_fn, dynamic=True)
         self.parallel = ParallelStep(ctx, self.model, t.seed)
         sampler = None
         if t.sl_alpha:
@@ -188,7 +189,7 @@ class Trainer(EpochTrainer):
         reason = (
             f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         )
-        self.forward, self.loss_fn = self.model, sampled_softmax_loss
+        self.forward, self.loss_fn = self.model, training_loss(loss_recipe(self.cfg.train))
         self.console.print(
             f"warning: torch.compile failed ({reason[:300]}); continuing without compiling "
             "(set train.compile=false to skip the attempt)",
@@ -219,7 +220,9 @@ class Trainer(EpochTrainer):
         states, targets, rows = self.parallel.outputs(part, self.state.step, autocast, self.forward)
         # Drawn for the whole step's batch, as one process draws them, after the forward's
         # dropout as in one process; then this process's rows.
-        negatives = sample_negatives(part.row_total, t.num_negatives, self.num_items, self.device)
+        negatives = sample_negatives(
+            part.row_total, self.negatives_per_position, self.num_items, self.device
+        )
         truncated = states.shape[0] != part.num_tokens  # attention truncation: kept rows only
         if ctx.world_size > 1 or truncated:
             negatives = negatives[rows]

@@ -54,6 +54,20 @@ def launched_world_size() -> int:
 
 def check_parallel(cfg: Config, world_size: int) -> ParallelConfig:
     """The resolved (dp, cp), or a one-line error that says what to change."""
+    if world_size > 1:
+        # Both would make a rank's step depend on its own share of the batch (its targets, its
+        # sequence count), so the step would no longer be one process's step on the whole
+        # batch, nor the random generators advance alike on every rank.
+        if cfg.train.negatives == "in_batch":
+            raise ParallelSetupError(
+                "train.negatives = 'in_batch' runs in one process (its candidates would be each "
+                "rank's own targets); use 'uniform' or 'full' under torchrun"
+            )
+        if cfg.model_options().get("drop_path", 0.0):
+            raise ParallelSetupError(
+                "model.drop_path runs in one process (its per-sequence draws are not replicated "
+                "over ranks yet); set model.drop_path=0 under torchrun"
+            )
     try:
         return ParallelConfig(dp=cfg.parallel.dp, cp=cfg.parallel.cp).resolve(world_size)
     except ParallelConfigError as err:
