@@ -16,16 +16,21 @@ from tests.conftest import tiny_config
 
 def poison_loss(monkeypatch: pytest.MonkeyPatch, at_step: int, factor: float) -> None:
     """Multiply the loss of step ``at_step`` (1-based) by ``factor`` (nan or inf)."""
-    real = loop_module.sampled_softmax_loss
+    real_factory = loop_module.training_loss
     calls = 0
 
-    def loss(*args, **kwargs):  # noqa: ANN002, ANN003 - sampled_softmax_loss's arguments
-        nonlocal calls
-        calls += 1
-        value = real(*args, **kwargs)
-        return value * factor if calls == at_step else value
+    def factory(recipe):  # noqa: ANN001, ANN202 - flexgr.train.loss.training_loss's argument
+        real = real_factory(recipe)
 
-    monkeypatch.setattr(loop_module, "sampled_softmax_loss", loss)
+        def loss(*args, **kwargs):  # noqa: ANN002, ANN003 - the loss's arguments
+            nonlocal calls
+            calls += 1
+            value = real(*args, **kwargs)
+            return value * factor if calls == at_step else value
+
+        return loss
+
+    monkeypatch.setattr(loop_module, "training_loss", factory)
 
 
 def last_checkpoint_step(run: Path) -> int:
