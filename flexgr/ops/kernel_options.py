@@ -44,11 +44,12 @@ class KernelOptions:
     # (flexgr/ops/triton_hstu/delta.py, one launch per layer) instead of batched matmuls. Off
     # until it is timed on a GPU; tested against the eager step in Triton's interpreter.
     delta_query: bool = False
-    # The relative bias as tiles (flexgr/ops/triton_hstu/rab_tiles.py): per batch the pair
-    # indices of every visited mask block, per layer their bias values by one torch gather,
-    # read by the kernels with plain 2-D loads; the backward adds dS per pair and reduces it
-    # with torch.bincount. Costs memory per visited block pair (docs/triton-kernel.md, "Bias as
-    # tiles"). Off: the inline path (two table reads and two table atomics per element).
+    # The relative bias as tiles (flexgr/ops/triton_hstu/rab_tiles.py): per batch the slot
+    # tables of the visited mask blocks, per layer their bias values filled by a Triton kernel
+    # (rab_tile_kernels.py), read by the attention kernels with plain 2-D loads; the backward
+    # adds dS per pair and a second kernel reduces it into the tables (no host sync per layer).
+    # Costs memory per visited block pair (docs/triton-kernel.md, "Bias as tiles"). Off: the
+    # inline path (two table reads and two table atomics per element).
     rab_tiles: bool = False
     # Threads that compile a tuning key's tile candidates at once before they are timed (the
     # first call of a new shape bucket or option set compiles every candidate: ~13 compiles

@@ -1,18 +1,29 @@
 """The relative bias as tiles (``kernel.rab_tiles``, flexgr/ops/triton_hstu/rab_tiles.py).
 
 Checked here: the slot tables (every visited block pair has exactly one slot; the transposed
-lists' slots are the kv lists' slots of the same pair), the pair indices against the reference's
-formulas on the dense [T, T] grid, and the kernels with the option on against the fp64 oracle
-under the existing bias tests' rules (fp32 vs fp64 at 2e-6 / 1e-5 of the scale for the HSTU
-masks, the 2x / 5x rule of ``test_triton_sla`` for semi-local), in every backward mode, on
-poisoned outputs, with 128-, 32- and 16-token mask blocks. A slot off by one in either list
-fails them. Without CUDA the kernels run in Triton's interpreter on small shapes.
+lists' slots are the kv lists' slots of the same pair); the fill kernel's bias values, bit for
+bit, against pos_w[rel] + ts_w[bucket] with rel and bucket by the reference's formulas (which
+on real tokens are checked against the dense [T, T] grid); the reduce kernel's dpos_w / dts_w
+against a float64 scatter-add of a random per-pair gradient, rel clamped at both ends and
+buckets at 0 and at the clamp; an index off by one in the kernels' helper fails both; and the
+attention kernels with the option on against the fp64 oracle under the existing bias tests'
+rules (fp32 vs fp64 at 2e-6 / 1e-5 of the scale for the HSTU masks, the 2x / 5x rule of
+``test_triton_sla`` for semi-local), in every backward mode, on poisoned outputs, with 128-, 32-
+and 16-token mask blocks. A slot off by one in either list fails them. Without CUDA the kernels
+run in Triton's interpreter on small shapes.
+
+Buckets: in the interpreter rab_index takes numpy's float32 log times the fp32 reciprocal of the
+divisor, torch on CPU divides; the two floors differ at a few time differences (7 of the first
+2e7, the smallest 309279). The fill and reduce checks stay below it (gaps of < 40 units, time
+differences < 12000); the attention tests' longer gaps could meet one with another seed, which
+would then fail on one bucket for the platform's rounding, not the kernels'.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,6 +33,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from flexgr.masks import build_hstu_mask, build_semi_local_mask  # noqa: E402
 from flexgr.masks.block import HSTUMask  # noqa: E402
 from flexgr.ops import triton_ops  # noqa: E402
@@ -29,7 +43,7 @@ from flexgr.ops.attention import hstu_attention  # noqa: E402
 from flexgr.ops.kernel_options import KernelOptions, kernel_options_set  # noqa: E402
 from flexgr.ops.rab import RelativeBias, time_bucket  # noqa: E402
 from flexgr.ops.triton_backend import hstu_attention_triton  # noqa: E402
-from flexgr.ops.triton_hstu import launch, rab_tiles  # noqa: E402
+from flexgr.ops.triton_hstu import launch, rab_tile_kernels, rab_tiles, rules  # noqa: E402
 from tests.conftest import make_offsets  # noqa: E402
 from tests.ops import test_triton_sla as sla  # noqa: E402
 from tests.ops.test_triton import CASES, Case, check_fp32_against_fp64, max_err  # noqa: E402
@@ -110,43 +124,163 @@ def test_slot_tables(name: str) -> None:
     assert seen == set(by_pair)
 
 
-@pytest.mark.parametrize("name", ["causal_32", "window_16", "semi_local_16"])
-def test_pair_indices_match_the_reference(name: str) -> None:
+def _tiled(mask: HSTUMask, rab: RelativeBias) -> tuple[launch.MaskTables, rab_tiles.RabTiles]:
+    with kernel_options_set(rab_tiles=True):
+        tab = launch.mask_tables(mask, rab)
+    assert tab.rab_tiles is not None
+    return tab, tab.rab_tiles
+
+
+def _pair_indices(
+    tab: launch.MaskTables, tiles: rab_tiles.RabTiles, rab: RelativeBias
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[S, MBQ, MBKV] int64 rel and bucket of every slot's pairs by flexgr.ops.rab's functions
+    (the pair indices the tiles stored before the fill kernel): padded tokens (>= T) with
+    timestamp 0 and their padded position, as the inline kernels read them."""
+    mbq, mbkv, P, T, n = (tab.mask_block_q, tab.mask_block_kv, tab.padded_len, tab.total_len,
+                          tab.rab_n)
+    local = tab.local.long()
+    ts = torch.nn.functional.pad(tab.ts[:T].long(), (0, P - T))
+    nxt = torch.nn.functional.pad(tab.next_ts[:T].long(), (0, P - T))
+    i = tiles.slot_row.long()[:, None] * mbq + torch.arange(mbq)  # [S, MBQ] queries
+    j = tiles.slot_col.long()[:, None] * mbkv + torch.arange(mbkv)  # [S, MBKV] keys
+    rel = (n - 1 + local[j][:, None, :] - local[i][:, :, None]).clamp(0, 2 * n - 2)
+    dt = nxt[i][:, :, None] - ts[j][:, None, :]
+    return rel, time_bucket(dt, tab.num_buckets, rab.bucket_divisor)
+
+
+def _along_diagonals(tab: launch.MaskTables, tiles: rab_tiles.RabTiles) -> torch.Tensor:
+    """[S] bool: local[t] - t is one value over the slot's query and key tokens (the reduce
+    kernel's per-diagonal path; the others take per-element atomics)."""
+    mbq, mbkv = tab.mask_block_q, tab.mask_block_kv
+    i = tiles.slot_row.long()[:, None] * mbq + torch.arange(mbq)
+    j = tiles.slot_col.long()[:, None] * mbkv + torch.arange(mbkv)
+    shift = torch.cat([tab.local.long()[i] - i, tab.local.long()[j] - j], dim=1)
+    return (shift == shift[:, :1]).all(dim=1)
+
+
+# (mask, N of pos_w, buckets, HSTU position ids): small N clamps rel at both ends inside the
+# visited blocks (keys up to a block past their query on the diagonal); 8 buckets, a power of
+# two, take the reduce kernel's separate clamp bin, 5 do not.
+INDEX_CASES = {
+    "window_16_clamped": ("window_16", 12, 8, False),
+    "semi_local_16": ("semi_local_16", 0, 5, False),
+    "targets_32_positions": ("full_blocks_32", 12, 8, True),
+}
+
+
+def _index_case(key: str, seed: int) -> tuple[launch.MaskTables, rab_tiles.RabTiles, RelativeBias]:
+    name, n, buckets, use_positions = INDEX_CASES[key]
     mask, offsets = MASKS[name]
-    n = int((offsets[1:] - offsets[:-1]).max()) + 2
-    rab = _bias(offsets, n, 1)
-    tab = launch.mask_tables(mask, rab)
-    tiles = rab_tiles.build(tab, rab.bucket_divisor)
-    assert tiles.rel.dtype == torch.int16 and tiles.bucket.dtype == torch.uint8
-    st = rab_tiles.slot_tables(
-        tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx,
-        tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx,
+    n = n or int((offsets[1:] - offsets[:-1]).max()) + 2
+    g = torch.Generator().manual_seed(seed)
+    T = int(offsets[-1])
+    # Gaps of 0..40 units: neighbours in bucket 0 (|dt| <= 1), far pairs past the last bucket.
+    ts = torch.cumsum(torch.randint(0, 40, (T,), generator=g), 0)
+    positions = mask.layout.pos_id[:T].long() if use_positions else None
+    rab = RelativeBias.from_timestamps(
+        torch.randn(2 * n - 1, generator=g), torch.randn(buckets + 1, generator=g), ts, offsets,
+        positions=positions,
     )
-    # The reference's formulas (flexgr.ops.rab.dense_bias) on every pair of real tokens.
-    T, mbq, mbkv = tab.total_len, tab.mask_block_q, tab.mask_block_kv
+    tab, tiles = _tiled(mask, rab)
+    return tab, tiles, rab
+
+
+def check_fill(key: str, seed: int = 1) -> None:
+    tab, tiles, rab = _index_case(key, seed)
+    rel, bucket = _pair_indices(tab, tiles, rab)
+    # The pair indices are the reference's formulas on every pair of real tokens.
+    offsets = MASKS[INDEX_CASES[key][0]][1]
+    T, n, mbq, mbkv = tab.total_len, tab.rab_n, tab.mask_block_q, tab.mask_block_kv
     pos = rab.token_positions(offsets)
-    rel = (n - 1 + pos[None, :] - pos[:, None]).clamp(0, 2 * n - 2)
-    dt = rab.next_timestamps[:, None] - rab.timestamps[None, :]
-    bucket = time_bucket(dt, rab.num_buckets, rab.bucket_divisor)
-    checked = 0
-    for s in range(tiles.n_slots):
-        i = int(st.slot_row[s]) * mbq + torch.arange(mbq)
-        j = int(st.slot_col[s]) * mbkv + torch.arange(mbkv)
-        qi, kj = i < T, j < T
-        got_rel = tiles.rel[s].long()
-        got_bucket = tiles.bucket[s].long()
-        assert got_rel.min() >= 0 and got_rel.max() <= 2 * n - 2  # padding too: in range
-        assert got_bucket.max() <= rab.num_buckets
-        want_rel = rel[i[qi]][:, j[kj]]
-        assert torch.equal(got_rel[qi][:, kj], want_rel)
-        assert torch.equal(got_bucket[qi][:, kj], bucket[i[qi]][:, j[kj]])
-        checked += int(qi.sum()) * int(kj.sum())
-    assert checked > 0
+    want_rel = (n - 1 + pos[None, :] - pos[:, None]).clamp(0, 2 * n - 2)
+    want_bucket = time_bucket(rab.next_timestamps[:, None] - rab.timestamps[None, :],
+                              rab.num_buckets, rab.bucket_divisor)
+    i = tiles.slot_row.long()[:, None] * mbq + torch.arange(mbq)
+    j = tiles.slot_col.long()[:, None] * mbkv + torch.arange(mbkv)
+    real = (i < T)[:, :, None] & (j < T)[:, None, :]
+    ii, jj = i[:, :, None].expand_as(real)[real], j[:, None, :].expand_as(real)[real]
+    assert real.any() and (~real).any()  # padded pairs too
+    assert torch.equal(rel[real], want_rel[ii, jj])
+    assert torch.equal(bucket[real], want_bucket[ii, jj])
+    # The fill kernel, on a NaN-filled buffer: every pair written, bit for bit pos_w[rel] +
+    # ts_w[bucket] in fp32 (what the torch gather gave), padded pairs included.
+    out = torch.full((tiles.n_slots, mbq, mbkv), float("nan"))
+    got = rab_tiles.fill_bias(tiles, tab, rab.pos_w, rab.ts_w, out=out)
+    assert got is out
+    assert torch.equal(got, rab.pos_w[rel] + rab.ts_w[bucket])
 
 
-def test_index_dtypes_widen_when_needed() -> None:
-    assert rab_tiles.index_dtypes(16384, 255) == (torch.int16, torch.uint8)
-    assert rab_tiles.index_dtypes(16385, 256) == (torch.int32, torch.int32)
+def check_reduce(key: str, seed: int = 2) -> None:
+    tab, tiles, rab = _index_case(key, seed)
+    rel, bucket = _pair_indices(tab, tiles, rab)
+    n, nb = tab.rab_n, tab.num_buckets
+    if INDEX_CASES[key][1]:  # the clamped cases reach every end
+        assert (rel == 0).any() and (rel == 2 * n - 2).any()
+    assert (bucket == 0).any() and (bucket == nb).any()
+    g = torch.Generator().manual_seed(seed)
+    dbias = torch.randn(rel.shape, generator=g)
+    dpos, dts = rab_tiles.table_grads(tiles, tab, dbias, 2 * n - 1, nb + 1)
+    assert dpos.dtype == dts.dtype == torch.float32
+    for got, index, size in ((dpos, rel, 2 * n - 1), (dts, bucket, nb + 1)):
+        flat, values = index.reshape(-1), dbias.double().view(-1)
+        want = torch.zeros(size, dtype=torch.float64).index_add_(0, flat, values)
+        # fp32 sums of up to thousands of terms: rounding grows with the sum of magnitudes.
+        scale = torch.zeros(size, dtype=torch.float64).index_add_(0, flat, values.abs())
+        err = (got.double() - want).abs()
+        assert (err <= 1e-6 * scale + 1e-9).all(), f"max err {err.max():.3g} of {size} bins"
+
+
+@pytest.fixture
+def chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the interpreter the kernels take a tile in one iteration (the attention tests run
+    that way); here in two, as a GPU's loops over row chunks do."""
+    monkeypatch.setattr(rab_tiles, "interpreter_iterations", 2)
+
+
+@pytest.mark.parametrize("key", list(INDEX_CASES))
+def test_fill_kernel_equals_the_reference_bias(key: str, chunked: None) -> None:
+    check_fill(key)
+
+
+@pytest.mark.parametrize("key", list(INDEX_CASES))
+def test_reduce_kernel_equals_a_float64_scatter_add(key: str, chunked: None) -> None:
+    tab, tiles, _ = _index_case(key, 2)
+    diagonal = _along_diagonals(tab, tiles)  # both of the kernel's position paths are taken
+    assert diagonal.any() and (~diagonal).any()
+    check_reduce(key)
+
+
+@triton.jit
+def _rel_plus_one(q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, inv_bucket_div,
+                  TRANSPOSED: tl.constexpr):
+    rel, bucket = rules.rab_index(q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets,
+                                  inv_bucket_div, TRANSPOSED)
+    return tl.minimum(rel + 1, 2 * rab_n - 2), bucket
+
+
+@triton.jit
+def _bucket_plus_one(q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, inv_bucket_div,
+                     TRANSPOSED: tl.constexpr):
+    rel, bucket = rules.rab_index(q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets,
+                                  inv_bucket_div, TRANSPOSED)
+    return rel, tl.minimum(bucket + 1, num_buckets)
+
+
+@cpu_only
+@pytest.mark.parametrize("check", [check_fill, check_reduce], ids=["fill", "reduce"])
+@pytest.mark.parametrize("shifted", [_rel_plus_one, _bucket_plus_one], ids=["rel", "bucket"])
+def test_an_index_off_by_one_fails(
+    check: Callable[[str], None], shifted: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels' index helper shifted by one (clamped, in range; the interpreter looks the
+    helper up at each run): the fill and reduce checks above must fail. In the reduce kernel
+    the shifted rel reaches the per-element path's slots (19 of 47 here, at sequence and
+    padding edges and the shared target ids); the per-diagonal path's own rel is checked by
+    the exact sums of ``test_reduce_kernel_equals_a_float64_scatter_add``."""
+    monkeypatch.setattr(rab_tile_kernels, "rab_index", shifted)
+    with pytest.raises(AssertionError):
+        check("targets_32_positions")
 
 
 def test_option_is_in_the_cache_key() -> None:
@@ -161,6 +295,9 @@ def test_tables_carry_tiles_only_with_the_option() -> None:
         tab = launch.mask_tables(mask, rab)
         assert tab.rab_tiles is not None
         assert launch.mask_tables(mask, rab).rab_tiles is tab.rab_tiles  # once per batch
+        # The slot tables depend on the block lists only: another bias on the same mask (the
+        # next step's timestamps, say) finds them too.
+        assert launch.mask_tables(mask, _bias(offsets, 150, 3)).rab_tiles is tab.rab_tiles
         # The custom op's flattened tables carry them.
         again = triton_ops.unpack(*triton_ops.pack(tab))
         assert again.rab_tiles is not None
@@ -317,8 +454,8 @@ def test_a_wrong_slot_fails(table: str, monkeypatch: pytest.MonkeyPatch) -> None
     """Each slot table shifted by one slot: the checks above must fail."""
     build = rab_tiles.build
 
-    def off_by_one(tab, divisor):  # noqa: ANN001, ANN202
-        tiles = build(tab, divisor)
+    def off_by_one(tab):  # noqa: ANN001, ANN202
+        tiles = build(tab)
         wrong = (getattr(tiles, table) + 1) % tiles.n_slots
         return dataclasses.replace(tiles, **{table: wrong.to(torch.int32)})
 

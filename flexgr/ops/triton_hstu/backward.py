@@ -17,7 +17,7 @@ With RAB_TILES (kernel.rab_tiles) both kinds of program read the bias as precomp
 (``Bias``, [slots, MASK_BLOCK_Q, MASK_BLOCK_KV] fp32, the slot of each listed block in the slot
 tables aligned with the block lists), and the dk/dv programs add each pair's dS into ``DBias``
 (same layout: only the H heads' programs add into one address) instead of the table
-gradients; ``launch`` reduces it into dpos_w / dts_w with ``torch.bincount``.
+gradients; ``launch`` reduces it into dpos_w / dts_w with ``rab_tile_kernels.rab_reduce_kernel``.
 """
 
 import triton

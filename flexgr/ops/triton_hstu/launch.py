@@ -52,8 +52,8 @@ class MaskTables:
     rab_n: int
     num_buckets: int
     inv_bucket_div: float  # fp32 reciprocal, as torch's CUDA division by a scalar uses
-    # The bias as tiles (kernel.rab_tiles): slots and pair indices, once per batch; None when
-    # the tables were built with the option off (or without a bias).
+    # The bias as tiles (kernel.rab_tiles): the slot tables, once per batch; None when the
+    # tables were built with the option off (or without a bias).
     rab_tiles: RabTiles | None = field(default=None, compare=False)
 
     def tile_order(self, side: str, block: int) -> Tensor:
@@ -179,41 +179,37 @@ def bias_tables(
     )
     if not kernel_options().rab_tiles:
         return tab
-    sources = (timestamps, next_timestamps, positions)
-    return dataclasses.replace(tab, rab_tiles=_cached_tiles(mask, tab, sources, bucket_divisor))
+    return dataclasses.replace(tab, rab_tiles=_cached_tiles(mask, tab))
 
 
-# The bias tiles of the last bias seen with each live BlockMask: the per-call path
-# (``mask_tables`` on every layer) would otherwise rebuild them per layer. An entry keeps the
-# per-token tensors it was built from alive, so their ids are not reused while it lives.
-_tiles_cache: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+# The slot tables of each live BlockMask: the per-call path (``mask_tables`` on every layer)
+# would otherwise rebuild them, and pay their host sync, per layer. They depend on the block
+# lists only (the fill and reduce kernels read the bias's per-token tables themselves), so the
+# bias is no part of the key.
+_tiles_cache: "weakref.WeakKeyDictionary[object, tuple[Tensor, RabTiles]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _cached_tiles(
-    mask: HSTUMask, tab: MaskTables, sources: tuple[Tensor | None, ...], bucket_divisor: float
-) -> RabTiles:
-    key = (tab.rab_n, tab.num_buckets, float(bucket_divisor))
+def _cached_tiles(mask: HSTUMask, tab: MaskTables) -> RabTiles:
     try:
         entry = _tiles_cache.get(mask.block_mask)
     except TypeError:  # not weak-referenceable
         entry = None
-    if entry is not None:
-        kv_num, old_sources, old_key, built = entry
-        same = all(a is b for a, b in zip(old_sources, sources, strict=True))
-        if kv_num is tab.kv_num and same and old_key == key:
-            return built
-    built = tiles_mod.build(tab, bucket_divisor)
+    if entry is not None and entry[0] is tab.kv_num:
+        return entry[1]
+    built = tiles_mod.build(tab)
     try:
-        _tiles_cache[mask.block_mask] = (tab.kv_num, sources, key, built)
+        _tiles_cache[mask.block_mask] = (tab.kv_num, built)
     except TypeError:
         pass
     return built
 
 
 def rab_tiles_of(tab: MaskTables) -> RabTiles:
-    """The tables' bias tiles; they are built with the bias tables (``bias_tables``,
-    ``prepare.kernel_tables``) while kernel.rab_tiles is on, since that is where the bucket
-    divisor is known exactly (the tables keep only its fp32 reciprocal)."""
+    """The tables' slot tables; they are built once per batch with the bias tables
+    (``bias_tables``, ``prepare.kernel_tables``) while kernel.rab_tiles is on. Building them
+    here instead would cost their host sync (the slot count) on every layer's call."""
     if tab.rab_tiles is None:
         raise ValueError(
             "kernel.rab_tiles is on but these kernel tables were built without it: build them "
@@ -330,6 +326,16 @@ def _empty(shape: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
     return out
 
 
+def _bias_buffer(tiles: RabTiles, tab: MaskTables) -> Tensor:
+    """The per-layer fp32 bias values' buffer (NaN under ``poison_outputs``: a pair the fill
+    kernel misses shows up)."""
+    shape = (tiles.n_slots, tab.mask_block_q, tab.mask_block_kv)
+    out = torch.empty(shape, dtype=torch.float32, device=tiles.slot_row.device)
+    if poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
 def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -382,13 +388,13 @@ def _forward(
     dims = _dims(q, v)
     pos_w_ = _placeholder(pos_w, tab.seq_id)
     ts_w_ = _placeholder(ts_w, tab.seq_id)
-    # The bias as tiles: this layer's values of every visited pair, one gather (never
+    # The bias as tiles: this layer's values of every visited pair, one fill launch (never
     # dereferenced otherwise: placeholders).
     bias, kv_slot, full_kv_slot = tab.seq_id, tab.seq_id, tab.seq_id
     if flags["RAB_TILES"]:
         tiles = rab_tiles_of(tab)
         assert pos_w is not None and ts_w is not None
-        bias = tiles_mod.gather_bias(tiles, pos_w, ts_w)
+        bias = tiles_mod.fill_bias(tiles, tab, pos_w, ts_w, out=_bias_buffer(tiles, tab))
         kv_slot, full_kv_slot = tiles.kv_slot, tiles.full_kv_slot
 
     def launch(cfg: TileConfig) -> None:
@@ -457,13 +463,17 @@ def _backward(
         dts = torch.zeros(ts_copies * ts_w.numel(), dtype=torch.float32, device=q.device)
     else:  # never dereferenced
         dpos = dts = tab.seq_id
-    # The bias as tiles: the values recomputed (one gather, not saved by the forward) and the
-    # per-pair gradient buffer the dk/dv programs add dS into (placeholders otherwise).
+    # The bias as tiles: the values and the per-pair gradient buffer the dk/dv programs add dS
+    # into (placeholders otherwise). The values are recomputed here, not saved by the forward:
+    # saving holds 64 KiB per visited block pair per layer from each layer's forward to its
+    # backward (~340 MiB a layer, 2.7 GiB over 8 layers at benchmarks/model_step.py's
+    # 16 x [2048, 4096]), while the fill is one launch that writes as much as it would keep and
+    # reads only the per-token tables; it also keeps the custom op's outputs as they are.
     bias = dbias = q_slot = full_q_slot = kv_slot = full_kv_slot = tab.seq_id
     if use_tiles:
         tiles = rab_tiles_of(tab)
         assert pos_w is not None and ts_w is not None
-        bias = tiles_mod.gather_bias(tiles, pos_w, ts_w)
+        bias = tiles_mod.fill_bias(tiles, tab, pos_w, ts_w, out=_bias_buffer(tiles, tab))
         dbias = torch.zeros_like(bias)
         q_slot, full_q_slot = tiles.q_slot, tiles.full_q_slot
         kv_slot, full_kv_slot = tiles.kv_slot, tiles.full_kv_slot
@@ -562,7 +572,7 @@ def _backward(
     if use_tiles:
         dbias.zero_()
         run()
-        dpos, dts = tiles_mod.table_grads(tiles, dbias, pos_w.numel(), ts_w.numel())
+        dpos, dts = tiles_mod.table_grads(tiles, tab, dbias, pos_w.numel(), ts_w.numel())
     else:
         if has_rab:
             dpos.zero_()

@@ -382,7 +382,7 @@ def kernel_tables(
     the kernel's dtypes and the padded positions). Without a relative bias the kernel reads
     neither timestamp table (``launch`` puts a one-element placeholder there).
 
-    With kernel.rab_tiles (and the bias) the tables also carry the bias tiles
+    With kernel.rab_tiles (and the bias) the tables also carry the bias tiles' slot tables
     (``rab_tiles.build``: torch ops and one host sync, for the number of visited block pairs)."""
     from flexgr.ops.kernel_options import kernel_options
     from flexgr.ops.triton_hstu import rab_tiles
@@ -417,7 +417,7 @@ def kernel_tables(
         inv_bucket_div=float(np.float32(1.0) / np.float32(bucket_divisor)) if rel_bias else 1.0,
     )
     if rel_bias and kernel_options().rab_tiles:
-        tab = dataclasses.replace(tab, rab_tiles=rab_tiles.build(tab, bucket_divisor))
+        tab = dataclasses.replace(tab, rab_tiles=rab_tiles.build(tab))
     return tab
 
 

@@ -1,6 +1,8 @@
-"""The relative bias as tiles (``kernel.rab_tiles``): per batch the pair indices of every
-visited mask block, per layer the bias values gathered from them in torch, so the kernels read
-a bias sub-tile with plain 2-D loads instead of two per-element table reads.
+"""The relative bias as tiles (``kernel.rab_tiles``): per batch the slot tables of the visited
+mask blocks, per layer the bias values of every visited block filled by a Triton kernel, so the
+attention kernels read a bias sub-tile with plain 2-D loads instead of two per-element table
+reads; the backward's per-pair gradient is reduced into the tables by a second kernel
+(``rab_tile_kernels``).
 
 Slots: one per visited (query mask-block row r, key mask-block column c) pair, partial and full
 lists both, numbered row by row (row r's partial blocks in list order, then its full ones).
@@ -9,10 +11,14 @@ them with the same row stride); ``q_slot`` / ``full_q_slot`` those of ``q_idx`` 
 found by matching (r, c) with a sort and a binary search (no order of the transposed lists is
 assumed). Entries past a row's count hold 0, a valid slot the kernels never read.
 
-Memory, per visited pair (MBQ x MBKV elements, 16384 at 128 x 128): per batch the indices, 3
-bytes an element (int16 rel, uint8 bucket; 8 with int32 for either when N > 16384 or
-num_buckets > 255), 48 KiB a pair; per layer the fp32 bias values (64 KiB a pair), and in the
-backward a second fp32 buffer for the bias gradient per pair (another 64 KiB a pair).
+The tiles hold no pair indices: the fill and reduce kernels compute rel and bucket from the
+per-token tables (``MaskTables.local``, ``ts``, ``next_ts``) with the inline kernels' helper, so
+the slot tables depend on the mask's block lists only, not on the bias.
+
+Memory, per visited pair (MBQ x MBKV elements, 16384 at 128 x 128): per batch 8 bytes for the
+slot's (r, c) plus one int32 per list entry; per layer the fp32 bias values (64 KiB a pair),
+and in the backward the values again plus an fp32 buffer for the bias gradient per pair (128
+KiB a pair at the backward's peak).
 """
 
 from __future__ import annotations
@@ -23,14 +29,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from flexgr.ops.rab import time_bucket
+from flexgr.ops.triton_hstu.rab_tile_kernels import rab_fill_kernel, rab_reduce_kernel
+from flexgr.ops.triton_hstu.tuning import interpreting
 
 if TYPE_CHECKING:  # launch imports this module
     from flexgr.ops.triton_hstu.launch import MaskTables
 
-# Elements per chunk of the torch passes: bounds their int64 / fp32 temporaries (~4 of 8 bytes
-# an element) to ~0.5 GiB whatever the batch, at a few launches more for long batches.
-_CHUNK_ELEMS = 1 << 24
+# Elements of the kernels' per-iteration tiles: the fill's [ROWS, MBKV] values, the reduce's
+# [ROWS * MBKV, NB] one-hot sums (at least one row) and [DIAG_ROWS, DIAG] skewed loads. Not timed
+# on a GPU: chosen from ptxas's report for sm_90a (the compile of
+# benchmarks/kernel_registers.py), 4 warps: the fill takes 64 registers, the reduce at 128 x 128
+# blocks with 128 buckets ([128, 128] one-hot) 140, with 32 buckets 91, none spills (8 or 16
+# warps took more registers there, and a stack).
+_FILL_ELEMS = 4096
+_MAX_NUMEL = 1 << 20
+_HIST_ELEMS = 8192
+_DIAG_ELEMS = 4096
 
 
 @dataclass(frozen=True)
@@ -39,32 +53,22 @@ class RabTiles:
     full_kv_slot: Tensor  # like full_kv_idx
     q_slot: Tensor  # like q_idx, int32: slot of each listed partial block of a key column
     full_q_slot: Tensor  # like full_q_idx
-    rel: Tensor  # [S, MBQ, MBKV] int16 (int32 when 2N - 2 > 32767): index into pos_w
-    bucket: Tensor  # [S, MBQ, MBKV] uint8 (int32 when num_buckets > 255): index into ts_w
+    slot_row: Tensor  # [S] int32: query mask-block row of each slot
+    slot_col: Tensor  # [S] int32: key mask-block column of each slot
 
     @property
     def n_slots(self) -> int:
-        return int(self.rel.shape[0])
+        return int(self.slot_row.shape[0])  # a shape: no sync
 
     def tensors(self) -> list[Tensor]:
-        return [self.kv_slot, self.full_kv_slot, self.q_slot, self.full_q_slot, self.rel,
-                self.bucket]
-
-
-@dataclass(frozen=True)
-class SlotTables:
-    kv_slot: Tensor
-    full_kv_slot: Tensor
-    q_slot: Tensor
-    full_q_slot: Tensor
-    slot_row: Tensor  # [S] int64 query mask-block row of each slot
-    slot_col: Tensor  # [S] int64 key mask-block column of each slot
+        return [self.kv_slot, self.full_kv_slot, self.q_slot, self.full_q_slot, self.slot_row,
+                self.slot_col]
 
 
 def slot_tables(
     kv_num: Tensor, kv_idx: Tensor, full_kv_num: Tensor, full_kv_idx: Tensor,
     q_num: Tensor, q_idx: Tensor, full_q_num: Tensor, full_q_idx: Tensor,
-) -> SlotTables:
+) -> RabTiles:
     """Slots of the BlockMask's lists (one [rows] count and one [rows, width] index table each,
     as ``MaskTables`` holds them). Reads the number of slots to the host (one sync)."""
     dev = kv_idx.device
@@ -104,80 +108,97 @@ def slot_tables(
         found = order[at].reshape(want.shape)
         return torch.where(used, found, 0).to(torch.int32).contiguous()
 
-    return SlotTables(
+    return RabTiles(
         kv_slot=kv_slot.to(torch.int32).contiguous(),
         full_kv_slot=fkv_slot.to(torch.int32).contiguous(),
         q_slot=matched(q_num, q_idx),
         full_q_slot=matched(full_q_num, full_q_idx),
-        slot_row=key // cols,
-        slot_col=key % cols,
+        slot_row=(key // cols).to(torch.int32),
+        slot_col=(key % cols).to(torch.int32),
     )
 
 
-def index_dtypes(rab_n: int, num_buckets: int) -> tuple[torch.dtype, torch.dtype]:
-    """The narrowest dtypes of rel (0..2N-2) and bucket (0..num_buckets)."""
-    rel_dtype = torch.int16 if 2 * rab_n - 2 <= torch.iinfo(torch.int16).max else torch.int32
-    bucket_dtype = torch.uint8 if num_buckets <= 255 else torch.int32
-    return rel_dtype, bucket_dtype
-
-
-def build(tab: MaskTables, bucket_divisor: float) -> RabTiles:
-    """The slots of ``tab``'s lists (tables with their bias tables: ts, next_ts, local and the
-    sizes) and every slot's pair indices, by the functions of
-    ``flexgr.ops.rab`` (the reference's), so buckets match the reference on the same device.
-    Padded tokens (index >= T) get timestamp 0 and their padded position: any in-range index
-    (their weights are zero)."""
-    slots = slot_tables(
+def build(tab: MaskTables) -> RabTiles:
+    """The slot tables of ``tab``'s block lists (one host sync: the number of slots, which sizes
+    the tables and the per-layer buffers; it is known only on the device, from the lists'
+    counts)."""
+    return slot_tables(
         tab.kv_num, tab.kv_idx, tab.full_kv_num, tab.full_kv_idx,
         tab.q_num, tab.q_idx, tab.full_q_num, tab.full_q_idx,
     )
-    mbq, mbkv, P, T = tab.mask_block_q, tab.mask_block_kv, tab.padded_len, tab.total_len
-    N, nb = tab.rab_n, tab.num_buckets
-    dev = tab.kv_idx.device
-    local = tab.local.long()
-    ts = torch.nn.functional.pad(tab.ts[:T].long(), (0, P - T))
-    nxt = torch.nn.functional.pad(tab.next_ts[:T].long(), (0, P - T))
-    S = int(slots.slot_row.numel())
-    rel_dtype, bucket_dtype = index_dtypes(N, nb)
-    rel = torch.empty(S, mbq, mbkv, dtype=rel_dtype, device=dev)
-    bucket = torch.empty(S, mbq, mbkv, dtype=bucket_dtype, device=dev)
-    step = max(1, _CHUNK_ELEMS // (mbq * mbkv))
-    for a in range(0, S, step):
-        b = min(S, a + step)
-        i = slots.slot_row[a:b, None] * mbq + torch.arange(mbq, device=dev)  # [s, MBQ] queries
-        j = slots.slot_col[a:b, None] * mbkv + torch.arange(mbkv, device=dev)  # [s, MBKV] keys
-        # As flexgr.ops.rab.dense_bias: rel = N - 1 + pos[j] - pos[i], bucket(next_ts[i] - ts[j]).
-        r = (N - 1 + local[j][:, None, :] - local[i][:, :, None]).clamp(0, 2 * N - 2)
-        rel[a:b] = r.to(rel_dtype)
-        dt = nxt[i][:, :, None] - ts[j][:, None, :]
-        bucket[a:b] = time_bucket(dt, nb, bucket_divisor).to(bucket_dtype)
-    return RabTiles(
-        slots.kv_slot, slots.full_kv_slot, slots.q_slot, slots.full_q_slot, rel, bucket
-    )
 
 
-def gather_bias(tiles: RabTiles, pos_w: Tensor, ts_w: Tensor) -> Tensor:
-    """[S, MBQ, MBKV] fp32 bias values pos_w[rel] + ts_w[bucket] (the sum in fp32, as the
-    inline path adds the two table reads). torch indexes with int32/int64 only (uint8 would be
-    read as a boolean mask), so each chunk's indices are widened to int32 first (a temporary
-    of 4 bytes an element per chunk, never the whole batch)."""
-    pos_f, ts_f = pos_w.float(), ts_w.float()
-    out = torch.empty(tiles.rel.shape, dtype=torch.float32, device=tiles.rel.device)
-    flat_out, flat_rel, flat_bucket = out.view(-1), tiles.rel.view(-1), tiles.bucket.view(-1)
-    for a in range(0, flat_out.numel(), _CHUNK_ELEMS):
-        b = min(flat_out.numel(), a + _CHUNK_ELEMS)
-        torch.index_select(pos_f, 0, flat_rel[a:b].int(), out=flat_out[a:b])
-        flat_out[a:b] += ts_f[flat_bucket[a:b].int()]
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+# Iterations per tile under Triton's interpreter, which pays its overhead per operation, not per
+# element (the reduce took 2 s a 128 x 128 slot in 64 iterations, ~50 ms a 16 x 16 one in two):
+# whole tiles at once, but for tests that set more to run the kernels' loops.
+interpreter_iterations = 1
+
+
+def _rows(block_q: int, per_row: int, budget: int) -> int:
+    """Query rows per iteration: a power of two dividing block_q (all three are powers of two),
+    at least one."""
+    if interpreting():  # within Triton's limit of 2^20 elements a tensor, as on a GPU
+        return max(1, min(block_q // interpreter_iterations, _MAX_NUMEL // per_row))
+    return min(block_q, max(1, budget // per_row))
+
+
+def _scalars(tab: MaskTables) -> tuple[int, int, int, float]:
+    """What rab_index reads besides the per-token tables (the inline kernels' scalars)."""
+    return tab.total_len, tab.rab_n, tab.num_buckets, tab.inv_bucket_div
+
+
+def fill_bias(
+    tiles: RabTiles, tab: MaskTables, pos_w: Tensor, ts_w: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """[S, MBQ, MBKV] fp32 bias values pos_w[rel] + ts_w[bucket] of every slot (into ``out``
+    when given), bit-identical to the inline kernels' (same index helper, the two reads widened
+    to fp32 and added). One launch, no host sync."""
+    mbq, mbkv = tab.mask_block_q, tab.mask_block_kv
+    if out is None:
+        out = torch.empty(tiles.n_slots, mbq, mbkv, dtype=torch.float32, device=pos_w.device)
+    if tiles.n_slots:
+        rab_fill_kernel[(tiles.n_slots,)](
+            out, tiles.slot_row, tiles.slot_col, tab.local, tab.ts, tab.next_ts,
+            pos_w.contiguous(), ts_w.contiguous(), *_scalars(tab), **fill_meta(mbq, mbkv),
+        )
     return out
 
 
-def table_grads(tiles: RabTiles, dbias: Tensor, n_pos: int, n_ts: int) -> tuple[Tensor, Tensor]:
-    """(dpos_w, dts_w) in fp32 from the per-pair bias gradient: a weighted histogram of each
-    index table. torch.bincount takes any integer dtype (CPU and CUDA dispatch every integral
-    type), so the int16 / uint8 tables need no int64 copy (which would cost 8 bytes an element,
-    2.7x the indices themselves); with fp32 weights it returns fp32. On CUDA it reads the
-    input's max (and, except for uint8, its min) to the host: one or two syncs per call."""
-    w = dbias.view(-1)
-    dpos = torch.bincount(tiles.rel.view(-1), weights=w, minlength=n_pos)
-    dts = torch.bincount(tiles.bucket.view(-1), weights=w, minlength=n_ts)
-    return dpos.float(), dts.float()
+def fill_meta(mbq: int, mbkv: int) -> dict[str, int]:
+    """The fill kernel's constexprs and warps (benchmarks/kernel_registers.py compiles these)."""
+    return {"MASK_BLOCK_Q": mbq, "MASK_BLOCK_KV": mbkv, "ROWS": _rows(mbq, mbkv, _FILL_ELEMS),
+            "num_warps": 4}
+
+
+def reduce_meta(mbq: int, mbkv: int, num_buckets: int) -> dict[str, int]:
+    """The reduce kernel's constexprs and warps: NB >= num_buckets (only the clamp bin can lie
+    past it), DIAG >= the tile's MBQ + MBKV - 1 diagonals."""
+    nb = _pow2(max(2, num_buckets))
+    diag = _pow2(mbq + mbkv - 1)
+    return {"MASK_BLOCK_Q": mbq, "MASK_BLOCK_KV": mbkv, "ROWS": _rows(mbq, mbkv * nb, _HIST_ELEMS),
+            "NB": nb, "DIAG": diag, "DIAG_ROWS": _rows(mbq, diag, _DIAG_ELEMS), "num_warps": 4}
+
+
+def table_grads(
+    tiles: RabTiles, tab: MaskTables, dbias: Tensor, n_pos: int, n_ts: int
+) -> tuple[Tensor, Tensor]:
+    """(dpos_w [n_pos], dts_w [n_ts]) in fp32 from the per-pair bias gradient ``dbias``
+    ([S, MBQ, MBKV] fp32): every pair's value added at its rel and bucket (``rab_reduce_kernel``:
+    fp32 atomics, so not deterministic; exact up to fp32 rounding). One launch, no host sync."""
+    if n_pos != 2 * tab.rab_n - 1 or n_ts != tab.num_buckets + 1:
+        raise ValueError(
+            f"bias tables of {n_pos} / {n_ts} entries, the kernel tables say "
+            f"{2 * tab.rab_n - 1} / {tab.num_buckets + 1}"
+        )
+    dpos = torch.zeros(n_pos, dtype=torch.float32, device=dbias.device)
+    dts = torch.zeros(n_ts, dtype=torch.float32, device=dbias.device)
+    if tiles.n_slots:
+        rab_reduce_kernel[(tiles.n_slots,)](
+            dbias, tiles.slot_row, tiles.slot_col, tab.local, tab.ts, tab.next_ts, dpos, dts,
+            *_scalars(tab), **reduce_meta(tab.mask_block_q, tab.mask_block_kv, tab.num_buckets),
+        )
+    return dpos, dts

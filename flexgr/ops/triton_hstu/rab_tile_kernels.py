@@ -1,0 +1,125 @@
+"""Triton kernels around the bias as tiles (``kernel.rab_tiles``): fill a layer's fp32 bias
+values per slot, and reduce the per-pair bias gradient into the two tables.
+
+Both work on one slot (a visited (query mask-block row, key mask-block column) pair) per program
+and compute rel and bucket from the per-token tables as the inline kernels do, with the same
+helper (``rules.rab_index``), so the values are bit-identical to the inline path's: no per-batch
+index tiles, no torch gathers, no histogram that reads its input's range to the host.
+
+Padded tokens (index >= T) read their padded position from ``Local`` ([P]) and timestamp 0, as
+the inline kernels' masked loads give them: in-range indices, like every other pair.
+"""
+
+import triton
+import triton.language as tl
+
+from flexgr.ops.triton_hstu.rules import rab_index
+
+
+@triton.jit
+def rab_fill_kernel(
+    Bias, SlotRow, SlotCol, Local, Ts, NextTs, PosW, TsW,
+    T, rab_n, num_buckets, bucket_div,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Bias[s] = pos_w[rel] + ts_w[bucket] in fp32 ([S, MASK_BLOCK_Q, MASK_BLOCK_KV]), ROWS query
+    rows at a time; the two reads are widened to fp32 before the sum, as the inline path."""
+    slot = tl.program_id(0).to(tl.int64)
+    row0 = tl.load(SlotRow + slot) * MASK_BLOCK_Q  # first query and key token of the slot
+    col0 = tl.load(SlotCol + slot) * MASK_BLOCK_KV
+    offs_kv = tl.arange(0, MASK_BLOCK_KV)
+    offs_n = col0 + offs_kv
+    k_local = tl.load(Local + offs_n)
+    k_ts = tl.load(Ts + offs_n, mask=offs_n < T, other=0)
+    out = Bias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV)
+    for r in range(0, MASK_BLOCK_Q, ROWS):
+        rows = r + tl.arange(0, ROWS)
+        offs_m = row0 + rows
+        q_local = tl.load(Local + offs_m)
+        q_next_ts = tl.load(NextTs + offs_m, mask=offs_m < T, other=0)
+        rel, bucket = rab_index(
+            q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
+        )
+        bias = tl.load(PosW + rel).to(tl.float32) + tl.load(TsW + bucket).to(tl.float32)
+        tl.store(out + rows[:, None] * MASK_BLOCK_KV + offs_kv[None, :], bias)
+
+
+@triton.jit
+def rab_reduce_kernel(
+    DBias, SlotRow, SlotCol, Local, Ts, NextTs, DPosW, DTsW,
+    T, rab_n, num_buckets, bucket_div,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, ROWS: tl.constexpr,
+    NB: tl.constexpr, DIAG: tl.constexpr, DIAG_ROWS: tl.constexpr,
+):
+    """DPosW[rel] += DBias[s], DTsW[bucket] += DBias[s] (fp32 ``tl.atomic_add``, added in no fixed
+    order: not deterministic, exact up to fp32 rounding). DPosW and DTsW must start at zero.
+
+    Time buckets: a histogram private to the program, per chunk of ROWS rows a one-hot sum over
+    the NB bins (NB the power of two >= num_buckets; when num_buckets == NB its top bucket, the
+    clamp bin, has a sum of its own), then one atomic per bin and program. Per-element atomics
+    would hit ~100 addresses from every program (torch.bincount's kernel spent 30 ms a step in
+    that contention).
+
+    Positions: when ``local[t] - t`` is one value for all the slot's query and key tokens (the
+    slot lies inside one sequence of consecutive positions, the common case), rel is constant
+    along each diagonal jj - ii of the tile, clamp included: the program sums the tile's
+    MASK_BLOCK_Q + MASK_BLOCK_KV - 1 diagonals (a skewed load, DIAG_ROWS rows at a time) and
+    adds one atomic per diagonal. Otherwise (sequence or padding boundaries, shared HSTU
+    position ids) every element adds its own atomic: spread over up to 2N - 1 addresses, and
+    consecutive keys of one row hit different ones."""
+    slot = tl.program_id(0).to(tl.int64)
+    row0 = tl.load(SlotRow + slot) * MASK_BLOCK_Q
+    col0 = tl.load(SlotCol + slot) * MASK_BLOCK_KV
+    offs_q = tl.arange(0, MASK_BLOCK_Q)
+    offs_kv = tl.arange(0, MASK_BLOCK_KV)
+    offs_n = col0 + offs_kv
+    k_local = tl.load(Local + offs_n)
+    k_ts = tl.load(Ts + offs_n, mask=offs_n < T, other=0)
+    # The diagonal path's condition, as counts of tokens off the first query's shift (two
+    # reductions: the interpreter's cost is per operation).
+    shift = tl.load(Local + row0) - row0
+    q_off = tl.sum((tl.load(Local + row0 + offs_q) - (row0 + offs_q) != shift).to(tl.int32), 0)
+    k_off = tl.sum((k_local - offs_n != shift).to(tl.int32), 0)
+    diagonal = (q_off + k_off) == 0
+    grad = DBias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV)
+
+    bins = tl.arange(0, NB)
+    ts_hist = tl.zeros([NB], dtype=tl.float32)
+    ts_top = tl.zeros([NB], dtype=tl.float32)  # the clamp bin's sum, in lane 0
+    for r in range(0, MASK_BLOCK_Q, ROWS):
+        rows = r + tl.arange(0, ROWS)
+        offs_m = row0 + rows
+        q_local = tl.load(Local + offs_m)
+        q_next_ts = tl.load(NextTs + offs_m, mask=offs_m < T, other=0)
+        rel, bucket = rab_index(
+            q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
+        )
+        g = tl.load(grad + rows[:, None] * MASK_BLOCK_KV + offs_kv[None, :])
+        if not diagonal:
+            tl.atomic_add(DPosW + rel, g, sem="relaxed")
+        # One-hot sums over the chunk's pairs, flattened so that one reduction gives every bin.
+        flat_bucket = tl.reshape(bucket, [ROWS * MASK_BLOCK_KV])
+        flat_g = tl.reshape(g, [ROWS * MASK_BLOCK_KV])
+        hit = flat_bucket[:, None] == bins[None, :]
+        ts_hist += tl.sum(tl.where(hit, flat_g[:, None], 0.0), axis=0)
+        # Buckets >= NB: only num_buckets itself, when it equals NB.
+        ts_top += tl.where(bins == 0, tl.sum(tl.where(flat_bucket >= NB, flat_g, 0.0), 0), 0.0)
+    tl.atomic_add(DTsW + bins, ts_hist, mask=bins <= num_buckets, sem="relaxed")
+    if num_buckets >= NB:
+        tl.atomic_add(DTsW + NB + bins, ts_top, mask=bins == 0, sem="relaxed")
+
+    if diagonal:
+        # Diagonal d holds the pairs jj - ii = d - (MASK_BLOCK_Q - 1); its rel is
+        # N - 1 + (col0 + jj + shift) - (row0 + ii + shift), clamped as rab_index clamps.
+        n_diag = MASK_BLOCK_Q + MASK_BLOCK_KV - 1
+        d = tl.arange(0, DIAG)
+        diag_sum = tl.zeros([DIAG], dtype=tl.float32)
+        for r in range(0, MASK_BLOCK_Q, DIAG_ROWS):
+            rows = r + tl.arange(0, DIAG_ROWS)
+            jj = d[None, :] - (MASK_BLOCK_Q - 1) + rows[:, None]
+            on_tile = (jj >= 0) & (jj < MASK_BLOCK_KV)
+            at = grad + rows[:, None] * MASK_BLOCK_KV + jj
+            diag_sum += tl.sum(tl.load(at, mask=on_tile, other=0.0), axis=0)
+        rel_d = rab_n - 1 + col0 - row0 + d - (MASK_BLOCK_Q - 1)
+        rel_d = tl.minimum(tl.maximum(rel_d, 0), 2 * rab_n - 2)
+        tl.atomic_add(DPosW + rel_d, diag_sum, mask=d < n_diag, sem="relaxed")
