@@ -1,6 +1,7 @@
 """Registers and spills of the attention kernels for sm_90a, compiled without a GPU.
 
     python benchmarks/kernel_registers.py            # bias inline and as tiles (kernel.rab_tiles)
+    python benchmarks/kernel_registers.py --tile-kernels   # only the tiles' fill and reduce
 
 ``triton.compile`` for a CUDA target needs no device; ptxas (triton's bundled
 ``ptxas-blackwell``, the only one that reads triton 3.9's PTX 9.x) prints each kernel's
@@ -30,7 +31,9 @@ from flexgr.ops.triton_hstu.backward import (  # noqa: E402
     hstu_bwd_dq_kernel,
     hstu_bwd_merged_kernel,
 )
+from flexgr.ops.triton_hstu import rab_tiles  # noqa: E402
 from flexgr.ops.triton_hstu.forward import hstu_fwd_kernel  # noqa: E402
+from flexgr.ops.triton_hstu.rab_tile_kernels import rab_fill_kernel, rab_reduce_kernel  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
 _BF16 = {"Q", "K", "V", "Out", "DO", "GradK", "GradV", "DQ"}
@@ -97,8 +100,11 @@ def main() -> None:
         ("merged", hstu_bwd_merged_kernel, {}, (64, 64, 4, 3)),
     ]
     print(f"# triton {triton.__version__}, sm_90a, D=128 bf16, bias on")
-    print("| kernel | tile (BM, BN, warps, stages) | bias inline | bias as tiles |")
-    print("|---|---|---|---|")
+    if "--tile-kernels" in sys.argv[1:]:
+        runs = []
+    else:
+        print("| kernel | tile (BM, BN, warps, stages) | bias inline | bias as tiles |")
+        print("|---|---|---|---|")
     for name, fn, extra, (bm, bn, warps, stages) in runs:
         if fn is hstu_bwd_merged_kernel:
             tile = {"KV_BLOCK_M": bm, "KV_BLOCK_N": bn, "Q_BLOCK_M": bm, "Q_BLOCK_N": bn}
@@ -111,6 +117,19 @@ def main() -> None:
                 consts["RAB_LANES"] = 1 if tiles else 16
             cells.append(resources(fn, consts, warps, stages))
         print(f"| {name} | {bm}, {bn}, {warps}, {stages} | {cells[0]} | {cells[1]} |", flush=True)
+    # The bias-as-tiles kernels around them, with the constexprs their launches use.
+    print("\n| tile kernel | mask blocks, buckets | constexprs | resources |")
+    print("|---|---|---|---|")
+    for block, buckets in ((128, 128), (128, 32), (32, 128), (16, 32)):
+        for name, fn, meta in (("fill", rab_fill_kernel, rab_tiles.fill_meta(block, block)),
+                               ("reduce", rab_reduce_kernel,
+                                rab_tiles.reduce_meta(block, block, buckets))):
+            if name == "fill" and buckets != 128:
+                continue  # the fill does not depend on the buckets
+            warps = meta.pop("num_warps")
+            consts = ", ".join(f"{k}={v}" for k, v in meta.items() if not k.startswith("MASK"))
+            print(f"| {name} | {block}, {buckets} | {consts}, {warps} warps | "
+                  f"{resources(fn, meta, warps, 1)} |", flush=True)
 
 
 if __name__ == "__main__":

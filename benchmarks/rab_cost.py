@@ -10,9 +10,10 @@ spills. For each backward mode (split, fused, merged): forward + backward ms wit
 bias. The model step's bias cost (issue 15: <= 1.3x) is the sum of these per layer.
 
 ``--rab-tiles`` adds the bias as tiles to both tables, in the same run: per forward tile a
-"tiles ms" column (the per-layer gather included, the per-batch pair indices not: they are built
-once, outside the timing, and timed on their own), per backward mode a "f+b tiles ms" column,
-and the tiles' memory (per batch and per layer).
+"tiles ms" column (the per-layer fill kernel included, the per-batch slot tables not: they are
+built once, outside the timing, and timed on their own), per backward mode a "f+b tiles ms"
+column (the backward's second fill and the reduce kernel included), and the tiles' memory (per
+batch and per layer).
 """
 
 from __future__ import annotations
@@ -94,16 +95,18 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            tiles = launch.mask_tables(mask, rab).rab_tiles
+            tab = launch.mask_tables(mask, rab)
             if cuda:
                 torch.cuda.synchronize()
             build_ms = (time.perf_counter() - start) * 1e3
+        tiles = tab.rab_tiles
         assert tiles is not None
         per_batch = sum(t.numel() * t.element_size() for t in tiles.tensors())
-        per_layer = tiles.rel.numel() * 4  # the fp32 bias values; the backward adds as much
+        # The fp32 bias values of every visited pair; the backward adds as much for dS.
+        per_layer = tiles.n_slots * tab.mask_block_q * tab.mask_block_kv * 4
         tiles_note = (
-            f"# rab_tiles: {tiles.n_slots} visited block pairs, pair indices "
-            f"{per_batch / 2**20:.2f} MiB per batch (built in {build_ms:.1f} ms, one sync), bias "
+            f"# rab_tiles: {tiles.n_slots} visited block pairs, slot tables "
+            f"{per_batch / 2**10:.1f} KiB per batch (built in {build_ms:.1f} ms, one sync), bias "
             f"values {per_layer / 2**20:.2f} MiB per layer (x2 in the backward)"
         )
 
