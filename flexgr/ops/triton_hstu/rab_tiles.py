@@ -15,10 +15,11 @@ The tiles hold no pair indices: the fill and reduce kernels compute rel and buck
 per-token tables (``MaskTables.local``, ``ts``, ``next_ts``) with the inline kernels' helper, so
 the slot tables depend on the mask's block lists only, not on the bias.
 
-Memory, per visited pair (MBQ x MBKV elements, 16384 at 128 x 128): per batch 8 bytes for the
-slot's (r, c) plus one int32 per list entry; per layer the fp32 bias values (64 KiB a pair),
-and in the backward the values again plus an fp32 buffer for the bias gradient per pair (128
-KiB a pair at the backward's peak).
+Memory: per batch the four slot tables (int32, the block lists' shapes: 2.3 MiB at 16 x
+[2048, 4096] with 128-blocks) and 8 bytes a slot for its (r, c); per visited pair (MBQ x MBKV
+elements, 16384 at 128 x 128) the fp32 bias values per layer (64 KiB a pair), and in the
+backward the values again plus an fp32 buffer for the bias gradient (128 KiB a pair at the
+backward's peak).
 """
 
 from __future__ import annotations
