@@ -474,7 +474,7 @@ def _backward(
         tiles = rab_tiles_of(tab)
         assert pos_w is not None and ts_w is not None
         bias = tiles_mod.fill_bias(tiles, tab, pos_w, ts_w, out=_bias_buffer(tiles, tab))
-        dbias = torch.zeros_like(bias)
+        dbias = torch.empty_like(bias)  # zeroed right before the real run below
         q_slot, full_q_slot = tiles.q_slot, tiles.full_q_slot
         kv_slot, full_kv_slot = tiles.kv_slot, tiles.full_kv_slot
     scalars = _scalars(tab, alpha, out_scale)
