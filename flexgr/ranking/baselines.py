@@ -41,8 +41,12 @@ def prepare_history(model: nn.Module, batch: RankingBatch) -> HistoryInputs:
     h_seq, h_local = segments(batch.history_offsets, H)
     c_seq, _ = segments(batch.candidate_offsets, C)
     offsets = batch.history_offsets
-    # The one host sync of the batch, outside the forward (SASRec pads to the longest history).
-    max_len = int(lengths_of(offsets).max()) if offsets.numel() > 1 else 0
+    # SASRec pads its attention to the longest history: the one host sync of its batch, outside
+    # the forward. The two-tower model reads no max_len, so it skips the sync (0); anything
+    # else (SASRec, or a model wrapped by DDP or torch.compile) gets the real value.
+    max_len = 0
+    if not isinstance(model, TwoTowerRanker) and offsets.numel() > 1:
+        max_len = int(lengths_of(offsets).max())
     return HistoryInputs(h_local.long(), offsets[1:] - 1, c_seq, h_seq, max_len)
 
 

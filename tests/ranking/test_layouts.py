@@ -149,3 +149,25 @@ def test_a_candidate_never_sees_the_other_impressions_or_their_labels() -> None:
         **{**batch.__dict__, "candidates": candidates, "labels": 1 - batch.labels}
     )
     torch.testing.assert_close(_logits(model, changed)[first], base[first], rtol=1e-12, atol=1e-12)
+
+
+def test_only_sasrec_reads_the_longest_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_history's host sync (the longest history, for SASRec's padding) is skipped for the
+    two-tower model, which never reads it; SASRec still gets the true longest history."""
+    import flexgr.ranking.baselines as baselines
+
+    data = synthetic_data(users=10, seed=3)
+    requests = build_requests(data, CFG, max_seq_len=9)
+    batch = request_batch(events_of(data, CFG), requests, np.arange(len(requests)))
+    longest = int((batch.history_offsets[1:] - batch.history_offsets[:-1]).max())
+    sasrec = _model("sasrec-ranking", {}, data)
+    assert baselines.prepare_history(sasrec, batch).max_len == longest > 0
+
+    def no_sync(offsets):  # noqa: ANN001, ANN202
+        raise AssertionError("the two-tower prepare read the longest history")
+
+    monkeypatch.setattr(baselines, "lengths_of", no_sync)
+    two_tower = _model("two-tower-ranking", {}, data)
+    assert baselines.prepare_history(two_tower, batch).max_len == 0
+    with pytest.raises(AssertionError, match="two-tower prepare"):
+        baselines.prepare_history(sasrec, batch)
