@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from flexgr.batch import JaggedBatch
 from flexgr.model import HSTU, HSTUConfig, encode
 from flexgr.ops.kernel_options import KernelOptions, set_kernel_options
+from flexgr.train.recompute import apply_recompute
 
 
 def step_flops(cfg: HSTUConfig, lengths: list[int]) -> float:
@@ -88,6 +89,9 @@ def main() -> None:
     parser.add_argument("--kernel", action="append", default=[], metavar="KEY=VALUE",
                         help="a kernel option for every row, e.g. tuning_threads=8 (flexgr.ops."
                         "kernel_options.KernelOptions; ints and true/false parsed)")
+    parser.add_argument("--recompute", default="",
+                        help="comma list of train.recompute modes (selective, layers) to time as "
+                        "extra triton rows, e.g. selective,layers (ULTRA-HSTU's memory vs time)")
     parser.add_argument("--compare-no-bias", action="store_true",
                         help="also time triton without the bias in the same run (bias cost ratio)")
     parser.add_argument("--rab-tiles", action="store_true",
@@ -114,30 +118,35 @@ def main() -> None:
         copies.append("tiles")
     if args.compare_no_bias and not args.no_rel_bias:
         copies.append("no bias")
+    copies += [f"recompute={m}" for m in args.recompute.split(",") if m]
     runs = [(b, c) for b in names for c in (copies if b == "triton" else [""])]
     rows = []
     try:
-        base = KernelOptions(**dict(parse_option(kv) for kv in args.kernel))
+        kernel_base = KernelOptions(**dict(parse_option(kv) for kv in args.kernel))
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"--kernel: {exc}") from None
     for backend, copy in runs:
         label = backend
-        if copy == "no bias":
-            set_kernel_options(base)
+        recompute = copy.removeprefix("recompute=") if copy.startswith("recompute=") else "none"
+        if recompute != "none":
+            set_kernel_options(kernel_base)
+            label = f"{backend} {copy}"
+        elif copy == "no bias":
+            set_kernel_options(kernel_base)
             label = f"{backend} no bias"
         elif copy == "tiles":
-            set_kernel_options(dataclasses.replace(base, rab_tiles=True))
+            set_kernel_options(dataclasses.replace(kernel_base, rab_tiles=True))
             label = f"{backend} rab_tiles"
         elif copy:
-            set_kernel_options(dataclasses.replace(base, rab_lanes=int(copy)))
+            set_kernel_options(dataclasses.replace(kernel_base, rab_lanes=int(copy)))
             label = f"{backend} L={copy}"
         else:
-            set_kernel_options(base)
+            set_kernel_options(kernel_base)
         torch.manual_seed(0)
         cfg = HSTUConfig(num_items=num_items, max_seq_len=args.max_len, dropout=0.0,
                          input_dropout=0.0, backend=backend,
                          rel_bias=not args.no_rel_bias and copy != "no bias", **dims)
-        model = HSTU(cfg).to(device)
+        model = apply_recompute(HSTU(cfg).to(device), recompute)  # type: ignore[arg-type]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def train_step() -> None:
@@ -154,17 +163,23 @@ def main() -> None:
         start = time.time()
         train_step()
         first_s = time.time() - start
+        peak_gib = float("nan")
         if device.type == "cuda":
             from triton.testing import do_bench
 
             ms = float(do_bench(train_step, warmup=3, rep=20, return_mode="median"))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            train_step()
+            torch.cuda.synchronize()
+            peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         else:
             start = time.time()
             train_step()
             ms = (time.time() - start) * 1e3
         if args.profile:
             print_profile(train_step, label, device)
-        rows.append((label, ms, first_s))
+        rows.append((label, ms, first_s, peak_gib))
         print(f"{label}: first call {first_s:.1f} s, step {ms:.1f} ms", file=sys.stderr, flush=True)
         del model, opt
     flops = step_flops(cfg, lengths)
@@ -173,14 +188,15 @@ def main() -> None:
     print(f"\ndevice: {name}, torch {torch.__version__}; B={args.batch}, lengths in "
           f"[{args.max_len // 2}, {args.max_len}], T={sum(lengths)}, {dims}")
     print(f"useful FLOPs per step: {flops / 1e12:.2f} TFLOP; measured bf16 matmul peak: {peak / 1e12:.0f} TF/s\n")
-    print("| backend | step ms | first call s | TF/s | MFU | speed-up vs flex |")
-    print("|---|---|---|---|---|---|")
-    base = dict((b, ms) for b, ms, _ in rows).get("flex")
-    for backend, ms, first_s in rows:
+    print("| backend | step ms | first call s | TF/s | MFU | speed-up vs flex | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    base = dict((b, ms) for b, ms, _, _ in rows).get("flex")
+    for backend, ms, first_s, peak_gib in rows:
         tfs = flops / (ms * 1e-3) / 1e12
         mfu = flops / (ms * 1e-3) / peak
         ratio = f"{base / ms:.2f}x" if base else "-"
-        print(f"| {backend} | {ms:.1f} | {first_s:.1f} | {tfs:.0f} | {mfu:.1%} | {ratio} |")
+        print(f"| {backend} | {ms:.1f} | {first_s:.1f} | {tfs:.0f} | {mfu:.1%} | {ratio} "
+              f"| {peak_gib:.2f} |")
 
 
 if __name__ == "__main__":
