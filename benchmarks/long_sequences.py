@@ -68,7 +68,11 @@ def quality_grid(args: argparse.Namespace, home: Path, work: Path) -> list[dict]
             # time is the median over the later epochs (the only epoch when there is one).
             epoch_step_s = [r["train_s"] / max(n, 1) for r, n in zip(epochs, per_epoch)]
             step_s = statistics.median(epoch_step_s[1:] or epoch_step_s)
-            runs.append({"seed": seed, "hr@10": result.test["hr@10"],
+            # The training loss at every record (thinned to <= 24 points): the FP8-vs-bf16
+            # loss-curve comparison reads these.
+            losses = [r["loss"] for r in records if r["kind"] == "train" and r.get("loss") is not None]
+            curve = losses[:: max(1, len(losses) // 24)]
+            runs.append({"seed": seed, "loss_curve": curve, "hr@10": result.test["hr@10"],
                          "ndcg@10": result.test["ndcg@10"], "step_ms": 1e3 * step_s,
                          "first_epoch_step_ms": 1e3 * epoch_step_s[0], "epoch": result.epoch})
         row = summarise(option, runs)
