@@ -67,14 +67,16 @@ def quality_grid(args: argparse.Namespace, home: Path, work: Path) -> list[dict]
             # The first epoch holds the kernels' compiles for new tile configurations; the step
             # time is the median over the later epochs (the only epoch when there is one).
             epoch_step_s = [r["train_s"] / max(n, 1) for r, n in zip(epochs, per_epoch)]
-            step_s = statistics.median(epoch_step_s[1:] or epoch_step_s)
+            step_s = statistics.median(epoch_step_s[1:] or epoch_step_s) if epoch_step_s else 0.0
             # The training loss at every record (thinned to <= 24 points): the FP8-vs-bf16
             # loss-curve comparison reads these.
-            losses = [r["loss"] for r in records if r["kind"] == "train" and r.get("loss") is not None]
-            curve = losses[:: max(1, len(losses) // 24)]
+            losses = [r["loss"] for r in records
+                      if r["kind"] == "train" and r.get("loss") is not None]
+            curve = losses[:: max(1, -(-len(losses) // 24))]
+            first_ms = 1e3 * epoch_step_s[0] if epoch_step_s else 0.0
             runs.append({"seed": seed, "loss_curve": curve, "hr@10": result.test["hr@10"],
                          "ndcg@10": result.test["ndcg@10"], "step_ms": 1e3 * step_s,
-                         "first_epoch_step_ms": 1e3 * epoch_step_s[0], "epoch": result.epoch})
+                         "first_epoch_step_ms": first_ms, "epoch": result.epoch})
         row = summarise(option, runs)
         rows.append(row)
         print(f"  {option}: hr@10 {row['hr@10']:.4f} +- {row['hr@10_std']:.4f}", flush=True)
@@ -102,11 +104,12 @@ def print_quality(rows: list[dict]) -> None:
 
 def merge(paths: list[Path]) -> list[dict]:
     """The quality rows of several --json files (one per seed range), runs pooled by option."""
-    pooled: dict[str, list[dict]] = {}
+    pooled: dict[str, dict[object, dict]] = {}
     for path in paths:
         for row in json.loads(path.read_text()).get("quality", []):
-            pooled.setdefault(row["option"], []).extend(row["runs"])
-    return [summarise(option, runs) for option, runs in pooled.items()]
+            for run in row["runs"]:  # by seed: overlapping files must not count a run twice
+                pooled.setdefault(row["option"], {})[run.get("seed")] = run
+    return [summarise(option, list(runs.values())) for option, runs in pooled.items()]
 
 
 def step_fits(L: int, recompute: str, args: argparse.Namespace, device: torch.device) -> bool:
@@ -171,9 +174,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="max epochs per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0,
-                        help="seeds are first-seed .. first-seed + seeds - 1 (split a grid over processes)")
+                        help="seeds are first-seed .. first-seed + seeds - 1 "
+                        "(split a grid over processes)")
     parser.add_argument("--options", default=",".join(OPTIONS),
-                        help=f"comma list of presets synthetic-long-OPTION (default: {','.join(OPTIONS)})")
+                        help="comma list of presets synthetic-long-OPTION "
+                        f"(default: {','.join(OPTIONS)})")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
     parser.add_argument("--mem-cap-gib", type=float, default=8.0)
     parser.add_argument("--cpu-saved-mib", type=float, default=4.0)
