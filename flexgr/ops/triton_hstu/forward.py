@@ -15,7 +15,9 @@ of the index arithmetic and two per-element table reads.
 import triton
 import triton.language as tl
 
-from flexgr.ops.triton_hstu.rules import hstu_valid, load_rows, rab_index, score_scale, silu
+from flexgr.ops.triton_hstu.rules import (
+    hstu_valid, load_rows, query_bias_tile, rab_index, score_scale, silu,
+)
 
 
 @triton.jit
@@ -48,13 +50,9 @@ def _fwd_visit(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if HAS_RAB:
             if RAB_TILES:
-                # Row (query) and column (key) offsets inside the mask block; padded tokens
-                # have finite values there (weights of in-range indices), so no mask.
-                slot = tl.load(slot_list + t // SUB).to(tl.int64)
-                in_block = (offs_m % MASK_BLOCK_Q)[:, None] * MASK_BLOCK_KV + (
-                    (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-                )[None, :]
-                bias = tl.load(Bias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV) + in_block)
+                bias = query_bias_tile(
+                    Bias, slot_list, t, offs_m, SUB, BLOCK_N, MASK_BLOCK_Q, MASK_BLOCK_KV
+                )
             else:
                 k_local = tl.load(Local + offs_n)
                 k_ts = tl.load(Ts + offs_n, mask=row_ok, other=0)

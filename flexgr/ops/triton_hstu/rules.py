@@ -102,6 +102,22 @@ def rab_index(
 
 
 @triton.jit
+def query_bias_tile(
+    Bias, slot_list, t, offs_m, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr,
+):
+    """kernel.rab_tiles: the [BLOCK_M, BLOCK_N] bias sub-tile of key sub-block t (queries
+    offs_m as rows) from its slot's per-layer values, for the forward and dq programs. Row
+    (query) and column (key) offsets inside the mask block; padded tokens have finite values
+    there (weights of in-range indices), so no mask."""
+    slot = tl.load(slot_list + t // SUB).to(tl.int64)
+    in_block = (offs_m % MASK_BLOCK_Q)[:, None] * MASK_BLOCK_KV + (
+        (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    )[None, :]
+    return tl.load(Bias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV) + in_block)
+
+
+@triton.jit
 def _tanh_approx(x):
     return tl.inline_asm_elementwise(
         "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
