@@ -68,11 +68,7 @@ def sampled_softmax_loss(
     neg_logit = neg_logit / temperature
     neg_logit = neg_logit.masked_fill(negatives_TR == targets_T.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)
-    if label_smoothing:
-        per_position = smoothed_cross_entropy(logits, pos_logit, label_smoothing)
-    else:  # the reference's loss, op for op (the default stays bit-identical)
-        per_position = torch.logsumexp(logits, dim=1) - pos_logit
-    return _reduce(per_position, reduction)
+    return _softmax_loss(logits, pos_logit, reduction, label_smoothing)
 
 
 def full_softmax_loss(
@@ -92,11 +88,7 @@ def full_softmax_loss(
     scores_TI = user_TD @ item_table.T / temperature
     pos_logit = scores_TI.gather(1, targets_T.unsqueeze(1)).squeeze(1)
     logits = scores_TI[:, 1:]
-    if label_smoothing:
-        per_position = smoothed_cross_entropy(logits, pos_logit, label_smoothing)
-    else:
-        per_position = torch.logsumexp(logits, dim=1) - pos_logit
-    return _reduce(per_position, reduction)
+    return _softmax_loss(logits, pos_logit, reduction, label_smoothing)
 
 
 def in_batch_log_weights(
@@ -150,11 +142,7 @@ def in_batch_softmax_loss(
     )
     in_batch = (scores_TI + log_weight_I).scatter(1, own_T1, float("-inf"))
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logit, in_batch], dim=1)
-    if label_smoothing:
-        per_position = smoothed_cross_entropy(logits, pos_logit, label_smoothing)
-    else:
-        per_position = torch.logsumexp(logits, dim=1) - pos_logit
-    return _reduce(per_position, reduction)
+    return _softmax_loss(logits, pos_logit, reduction, label_smoothing)
 
 
 def smoothed_cross_entropy(logits_TK: Tensor, pos_logit_T: Tensor, smoothing: float) -> Tensor:
@@ -227,5 +215,13 @@ def _check(reduction: str, label_smoothing: float) -> None:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
-def _reduce(per_position: Tensor, reduction: str) -> Tensor:
+def _softmax_loss(
+    logits_TK: Tensor, pos_logit_T: Tensor, reduction: str, label_smoothing: float
+) -> Tensor:
+    """-log softmax(positive) per row, smoothed or not, reduced: the tail of every loss here.
+    Unsmoothed it is the reference's loss, op for op (the default stays bit-identical)."""
+    if label_smoothing:
+        per_position = smoothed_cross_entropy(logits_TK, pos_logit_T, label_smoothing)
+    else:
+        per_position = torch.logsumexp(logits_TK, dim=1) - pos_logit_T
     return per_position.mean() if reduction == "mean" else per_position.sum()
