@@ -19,6 +19,8 @@ kernel"). Inference only (no backward).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,12 +85,17 @@ def _block(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def key_splits_for(M: int, H: int, L: int, block_m: int, block_n: int, device: torch.device) -> int:
     """Splits of the cached keys that give about two programs per SM, each split at least
     four key tiles long (shorter ones spend more on the partials than they save)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     programs = H * triton.cdiv(M, block_m)
     most = max(1, triton.cdiv(L, 4 * block_n))
     return max(1, min(most, triton.cdiv(2 * sms, programs)))
