@@ -65,10 +65,10 @@ def _bias(offsets: torch.Tensor, n: int, seed: int, buckets: int = 32) -> Relati
 
 # Masks whose lists have partial and full blocks, several rows and columns, empty rows past the
 # last token (band tables with extra length), windows and semi-local bands.
-def _masks() -> dict[str, tuple[HSTUMask, torch.Tensor]]:
-    off = make_offsets([1, 37, 140, 1, 9, 70])
-    off_long = make_offsets([260, 3, 30])
-    nt = torch.tensor([7, 0, 3])
+def _masks(device: str = "cpu") -> dict[str, tuple[HSTUMask, torch.Tensor]]:
+    off = make_offsets([1, 37, 140, 1, 9, 70], device)
+    off_long = make_offsets([260, 3, 30], device)
+    nt = torch.tensor([7, 0, 3], device=device)
     return {
         "causal_128": (build_hstu_mask(off), off),
         "causal_32": (build_hstu_mask(off, block_size=32), off),
@@ -84,6 +84,9 @@ def _masks() -> dict[str, tuple[HSTUMask, torch.Tensor]]:
 
 
 MASKS = _masks()
+# The fill and reduce kernels' checks launch them directly: on CUDA tensors where there is a GPU
+# (Triton takes no CPU tensor outside its interpreter), compared on the CPU.
+KERNEL_MASKS = _masks(DEVICE) if DEVICE == "cuda" else MASKS
 
 
 def _pairs(num: torch.Tensor, idx: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -139,11 +142,11 @@ def _pair_indices(
     timestamp 0 and their padded position, as the inline kernels read them."""
     mbq, mbkv, P, T, n = (tab.mask_block_q, tab.mask_block_kv, tab.padded_len, tab.total_len,
                           tab.rab_n)
-    local = tab.local.long()
-    ts = torch.nn.functional.pad(tab.ts[:T].long(), (0, P - T))
-    nxt = torch.nn.functional.pad(tab.next_ts[:T].long(), (0, P - T))
-    i = tiles.slot_row.long()[:, None] * mbq + torch.arange(mbq)  # [S, MBQ] queries
-    j = tiles.slot_col.long()[:, None] * mbkv + torch.arange(mbkv)  # [S, MBKV] keys
+    local = tab.local.long().cpu()
+    ts = torch.nn.functional.pad(tab.ts[:T].long().cpu(), (0, P - T))
+    nxt = torch.nn.functional.pad(tab.next_ts[:T].long().cpu(), (0, P - T))
+    i = tiles.slot_row.long().cpu()[:, None] * mbq + torch.arange(mbq)  # [S, MBQ] queries
+    j = tiles.slot_col.long().cpu()[:, None] * mbkv + torch.arange(mbkv)  # [S, MBKV] keys
     rel = (n - 1 + local[j][:, None, :] - local[i][:, :, None]).clamp(0, 2 * n - 2)
     dt = nxt[i][:, :, None] - ts[j][:, None, :]
     return rel, time_bucket(dt, tab.num_buckets, rab.bucket_divisor)
@@ -153,9 +156,10 @@ def _along_diagonals(tab: launch.MaskTables, tiles: rab_tiles.RabTiles) -> torch
     """[S] bool: local[t] - t is one value over the slot's query and key tokens (the reduce
     kernel's per-diagonal path; the others take per-element atomics)."""
     mbq, mbkv = tab.mask_block_q, tab.mask_block_kv
-    i = tiles.slot_row.long()[:, None] * mbq + torch.arange(mbq)
-    j = tiles.slot_col.long()[:, None] * mbkv + torch.arange(mbkv)
-    shift = torch.cat([tab.local.long()[i] - i, tab.local.long()[j] - j], dim=1)
+    i = tiles.slot_row.long().cpu()[:, None] * mbq + torch.arange(mbq)
+    j = tiles.slot_col.long().cpu()[:, None] * mbkv + torch.arange(mbkv)
+    local = tab.local.long().cpu()
+    shift = torch.cat([local[i] - i, local[j] - j], dim=1)
     return (shift == shift[:, :1]).all(dim=1)
 
 
@@ -171,23 +175,32 @@ INDEX_CASES = {
 
 def _index_case(key: str, seed: int) -> tuple[launch.MaskTables, rab_tiles.RabTiles, RelativeBias]:
     name, n, buckets, use_positions = INDEX_CASES[key]
-    mask, offsets = MASKS[name]
+    mask, offsets = KERNEL_MASKS[name]
     n = n or int((offsets[1:] - offsets[:-1]).max()) + 2
     g = torch.Generator().manual_seed(seed)
     T = int(offsets[-1])
     # Gaps of 0..40 units: neighbours in bucket 0 (|dt| <= 1), far pairs past the last bucket.
     ts = torch.cumsum(torch.randint(0, 40, (T,), generator=g), 0)
     positions = mask.layout.pos_id[:T].long() if use_positions else None
+    pos_w, ts_w = torch.randn(2 * n - 1, generator=g), torch.randn(buckets + 1, generator=g)
     rab = RelativeBias.from_timestamps(
-        torch.randn(2 * n - 1, generator=g), torch.randn(buckets + 1, generator=g), ts, offsets,
-        positions=positions,
+        pos_w.to(DEVICE), ts_w.to(DEVICE), ts.to(DEVICE), offsets, positions=positions
     )
     tab, tiles = _tiled(mask, rab)
     return tab, tiles, rab
 
 
+def _cpu(rab: RelativeBias) -> RelativeBias:
+    return dataclasses.replace(
+        rab, pos_w=rab.pos_w.cpu(), ts_w=rab.ts_w.cpu(), timestamps=rab.timestamps.cpu(),
+        next_timestamps=rab.next_timestamps.cpu(),
+        positions=None if rab.positions is None else rab.positions.cpu(),
+    )
+
+
 def check_fill(key: str, seed: int = 1) -> None:
-    tab, tiles, rab = _index_case(key, seed)
+    tab, tiles, rab_dev = _index_case(key, seed)
+    rab = _cpu(rab_dev)
     rel, bucket = _pair_indices(tab, tiles, rab)
     # The pair indices are the reference's formulas on every pair of real tokens.
     offsets = MASKS[INDEX_CASES[key][0]][1]
@@ -196,8 +209,8 @@ def check_fill(key: str, seed: int = 1) -> None:
     want_rel = (n - 1 + pos[None, :] - pos[:, None]).clamp(0, 2 * n - 2)
     want_bucket = time_bucket(rab.next_timestamps[:, None] - rab.timestamps[None, :],
                               rab.num_buckets, rab.bucket_divisor)
-    i = tiles.slot_row.long()[:, None] * mbq + torch.arange(mbq)
-    j = tiles.slot_col.long()[:, None] * mbkv + torch.arange(mbkv)
+    i = tiles.slot_row.long().cpu()[:, None] * mbq + torch.arange(mbq)
+    j = tiles.slot_col.long().cpu()[:, None] * mbkv + torch.arange(mbkv)
     real = (i < T)[:, :, None] & (j < T)[:, None, :]
     ii, jj = i[:, :, None].expand_as(real)[real], j[:, None, :].expand_as(real)[real]
     assert real.any() and (~real).any()  # padded pairs too
@@ -205,24 +218,24 @@ def check_fill(key: str, seed: int = 1) -> None:
     assert torch.equal(bucket[real], want_bucket[ii, jj])
     # The fill kernel, on a NaN-filled buffer: every pair written, bit for bit pos_w[rel] +
     # ts_w[bucket] in fp32 (what the torch gather gave), padded pairs included.
-    out = torch.full((tiles.n_slots, mbq, mbkv), float("nan"))
-    got = rab_tiles.fill_bias(tiles, tab, rab.pos_w, rab.ts_w, out=out)
+    out = torch.full((tiles.n_slots, mbq, mbkv), float("nan"), device=DEVICE)
+    got = rab_tiles.fill_bias(tiles, tab, rab_dev.pos_w, rab_dev.ts_w, out=out)
     assert got is out
-    assert torch.equal(got, rab.pos_w[rel] + rab.ts_w[bucket])
+    assert torch.equal(got.cpu(), rab.pos_w[rel] + rab.ts_w[bucket])
 
 
 def check_reduce(key: str, seed: int = 2) -> None:
     tab, tiles, rab = _index_case(key, seed)
-    rel, bucket = _pair_indices(tab, tiles, rab)
+    rel, bucket = _pair_indices(tab, tiles, _cpu(rab))
     n, nb = tab.rab_n, tab.num_buckets
     if INDEX_CASES[key][1]:  # the clamped cases reach every end
         assert (rel == 0).any() and (rel == 2 * n - 2).any()
     assert (bucket == 0).any() and (bucket == nb).any()
     g = torch.Generator().manual_seed(seed)
     dbias = torch.randn(rel.shape, generator=g)
-    dpos, dts = rab_tiles.table_grads(tiles, tab, dbias, 2 * n - 1, nb + 1)
+    dpos, dts = rab_tiles.table_grads(tiles, tab, dbias.to(DEVICE), 2 * n - 1, nb + 1)
     assert dpos.dtype == dts.dtype == torch.float32
-    for got, index, size in ((dpos, rel, 2 * n - 1), (dts, bucket, nb + 1)):
+    for got, index, size in ((dpos.cpu(), rel, 2 * n - 1), (dts.cpu(), bucket, nb + 1)):
         flat, values = index.reshape(-1), dbias.double().view(-1)
         want = torch.zeros(size, dtype=torch.float64).index_add_(0, flat, values)
         # fp32 sums of up to thousands of terms: rounding grows with the sum of magnitudes.
