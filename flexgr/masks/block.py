@@ -306,17 +306,23 @@ def build_custom_mask(
 ) -> HSTUMask:
     """Wrap any mask_mod over global token indices of the unpadded batch, for example
     ``and_masks(jagged(offsets), semi_local(offsets, 64, 8))``. Padding tokens are masked out and
-    indices are clamped, so the mask_mod's tables need not cover the padding."""
+    indices are clamped, so the mask_mod's tables need not cover the padding.
+
+    On CUDA the block mask and flex_attention compile once per padded length (``padded_len``,
+    bucketed): the last real index is captured as a 0-d tensor, not a Python int, which the
+    compiled code would guard on and recompile for at every new batch length. The mask_mod's
+    own tables should have the padded length too (``jagged(offsets, padded_len=P)``,
+    ``build_layout(..., padded_len=P)``): a captured table's shape is guarded the same way."""
     device = offsets.device
     if total_len is None:
         total_len = int(offsets[-1])
     if padded_len is None:
         padded_len = padded_length(total_len, device, block_size)
-    last = total_len - 1
+    last = torch.tensor(total_len - 1, device=device)
 
     def padded_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         inside = (q <= last) & (kv <= last)
-        return inside & mask_mod(b, h, q.clamp(max=last), kv.clamp(max=last))
+        return inside & mask_mod(b, h, torch.minimum(q, last), torch.minimum(kv, last))
 
     padded_mod.__name__ = getattr(mask_mod, "__name__", "custom")
     layout = build_layout(offsets, total_len=total_len, padded_len=padded_len)

@@ -21,18 +21,23 @@ def packed_offsets(offsets: Tensor, num_seeds: int) -> Tensor:
     return offsets.to(torch.int64) + num_seeds * torch.arange(B + 1, device=offsets.device)
 
 
-def seed_flags(offsets: Tensor, num_seeds: int) -> tuple[Tensor, Tensor]:
-    """(seq_id [P] int64, is_seed [P] bool) of every packed token (P = T + B S)."""
+def seed_flags(
+    offsets: Tensor, num_seeds: int, padded_len: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(seq_id [L] int64, is_seed [L] bool) of every packed token (P = T + B S tokens, L =
+    ``padded_len`` >= P rows or P; rows past P hold seq_id -1, not seeds)."""
     packed = packed_offsets(offsets, num_seeds)
     P = int(offsets[-1]) + num_seeds * (offsets.numel() - 1)
-    seq, local = seq_ids_and_local(packed, P)
-    return seq.long(), local.long() < num_seeds
+    seq, local = seq_ids_and_local(packed, P, P if padded_len is None else padded_len)
+    return seq.long(), (local.long() < num_seeds) & (seq >= 0)
 
 
-def seed_summary_mask(offsets: Tensor, num_seeds: int) -> MaskMod:
+def seed_summary_mask(offsets: Tensor, num_seeds: int, padded_len: int | None = None) -> MaskMod:
     """mask_mod over global packed indices: same segment and (the query is a seed, or both are
-    history and the key is not after the query). ``offsets`` are the histories' [B + 1]."""
-    seq, is_seed = seed_flags(offsets, num_seeds)
+    history and the key is not after the query). ``offsets`` are the histories' [B + 1].
+    ``padded_len``: the tables' length (the block mask's padded length, so that on CUDA its
+    compiled code, which guards on the tables' shapes, serves every batch of one bucket)."""
+    seq, is_seed = seed_flags(offsets, num_seeds, padded_len)
 
     def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         same = seq[q] == seq[kv]

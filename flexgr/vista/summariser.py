@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from flexgr.masks.block import HSTUMask, build_custom_mask
+from flexgr.masks.block import HSTUMask, build_custom_mask, padded_length
 from flexgr.masks.layout import seq_ids_and_local
 from flexgr.model.embedding import SequenceInput
 from flexgr.model.hstu.inputs import Attention, BiasWeights, HSTUInputs
@@ -167,7 +167,10 @@ def _silu_attention(cfg: SummariserConfig, offsets: Tensor, packed: Tensor) -> A
         N = S + (int(lengths.max()) if B else 0)  # one host sync, outside the forward
         return PaddedSummaryAttention(packed, dense_seed_mask(lengths, S, N), N)
     total = int(offsets[-1]) + S * B
-    mask = build_custom_mask(seed_summary_mask(offsets, S), packed, total_len=total)
+    P = padded_length(total, offsets.device)  # the tables too: one compile per bucket on CUDA
+    mask = build_custom_mask(
+        seed_summary_mask(offsets, S, P), packed, total_len=total, padded_len=P
+    )
     return SummaryAttention(packed, mask, backend)
 
 

@@ -21,6 +21,7 @@ from flexgr.masks.block import (
     build_custom_mask,
     build_hstu_mask,
     build_semi_local_mask,
+    padded_length,
     prepare_mode,
 )
 from flexgr.masks.layout import JaggedLayout, build_layout, seq_ids_and_local
@@ -166,14 +167,17 @@ def backend_choice(
     )
 
 
-def batch_layout(cfg: HSTUConfig, batch: JaggedBatch) -> JaggedLayout:
-    """Per-token tables of the whole batch: sequence ids, HSTU position ids, targets."""
+def batch_layout(
+    cfg: HSTUConfig, batch: JaggedBatch, padded_len: int | None = None
+) -> JaggedLayout:
+    """Per-token tables of the whole batch: sequence ids, HSTU position ids, targets; with
+    ``padded_len`` rows (padding rows past the batch's tokens), else one per token."""
     return build_layout(
         batch.offsets,
         num_targets=batch.num_targets,
         contextual_len=cfg.contextual_len,
         total_len=batch.num_tokens,
-        padded_len=max(batch.num_tokens, 1),
+        padded_len=padded_len or max(batch.num_tokens, 1),
     )
 
 
@@ -253,7 +257,10 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
     mask: HSTUMask | None = None
     fused: BiasInputs | None = None
     if cfg.mask != BUILTIN_RULE:
-        layout = batch_layout(cfg, batch)
+        # Tables of the mask's padded length: on CUDA the compiled block mask and flex kernels
+        # guard on the captured tables' shapes, and the padded length is bucketed.
+        P = padded_length(T, batch.device)
+        layout = batch_layout(cfg, batch, padded_len=P)
         if backend == "triton" and kernel_rule(cfg.mask):
             # Semi-local attention: the kernel evaluates it inline and visits only the key
             # blocks its two bands reach (block tables from the band statistics, no host sync).
@@ -262,7 +269,9 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
                 max_len=cfg.attn_len,
             )
         else:
-            mask = build_custom_mask(custom_mask_mod(cfg, layout), batch.offsets, total_len=T)
+            mask = build_custom_mask(
+                custom_mask_mod(cfg, layout), batch.offsets, total_len=T, padded_len=P
+            )
     elif backend == "reference":
         layout = build_layout(
             batch.offsets, num_targets=batch.num_targets, contextual_len=cfg.contextual_len,

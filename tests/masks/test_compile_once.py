@@ -1,0 +1,80 @@
+"""Custom masks compile once per padded length, not once per batch.
+
+On CUDA the block mask (``create_block_mask``) and flex_attention run compiled with
+``dynamic=False``, which guards on every value the mask_mod captures: a Python int is guarded by
+value and a tensor by shape. A mask whose closure held the batch's last token index as an int, or
+tables one row per token, recompiled at every new batch length (about 1.6 s each, and past
+dynamo's cache limit it fell back to eager flex): VISTA's ML-1M ranking run trained no logged
+step in 7.5 minutes on an H200. Here the compile is counted on the CPU (dynamo's counting
+backend, no C++ toolchain) over batches of different lengths that share one padded length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo.testing as dynamo_testing
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from flexgr.batch import JaggedBatch
+from flexgr.masks import block
+from flexgr.model import HSTUConfig
+from flexgr.model.hstu.inputs import _prepare
+from flexgr.vista.mask import packed_offsets, seed_summary_mask
+from flexgr.vista.summariser import SummariserConfig, _silu_attention
+from tests.conftest import make_offsets
+
+PADDED = 256  # every batch below pads to it (CPU: a multiple of the 128-token block)
+LENGTHS = ([50, 70, 33], [51, 70, 33], [52, 69, 40])
+
+
+def _compiles(masks: list[block.HSTUMask]) -> tuple[int, int]:
+    """Frames compiled by create_block_mask and by flex_attention over ``masks`` in turn."""
+    build_count, flex_count = dynamo_testing.CompileCounter(), dynamo_testing.CompileCounter()
+    build = torch.compile(create_block_mask, backend=build_count, dynamic=False)
+    flex = torch.compile(flex_attention, backend=flex_count, dynamic=False)
+    for mask in masks:
+        P = mask.block_mask.shape[-1]
+        assert P == PADDED
+        build(mask.mask_mod, 1, None, P, P, device="cpu", BLOCK_SIZE=block.BLOCK_SIZE)
+        q = torch.randn(1, 1, P, 8)
+        with torch.no_grad():
+            flex(q, q, q, block_mask=mask.block_mask)
+    return build_count.frame_count, flex_count.frame_count
+
+
+def test_the_vista_seed_mask_compiles_once_per_padded_length() -> None:
+    cfg = SummariserConfig(num_seeds=4, backend="flex")
+    masks = []
+    for lengths in LENGTHS:
+        offsets = make_offsets(lengths)
+        attention = _silu_attention(cfg, offsets, packed_offsets(offsets, cfg.num_seeds))
+        masks.append(attention.mask)
+    assert len({m.layout.total_len for m in masks}) == len(LENGTHS)  # the lengths differ
+    assert _compiles(masks) == (1, 1)
+
+
+def test_a_named_hstu_rule_compiles_once_per_padded_length() -> None:
+    cfg = HSTUConfig(num_items=40, d_model=8, num_layers=1, num_heads=1, dqk=8, dv=8,
+                     max_seq_len=128, mask="semi_local", sla_local=4, sla_global=3,
+                     backend="flex")
+    masks = []
+    for lengths in LENGTHS:
+        offsets = make_offsets([n + 4 for n in lengths])
+        T = int(offsets[-1])
+        batch = JaggedBatch(torch.ones(T, dtype=torch.long), offsets, None, None)
+        masks.append(_prepare(cfg, batch).attention.mask)
+    assert _compiles(masks) == (1, 1)
+
+
+def test_a_table_of_one_row_per_token_would_recompile() -> None:
+    """The counter sees the failure this file guards against: the seed mask's tables sized to
+    the batch's tokens instead of the padded length."""
+    masks = []
+    for lengths in LENGTHS:
+        offsets = make_offsets(lengths)
+        packed = packed_offsets(offsets, 4)
+        total = int(packed[-1])
+        masks.append(block.build_custom_mask(
+            seed_summary_mask(offsets, 4), packed, total_len=total, padded_len=PADDED
+        ))
+    assert _compiles(masks) == (len(LENGTHS), len(LENGTHS))
