@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from flexgr.distributed.sharding import TokenShard
-from flexgr.masks.block import BLOCK_SIZE, MaskSpec, _compiled_create_block_mask
+from flexgr.masks.block import BLOCK_SIZE, MaskSpec, _compiled_create_block_mask, padded_length
 from flexgr.masks.layout import JaggedLayout, build_layout
 from flexgr.masks.mods import MaskMod, hstu_mask
 from flexgr.masks.sparse import jagged_block_mask
@@ -97,7 +97,7 @@ def build_cp_mask(
             num_targets=num_targets,
             contextual_len=contextual_len,
             total_len=T,
-            padded_len=max(T, 1),
+            padded_len=padded_length(T, shard.offsets.device),  # one compile per bucket
         )
     if mask_mod is None:
         global_mod = hstu_mask(layout, max_attn_len=max_attn_len, full_attn_tail=full_attn_tail)

@@ -305,7 +305,8 @@ def build_custom_mask(
     block_size: int = BLOCK_SIZE,
 ) -> HSTUMask:
     """Wrap any mask_mod over global token indices of the unpadded batch, for example
-    ``and_masks(jagged(offsets), semi_local(offsets, 64, 8))``. Padding tokens are masked out and
+    ``and_masks(jagged(offsets, padded_len=P), semi_local(offsets, 64, 8, padded_len=P))`` with
+    ``P = padded_length(T, offsets.device)`` passed here as ``padded_len`` too. Padding tokens are masked out and
     indices are clamped, so the mask_mod's tables need not cover the padding.
 
     On CUDA the block mask and flex_attention compile once per padded length (``padded_len``,
@@ -318,7 +319,7 @@ def build_custom_mask(
         total_len = int(offsets[-1])
     if padded_len is None:
         padded_len = padded_length(total_len, device, block_size)
-    last = torch.tensor(total_len - 1, device=device)
+    last = torch.tensor(total_len - 1, dtype=torch.int32, device=device)
 
     def padded_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         inside = (q <= last) & (kv <= last)

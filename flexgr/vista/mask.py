@@ -40,7 +40,7 @@ def seed_summary_mask(offsets: Tensor, num_seeds: int, padded_len: int | None = 
     seq, is_seed = seed_flags(offsets, num_seeds, padded_len)
 
     def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        same = seq[q] == seq[kv]
+        same = (seq[q] == seq[kv]) & (seq[q] >= 0)  # padding rows (seq -1) see nothing
         return same & (is_seed[q] | (~is_seed[kv] & (kv <= q)))
 
     mask.__name__ = mask.__qualname__ = f"vista_seeds_{num_seeds}"
