@@ -14,7 +14,6 @@ memory stays bounded.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flexgr.masks.block import HSTUMask
