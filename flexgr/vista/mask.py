@@ -28,7 +28,7 @@ def seed_flags(
     ``padded_len`` >= P rows or P; rows past P hold seq_id -1, not seeds)."""
     packed = packed_offsets(offsets, num_seeds)
     P = int(offsets[-1]) + num_seeds * (offsets.numel() - 1)
-    seq, local = seq_ids_and_local(packed, P, P if padded_len is None else padded_len)
+    seq, local = seq_ids_and_local(packed, P, padded_len)
     return seq.long(), (local.long() < num_seeds) & (seq >= 0)
 
 

@@ -167,17 +167,17 @@ def backend_choice(
     )
 
 
-def batch_layout(
-    cfg: HSTUConfig, batch: JaggedBatch, padded_len: int | None = None
-) -> JaggedLayout:
-    """Per-token tables of the whole batch: sequence ids, HSTU position ids, targets; with
-    ``padded_len`` rows (padding rows past the batch's tokens), else one per token."""
+def batch_layout(cfg: HSTUConfig, batch: JaggedBatch) -> JaggedLayout:
+    """Per-token tables of the whole batch: sequence ids, HSTU position ids, targets, at the
+    masks' padded length (padding rows past the batch's tokens): on CUDA the compiled block mask
+    and flex kernels guard on the shapes of the tables a mask_mod captures, and the padded length
+    is bucketed, so batches of one bucket share one compile."""
     return build_layout(
         batch.offsets,
         num_targets=batch.num_targets,
         contextual_len=cfg.contextual_len,
         total_len=batch.num_tokens,
-        padded_len=padded_len or max(batch.num_tokens, 1),
+        padded_len=padded_length(batch.num_tokens, batch.device),
     )
 
 
@@ -257,10 +257,7 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
     mask: HSTUMask | None = None
     fused: BiasInputs | None = None
     if cfg.mask != BUILTIN_RULE:
-        # Tables of the mask's padded length: on CUDA the compiled block mask and flex kernels
-        # guard on the captured tables' shapes, and the padded length is bucketed.
-        P = padded_length(T, batch.device)
-        layout = batch_layout(cfg, batch, padded_len=P)
+        layout = batch_layout(cfg, batch)
         if backend == "triton" and kernel_rule(cfg.mask):
             # Semi-local attention: the kernel evaluates it inline and visits only the key
             # blocks its two bands reach (block tables from the band statistics, no host sync).
@@ -270,7 +267,8 @@ def _prepare(cfg: HSTUConfig, batch: JaggedBatch, divisor: int | None = None) ->
             )
         else:
             mask = build_custom_mask(
-                custom_mask_mod(cfg, layout), batch.offsets, total_len=T, padded_len=P
+                custom_mask_mod(cfg, layout), batch.offsets, total_len=T,
+                padded_len=layout.padded_len,
             )
     elif backend == "reference":
         layout = build_layout(

@@ -22,7 +22,6 @@ from flexgr.distributed.cp_attention import context_parallel_attention, resolve_
 from flexgr.distributed.cp_mask import CPMask, build_cp_mask
 from flexgr.distributed.mesh import ParallelContext
 from flexgr.distributed.sharding import shard_tokens
-from flexgr.masks.block import padded_length
 from flexgr.masks.registry import BUILTIN_RULE
 from flexgr.model.hstu.inputs import (
     BiasTables,
@@ -89,9 +88,7 @@ def prepare_sharded(
         raise ValueError("context parallelism with cp > 1 needs the mesh's cp process group")
     cfg = model.cfg
     backend = resolve_cp_backend(cfg.backend, batch.device, *model.parameters())
-    # At the padded length, as on one device: the compiled block mask and flex guard on the
-    # captured tables' shapes (flexgr/masks/block.py, build_custom_mask).
-    layout = batch_layout(cfg, batch, padded_len=padded_length(T, batch.device))
+    layout = batch_layout(cfg, batch)
     custom = custom_mask_mod(cfg, layout) if cfg.mask != BUILTIN_RULE else None
     mask = build_cp_mask(
         shard,
