@@ -11,8 +11,10 @@ backend, no C++ toolchain) over batches of different lengths that share one padd
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch._dynamo.testing as dynamo_testing
+from torch._dynamo.testing import CompileCounter
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from flexgr.batch import JaggedBatch
@@ -27,25 +29,39 @@ PADDED = 256  # every batch below pads to it (CPU: a multiple of the 128-token b
 LENGTHS = ([50, 70, 33], [51, 70, 33], [52, 69, 40])
 
 
+def _new_frames(calls: list[Callable[[], object]], *counters: CompileCounter) -> list[int]:
+    """Frames each counter's compiled function compiles over ``calls[1:]``, after the first
+    call's compile (however many frames that takes)."""
+    first: list[int] = []
+    for i, call in enumerate(calls):
+        call()
+        if i == 0:
+            first = [c.frame_count for c in counters]
+            assert min(first) >= 1  # the counters see the compiles
+    return [c.frame_count - f for c, f in zip(counters, first, strict=True)]
+
+
+def _compiled(fn: Callable[..., object]) -> tuple[Callable[..., object], CompileCounter]:
+    counter = CompileCounter()
+    return torch.compile(fn, backend=counter, dynamic=False), counter
+
+
 def _recompiles(masks: list[block.HSTUMask]) -> tuple[int, int]:
-    """Frames compiled by create_block_mask and by flex_attention over ``masks[1:]``, after the
-    first mask's compile (however many frames that takes)."""
+    """Frames compiled by create_block_mask and by flex_attention over ``masks[1:]``."""
     torch._dynamo.reset()  # compiled entries outlive a counter: start from none
-    build_count, flex_count = dynamo_testing.CompileCounter(), dynamo_testing.CompileCounter()
-    build = torch.compile(create_block_mask, backend=build_count, dynamic=False)
-    flex = torch.compile(flex_attention, backend=flex_count, dynamic=False)
-    first = (0, 0)
-    for i, mask in enumerate(masks):
+    build, build_count = _compiled(create_block_mask)
+    flex, flex_count = _compiled(flex_attention)
+
+    def run(mask: block.HSTUMask) -> None:
         P = mask.block_mask.shape[-1]
         assert P == PADDED
         build(mask.mask_mod, 1, None, P, P, device="cpu", BLOCK_SIZE=block.BLOCK_SIZE)
         q = torch.randn(1, 1, P, 8)
         with torch.no_grad():
             flex(q, q, q, block_mask=mask.block_mask)
-        if i == 0:
-            first = (build_count.frame_count, flex_count.frame_count)
-            assert min(first) >= 1  # the counters see the compiles
-    return build_count.frame_count - first[0], flex_count.frame_count - first[1]
+
+    build_new, flex_new = _new_frames([lambda m=m: run(m) for m in masks], build_count, flex_count)
+    return build_new, flex_new
 
 
 def test_the_vista_seed_mask_compiles_once_per_padded_length() -> None:
@@ -89,16 +105,10 @@ def test_a_table_of_one_row_per_token_would_recompile() -> None:
 def _cp_recompiles(masks: list) -> int:
     """create_block_mask frames over the CP masks after the first (one rank's shard)."""
     torch._dynamo.reset()
-    count = dynamo_testing.CompileCounter()
-    build = torch.compile(create_block_mask, backend=count, dynamic=False)
-    first = 0
-    for i, cp in enumerate(masks):
-        build(cp.mask_mod, 1, None, cp.q_len, cp.kv_len, device="cpu",
-              BLOCK_SIZE=block.BLOCK_SIZE)
-        if i == 0:
-            first = count.frame_count
-            assert first >= 1
-    return count.frame_count - first
+    build, count = _compiled(create_block_mask)
+    calls = [lambda cp=cp: build(cp.mask_mod, 1, None, cp.q_len, cp.kv_len, device="cpu",
+                                 BLOCK_SIZE=block.BLOCK_SIZE) for cp in masks]
+    return _new_frames(calls, count)[0]
 
 
 def test_the_context_parallel_mask_compiles_once_per_padded_length() -> None:
@@ -117,7 +127,7 @@ def test_the_context_parallel_mask_compiles_once_per_padded_length() -> None:
         shard = shard_tokens(offsets, 2, 0, total_len=T)
         builtin.append(build_cp_mask(shard, max_attn_len=8, with_block_mask=False))
         batch = JaggedBatch(torch.ones(T, dtype=torch.long), offsets, None, None)
-        layout = batch_layout(cfg, batch, padded_len=block.padded_length(T, offsets.device))
+        layout = batch_layout(cfg, batch)
         named.append(build_cp_mask(shard, mask_mod=custom_mask_mod(cfg, layout), layout=layout,
                                    with_block_mask=False))
     assert len({(m.q_len, m.kv_len) for m in builtin + named}) == 1  # one shard bucket

@@ -134,19 +134,27 @@ def _tiled(mask: HSTUMask, rab: RelativeBias) -> tuple[launch.MaskTables, rab_ti
     return tab, tab.rab_tiles
 
 
+def _slot_tokens(
+    tab: launch.MaskTables, tiles: rab_tiles.RabTiles
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([S, MBQ] query, [S, MBKV] key) token indices of every slot, on the CPU."""
+    mbq, mbkv = tab.mask_block_q, tab.mask_block_kv
+    i = tiles.slot_row.long().cpu()[:, None] * mbq + torch.arange(mbq)
+    j = tiles.slot_col.long().cpu()[:, None] * mbkv + torch.arange(mbkv)
+    return i, j
+
+
 def _pair_indices(
     tab: launch.MaskTables, tiles: rab_tiles.RabTiles, rab: RelativeBias
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[S, MBQ, MBKV] int64 rel and bucket of every slot's pairs by flexgr.ops.rab's functions
     (the pair indices the tiles stored before the fill kernel): padded tokens (>= T) with
     timestamp 0 and their padded position, as the inline kernels read them."""
-    mbq, mbkv, P, T, n = (tab.mask_block_q, tab.mask_block_kv, tab.padded_len, tab.total_len,
-                          tab.rab_n)
+    P, T, n = tab.padded_len, tab.total_len, tab.rab_n
     local = tab.local.long().cpu()
     ts = torch.nn.functional.pad(tab.ts[:T].long().cpu(), (0, P - T))
     nxt = torch.nn.functional.pad(tab.next_ts[:T].long().cpu(), (0, P - T))
-    i = tiles.slot_row.long().cpu()[:, None] * mbq + torch.arange(mbq)  # [S, MBQ] queries
-    j = tiles.slot_col.long().cpu()[:, None] * mbkv + torch.arange(mbkv)  # [S, MBKV] keys
+    i, j = _slot_tokens(tab, tiles)  # [S, MBQ] queries, [S, MBKV] keys
     rel = (n - 1 + local[j][:, None, :] - local[i][:, :, None]).clamp(0, 2 * n - 2)
     dt = nxt[i][:, :, None] - ts[j][:, None, :]
     return rel, time_bucket(dt, tab.num_buckets, rab.bucket_divisor)
@@ -155,9 +163,7 @@ def _pair_indices(
 def _along_diagonals(tab: launch.MaskTables, tiles: rab_tiles.RabTiles) -> torch.Tensor:
     """[S] bool: local[t] - t is one value over the slot's query and key tokens (the reduce
     kernel's per-diagonal path; the others take per-element atomics)."""
-    mbq, mbkv = tab.mask_block_q, tab.mask_block_kv
-    i = tiles.slot_row.long().cpu()[:, None] * mbq + torch.arange(mbq)
-    j = tiles.slot_col.long().cpu()[:, None] * mbkv + torch.arange(mbkv)
+    i, j = _slot_tokens(tab, tiles)
     local = tab.local.long().cpu()
     shift = torch.cat([local[i] - i, local[j] - j], dim=1)
     return (shift == shift[:, :1]).all(dim=1)
@@ -209,8 +215,7 @@ def check_fill(key: str, seed: int = 1) -> None:
     want_rel = (n - 1 + pos[None, :] - pos[:, None]).clamp(0, 2 * n - 2)
     want_bucket = time_bucket(rab.next_timestamps[:, None] - rab.timestamps[None, :],
                               rab.num_buckets, rab.bucket_divisor)
-    i = tiles.slot_row.long().cpu()[:, None] * mbq + torch.arange(mbq)
-    j = tiles.slot_col.long().cpu()[:, None] * mbkv + torch.arange(mbkv)
+    i, j = _slot_tokens(tab, tiles)
     real = (i < T)[:, :, None] & (j < T)[:, None, :]
     ii, jj = i[:, :, None].expand_as(real)[real], j[:, None, :].expand_as(real)[real]
     assert real.any() and (~real).any()  # padded pairs too
