@@ -7,6 +7,7 @@ errors (so a wrong model, not noise, fails them); each says what a broken part w
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from functools import cache
@@ -160,7 +161,7 @@ def test_oracle_is_calibrated_and_beats_the_baselines() -> None:
     assert abs(p.mean() - liked.mean()) < 4 * standard_error
     # Calibrated where it is confident too: each decile of the prediction.
     deciles = np.quantile(p, np.linspace(0, 1, 11))
-    for low, high in zip(deciles[:-1], deciles[1:], strict=True):
+    for low, high in itertools.pairwise(deciles):
         inside = (p >= low) & (p <= high)
         error = math.sqrt((p[inside] * (1 - p[inside])).sum()) / inside.sum()
         assert abs(p[inside].mean() - liked[inside].mean()) < 6 * error
