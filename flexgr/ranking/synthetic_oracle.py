@@ -69,6 +69,37 @@ def oracle_metrics(
     return out
 
 
+def candidates_in_history(cfg: Any, data: InteractionData, which: Which = "test") -> float:
+    """Share of split ``which``'s impressions whose item occurs in the request's history (the
+    last ``cfg.data.max_seq_len`` events before it): where an earlier rating of the same item, the
+    persistent opinion's trace, is there to read."""
+    ranked = ranking_data(cfg, data)
+    requests = ranked.requests.take(ranked.split.rows(which))
+    rows, events = impressions_of(requests)
+    if not len(events):
+        return float("nan")
+    previous = _previous_occurrence(data)
+    latest = previous[events]
+    start = requests.start[rows]
+    for _ in range(int(requests.sizes.max())):  # step back past earlier impressions
+        inside = latest >= start
+        if not inside.any():
+            break
+        latest = np.where(inside, previous[np.maximum(latest, 0)], latest)
+    return float(np.mean(latest >= requests.history_start[rows]))
+
+
+def _previous_occurrence(data: InteractionData) -> np.ndarray:
+    """int64 [E]: the user's previous event on the same item, -1 for a first occurrence."""
+    users = np.repeat(np.arange(data.num_users, dtype=np.int64), np.diff(data.user_offsets))
+    pair = users * (data.num_catalog_items + 1) + data.items.astype(np.int64)
+    order = np.argsort(pair, kind="stable")  # each pair's events in time order
+    same = np.r_[False, pair[order][1:] == pair[order][:-1]]
+    previous = np.full(len(pair), -1, dtype=np.int64)
+    previous[order[same]] = order[np.flatnonzero(same) - 1]
+    return previous
+
+
 def _prediction(fc: RatingForecast, task: Task) -> np.ndarray:
     if task.source != "rating":
         raise DataError(f"task {task.name!r} reads {task.source!r}; the oracle knows ratings only")

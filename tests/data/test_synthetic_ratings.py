@@ -91,8 +91,13 @@ def test_the_scale_parameters_are_the_parts_spreads() -> None:
     assert abs((t.item_factors**2).sum(axis=1).mean() - 1.0) < 0.02  # v ~ N(0, I / k)
     # The taste term has variance taste_sd^2 + drift_sd^2 whatever k is (0.98 at defaults).
     assert abs(t.taste_score.var() / (p.taste_sd**2 + p.drift_sd**2) - 1) < 0.05
-    reassembled = (t.item_bias[items] + t.user_bias[users] + t.taste_score + t.opinion
-                   + p.repeat_boost * np.log1p(t.prior_count))  # fmt: skip
+    reassembled = (
+        t.item_bias[items]
+        + t.user_bias[users]
+        + t.taste_score
+        + t.opinion
+        + p.repeat_boost * np.log1p(t.prior_count)
+    )
     assert np.allclose(reassembled, t.noiseless)
 
 
@@ -240,5 +245,7 @@ def test_cli_prepares_synthetic_ranking_with_the_size_knobs(home: Path) -> None:
         params_from_options("synthetic-ranking", read_meta("synthetic-ranking").source.options)
     )
     assert np.array_equal(data.ratings, expected.events.ratings)  # prepared order = generated
-    assert prepare("synthetic-ranking", synthetic={"users": 30, "items": 200, "categories": 5,
-                   "min_length": 16, "max_length": 40, "seed": 2}) == Path(printed["path"])  # fmt: skip
+    # The same parameters from Python reuse the CLI's copy.
+    sizes = {"users": 30, "items": 200, "categories": 5, "min_length": 16, "max_length": 40}
+    assert prepare("synthetic-ranking", synthetic={**sizes, "seed": 2}) == Path(printed["path"])
+    assert read_meta("synthetic-ranking").created == printed["created"]

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from flexgr.data import load_prepared, prepare, read_meta
-from flexgr.ranking.synthetic_oracle import PREDICTORS, oracle_metrics, stream_of
+from flexgr.ranking.requests import impressions_of
+from flexgr.ranking.setup import ranking_data
+from flexgr.ranking.synthetic_oracle import (
+    PREDICTORS,
+    candidates_in_history,
+    oracle_metrics,
+    stream_of,
+)
 from flexgr.train import apply_overrides, fit, load_preset, preset_names
 
 PRESETS = ["hstu", "two-tower", "gesr", "vista"]
@@ -27,8 +34,12 @@ TINY = [
 TINY_MODEL = {
     "hstu": ["model.dqk=8", "model.dv=8", "model.head_hidden=8"],
     "two-tower": ["model.hidden=8"],
-    "gesr": ["model.hidden=8", "model.cross_head_dim=4", "model.self_head_dim=4",
-             "model.mlpg_hidden=8"],  # fmt: skip
+    "gesr": [
+        "model.hidden=8",
+        "model.cross_head_dim=4",
+        "model.self_head_dim=4",
+        "model.mlpg_hidden=8",
+    ],
     "vista": ["model.num_seeds=4", "model.summary_layers=1", "model.head_hidden=8"],
 }
 
@@ -48,8 +59,10 @@ def test_the_presets_exist_and_read_synthetic_ranking() -> None:
         assert (cfg.data.dataset, cfg.data.max_seq_len) == ("synthetic-ranking", 1024)
         assert cfg.ranking.metric == "ne:like"
     assert load_preset("synthetic-ranking-gesr").model_options()["experts"] == [
-        "match", "cross", "self"
-    ]  # fmt: skip
+        "match",
+        "cross",
+        "self",
+    ]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -81,3 +94,24 @@ def test_oracle_scores_the_presets_test_requests(synthetic_home: Path) -> None:
     assert oracle["auc:like"] > item_bias["auc:like"] + 0.1
     assert oracle["ne:like"] < item_bias["ne:like"] - 0.1
     assert oracle["mse:rating"] < report["static"]["mse:rating"]
+
+
+@pytest.mark.parametrize("window", [4, 32])
+def test_candidates_in_history_counts_items_inside_the_window(
+    window: int, synthetic_home: Path
+) -> None:
+    cfg = apply_overrides(
+        load_preset("synthetic-ranking-hstu"),
+        [f"data.data_dir={synthetic_home}", f"data.max_seq_len={window}"],
+    )
+    data = load_prepared("synthetic-ranking", data_dir=synthetic_home)
+    ranked = ranking_data(cfg, data)
+    requests = ranked.requests.take(ranked.split.test)
+    rows, events = impressions_of(requests)
+    brute = [
+        data.items[e] in data.items[requests.history_start[r] : requests.start[r]]
+        for r, e in zip(rows, events, strict=True)
+    ]
+    share = candidates_in_history(cfg, data)
+    assert share == pytest.approx(np.mean(brute), abs=1e-12)
+    assert 0.05 < share < 0.95  # neither none nor all: the check can tell
