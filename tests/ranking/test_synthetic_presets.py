@@ -3,6 +3,8 @@ epoch), and the oracle scores the same test requests: a ceiling above the baseli
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import math
 from pathlib import Path
 
@@ -115,3 +117,50 @@ def test_candidates_in_history_counts_items_inside_the_window(
     share = candidates_in_history(cfg, data)
     assert share == pytest.approx(np.mean(brute), abs=1e-12)
     assert 0.05 < share < 0.95  # neither none nor all: the check can tell
+
+
+def _benchmark(name: str, monkeypatch: pytest.MonkeyPatch):
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))  # ranking.py imports synthetic_oracle from there
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grid_picks_the_dataset_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = _benchmark("ranking", monkeypatch)
+    ml = [(n, grid.preset_of("ml-1m", n, t)) for n, t, _ in grid.GRID if grid.selected(n, [])]
+    assert ml == [
+        ("hstu-interleaved", "ml-1m-ranking"),
+        ("hstu-merged", "ml-1m-ranking"),
+        ("sasrec", "ml-1m-sasrec-ranking"),
+        ("two-tower", "ml-1m-two-tower-ranking"),
+    ]  # as before the --dataset flag
+    synthetic = [
+        grid.preset_of("synthetic-ranking", n, t)
+        for n, t, _ in grid.GRID
+        if grid.selected(n, [], "synthetic-ranking")
+    ]
+    assert synthetic == [f"synthetic-ranking-{p}" for p in ("hstu", "two-tower", "gesr", "vista")]
+    assert set(synthetic) <= set(preset_names())
+    assert not grid.selected("sasrec", ["sasrec"], "synthetic-ranking")
+
+
+def test_the_grid_writes_the_oracle_rows(
+    synthetic_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    grid = _benchmark("ranking", monkeypatch)
+    args = argparse.Namespace(
+        dataset="synthetic-ranking", set=["data.max_seq_len=32"], data_dir=str(synthetic_home)
+    )
+    grid.write_oracle_lines(args, tmp_path)
+    grid.summarise(tmp_path)
+    table = capsys.readouterr().out
+    for name in PREDICTORS:
+        assert (tmp_path / f"synthetic-ranking.{name.replace(' ', '-')}/benchmark.json").is_file()
+        assert f"| ({name}) | 1 |" in table
