@@ -90,7 +90,7 @@ class SyntheticParams:
 GENERATORS: dict[str, SyntheticParams] = {
     "synthetic-streaming": SyntheticParams(),
     "synthetic-long": SyntheticParams(users=256, min_length=256, max_length=16_384),
-    # Long histories with ratings, for the ranking models (issue 19): median length about 512.
+    # Long histories with ratings, for the ranking models (issue 19): median length 489.
     "synthetic-ranking": SyntheticParams(
         users=6_000, min_length=64, max_length=4_096, ratings=RatingParams()
     ),
