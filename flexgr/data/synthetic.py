@@ -41,7 +41,8 @@ detail open, this module chooses, and says so here and in docs/data.md:
 Same parameters and seed give byte-identical events; the draws come from children of
 ``numpy.random.SeedSequence(seed)``, one per stage, in a fixed order. Bump
 :data:`GENERATOR_VERSION` whenever the output for some parameters changes, so prepared copies
-are rebuilt.
+are rebuilt (the rating model's own changes bump its ``RATING_MODEL_VERSION``, which only the
+rated generators' digests include).
 """
 
 from __future__ import annotations
