@@ -2,6 +2,7 @@
 
     python benchmarks/ranking.py grid --device cuda --epochs 40 --jobs 12  # ML-1M, 4 models x 3 seeds
     python benchmarks/ranking.py grid --device cpu --small                 # ML-100K, tiny, minutes
+    python benchmarks/ranking.py grid --dataset synthetic-ranking --device cuda --jobs 12
     python benchmarks/ranking.py roo --device cpu                           # k = 1 .. 32, synthetic
 
 ``grid`` trains hstu-ranking (interleaved and merged), sasrec-ranking and two-tower-ranking on
@@ -9,6 +10,13 @@ the ``ml-1m-*ranking`` presets (``--small``: the ``ml-100k`` ones, tiny widths, 
 for seeds 42 43 44, and prints one JSON line per run: the test metrics of the epoch selected on
 validation (NE, AUC, GAUC per BCE task, MSE for rating), the selected epoch and the mean train
 step time. Runs go to ``--out`` (default runs/ranking-grid); a finished run is kept and reread.
+
+``--dataset synthetic-ranking`` runs the ``synthetic-ranking-*`` presets instead (prepare the
+dataset first: ``flexgr data prepare synthetic-ranking``): hstu-merged, two-tower, gesr and
+vista, all four by default (issue 19's comparison); hstu-interleaved and sasrec have no
+synthetic preset and are refused when named. Its runs go to runs/synthetic-ranking-grid, and
+the grid adds the oracle and baseline lines of the same test requests
+(benchmarks/synthetic_oracle.py) as rows of the table: the ceiling and the floors.
 
 ``roo`` builds synthetic requests with k impressions each (k in 1 2 4 8 16 32) after histories of
 ``--history`` events and, for each k, trains the same HSTU ranking model from the same weights on
@@ -45,11 +53,45 @@ GRID = [
     ("vista", "vista-ranking", []),
 ]
 OPTIONAL = {"gesr", "vista"}
+DATASETS = ("ml-1m", "synthetic-ranking")
+# The synthetic-ranking presets of the grid's models (docs/data.md); the others have none.
+SYNTHETIC_PRESETS = {
+    "hstu-merged": "hstu",
+    "two-tower": "two-tower",
+    "gesr": "gesr",
+    "vista": "vista",
+}
 
 
-def selected(name: str, models: list[str]) -> bool:
-    """Whether the grid runs ``name``: named in --models, or by default when not optional."""
+def selected(name: str, models: list[str], dataset: str = "ml-1m") -> bool:
+    """Whether the grid runs ``name``: named in --models, or by default when not optional (on
+    synthetic-ranking: every model with a preset)."""
+    if dataset == "synthetic-ranking":
+        return name in SYNTHETIC_PRESETS and (name in models if models else True)
     return name in models if models else name not in OPTIONAL
+
+
+def preset_of(dataset: str, name: str, preset_tail: str) -> str:
+    if dataset == "synthetic-ranking":
+        return f"{dataset}-{SYNTHETIC_PRESETS[name]}"
+    return f"{dataset}-{preset_tail}"
+
+
+def check_models(args: argparse.Namespace) -> None:
+    """One-line exit for a model the dataset has no preset for, or an unknown name."""
+    known = [name for name, _, _ in GRID]
+    for name in args.models:
+        if name not in known:
+            sys.exit(f"error: unknown model {name!r} (grid models: {', '.join(known)})")
+        if args.dataset == "synthetic-ranking" and name not in SYNTHETIC_PRESETS:
+            sys.exit(
+                f"error: {name} has no synthetic-ranking preset (synthetic-ranking models: "
+                f"{', '.join(SYNTHETIC_PRESETS)})"
+            )
+    if args.dataset == "synthetic-ranking" and args.small:
+        sys.exit("error: --small is ML-100K; shrink synthetic-ranking with --set instead")
+
+
 SMALL = {
     "ranking": ["model.d_model=16", "model.dqk=16", "model.dv=16", "model.head_hidden=16"],
     "sasrec-ranking": ["model.d_model=16", "model.ffn_dim=16", "model.head_hidden=16"],
@@ -103,13 +145,13 @@ def grid(args: argparse.Namespace) -> None:
     from flexgr.train.config import apply_overrides, load_preset
     from flexgr.train.loop import fit
 
-    dataset = "ml-100k" if args.small else "ml-1m"
+    dataset = "ml-100k" if args.small else args.dataset
     out = Path(args.out)
     if args.jobs > 1:
         run_in_processes(args, out)
         return
     for name, preset_tail, extra in GRID:
-        if not selected(name, args.models):
+        if not selected(name, args.models, args.dataset):
             continue
         for seed in args.seeds:
             run_dir = out / f"{dataset}.{name}.s{seed}"
@@ -124,7 +166,7 @@ def grid(args: argparse.Namespace) -> None:
             overrides += args.set  # last, so they win
             if args.data_dir:
                 overrides.append(f"data.data_dir={args.data_dir}")
-            cfg = apply_overrides(load_preset(f"{dataset}-{preset_tail}"), overrides)
+            cfg = apply_overrides(load_preset(preset_of(dataset, name, preset_tail)), overrides)
             timer = StepTimer()
             start = time.perf_counter()
             result = fit(
@@ -161,17 +203,40 @@ def run_in_processes(args: argparse.Namespace, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for name, _, _ in GRID:
-        if not selected(name, args.models):
+        if not selected(name, args.models, args.dataset):
             continue
         for seed in args.seeds:
             command = [sys.executable, __file__, "grid", "--jobs", "1", "--models", name]
+            command += ["--dataset", args.dataset]
             command += ["--seeds", str(seed), "--device", args.device, "--out", str(out)]
             command += ["--epochs", str(args.epochs)] + (["--small"] if args.small else [])
             command += ["--data-dir", args.data_dir] if args.data_dir else []
             command += [f"--set={override}" for override in args.set]
             runs.append((f"{name}.s{seed}", command, out / f"{name}.s{seed}.log"))
     run_at_most(runs, args.jobs)
+    if args.dataset == "synthetic-ranking":
+        write_oracle_lines(args, out)
     summarise(out)
+
+
+def write_oracle_lines(args: argparse.Namespace, out: Path) -> None:
+    """The oracle and baselines on the grid's test requests, as runs of their own in ``out``
+    (``{dataset}.{predictor}/benchmark.json``), so the table shows them beside the models."""
+    from synthetic_oracle import oracle_lines  # benchmarks/synthetic_oracle.py
+
+    from flexgr.train.config import apply_overrides, load_preset
+
+    # The requests depend on [data] and [ranking] only; a model override may not fit HSTU.
+    overrides = [o for o in args.set if o.startswith(("data.", "ranking."))]
+    overrides += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    cfg = apply_overrides(load_preset(preset_of(args.dataset, "hstu-merged", "")), overrides)
+    for line in oracle_lines(cfg, "test"):
+        line["model"] = f"({line['model']})"  # not a trained model
+        summary = out / f"{args.dataset}.{line['model'].strip('()').replace(' ', '-')}"
+        summary.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(line)
+        (summary / "benchmark.json").write_text(text + "\n")
+        print(text, flush=True)
 
 
 def summarise(out: Path) -> None:
@@ -342,11 +407,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grid", help="ML-1M (or --small ML-100K) ranking grid, 3 seeds")
+    g.add_argument("--dataset", choices=DATASETS, default="ml-1m", help="the preset family")
     g.add_argument("--device", default="auto")
     g.add_argument("--epochs", type=int, default=40, help="train.max_epochs (early stopping on)")
     g.add_argument("--small", action="store_true", help="ML-100K, tiny models, CPU minutes")
     g.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    g.add_argument("--out", default="runs/ranking-grid")
+    g.add_argument(
+        "--out", default="", help="default runs/ranking-grid, runs/synthetic-ranking-grid"
+    )
     g.add_argument("--data-dir", default="", help="data.data_dir (default $FLEXGR_HOME)")
     g.add_argument("--models", nargs="+", default=[], help="a subset of the grid's model names")
     g.add_argument("--jobs", type=int, default=1, help="runs at once, each its own process")
@@ -363,10 +431,16 @@ def main() -> None:
     r.add_argument("--d-model", type=int, default=32)
     args = parser.parse_args()
     if args.command == "grid":
+        check_models(args)
         if args.small and args.epochs == 40:
             args.epochs = 1
+        if not args.out:
+            synthetic = args.dataset == "synthetic-ranking"
+            args.out = "runs/synthetic-ranking-grid" if synthetic else "runs/ranking-grid"
         grid(args)
         if args.jobs == 1 and not args.models:
+            if args.dataset == "synthetic-ranking":
+                write_oracle_lines(args, Path(args.out))
             summarise(Path(args.out))
     else:
         roo(args)

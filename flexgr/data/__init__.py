@@ -17,6 +17,7 @@ from flexgr.data.prepare import data_home, dataset_dir, load_prepared, prepare, 
 from flexgr.data.readers import FORMATS, read_events
 from flexgr.data.splits import PROTOCOLS, Split, history_for, make_split, target_for
 from flexgr.data.synthetic import GENERATORS, SyntheticParams, generate, synthetic_params
+from flexgr.data.synthetic_ratings import RatingParams
 
 __all__ = [
     "BUILTINS",
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetMeta",
     "FetchError",
     "InteractionData",
+    "RatingParams",
     "RawEvents",
     "Split",
     "SyntheticParams",

@@ -103,9 +103,10 @@ def prepare(
     with a :class:`DuplicateEventsWarning` (how many, the first example); ``dedup=True`` (files
     only) drops the repeats, keeping the first row of each, and is recorded in meta.json.
 
-    ``"synthetic-streaming"`` and ``"synthetic-long"`` are generated, not read
-    (:mod:`flexgr.data.synthetic`); ``synthetic`` overrides their parameters, e.g.
-    ``{"users": 1000, "seed": 3}``, and a changed parameter rebuilds the directory.
+    ``"synthetic-streaming"``, ``"synthetic-long"`` and ``"synthetic-ranking"`` (with ratings)
+    are generated, not read (:mod:`flexgr.data.synthetic`); ``synthetic`` overrides their
+    parameters, e.g. ``{"users": 1000, "seed": 3}`` or, for synthetic-ranking, the rating
+    model's ``{"noise_sd": 0.5}``, and a changed parameter rebuilds the directory.
     """
     colmap = {key: value for key, value in colmap.items() if value is not None}
     if "action_cols" in colmap:  # one spelling in meta.json whether given as "a,b" or a list

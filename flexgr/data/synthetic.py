@@ -28,13 +28,21 @@ detail open, this module chooses, and says so here and in docs/data.md:
 - **Lengths.** ``min_length == max_length`` gives fixed-length records (synthetic-streaming,
   128); otherwise lengths are log-uniform integers in [min_length, max_length]
   (synthetic-long: 256..16384, median about 2k).
-- Ratings are NaN (implicit feedback). The paper's record-order 90/10 split is not applied here;
-  user ids are in stream order so a later split can take the last 10% of users.
+- **Ratings** are NaN (implicit feedback) for synthetic-streaming and synthetic-long.
+  synthetic-ranking turns on the latent-score rating model of
+  :mod:`flexgr.data.synthetic_ratings` (``SyntheticParams.ratings``): history-dependent
+  ratings 1..5 whose noiseless part the stream keeps (``SyntheticStream.rating_truth``), so an
+  oracle is computable (:mod:`flexgr.data.synthetic_oracle`). Its draws come from a fifth child
+  of the SeedSequence, so the urn's events are the same with ratings on or off; off, the digest
+  and meta.json options are what they were before the model existed (tested).
+- The paper's record-order 90/10 split is not applied here; user ids are in stream order so a
+  later split can take the last 10% of users.
 
 Same parameters and seed give byte-identical events; the draws come from children of
 ``numpy.random.SeedSequence(seed)``, one per stage, in a fixed order. Bump
 :data:`GENERATOR_VERSION` whenever the output for some parameters changes, so prepared copies
-are rebuilt.
+are rebuilt (the rating model's own changes bump its ``RATING_MODEL_VERSION``, which only the
+rated generators' digests include).
 """
 
 from __future__ import annotations
@@ -50,6 +58,13 @@ import pyarrow as pa
 
 from flexgr.data.errors import DataError
 from flexgr.data.events import RawEvents
+from flexgr.data.synthetic_ratings import (
+    RATING_MODEL_VERSION,
+    RatingParams,
+    RatingTruth,
+    check_rating_params,
+    rate,
+)
 
 GENERATOR_VERSION = 1
 EPOCH_S = 1_700_000_000  # 2023-11-14 UTC: plausible Unix seconds for the time-bias buckets
@@ -69,12 +84,20 @@ class SyntheticParams:
     max_concentration: float = 500.0
     mean_gap_s: float = 600.0  # mean seconds between a user's consecutive events
     span_days: float = 30.0  # record start times are spread evenly over this many days
+    # The rating model's scales (flexgr.data.synthetic_ratings); None: implicit feedback.
+    ratings: RatingParams | None = None
 
 
 GENERATORS: dict[str, SyntheticParams] = {
     "synthetic-streaming": SyntheticParams(),
     "synthetic-long": SyntheticParams(users=256, min_length=256, max_length=16_384),
+    # Long histories with ratings, for the ranking models (issue 19): median length 489.
+    "synthetic-ranking": SyntheticParams(
+        users=6_000, min_length=64, max_length=4_096, ratings=RatingParams()
+    ),
 }
+_URN_KEYS = tuple(f.name for f in dataclasses.fields(SyntheticParams) if f.name != "ratings")
+_RATING_KEYS = tuple(f.name for f in dataclasses.fields(RatingParams))
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,7 @@ class SyntheticStream:
     item_category: np.ndarray  # int64 [items], category of release rank r
     release_time: np.ndarray  # int64 [items], first timestamp at which rank r can be drawn
     fresh: np.ndarray  # bool [E], the event is a draw from the base measure, not a copy
+    rating_truth: RatingTruth | None = None  # the rating model's parts, where ratings are on
 
 
 def synthetic_params(name: str, overrides: Mapping[str, object] | None = None) -> SyntheticParams:
@@ -94,15 +118,45 @@ def synthetic_params(name: str, overrides: Mapping[str, object] | None = None) -
     if name not in GENERATORS:
         raise DataError(f"unknown synthetic dataset {name!r} (one of {', '.join(GENERATORS)})")
     defaults = GENERATORS[name]
-    known = {f.name: f for f in dataclasses.fields(SyntheticParams)}
+    known = _URN_KEYS + (_RATING_KEYS if defaults.ratings is not None else ())
     values: dict[str, object] = {}
+    rating_values: dict[str, object] = {}
     for key, value in (overrides or {}).items():
+        if key in _RATING_KEYS and defaults.ratings is None:
+            rated = ", ".join(n for n, p in GENERATORS.items() if p.ratings is not None)
+            raise DataError(
+                f"{name}: {key} is a rating-model parameter; {name} has no ratings "
+                f"(generators with ratings: {rated})"
+            )
         if key not in known:
             raise DataError(f"{name}: unknown parameter {key!r} (parameters: {', '.join(known)})")
-        values[key] = _checked_type(name, key, value, type(getattr(defaults, key)))
+        if key in _RATING_KEYS:
+            default = getattr(defaults.ratings, key)
+            rating_values[key] = _checked_type(name, key, value, type(default))
+        else:
+            values[key] = _checked_type(name, key, value, type(getattr(defaults, key)))
+    if defaults.ratings is not None:
+        ratings = dataclasses.replace(defaults.ratings, **rating_values)  # type: ignore[arg-type]
+        values["ratings"] = ratings
     params = dataclasses.replace(defaults, **values)  # type: ignore[arg-type]
     _check_ranges(name, params)
     return params
+
+
+def params_from_options(name: str, options: Mapping[str, str]) -> SyntheticParams:
+    """The parameters meta.json's ``source.options`` records (:func:`params_as_options`)."""
+    overrides: dict[str, object] = {}
+    for key in _URN_KEYS + _RATING_KEYS:
+        if key in options:
+            overrides[key] = _number(options[key])
+    return synthetic_params(name, overrides)
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)  # a seed can exceed float64's exact integers
+    except ValueError:
+        return float(text)
 
 
 def _checked_type(name: str, key: str, value: object, kind: type) -> object:
@@ -141,12 +195,21 @@ def _check_ranges(name: str, p: SyntheticParams) -> None:
     )
     need(p.mean_gap_s >= 1.0, "mean_gap_s", ">= 1")
     need(p.span_days >= 0.0, "span_days", ">= 0")
+    if p.ratings is not None:
+        ratings = p.ratings
+
+        def need_rating(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise DataError(f"{name}: {key} must be {rule}, got {getattr(ratings, key)!r}")
+
+        check_rating_params(ratings, need_rating)
 
 
 def generate(params: SyntheticParams) -> SyntheticStream:
     """Generate the events of ``params`` (validate them first with :func:`synthetic_params`)."""
+    root = np.random.SeedSequence(params.seed)
     concentration_rng, length_rng, gap_rng, urn_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(params.seed).spawn(4)
+        np.random.default_rng(child) for child in root.spawn(4)
     )
     concentration = concentration_rng.uniform(
         params.min_concentration, params.max_concentration, params.users
@@ -159,10 +222,15 @@ def generate(params: SyntheticParams) -> SyntheticStream:
     released = schedule.released(timestamps)
     items, fresh = _urn(params, concentration, lengths, starts, released, urn_rng)
     users = np.repeat(np.arange(params.users, dtype=np.int64), lengths)
+    truth = None
+    if params.ratings is not None:
+        # The fifth child: spawned after the urn's four, so theirs are unchanged.
+        rating_seed = root.spawn(1)[0]
+        truth = rate(params.ratings, rating_seed, params.items, users, items, lengths, starts)
     events = RawEvents(
         users=pa.array(users).cast(pa.string()),
         items=pa.array(items).cast(pa.string()),
-        ratings=RawEvents.unknown_ratings(len(items)),
+        ratings=truth.ratings if truth is not None else RawEvents.unknown_ratings(len(items)),
         timestamps=timestamps,
     )
     ranks = np.arange(params.items, dtype=np.int64)
@@ -173,6 +241,7 @@ def generate(params: SyntheticParams) -> SyntheticStream:
         item_category=ranks % params.categories,
         release_time=schedule.release_times(),
         fresh=fresh,
+        rating_truth=truth,
     )
 
 
@@ -257,12 +326,22 @@ def _urn(
 
 
 def source_digest(name: str, params: SyntheticParams) -> str:
-    """sha256 of what determines the output: generator, version and every parameter."""
-    spec = {"generator": name, "version": GENERATOR_VERSION, **dataclasses.asdict(params)}
+    """sha256 of what determines the output: generator, version and every parameter. Without
+    ratings the spec is what it was before the rating model existed (no key for it)."""
+    spec: dict[str, object] = {"generator": name, "version": GENERATOR_VERSION}
+    spec.update({key: getattr(params, key) for key in _URN_KEYS})
+    if params.ratings is not None:
+        spec["ratings"] = {"version": RATING_MODEL_VERSION, **dataclasses.asdict(params.ratings)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def params_as_options(params: SyntheticParams) -> dict[str, str]:
-    """The parameters as meta.json's ``source.options`` (strings), plus the generator version."""
-    options = {key: repr(value) for key, value in dataclasses.asdict(params).items()}
-    return {"generator_version": str(GENERATOR_VERSION), **options}
+    """The parameters as meta.json's ``source.options`` (strings), plus the generator version
+    and, where ratings are on, the rating model's version and scales."""
+    options = {"generator_version": str(GENERATOR_VERSION)}
+    options.update({key: repr(getattr(params, key)) for key in _URN_KEYS})
+    if params.ratings is not None:
+        options["rating_model_version"] = str(RATING_MODEL_VERSION)
+        ratings = dataclasses.asdict(params.ratings)
+        options.update({key: repr(value) for key, value in ratings.items()})
+    return options
