@@ -167,7 +167,11 @@ def _silu_attention(cfg: SummariserConfig, offsets: Tensor, packed: Tensor) -> A
         N = S + (int(lengths.max()) if B else 0)  # one host sync, outside the forward
         return PaddedSummaryAttention(packed, dense_seed_mask(lengths, S, N), N)
     total = int(offsets[-1]) + S * B
-    P = padded_length(total, offsets.device)  # the tables too: one compile per bucket on CUDA
+    # The tables' length from the batch size alone, not from its total: flex and the block mask
+    # compile once per padded length on CUDA (a fwd + bwd compile took ~100 s on an H200), and
+    # ML-1M's totals spread over several buckets, so its run trained no logged step in 530 s.
+    # The padding rows see nothing, so their blocks are skipped, not computed.
+    P = padded_length(B * (S + cfg.max_history_len), offsets.device)
     mask = build_custom_mask(
         seed_summary_mask(offsets, S, P), packed, total_len=total, padded_len=P
     )

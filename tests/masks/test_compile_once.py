@@ -64,14 +64,28 @@ def _recompiles(masks: list[block.HSTUMask]) -> tuple[int, int]:
     return build_new, flex_new
 
 
-def test_the_vista_seed_mask_compiles_once_per_padded_length() -> None:
-    cfg = SummariserConfig(num_seeds=4, backend="flex")
+def _seed_masks(batches: tuple[list[int], ...]) -> list[block.HSTUMask]:
+    # 3 users x (4 seeds + at most 80 events) = 252 tokens: every batch pads to PADDED.
+    cfg = SummariserConfig(num_seeds=4, max_history_len=80, backend="flex")
     masks = []
-    for lengths in LENGTHS:
+    for lengths in batches:
         offsets = make_offsets(lengths)
         attention = _silu_attention(cfg, offsets, packed_offsets(offsets, cfg.num_seeds))
         masks.append(attention.mask)
-    assert len({m.layout.total_len for m in masks}) == len(LENGTHS)  # the lengths differ
+    assert len({m.layout.total_len for m in masks}) == len(batches)  # the lengths differ
+    return masks
+
+
+def test_the_vista_seed_mask_compiles_once_per_padded_length() -> None:
+    assert _recompiles(_seed_masks(LENGTHS)) == (0, 0)
+
+
+def test_the_vista_seed_mask_pads_by_batch_size_not_by_total() -> None:
+    # Totals of 30 and 222 tokens: 128 and 256 if padded by the total (two compiles on CUDA,
+    # where ML-1M's batches spread over several buckets); one padded length from B and
+    # max_history_len, so one compile.
+    masks = _seed_masks(([3, 7, 8], [70, 70, 70], [80, 1, 80]))
+    assert {m.padded_len for m in masks} == {PADDED}
     assert _recompiles(masks) == (0, 0)
 
 
