@@ -164,3 +164,29 @@ def test_the_grid_writes_the_oracle_rows(
     for name in PREDICTORS:
         assert (tmp_path / f"synthetic-ranking.{name.replace(' ', '-')}/benchmark.json").is_file()
         assert f"| ({name}) | 1 |" in table
+
+
+def test_the_step_benchmark_times_each_part_of_a_gesr_step(
+    synthetic_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = _benchmark("ranking_step", monkeypatch)
+    over = [f"data.data_dir={synthetic_home}", *TINY, *TINY_MODEL["gesr"]]
+    argv = ["--preset", "synthetic-ranking-gesr", "--device", "cpu", "--steps", "2"]
+    argv += ["--warmup", "1", "--profile", *(f"--set={o}" for o in over)]
+    result = step.main(argv)
+    for part in ("build", "copy", "prepare", "step"):
+        assert result[f"{part}_ms"] > 0
+    assert result["step_ms"] > result["prepare_ms"]  # the step runs prepare, then far more
+    assert result["impressions_per_batch"] == 16 * 8  # 16 requests of 8, full batches
+    assert result["history_events_per_batch"] > 0 and result["impressions_per_s"] > 0
+    assert result["profile_host_ms"] > 0 and result["top_host_ops"]
+
+
+def test_the_step_benchmark_refuses_a_retrieval_preset(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    step = _benchmark("ranking_step", monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        step.main(["--preset", "ml-1m-hstu", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "not a ranking preset" in capsys.readouterr().err
