@@ -10,6 +10,9 @@ the ``ml-1m-*ranking`` presets (``--small``: the ``ml-100k`` ones, tiny widths, 
 for seeds 42 43 44, and prints one JSON line per run: the test metrics of the epoch selected on
 validation (NE, AUC, GAUC per BCE task, MSE for rating), the selected epoch and the mean train
 step time. Runs go to ``--out`` (default runs/ranking-grid); a finished run is kept and reread.
+On a machine with a time limit, ``--set train.max_minutes=M`` stops each run after M minutes
+and still tests it at the epoch selected so far (its line says ``"stop": "max_minutes"``), so
+a grid cut by the limit reports instead of losing its unfinished runs.
 
 ``--dataset synthetic-ranking`` runs the ``synthetic-ranking-*`` presets instead (prepare the
 dataset first: ``flexgr data prepare synthetic-ranking``): hstu-merged, two-tower, gesr and

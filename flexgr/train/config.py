@@ -68,6 +68,11 @@ class TrainConfig:
     max_epochs: int = 100
     patience: int = 20  # epochs without a better validation metric before stopping; 0 = never
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
+    # Stop training after this many minutes of this invocation's wall time (evaluations
+    # included; a resumed run starts a new budget); 0 = no limit. Like max_steps, the cut epoch
+    # is evaluated and test is read at the selected epoch, so a run cut by a job's time limit
+    # still reports. One process only: ranks would reach the deadline at different steps.
+    max_minutes: float = 0.0
     batch_size: int = 128  # users (sequences) per step
     lr: float = 1e-3
     beta1: float = 0.9
@@ -417,6 +422,7 @@ def validate(cfg: Config) -> None:
     _require(t.max_epochs >= 1, "train.max_epochs must be >= 1")
     for key in ("patience", "max_steps", "warmup_steps", "checkpoint_every"):
         _require(getattr(t, key) >= 0, f"train.{key} must be >= 0")
+    _require(t.max_minutes >= 0, "train.max_minutes must be >= 0")
     _require(t.batch_size >= 1, "train.batch_size must be >= 1")
     _require(t.lr > 0, "train.lr must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")

@@ -53,7 +53,7 @@ class RunResult:
     test: dict[str, float]  # metrics of the exported model on the test targets
     epoch: int  # the epoch those metrics (and the exported weights) come from
     steps: int
-    stop_reason: str  # "max_epochs", "early_stopping" or "max_steps"
+    stop_reason: str  # "max_epochs", "early_stopping", "max_steps" or "max_minutes"
 
 
 class TrainError(ValueError):
@@ -104,11 +104,27 @@ class EpochTrainer:
         # sync only at log intervals.
         self._loss_acc: Tensor | None = None
         self._loss_steps = 0
+        self._deadline: float | None = None  # perf_counter() at which max_minutes runs out
+        self._limit = "max_steps"  # which limit cut the run, once one has
+
+    _clock = staticmethod(time.perf_counter)  # max_minutes' clock (tests replace it)
+
+    def limit_reached(self) -> bool:
+        """Whether train.max_steps or train.max_minutes says to stop before the next step."""
+        t = self.cfg.train
+        if t.max_steps and self.state.step >= t.max_steps:
+            self._limit = "max_steps"
+            return True
+        if self._deadline is not None and self._clock() >= self._deadline:
+            self._limit = "max_minutes"
+            return True
+        return False
 
     # ------------------------------------------------------------ the task's parts
 
     def run_epoch(self, progress: TrainProgress) -> bool:
-        """Train the rest of the current epoch; False if max_steps cut it short."""
+        """Train the rest of the current epoch; False if a limit (:meth:`limit_reached`) cut
+        it short."""
         raise NotImplementedError
 
     def _evaluate(self, which: str, progress: TrainProgress | None) -> dict[str, float]:
@@ -327,14 +343,16 @@ class EpochTrainer:
     def fit(self) -> RunResult:
         t, state = self.cfg.train, self.state
         stop_reason = "max_epochs"
+        if t.max_minutes:
+            self._deadline = self._clock() + 60.0 * t.max_minutes
         with TrainProgress(self.console, self.show_progress, max_epochs=t.max_epochs) as progress:
             while state.epoch <= t.max_epochs and not state.stopped_early:
-                if t.max_steps and state.step >= t.max_steps:
-                    stop_reason = "max_steps"
+                if self.limit_reached():
+                    stop_reason = self._limit
                     break
                 epoch_start = time.perf_counter()
                 if not self.run_epoch(progress):
-                    stop_reason = "max_steps"
+                    stop_reason = self._limit
                     self.save()
                     break
                 train_seconds = time.perf_counter() - epoch_start
@@ -351,8 +369,8 @@ class EpochTrainer:
                 self.save()
             if state.stopped_early:
                 stop_reason = "early_stopping"
-            if stop_reason == "max_steps" and state.batch_in_epoch > 0:
-                # A cut-short epoch still gets its evaluation, so a max_steps run has a model.
+            if stop_reason in ("max_steps", "max_minutes") and state.batch_in_epoch > 0:
+                # A cut-short epoch still gets its evaluation, so a cut run has a model.
                 self.end_of_epoch(progress, partial=True)
             return self.finish(progress, stop_reason)
 

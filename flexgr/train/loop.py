@@ -89,6 +89,11 @@ class Trainer(EpochTrainer):
         except ValueError as err:
             raise TrainError(str(err)) from None
         ctx = self.ctx
+        if t.max_minutes and ctx.world_size > 1:
+            raise TrainError(
+                "train.max_minutes works in one process only (each rank would reach the deadline "
+                "at a different step); use train.max_steps under torchrun"
+            )
         self.is_main = ctx.is_main
         on_main(ctx, lambda: _prepare(cfg))  # a built-in dataset is prepared by rank 0 alone
         self.data: InteractionData = load_dataset(cfg)
@@ -247,14 +252,14 @@ class Trainer(EpochTrainer):
         return self.batches.batches_per_epoch
 
     def run_epoch(self, progress: TrainProgress) -> bool:
-        """Train the rest of the current epoch; False if max_steps cut it short."""
+        """Train the rest of the current epoch; False if a limit cut it short."""
         t, state = self.cfg.train, self.state
         self.batches.set_epoch(state.epoch, state.batch_in_epoch)
         progress.start_epoch(state.epoch, self.batches.batches_per_epoch, state.batch_in_epoch)
         self.model.train()
         interval_start, interval_tokens = time.perf_counter(), 0
         for cpu_batch in self.loader:
-            if t.max_steps and state.step >= t.max_steps:
+            if self.limit_reached():
                 return False
             batch = cpu_batch.to(self.device, non_blocking=True)
             loss = self.train_step(batch)

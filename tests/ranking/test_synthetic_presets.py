@@ -190,3 +190,27 @@ def test_the_step_benchmark_refuses_a_retrieval_preset(
         step.main(["--preset", "ml-1m-hstu", "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "not a ranking preset" in capsys.readouterr().err
+
+
+def test_max_minutes_cuts_a_ranking_run_and_still_tests_it(
+    synthetic_home: Path, tmp_path: Path
+) -> None:
+    from rich.console import Console
+
+    from flexgr.ranking.train import RankingTrainer
+    from flexgr.train.rundir import RunDir
+
+    over = [f"data.data_dir={synthetic_home}", *TINY, *TINY_MODEL["two-tower"]]
+    over += ["train.max_epochs=3", "train.max_minutes=0.25"]  # 15 s
+    cfg = apply_overrides(load_preset("synthetic-ranking-two-tower"), over)
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    trainer = RankingTrainer(cfg, run, Console(quiet=True), show_progress=False, callbacks=())
+    assert trainer.batches_per_epoch > 2  # the deadline falls inside the first epoch
+    trainer._clock = lambda: 10.0 * trainer.state.step  # type: ignore[method-assign]
+    result = trainer.fit()
+    assert (result.steps, result.stop_reason) == (2, "max_minutes")
+    assert math.isfinite(result.test["ne:like"])
+    evals = [r for r in run.read_metrics() if r["kind"] == "eval"]
+    splits = [(r["split"], r.get("partial", False)) for r in evals]
+    assert splits == [("val", True), ("test", False)]

@@ -93,6 +93,44 @@ def test_max_steps_counts_optimizer_steps(tiny_home: Path, tmp_path: Path) -> No
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_max_minutes_stops_mid_epoch_evaluates_it_and_tests(
+    tiny_home: Path, tmp_path: Path
+) -> None:
+    from flexgr.train.loop import Trainer
+
+    # 0.5 minutes on a clock that reads 10 s per optimizer step: the deadline falls at step 3,
+    # inside the first epoch of 6 steps.
+    cfg = tiny_config(tiny_home, "train.max_minutes=0.5", "train.max_epochs=3")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    trainer = Trainer(cfg, run, quiet(), show_progress=False, callbacks=())
+    trainer._clock = lambda: 10.0 * trainer.state.step  # type: ignore[method-assign]
+    result = trainer.fit()
+    assert (result.steps, result.stop_reason) == (3, "max_minutes")
+    evals = [r for r in run.read_metrics() if r["kind"] == "eval"]
+    assert [(r["split"], r["epoch"], r.get("partial", False)) for r in evals] == [
+        ("val", 1, True),
+        ("test", 1, False),
+    ]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_max_minutes_is_checked_and_refused_across_ranks(tiny_home: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from flexgr.train.config import ConfigError
+    from flexgr.train.loop import Trainer, TrainError
+
+    with pytest.raises(ConfigError, match="train.max_minutes must be >= 0"):
+        tiny_config(tiny_home, "train.max_minutes=-1")
+    cfg = tiny_config(tiny_home, "train.max_minutes=5")
+    run = RunDir(tmp_path / "run")
+    run.create(cfg)
+    two_ranks = SimpleNamespace(device=torch.device("cpu"), world_size=2)
+    with pytest.raises(TrainError, match="train.max_minutes works in one process only"):
+        Trainer(cfg, run, quiet(), show_progress=False, callbacks=(), ctx=two_ranks)
+
+
 def test_same_seed_same_run_other_seed_other_run(tiny_home: Path, tmp_path: Path) -> None:
     a = fit(tiny_config(tiny_home, "train.max_epochs=1"), tmp_path / "a", console=quiet())
     b = fit(tiny_config(tiny_home, "train.max_epochs=1"), tmp_path / "b", console=quiet())
