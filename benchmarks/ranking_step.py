@@ -101,6 +101,11 @@ def measure(trainer: Any, steps: int, warmup: int, profile: bool) -> dict[str, A
         result.update(
             profile_kernel_ms=round(prof.device_ms, 3),
             profile_host_ms=round(prof.host_ms, 3),
+            # aten calls per step, nested ones included (a composite op counts with its parts):
+            # a measure of dispatch work to compare presets by, not a launch count.
+            profile_aten_calls=sum(e.count for e in prof.events if e.key.startswith("aten::"))
+            // prof.reps,
+            profile_kernel_launches=sum(e.count for e in prof.kernels) // prof.reps,
             top_kernels=[
                 [e.key[:80], round(e.self_device_time_total / prof.reps / 1e3, 3)]
                 for e in prof.top_kernels(10)
