@@ -251,8 +251,9 @@ def summarise(out: Path) -> None:
         line = json.loads(path.read_text())
         rows.setdefault(line["model"], []).append(line)
     keys = ["ne:like", "auc:like", "gauc:like", "ne:dislike", "auc:dislike", "mse:rating"]
-    print("| model | seeds | " + " | ".join(keys) + " | step ms |")
-    print("| --- | --- |" + " --- |" * (len(keys) + 1))
+    # The stop reasons: a mean over runs that train.max_minutes cut is not a converged number.
+    print("| model | seeds | " + " | ".join(keys) + " | step ms | stops |")
+    print("| --- | --- |" + " --- |" * (len(keys) + 2))
     for model, lines in rows.items():
         cells = []
         for key in [*keys, "step_s"]:
@@ -262,6 +263,10 @@ def summarise(out: Path) -> None:
             cells.append(
                 f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}" if values else "-"
             )
+        stops = [x["stop"] for x in lines if "stop" in x]
+        cells.append(
+            ", ".join(f"{stop} x{stops.count(stop)}" for stop in sorted(set(stops))) or "-"
+        )
         print(f"| {model} | {len(lines)} | " + " | ".join(cells) + " |")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -214,3 +215,20 @@ def test_max_minutes_cuts_a_ranking_run_and_still_tests_it(
     evals = [r for r in run.read_metrics() if r["kind"] == "eval"]
     splits = [(r["split"], r.get("partial", False)) for r in evals]
     assert splits == [("val", True), ("test", False)]
+
+
+def test_the_grid_table_says_how_each_models_runs_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = _benchmark("ranking", monkeypatch)
+    stops = {"s42": "early_stopping", "s43": "max_minutes", "s44": "early_stopping"}
+    for seed, stop in stops.items():
+        (tmp_path / f"gesr.{seed}").mkdir()
+        line = {"model": "gesr", "stop": stop, "ne:like": 0.9, "step_s": 0.1}
+        (tmp_path / f"gesr.{seed}" / "benchmark.json").write_text(json.dumps(line) + "\n")
+    grid.summarise(tmp_path)
+    row = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| gesr |")]
+    assert row == [
+        "| gesr | 3 | 0.9000 ± 0.0000 | - | - | - | - | - | 100.00 ± 0.00 "
+        "| early_stopping x2, max_minutes x1 |"
+    ]
