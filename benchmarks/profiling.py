@@ -34,18 +34,23 @@ class CallProfile:
         return sorted(rows, key=lambda e: -e.self_cpu_time_total)[:n]
 
 
+def synchronise(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def profile_calls(call: Callable[[], object], reps: int, device: torch.device | str) -> CallProfile:
     """Profile ``reps`` calls (already warmed up), then time ``reps`` more without waiting."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync()
+    synchronise(device)
     with profile(activities=activities) as prof:
         for _ in range(reps):
             call()
-        sync()
+        synchronise(device)
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type != DeviceType.CPU]
     device_ms = sum(e.self_device_time_total for e in kernels) / reps / 1e3
@@ -53,5 +58,5 @@ def profile_calls(call: Callable[[], object], reps: int, device: torch.device | 
     for _ in range(reps):
         call()
     host_ms = (time.perf_counter() - start) / reps * 1e3
-    sync()
+    synchronise(device)
     return CallProfile(events, kernels, reps, device_ms, host_ms)

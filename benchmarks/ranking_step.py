@@ -30,23 +30,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from profiling import profile_calls, synchronise  # benchmarks/profiling.py
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(call: Callable[[], Any], reps: int, device: torch.device) -> tuple[float, Any]:
-    """Median wall milliseconds of ``reps`` synchronised calls, and the last call's value."""
-    times, value = [], None
-    for _ in range(reps):
-        _synchronise(device)
-        start = time.perf_counter()
-        value = call()
-        _synchronise(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), value
+def timed_ms(call: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall milliseconds of one call with the device synchronised around it, and its value."""
+    synchronise(device)
+    start = time.perf_counter()
+    value = call()
+    synchronise(device)
+    return (time.perf_counter() - start) * 1e3, value
 
 
 def measure(trainer: Any, steps: int, warmup: int, profile: bool) -> dict[str, Any]:
@@ -68,15 +61,13 @@ def measure(trainer: Any, steps: int, warmup: int, profile: bool) -> dict[str, A
     build, copy, prepare, step = [], [], [], []
     impressions_n = history_n = 0
     for _ in range(steps):
-        ms, cpu_batch = median_ms(next_batch, 1, device)
+        ms, cpu_batch = timed_ms(next_batch, device)
         build.append(ms)
-        ms, batch = median_ms(lambda: cpu_batch.to(device), 1, device)
+        ms, batch = timed_ms(lambda: cpu_batch.to(device), device)
         copy.append(ms)
         with torch.no_grad(), trainer._begin_step():
-            prepare.append(
-                median_ms(lambda: trainer.spec.prepare(trainer.model, batch), 1, device)[0]
-            )
-        step.append(median_ms(lambda: trainer.train_step(batch), 1, device)[0])
+            prepare.append(timed_ms(lambda: trainer.spec.prepare(trainer.model, batch), device)[0])
+        step.append(timed_ms(lambda: trainer.train_step(batch), device)[0])
         impressions_n += cpu_batch.num_candidates
         history_n += cpu_batch.num_history
     parts = {"build": build, "copy": copy, "prepare": prepare, "step": step}
@@ -94,8 +85,6 @@ def measure(trainer: Any, steps: int, warmup: int, profile: bool) -> dict[str, A
         impressions_per_s=round(impressions_n / steps / loop_ms * 1e3),
     )
     if profile:
-        from profiling import profile_calls  # benchmarks/profiling.py
-
         batch = next_batch().to(device)
         prof = profile_calls(lambda: trainer.train_step(batch), max(steps // 2, 2), device)
         result.update(

@@ -188,7 +188,7 @@ class RankingTrainer(EpochTrainer):
         start, impressions, tokens = time.perf_counter(), 0, 0
         batches = self._epoch_batches(state.epoch, state.batch_in_epoch, rows, events)
         for cpu_batch in batches:
-            if self.limit_reached():
+            if self.limit_reached() is not None:
                 return False
             loss = self.train_step(cpu_batch.to(self.device))
             self._add_loss(loss)

@@ -105,20 +105,18 @@ class EpochTrainer:
         self._loss_acc: Tensor | None = None
         self._loss_steps = 0
         self._deadline: float | None = None  # perf_counter() at which max_minutes runs out
-        self._limit = "max_steps"  # which limit cut the run, once one has
 
     _clock = staticmethod(time.perf_counter)  # max_minutes' clock (tests replace it)
 
-    def limit_reached(self) -> bool:
-        """Whether train.max_steps or train.max_minutes says to stop before the next step."""
+    def limit_reached(self) -> str | None:
+        """The limit that says to stop before the next step ("max_steps" or "max_minutes"), or
+        None. Once reached it stays reached: steps and the clock only move forward."""
         t = self.cfg.train
         if t.max_steps and self.state.step >= t.max_steps:
-            self._limit = "max_steps"
-            return True
+            return "max_steps"
         if self._deadline is not None and self._clock() >= self._deadline:
-            self._limit = "max_minutes"
-            return True
-        return False
+            return "max_minutes"
+        return None
 
     # ------------------------------------------------------------ the task's parts
 
@@ -347,12 +345,13 @@ class EpochTrainer:
             self._deadline = self._clock() + 60.0 * t.max_minutes
         with TrainProgress(self.console, self.show_progress, max_epochs=t.max_epochs) as progress:
             while state.epoch <= t.max_epochs and not state.stopped_early:
-                if self.limit_reached():
-                    stop_reason = self._limit
+                limit = self.limit_reached()
+                if limit is not None:
+                    stop_reason = limit
                     break
                 epoch_start = time.perf_counter()
                 if not self.run_epoch(progress):
-                    stop_reason = self._limit
+                    stop_reason = self.limit_reached() or stop_reason  # the limit that cut it
                     self.save()
                     break
                 train_seconds = time.perf_counter() - epoch_start

@@ -259,7 +259,7 @@ class Trainer(EpochTrainer):
         self.model.train()
         interval_start, interval_tokens = time.perf_counter(), 0
         for cpu_batch in self.loader:
-            if self.limit_reached():
+            if self.limit_reached() is not None:
                 return False
             batch = cpu_batch.to(self.device, non_blocking=True)
             loss = self.train_step(batch)
