@@ -101,15 +101,17 @@ BATCHES = {"requests": 4, "impressions": 1, "wide": 8}  # and their tile sizes
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", BATCHES)
 def test_logits_equal_the_old_computation(over: dict, dtype: torch.dtype, kind: str) -> None:
-    """To the bit on CPU. Histories shorter than the bound (max_seq_len) add padding slots,
-    exact zeros in every sum; on another BLAS the longer rows might round the last bit
-    differently, and a tolerance of an ulp or so would be the right test there."""
+    """To a few ulps of the logits' scale on CPU. Histories shorter than the bound
+    (max_seq_len) add padding slots, exact zeros in every sum, but the padded matmuls are longer
+    than the old layout's, and some BLAS kernels round their rows' last bit differently: equal to
+    the bit on one CPU, 1-2 ulps apart on another (the wide batch's padded cross attention)."""
     data, batch = _batch_of(kind)
     lengths = batch.history_offsets[1:] - batch.history_offsets[:-1]
     assert bool((lengths < MAX_EVENTS).any())  # padding slots are exercised
     model = _model(data, over, dtype)
     new, old = _logits(model, batch), old_logits(model, batch)
-    assert torch.equal(new, old)
+    ulps = 8 * torch.finfo(dtype).eps * float(old.abs().max())
+    torch.testing.assert_close(new, old, rtol=0, atol=ulps)
 
 
 @pytest.mark.parametrize("kind", BATCHES)
