@@ -39,8 +39,8 @@ CrossActivation = Literal["softmax", "silu"]
 
 
 def readable(k_LHD: Tensor, v_LHD: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values every padding slot can read (row 0): a batch with no history row at all
-    gets one zero row, which the masks then leave out like any padding slot."""
+    """Keys and values every padding slot can read: a batch with no history row at all gets one
+    zero row (row 0), which the masks then leave out like any padding slot."""
     if k_LHD.shape[0]:
         return k_LHD, v_LHD
     # Concatenated, not replaced, so that the empty k and v still get their (empty) gradients.
@@ -93,7 +93,8 @@ def padded_cross_attention(
     M, H, D = q_MHD.shape
     N, L_max = padding.history_rows.shape
     pad_1N1L = padding.history_padding[None, :, None, :]
-    # Padding slots read row 0; their scores are masked below, so their values never count.
+    # Padding slots read some real row (cross_layout.spread_padding); their scores are masked
+    # below, so their values never count.
     # Everything is head-major ([H, N, ...]), the layout the batched matmuls read, so no
     # operand is copied into place.
     k_LHD, v_LHD = readable(k_LHD, v_LHD)

@@ -163,3 +163,16 @@ def test_module_gradcheck_and_shapes(impl):
 def test_bad_config():
     with pytest.raises(ValueError, match="activation"):
         CrossAttentionConfig(activation="relu")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padding_slots_spread_over_the_history_rows(impl):
+    """Padding slots read rows spread over the batch, not all row 0: on CUDA the gather's
+    backward sums each row's duplicates serially, and with every padding slot on row 0 that one
+    row took 89 ms of a 97 ms GESR training step on an H200."""
+    h_off, c_off = _offsets([3, 1, 4, 2]), _offsets([4, 2, 8, 1])
+    layout = layout_of(impl, h_off, c_off, 15, extra_slots=60)
+    rows = layout.history if impl == "pairs" else layout.history_rows
+    reads = torch.bincount(rows.flatten(), minlength=10)
+    assert reads.numel() == 10
+    assert int(reads.max()) <= 2 * rows.numel() / 10
