@@ -173,7 +173,7 @@ def _silu_attention(cfg: SummariserConfig, offsets: Tensor, packed: Tensor) -> A
     # The padding rows see nothing, so their blocks are skipped, not computed.
     P = padded_length(B * (S + cfg.max_history_len), offsets.device)
     mask = build_custom_mask(
-        seed_summary_mask(offsets, S, P), packed, total_len=total, padded_len=P
+        seed_summary_mask(offsets, S, P), packed, total_len=total, padded_len=P, jagged=True
     )
     return SummaryAttention(packed, mask, backend)
 

@@ -179,3 +179,36 @@ def test_qla_summariser_history_causal_and_seeds_see_the_last_event():
     rows = inputs.history_rows
     torch.testing.assert_close(after_states[rows[:5]], states[rows[:5]], rtol=0, atol=0)
     assert (after - base).abs().amax() > 1e-6
+
+
+@pytest.mark.parametrize(
+    "lengths,S", [([200, 1, 0, 90], 4), ([5], 2), ([130, 126, 3], 8), ([400, 3], 4)]
+)
+def test_flex_block_mask_equals_create_block_mask(lengths, S, monkeypatch):
+    """The flex backend's block mask is built from the block pairs that share a segment (no
+    compile, no P^2 pass); block for block it is create_block_mask's over the padded length,
+    padding blocks included."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from flexgr.vista.mask import packed_offsets
+    from flexgr.vista.summariser import _silu_attention
+    from tests.masks.test_sparse import block_states
+
+    from flexgr.masks import block
+
+    def no_dense_pass(*args, **kwargs):
+        raise AssertionError("the seed mask went through create_block_mask's P^2 pass")
+
+    monkeypatch.setattr(block, "block_mask_from_mod", no_dense_pass)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    cfg = SummariserConfig(num_seeds=S, max_history_len=max(lengths) + 100, backend="flex")
+    mask = _silu_attention(cfg, offsets, packed_offsets(offsets, S)).mask
+    P = mask.padded_len
+    assert P > mask.total_len  # padding blocks are exercised
+    want = create_block_mask(mask.mask_mod, 1, None, P, P, device="cpu", BLOCK_SIZE=128)
+    got_kv, got_q = block_states(mask.block_mask)
+    want_kv, want_q = block_states(want)
+    assert torch.equal(got_kv, want_kv) and torch.equal(got_q, want_q)
+    assert (got_kv == 1).any()
+    if max(lengths) >= 300:  # history blocks below the diagonal are full
+        assert (got_kv == 2).any()
