@@ -45,6 +45,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from profiling import synchronise  # benchmarks/profiling.py
 from torch import Tensor
 
 from flexgr.batch import JaggedBatch
@@ -213,11 +214,6 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -269,7 +265,7 @@ def probe(
         batch = make_batch([L], sz.items, device, seed=L)
         for _ in range(2):  # the second step holds the optimizer state too
             trainer.step(batch)
-        sync(device)
+        synchronise(device)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_reserved(device) / GIB
             ok = peak <= args.mem_cap_gib
@@ -339,13 +335,13 @@ def throughput(
     # first setup timed would otherwise pay for the buckets that the later ones reuse.
     for b in batches:
         trainer.step(b)
-    sync(device)
+    synchronise(device)
     if dist.is_initialized():
         dist.barrier()
     t0 = time.perf_counter()
     for b in batches[args.warmup :]:
         trainer.step(b)
-    sync(device)
+    synchronise(device)
     ms = (time.perf_counter() - t0) * 1e3 / args.steps
     peak = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else 0.0
     del trainer, batches
@@ -369,14 +365,14 @@ def profile_steps(
     batch = make_batch(mine, sz.items, device, seed=ctx.dp_rank)
     for _ in range(2):
         trainer.step(batch)
-    sync(device)
+    synchronise(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     steps = 2
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             trainer.step(batch)
-        sync(device)
+        synchronise(device)
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     del trainer, batch
     free(device)
@@ -398,12 +394,12 @@ def profile_steps(
 
 def time_ms(fn: Callable[[], None], device: torch.device, reps: int) -> float:
     fn()
-    sync(device)
+    synchronise(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        synchronise(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

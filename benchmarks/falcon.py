@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from profiling import synchronise  # benchmarks/profiling.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexgr.batch import JaggedBatch  # noqa: E402
@@ -25,18 +26,13 @@ from flexgr.model import HSTU, HSTUConfig, encode  # noqa: E402
 from flexgr.model.hstu.falcon import candidate_states, encode_history  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, reps: int = 3) -> float:
     fn()
-    sync(device)
+    synchronise(device)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    sync(device)
+    synchronise(device)
     return (time.perf_counter() - start) / reps
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from profiling import synchronise  # benchmarks/profiling.py
 
 from flexgr.model.hstu.inputs import backend_choice
 from flexgr.model.registry import build_model, spec_of
@@ -49,20 +50,15 @@ QUICK = {"history": 24, "candidates": 16, "microbatch": 4, "ms": "8,16,32", "d_m
          "layers": 2, "heads": 2, "reps": 2}  # fmt: skip
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median seconds of ``fn`` over ``reps`` runs after one warm-up."""
     fn()
-    sync(device)
+    synchronise(device)
     seconds = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        sync(device)
+        synchronise(device)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 

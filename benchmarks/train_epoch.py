@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from profiling import synchronise  # benchmarks/profiling.py
 from rich.console import Console
 
 from flexgr.train.config import apply_overrides, load_config, load_preset
@@ -53,11 +54,6 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dict:
     device = trainer.device
     trainer.model.train()
@@ -76,7 +72,7 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
     warmup = 0 if args.full_epoch else args.warmup
     for _ in range(warmup):
         trainer.train_step(next(stream).to(device, non_blocking=True))
-    sync(device)
+    synchronise(device)
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -88,7 +84,7 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
         batch = next(stream)
         tokens += batch.num_tokens
         trainer.train_step(batch.to(device, non_blocking=True))
-    sync(device)
+    synchronise(device)
     train_s = time.perf_counter() - start
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
