@@ -35,16 +35,21 @@ def check_history_bound(history_len: Tensor, max_history: int) -> None:
         )
 
 
-def spread_padding(slots: Tensor, history_offsets: Tensor) -> Tensor:
-    """The history row a padding slot reads: its slot index modulo the batch's history rows
-    (row 0 of the one zero row that :func:`flexgr.gesr.cross.readable` adds when there are none).
+def spread_padding(num_rows: int, max_history: int, history_offsets: Tensor) -> Tensor:
+    """[num_rows, max_history] the history row each slot of a layout reads if it is padding:
+    its flat slot index modulo the batch's history rows (row 0 of the one zero row that
+    :func:`flexgr.gesr.cross.readable` adds when there are none).
 
     Any row would do (padding slots are masked, so their gradient is zero), but not one row for
     all: the backward of the gather sums each row's duplicates serially on CUDA (indexing's
     sort-based backward), and with every padding slot on row 0 that one row took 89 ms of a
     97 ms training step on an H200 (synthetic-ranking-gesr, histories padded to 1,024 slots).
-    Spread, each row has about (slots in all) / (history rows) duplicates."""
-    return slots % history_offsets[-1].clamp_min(1)
+    Spread by the flat index, not the slot alone (which would crowd rows 0..max_history - 1),
+    each row gets about (slots in all) / (history rows) duplicates. A non-finite key or value
+    in any history row can then reach other requests' padded outputs (0 * NaN); the trainer
+    stops on a non-finite loss either way."""
+    flat = torch.arange(num_rows * max_history, device=history_offsets.device)
+    return (flat % history_offsets[-1].clamp_min(1)).view(num_rows, max_history)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def cross_pairs(history_offsets: Tensor, segs: BatchSegments, *, max_history: in
     row = torch.arange(num_candidates, device=device).unsqueeze(1)
     history_MS = torch.where(
         padding_MS,
-        spread_padding(slot_MS, history_offsets),
+        spread_padding(num_candidates, max_history, history_offsets),
         history_offsets[seq].unsqueeze(1) + slot_MS,
     )
     target_MS = row.masked_fill(padding_MS, num_candidates)
@@ -131,7 +136,7 @@ def cross_padding(
     padding = slots >= segs.history_len[tile_seq].unsqueeze(1)
     rows = torch.where(
         padding,
-        spread_padding(slots, history_offsets),
+        spread_padding(tile_seq.shape[0], max_history, history_offsets),
         history_offsets[tile_seq].unsqueeze(1) + slots,
     )
     return CrossPadding(rows, padding, candidate_tile, candidate_slot, T)

@@ -190,11 +190,10 @@ def test_flex_block_mask_equals_create_block_mask(lengths, S, monkeypatch):
     padding blocks included."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    from flexgr.masks import block
     from flexgr.vista.mask import packed_offsets
     from flexgr.vista.summariser import _silu_attention
     from tests.masks.test_sparse import block_states
-
-    from flexgr.masks import block
 
     def no_dense_pass(*args, **kwargs):
         raise AssertionError("the seed mask went through create_block_mask's P^2 pass")
