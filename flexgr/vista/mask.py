@@ -35,8 +35,9 @@ def seed_flags(
 def seed_summary_mask(offsets: Tensor, num_seeds: int, padded_len: int | None = None) -> MaskMod:
     """mask_mod over global packed indices: same segment and (the query is a seed, or both are
     history and the key is not after the query). ``offsets`` are the histories' [B + 1].
-    ``padded_len``: the tables' length (the block mask's padded length, so that on CUDA its
-    compiled code, which guards on the tables' shapes, serves every batch of one bucket)."""
+    ``padded_len``: the tables' length (the block mask's padded length, so that on CUDA
+    flex_attention's compiled code, which guards on the tables' shapes, serves every batch of
+    one bucket)."""
     seq, is_seed = seed_flags(offsets, num_seeds, padded_len)
 
     def mask(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
