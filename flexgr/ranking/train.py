@@ -112,6 +112,9 @@ class RankingTrainer(EpochTrainer):
 
     # ------------------------------------------------------------ records and checkpoints
 
+    def item_ids(self) -> list[str]:
+        return list(self.data.item_ids)
+
     def log_setup(self) -> None:
         r = self.examples.requests
         record = {"kind": "setup", "step": 0, "task": "ranking", "items": self.data.num_items}
@@ -257,4 +260,4 @@ class RankingTrainer(EpochTrainer):
             "selected_by": self.selected_by(),
             "test": test,
         }
-        export_model(self.model, self.run.model, item_ids=self.data.item_ids, metadata=metadata)
+        export_model(self.model, self.run.model, item_ids=self.item_ids(), metadata=metadata)

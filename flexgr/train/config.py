@@ -125,6 +125,12 @@ class TrainConfig:
     num_workers: int = -1  # DataLoader workers; -1 = auto (0: batches build in the main process)
     log_every: int = 50  # steps between training records (and host syncs for the loss)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
+    # Warm start (flexgr/train/warm_start.py): an exported model (a run directory, or PATH for
+    # PATH.safetensors + PATH.json) whose weights start a new run, and the submodule they load
+    # into ("" = the whole model; "towers" starts GESR from a two-tower run). Same items only;
+    # a resumed run ignores both (its checkpoint holds every weight).
+    init_from: str = ""
+    init_module: str = ""
 
 
 @dataclass
@@ -423,6 +429,7 @@ def validate(cfg: Config) -> None:
     for key in ("patience", "max_steps", "warmup_steps", "checkpoint_every"):
         _require(getattr(t, key) >= 0, f"train.{key} must be >= 0")
     _require(t.max_minutes >= 0, "train.max_minutes must be >= 0")
+    _require(not t.init_module or bool(t.init_from), "train.init_module needs train.init_from")
     _require(t.batch_size >= 1, "train.batch_size must be >= 1")
     _require(t.lr > 0, "train.lr must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")

@@ -150,6 +150,29 @@ class EpochTrainer:
 
     # ------------------------------------------------------------ records and checkpoints
 
+    def warm_start(self) -> None:
+        """Load ``train.init_from``'s weights (before the run's first record, so that a refused
+        warm start leaves a directory the next attempt can reuse); :meth:`log_warm_start`
+        records it."""
+        from flexgr.distributed import unwrap
+        from flexgr.train.warm_start import warm_start
+
+        t = self.cfg.train
+        self._warm = warm_start(unwrap(self.model), t.init_from, t.init_module, self.item_ids())
+        self.console.print(self._warm.describe(), highlight=False)
+
+    def log_warm_start(self) -> None:
+        warm = getattr(self, "_warm", None)
+        if warm is not None:
+            record = {"kind": "warm_start", "step": 0, "source": warm.source, "arch": warm.arch}
+            record.update(module=warm.module, loaded=warm.loaded, kept=warm.kept)
+            self._write(record)
+
+    def item_ids(self) -> list[str]:
+        """The raw item id of each embedding row (index i is ``item_ids()[i - 1]``), as the
+        export records them."""
+        raise NotImplementedError
+
     def _write(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(record)

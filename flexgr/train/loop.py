@@ -331,6 +331,9 @@ class Trainer(EpochTrainer):
     def epoch_note(self, metrics: dict[str, float]) -> str:
         return f", hr@10 {metrics.get('hr@10', float('nan')):.4f}"
 
+    def item_ids(self) -> list[str]:
+        return self.data.pool_item_ids(item_pool(self.cfg))
+
     def _export(self, epoch: int, test: dict[str, float]) -> None:
         metadata = {
             "dataset": self.data.name,
@@ -344,8 +347,7 @@ class Trainer(EpochTrainer):
         }
 
         def export() -> None:
-            item_ids = self.data.pool_item_ids(item_pool(self.cfg))
-            export_model(self.model, self.run.model, item_ids=item_ids, metadata=metadata)
+            export_model(self.model, self.run.model, item_ids=self.item_ids(), metadata=metadata)
 
         on_main(self.ctx, export)
 
@@ -423,7 +425,10 @@ def _fit(
         if resume:
             trainer.resume()
         else:
+            if cfg.train.init_from:
+                trainer.warm_start()
             trainer.log_setup()
+            trainer.log_warm_start()
             trainer.save()  # so that --resume works from the very first step on
         return trainer.fit()
     finally:

@@ -69,8 +69,10 @@ class RunDir:
 
     def create(self, cfg: Config) -> None:
         """Start a new run here; refuse a directory that already holds one. A directory with only
-        a config.toml (a run that failed before training started) is reused."""
-        if self.last_checkpoint.exists() or self.metrics.exists():
+        a config.toml and at most an empty metrics.jsonl (a run that failed before training
+        started, e.g. a refused warm start) is reused."""
+        logged = self.metrics.exists() and self.metrics.stat().st_size > 0
+        if self.last_checkpoint.exists() or logged:
             raise RunDirError(
                 f"{self.root} already holds a run; continue it with --resume or pick another --run-dir"
             )
