@@ -115,6 +115,13 @@ class RankingTrainer(EpochTrainer):
     def item_ids(self) -> list[str]:
         return list(self.data.item_ids)
 
+    def held_out(self) -> dict[str, Any]:
+        from flexgr.train.warm_start import RANKING_SPLIT_KEYS
+
+        rule = {"task": "ranking", "dataset": self.data.name, "protocol": self.cfg.data.protocol}
+        rule.update({key: getattr(self.cfg.ranking, key) for key in RANKING_SPLIT_KEYS})
+        return rule
+
     def log_setup(self) -> None:
         r = self.examples.requests
         record = {"kind": "setup", "step": 0, "task": "ranking", "items": self.data.num_items}

@@ -158,19 +158,27 @@ class EpochTrainer:
         from flexgr.train.warm_start import warm_start
 
         t = self.cfg.train
-        self._warm = warm_start(unwrap(self.model), t.init_from, t.init_module, self.item_ids())
+        self._warm = warm_start(
+            unwrap(self.model), t.init_from, t.init_module, self.item_ids(), self.held_out()
+        )
         self.console.print(self._warm.describe(), highlight=False)
 
     def log_warm_start(self) -> None:
         warm = getattr(self, "_warm", None)
         if warm is not None:
             record = {"kind": "warm_start", "step": 0, "source": warm.source, "arch": warm.arch}
-            record.update(module=warm.module, loaded=warm.loaded, kept=warm.kept)
+            record.update(weights_sha256=warm.weights_sha256, module=warm.module)
+            record.update(loaded=warm.loaded, kept=warm.kept)
             self._write(record)
 
     def item_ids(self) -> list[str]:
         """The raw item id of each embedding row (index i is ``item_ids()[i - 1]``), as the
         export records them."""
+        raise NotImplementedError
+
+    def held_out(self) -> dict[str, Any]:
+        """What decides this run's validation and test events (task, dataset, protocol...), in
+        the terms of :func:`flexgr.train.warm_start.held_out_of`."""
         raise NotImplementedError
 
     def _write(self, record: dict[str, Any]) -> None:

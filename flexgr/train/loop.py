@@ -334,6 +334,9 @@ class Trainer(EpochTrainer):
     def item_ids(self) -> list[str]:
         return self.data.pool_item_ids(item_pool(self.cfg))
 
+    def held_out(self) -> dict[str, Any]:
+        return {"task": "retrieval", "dataset": self.data.name, "protocol": self.cfg.data.protocol}
+
     def _export(self, epoch: int, test: dict[str, float]) -> None:
         metadata = {
             "dataset": self.data.name,

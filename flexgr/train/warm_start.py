@@ -9,15 +9,22 @@ paper adds the mixture of attention to an existing two-tower model).
 
 Every tensor of the source must land: the same name and shape in the target, and the same item
 vocabulary (an item's embedding row is its index in the dataset's item list, so weights from
-another dataset or item pool would be silently misaligned). The target's tensors that the
-source lacks keep their initialisation (the experts, the gating). Checked before anything is
-copied, so a refused warm start changes nothing. A resumed run ignores it: its checkpoint
-already holds every weight.
+another dataset or item pool would be silently misaligned). The source must also have held out
+what this run holds out: the same task, dataset and protocol and, for ranking, the same request
+rule. Otherwise its training data may contain this run's validation or test events (a
+gr-compatible run trains on what loo-val validates on; requests of 4 events end where requests
+of 8 would be validation), and early stopping and test would read a leak. The target's tensors
+that the source lacks keep their initialisation (the experts, the gating). Everything is checked
+before anything is copied, so a refused warm start changes nothing, and the source is built
+under a forked RNG, so the run's own random draws are those of a cold start with its seed. A
+resumed run ignores it: its checkpoint already holds every weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,10 +32,25 @@ from torch import nn
 from flexgr.export.files import ExportError, load_model
 from flexgr.train.config import ConfigError
 
+# The ranking keys that decide which requests are validation and test (flexgr.ranking.requests).
+RANKING_SPLIT_KEYS = ("requests", "request_size", "session_gap", "min_history")
+
+
+def held_out_of(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What an export's run held out, from its metadata (:func:`flexgr.export.export_model`):
+    the same keys as the trainers' ``held_out()``; a missing one reads as None."""
+    rule = {"task": metadata.get("task", "retrieval")}
+    rule.update(dataset=metadata.get("dataset"), protocol=metadata.get("protocol"))
+    if rule["task"] == "ranking":
+        ranking = metadata.get("ranking") or {}
+        rule.update({key: ranking.get(key) for key in RANKING_SPLIT_KEYS})
+    return rule
+
 
 @dataclass(frozen=True)
 class WarmStart:
-    source: str
+    source: str  # resolved path
+    weights_sha256: str | None
     arch: str  # the source model's
     module: str  # "" = the whole model
     loaded: int  # tensors copied
@@ -42,13 +64,26 @@ class WarmStart:
         )
 
 
-def warm_start(model: nn.Module, source: str, module: str, item_ids: list[str]) -> WarmStart:
+def warm_start(
+    model: nn.Module, source: str, module: str, item_ids: list[str], held_out: dict[str, Any]
+) -> WarmStart:
     """Copy the exported model at ``source`` into ``model`` (or its submodule ``module``); its
-    item ids must equal ``item_ids``, this run's. ConfigError names the key at fault."""
+    item ids must equal ``item_ids`` and its run's held-out rule ``held_out``, this run's
+    (``EpochTrainer.held_out``). ConfigError names the key at fault."""
     try:
-        exported, document = load_model(source)
+        with torch.random.fork_rng(devices=[]):  # building it draws initial weights
+            exported, document = load_model(source)
     except ExportError as err:
         raise ConfigError(f"train.init_from: {err}") from None
+    theirs = held_out_of(document.get("metadata") or {})
+    for key, ours in held_out.items():
+        if theirs.get(key) != ours:
+            raise ConfigError(
+                f"train.init_from: {source} was trained with {key} = {theirs.get(key)!r}, this "
+                f"run has {ours!r}: its training data may hold this run's validation or test "
+                "events (warm start only from a run of the same task, dataset, protocol and "
+                "requests)"
+            )
     if list(document["item_ids"]) != list(item_ids):
         raise ConfigError(
             f"train.init_from: {source} was trained on other items ({len(document['item_ids'])} "
@@ -78,4 +113,6 @@ def warm_start(model: nn.Module, source: str, module: str, item_ids: list[str]) 
         for name, tensor in wanted.items():
             have[name].copy_(tensor)
     kept = len(model.state_dict()) - len(wanted)
-    return WarmStart(source, document["arch"], module, len(wanted), kept)
+    resolved = str(Path(source).resolve())
+    sha = document.get("weights_sha256")
+    return WarmStart(resolved, sha, document["arch"], module, len(wanted), kept)

@@ -82,6 +82,35 @@ def test_a_warm_started_run_trains_and_records_it(two_tower_run, tmp_path: Path)
     kinds = [r["kind"] for r in records]
     assert kinds[:2] == ["setup", "warm_start"]
     assert records[1]["module"] == "towers" and records[1]["arch"] == "two-tower-ranking"
+    assert records[1]["source"] == str(source.resolve()) and len(records[1]["weights_sha256"]) == 64
+
+
+def test_the_warm_start_leaves_the_runs_random_draws_as_a_cold_starts(
+    two_tower_run, tmp_path: Path
+) -> None:
+    """Building the source model draws initial weights; under a forked RNG it changes nothing
+    after it (dropout, sampling: a warm run draws what the cold run of its seed draws)."""
+    home, source = two_tower_run
+    draws = []
+    for name, extra in (("cold", []), ("warm", [f"train.init_from={source}"])):
+        cfg = _gesr(home, *extra, *(["train.init_module=towers"] if extra else []))
+        run = RunDir(tmp_path / name)
+        run.create(cfg)
+        trainer = RankingTrainer(cfg, run, Console(quiet=True), show_progress=False, callbacks=())
+        if extra:
+            trainer.warm_start()
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_a_source_with_other_held_out_events_is_refused(two_tower_run, tmp_path: Path) -> None:
+    """Requests of 4 events end where the source's requests of 8 were still training data: the
+    source may have trained on this run's validation and test requests."""
+    home, source = two_tower_run
+    cfg = _gesr(home, f"train.init_from={source}", "train.init_module=towers",
+                "ranking.request_size=4")  # fmt: skip
+    with pytest.raises(ConfigError, match="trained with request_size = 8, this run has 4"):
+        fit(cfg, tmp_path / "run", console=Console(quiet=True), show_progress=False)
 
 
 @pytest.mark.parametrize(
