@@ -154,13 +154,25 @@ class EpochTrainer:
         """Load ``train.init_from``'s weights (before the run's first record, so that a refused
         warm start leaves a directory the next attempt can reuse); :meth:`log_warm_start`
         records it."""
+        import torch.distributed as dist
+
         from flexgr.distributed import unwrap
+        from flexgr.train.parallel import on_main
         from flexgr.train.warm_start import warm_start
 
-        t = self.cfg.train
-        self._warm = warm_start(
-            unwrap(self.model), t.init_from, t.init_module, self.item_ids(), self.held_out()
-        )
+        t, model = self.cfg.train, unwrap(self.model)
+        args = (t.init_from, t.init_module, self.item_ids(), self.held_out())
+        ctx = getattr(self, "ctx", None)
+        if ctx is None or ctx.world_size == 1:
+            self._warm = warm_start(model, *args)
+        else:
+            # Rank 0 reads the source and its refusal reaches every rank (a rank that cannot
+            # read what rank 0 can would otherwise fail alone, unheard, and rank 0 wait in the
+            # next collective); the weights follow from rank 0 (DDP broadcast its own at start).
+            self._warm = on_main(ctx, lambda: warm_start(model, *args))
+            with torch.no_grad():
+                for tensor in model.state_dict().values():
+                    dist.broadcast(tensor, src=0)
         self.console.print(self._warm.describe(), highlight=False)
 
     def log_warm_start(self) -> None:

@@ -89,18 +89,27 @@ WORLD_RUNS = {
 }
 
 
+def warm(single_run: Path) -> list[str]:
+    """A run warm-started from the one-process run's export (train.init_from)."""
+    return ["train.batch_size=9", f"train.init_from={single_run}"]
+
+
 @pytest.fixture(scope="module")
-def world_runs(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every run of WORLD_RUNS, trained one after another by the same two processes: they start
-    once (a start imports torch, seconds on CI) and join the gloo group once; each fit finds
-    the group and leaves it up for the next, as under a caller that owns the group."""
+def world_runs(
+    tiny_home: Path, single_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Every run of WORLD_RUNS, and dp2_warm, trained one after another by the same two
+    processes: they start once (a start imports torch, seconds on CI) and join the gloo group
+    once; each fit finds the group and leaves it up for the next, as under a caller that owns
+    the group."""
     root = tmp_path_factory.mktemp("world")
+    runs = {**WORLD_RUNS, "dp2_warm": (warm(single_run), ["parallel.dp=2"])}
     jobs = [
         (apply_overrides(config(tiny_home, *single), parallel), root / name)
-        for name, (single, parallel) in WORLD_RUNS.items()
+        for name, (single, parallel) in runs.items()
     ]
     run_world(train_workers.fit_many_body, 2, jobs)
-    return {name: root / name for name in WORLD_RUNS}
+    return {name: root / name for name in runs}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +129,17 @@ def test_cp2_with_sequences_shorter_than_the_chunks(
     chunks are empty and rank 1 holds no token of the 1-token sequences."""
     single = fit_single(config(tiny_home, *WORLD_RUNS["cp2_short"][0]), tmp_path / "single")
     assert_same_training(world_runs["cp2_short"], single)
+
+
+def test_a_warm_start_under_dp2_matches_one_process(
+    world_runs: dict[str, Path], single_run: Path, tiny_home: Path, tmp_path: Path
+) -> None:
+    """Rank 0 reads train.init_from and broadcasts the weights: both ranks start from them, so
+    the losses are one warm-started process's (a rank left cold would move them)."""
+    one = fit_single(config(tiny_home, *warm(single_run)), tmp_path / "warm")
+    assert_same_training(world_runs["dp2_warm"], one)
+    cold = fit_single(config(tiny_home, "train.batch_size=9"), tmp_path / "cold")
+    assert losses(cold)[1] != losses(one)[1]  # the warm start changed the first step
 
 
 def test_dp2_losses_match_one_process_on_the_combined_batch(
