@@ -115,12 +115,13 @@ class RankingTrainer(EpochTrainer):
     def item_ids(self) -> list[str]:
         return list(self.data.item_ids)
 
-    def held_out(self) -> dict[str, Any]:
-        from flexgr.train.warm_start import RANKING_SPLIT_KEYS
-
-        rule = {"task": "ranking", "dataset": self.data.name, "protocol": self.cfg.data.protocol}
-        rule.update({key: getattr(self.cfg.ranking, key) for key in RANKING_SPLIT_KEYS})
-        return rule
+    def data_metadata(self) -> dict[str, Any]:
+        return {
+            "task": "ranking",
+            "dataset": self.data.name,
+            "protocol": self.cfg.data.protocol,
+            "ranking": dataclasses.asdict(self.cfg.ranking),
+        }
 
     def log_setup(self) -> None:
         r = self.examples.requests
@@ -258,10 +259,7 @@ class RankingTrainer(EpochTrainer):
 
     def _export(self, epoch: int, test: dict[str, float]) -> None:
         metadata = {
-            "task": "ranking",
-            "dataset": self.data.name,
-            "protocol": self.cfg.data.protocol,
-            "ranking": dataclasses.asdict(self.cfg.ranking),
+            **self.data_metadata(),
             "epoch": epoch,
             "step": self.state.best_step,
             "selected_by": self.selected_by(),

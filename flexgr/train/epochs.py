@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -27,6 +27,9 @@ from flexgr.train.config import Config, dump_config
 from flexgr.train.progress import TrainProgress
 from flexgr.train.rundir import MetricsLog, RunDir
 from flexgr.train.schedule import lr_at
+
+if TYPE_CHECKING:
+    from flexgr.train.warm_start import WarmStart
 
 # Timing fields of metrics.jsonl records: they differ between otherwise identical runs.
 TIMING_KEYS = frozenset({"tokens_per_s", "impressions_per_s", "elapsed_s", "eval_s", "train_s"})
@@ -150,47 +153,48 @@ class EpochTrainer:
 
     # ------------------------------------------------------------ records and checkpoints
 
-    def warm_start(self) -> None:
+    def warm_start(self) -> WarmStart:
         """Load ``train.init_from``'s weights (before the run's first record, so that a refused
         warm start leaves a directory the next attempt can reuse); :meth:`log_warm_start`
-        records it."""
+        records what it returns."""
         import torch.distributed as dist
 
         from flexgr.distributed import unwrap
         from flexgr.train.parallel import on_main
-        from flexgr.train.warm_start import warm_start
+        from flexgr.train.warm_start import held_out_of, warm_start
 
         t, model = self.cfg.train, unwrap(self.model)
-        args = (t.init_from, t.init_module, self.item_ids(), self.held_out())
+        held_out = held_out_of(self.data_metadata())
+        args = (t.init_from, t.init_module, self.item_ids(), held_out)
         ctx = getattr(self, "ctx", None)
         if ctx is None or ctx.world_size == 1:
-            self._warm = warm_start(model, *args)
+            warm = warm_start(model, *args)
         else:
             # Rank 0 reads the source and its refusal reaches every rank (a rank that cannot
             # read what rank 0 can would otherwise fail alone, unheard, and rank 0 wait in the
             # next collective); the weights follow from rank 0 (DDP broadcast its own at start).
-            self._warm = on_main(ctx, lambda: warm_start(model, *args))
+            warm = on_main(ctx, lambda: warm_start(model, *args))
             with torch.no_grad():
                 for tensor in model.state_dict().values():
                     dist.broadcast(tensor, src=0)
-        self.console.print(self._warm.describe(), highlight=False)
+        self.console.print(warm.describe(), highlight=False)
+        return warm
 
-    def log_warm_start(self) -> None:
-        warm = getattr(self, "_warm", None)
-        if warm is not None:
-            record = {"kind": "warm_start", "step": 0, "source": warm.source, "arch": warm.arch}
-            record.update(weights_sha256=warm.weights_sha256, module=warm.module)
-            record.update(loaded=warm.loaded, kept=warm.kept)
-            self._write(record)
+    def log_warm_start(self, warm: WarmStart) -> None:
+        record = {"kind": "warm_start", "step": 0, "source": warm.source, "arch": warm.arch}
+        record.update(weights_sha256=warm.weights_sha256, module=warm.module)
+        record.update(loaded=warm.loaded, kept=warm.kept)
+        self._write(record)
 
     def item_ids(self) -> list[str]:
         """The raw item id of each embedding row (index i is ``item_ids()[i - 1]``), as the
         export records them."""
         raise NotImplementedError
 
-    def held_out(self) -> dict[str, Any]:
-        """What decides this run's validation and test events (task, dataset, protocol...), in
-        the terms of :func:`flexgr.train.warm_start.held_out_of`."""
+    def data_metadata(self) -> dict[str, Any]:
+        """What the run trained and evaluated on (task, dataset, protocol...): the export's
+        metadata without the epoch's, and what a warm start compares
+        (:func:`flexgr.train.warm_start.held_out_of`)."""
         raise NotImplementedError
 
     def _write(self, record: dict[str, Any]) -> None:

@@ -334,15 +334,17 @@ class Trainer(EpochTrainer):
     def item_ids(self) -> list[str]:
         return self.data.pool_item_ids(item_pool(self.cfg))
 
-    def held_out(self) -> dict[str, Any]:
-        return {"task": "retrieval", "dataset": self.data.name, "protocol": self.cfg.data.protocol}
-
-    def _export(self, epoch: int, test: dict[str, float]) -> None:
-        metadata = {
+    def data_metadata(self) -> dict[str, Any]:
+        return {
             "dataset": self.data.name,
             "protocol": self.cfg.data.protocol,
             "item_pool": item_pool(self.cfg),
             "exclude_history": exclusion(self.cfg),
+        }
+
+    def _export(self, epoch: int, test: dict[str, float]) -> None:
+        metadata = {
+            **self.data_metadata(),
             "epoch": epoch,
             "step": self.state.best_step,
             "selected_by": self.selected_by(),
@@ -428,10 +430,10 @@ def _fit(
         if resume:
             trainer.resume()
         else:
-            if cfg.train.init_from:
-                trainer.warm_start()
+            warm = trainer.warm_start() if cfg.train.init_from else None
             trainer.log_setup()
-            trainer.log_warm_start()
+            if warm is not None:
+                trainer.log_warm_start(warm)
             trainer.save()  # so that --resume works from the very first step on
         return trainer.fit()
     finally:

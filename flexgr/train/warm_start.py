@@ -37,8 +37,8 @@ RANKING_SPLIT_KEYS = ("requests", "request_size", "session_gap", "min_history")
 
 
 def held_out_of(metadata: dict[str, Any]) -> dict[str, Any]:
-    """What an export's run held out, from its metadata (:func:`flexgr.export.export_model`):
-    the same keys as the trainers' ``held_out()``; a missing one reads as None."""
+    """What a run held out, from its export metadata (:func:`flexgr.export.export_model`) or a
+    trainer's ``data_metadata()``, the same dict: a missing key reads as None."""
     rule = {"task": metadata.get("task", "retrieval")}
     rule.update(dataset=metadata.get("dataset"), protocol=metadata.get("protocol"))
     if rule["task"] == "ranking":
@@ -69,7 +69,7 @@ def warm_start(
 ) -> WarmStart:
     """Copy the exported model at ``source`` into ``model`` (or its submodule ``module``); its
     item ids must equal ``item_ids`` and its run's held-out rule ``held_out``, this run's
-    (``EpochTrainer.held_out``). ConfigError names the key at fault."""
+    (:func:`held_out_of`). ConfigError names the key at fault."""
     try:
         with torch.random.fork_rng(devices=[]):  # building it draws initial weights
             exported, document = load_model(source)

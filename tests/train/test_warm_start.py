@@ -15,18 +15,11 @@ from flexgr.ranking.train import RankingTrainer
 from flexgr.train import apply_overrides, fit, load_preset
 from flexgr.train.config import ConfigError
 from flexgr.train.rundir import RunDir
+from tests.ranking.test_synthetic_presets import TINY, TINY_DATA, TINY_MODEL
 
-TINY_DATA = {"users": 40, "items": 200, "categories": 10, "min_length": 16, "max_length": 48}
-TINY = [
-    "data.max_seq_len=32",
-    "train.batch_size=16",
-    "train.max_epochs=1",
-    "ranking.sample_per_user=1",
-    "eval.batch_size=256",
-    "model.d_model=8",
-    "model.hidden=8",
-]
-GESR = ["model.cross_head_dim=4", "model.self_head_dim=4", "model.mlpg_hidden=8"]
+# The synthetic presets' tiny sizes (tests/ranking/test_synthetic_presets.py): GESR's towers
+# and the two-tower model then have the same shapes.
+TWO_TOWER, GESR = TINY + TINY_MODEL["two-tower"], TINY + TINY_MODEL["gesr"]
 
 
 def _prepared(root: Path, seed: int) -> Path:
@@ -42,14 +35,14 @@ def two_tower_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     root = tmp_path_factory.mktemp("warm")
     home = _prepared(root, seed=0)
     cfg = apply_overrides(
-        load_preset("synthetic-ranking-two-tower"), [f"data.data_dir={home}", *TINY]
+        load_preset("synthetic-ranking-two-tower"), [f"data.data_dir={home}", *TWO_TOWER]
     )
     fit(cfg, root / "two-tower", console=Console(quiet=True), show_progress=False)
     return home, root / "two-tower"
 
 
 def _gesr(home: Path, *extra: str):
-    over = [f"data.data_dir={home}", *TINY, *GESR, *extra]
+    over = [f"data.data_dir={home}", *GESR, *extra]
     return apply_overrides(load_preset("synthetic-ranking-gesr"), over)
 
 
@@ -60,7 +53,7 @@ def test_gesr_starts_from_the_two_tower_runs_weights(two_tower_run, tmp_path: Pa
     run.create(cfg)
     trainer = RankingTrainer(cfg, run, Console(quiet=True), show_progress=False, callbacks=())
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.warm_start()
+    warm = trainer.warm_start()
     exported, _ = load_model(source)
     towers = trainer.model.towers.state_dict()
     for name, tensor in exported.state_dict().items():
@@ -70,7 +63,7 @@ def test_gesr_starts_from_the_two_tower_runs_weights(two_tower_run, tmp_path: Pa
     after = trainer.model.state_dict()
     rest = [k for k in after if not k.startswith("towers.")]
     assert rest and all(torch.equal(after[k], before[k]) for k in rest)
-    assert trainer._warm.loaded == len(towers) and trainer._warm.kept == len(rest)
+    assert warm.loaded == len(towers) and warm.kept == len(rest)
 
 
 def test_a_warm_started_run_trains_and_records_it(two_tower_run, tmp_path: Path) -> None:
