@@ -1,7 +1,8 @@
 """One BlockMask per packed batch.
 
 Built-in HSTU masks are built without compilation by evaluating the rule only on block pairs that
-share a sequence (:mod:`flexgr.masks.sparse`). Arbitrary mask_mods go through
+share a sequence (:mod:`flexgr.masks.sparse`), and so are custom ones that promise to imply the
+jagged mask (``build_custom_mask(..., jagged=True)``). Other mask_mods go through
 ``create_block_mask``: compiled on CUDA (eager needs O(T^2) memory: about 100 GiB at T = 73k),
 with ``dynamic=False``, which recompiles for every new length. So on CUDA the packed length is
 rounded up to a few buckets per octave; padding tokens belong to no sequence, so their blocks are
