@@ -33,6 +33,27 @@ class CallProfile:
         rows = [e for e in self.events if e.device_type == DeviceType.CPU]
         return sorted(rows, key=lambda e: -e.self_cpu_time_total)[:n]
 
+    def summary(self, top: int = 10) -> dict[str, Any]:
+        """The benchmarks' JSON fields: kernel and host time per call, counts, top rows."""
+        reps = self.reps
+        return {
+            "profile_kernel_ms": round(self.device_ms, 3),
+            "profile_host_ms": round(self.host_ms, 3),
+            # aten calls per call, nested ones included (a composite op counts with its
+            # parts): a measure of dispatch work to compare by, not a launch count.
+            "profile_aten_calls": sum(e.count for e in self.events if e.key.startswith("aten::"))
+            // reps,
+            "profile_kernel_launches": sum(e.count for e in self.kernels) // reps,
+            "top_kernels": [
+                [e.key[:80], round(e.self_device_time_total / reps / 1e3, 3)]
+                for e in self.top_kernels(top)
+            ],
+            "top_host_ops": [
+                [e.key[:80], round(e.self_cpu_time_total / reps / 1e3, 3), e.count // reps]
+                for e in self.top_host(top)
+            ],
+        }
+
 
 def synchronise(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op off CUDA)."""

@@ -87,27 +87,7 @@ def measure(trainer: Any, steps: int, warmup: int, profile: bool) -> dict[str, A
     if profile:
         batch = next_batch().to(device)
         prof = profile_calls(lambda: trainer.train_step(batch), max(steps // 2, 2), device)
-        result.update(
-            profile_kernel_ms=round(prof.device_ms, 3),
-            profile_host_ms=round(prof.host_ms, 3),
-            # aten calls per step, nested ones included (a composite op counts with its parts):
-            # a measure of dispatch work to compare presets by, not a launch count.
-            profile_aten_calls=sum(e.count for e in prof.events if e.key.startswith("aten::"))
-            // prof.reps,
-            profile_kernel_launches=sum(e.count for e in prof.kernels) // prof.reps,
-            top_kernels=[
-                [e.key[:80], round(e.self_device_time_total / prof.reps / 1e3, 3)]
-                for e in prof.top_kernels(10)
-            ],
-            top_host_ops=[
-                [
-                    e.key[:80],
-                    round(e.self_cpu_time_total / prof.reps / 1e3, 3),
-                    e.count // prof.reps,
-                ]
-                for e in prof.top_host(10)
-            ],
-        )
+        result.update(prof.summary())
     return result
 
 

@@ -3,11 +3,15 @@
     python benchmarks/train_epoch.py --preset ml-1m-hstu                 # 50 timed steps
     python benchmarks/train_epoch.py --preset ml-1m-hstu --full-epoch    # one whole epoch
     python benchmarks/train_epoch.py --preset ml-100k-hstu --set train.compile=false
+    python benchmarks/train_epoch.py --preset ml-1m-hstu-large --profile --no-eval
 
 Runs the real training path (DataLoader workers, compiled model and bf16 autocast on CUDA, the
 loss, AdamW) in a throw-away run directory. Warm-up steps (compilation) are excluded from the
 timing; the first evaluation is timed separately from a second one, which shows the cost of
-compiling the eval graph. Prints a table and, last, one JSON line.
+compiling the eval graph. ``--profile`` adds one torch.profiler pass over repeated steps on one
+batch (``benchmarks/profiling.py``): kernel time per step against the host time of an
+unsynchronised loop, which says whether the step is launch-bound. Prints a table and, last,
+one JSON line.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from profiling import synchronise  # benchmarks/profiling.py
+from profiling import profile_calls, synchronise  # benchmarks/profiling.py
 from rich.console import Console
 
 from flexgr.train.config import apply_overrides, load_config, load_preset
@@ -39,6 +43,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
     parser.add_argument("--full-epoch", action="store_true", help="time one whole epoch instead")
     parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="kernel vs host time per step")
     args = parser.parse_args()
 
     cfg = load_config(args.config) if args.config else load_preset(args.preset)
@@ -103,6 +108,10 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
     }
     if device.type == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if args.profile:
+        batch = next(stream).to(device, non_blocking=True)
+        prof = profile_calls(lambda: trainer.train_step(batch), max(steps // 4, 2), device)
+        result.update(prof.summary())
     if not args.no_eval:
         which = trainer.selection_split
         _, first = trainer.evaluate(which)
@@ -119,7 +128,8 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
     table.add_column("what")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        table.add_row(key, str(value))
+        if not isinstance(value, list):  # the profile's top rows are in the JSON line
+            table.add_row(key, str(value))
     console.print(table)
     return result
 

@@ -158,6 +158,17 @@ def _step(forward: Callable[[], torch.Tensor], leaves: tuple, grad: torch.Tensor
 
 
 def qla_vs_silu(args: argparse.Namespace) -> None:
+    from flexgr.ops.kernel_options import kernel_options_set
+
+    if args.autotune:
+        return qla_sweep(args)
+    # Tuning compiles ~13 tile and backward candidates for every new length, which made the
+    # GPU sweep spend minutes compiling; the split backward is the usual pick there.
+    with kernel_options_set(autotune=False, backward="split"):
+        return qla_sweep(args)
+
+
+def qla_sweep(args: argparse.Namespace) -> None:
     from flexgr.ops.attention import hstu_attention
     from flexgr.vista.qla import qla
 
@@ -257,6 +268,7 @@ def main() -> None:
     q.add_argument("--head-dim", type=int, default=16)
     q.add_argument("--silu-max-len", type=int, default=8192, help="time SiLU up to this L")
     q.add_argument("--reps", type=int, default=3)
+    q.add_argument("--autotune", action="store_true", help="tune SiLU's tiles per length")
     qual = sub.add_parser("quality", help="ML-100K ranking, VISTA vs HSTU, several seeds")
     qual.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     qual.add_argument("--models", nargs="+", choices=list(QUALITY), default=["vista", "hstu"])
