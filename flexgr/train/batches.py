@@ -38,6 +38,9 @@ class TrainBatch:
     users: Tensor  # [B] int64
     row_offset: int = 0
     row_total: int = -1  # -1: this batch is the whole step (row_total = T)
+    # Tokens before graph padding (flexgr.train.graphs appends dummy sequences after them);
+    # -1: not padded.
+    real_tokens: int = -1
 
     def __post_init__(self) -> None:
         if self.row_total < 0:
@@ -45,7 +48,12 @@ class TrainBatch:
 
     def _map(self, fn) -> TrainBatch:  # noqa: ANN001 - Tensor -> Tensor
         tensors = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name in _TENSORS}
-        return TrainBatch(**tensors, row_offset=self.row_offset, row_total=self.row_total)
+        return TrainBatch(
+            **tensors,
+            row_offset=self.row_offset,
+            row_total=self.row_total,
+            real_tokens=self.real_tokens,
+        )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> TrainBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -57,6 +65,11 @@ class TrainBatch:
     @property
     def num_tokens(self) -> int:
         return self.item_ids.shape[0]
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens of real sequences (all of them unless graph padding appended dummies)."""
+        return self.num_tokens if self.real_tokens < 0 else self.real_tokens
 
     @property
     def jagged(self) -> JaggedBatch:

@@ -56,8 +56,9 @@ def sampled_softmax_loss(
     ``user_TD`` and ``item_table`` ([num_items + 1, D]) are expected L2-normalised, so logits are
     cosines / temperature. A negative that happens to be the position's positive item is masked
     out rather than counted as a wrong answer. ``reduction="sum"`` sums over positions instead
-    (a rank's share of a loss whose count of positions is global). ``label_smoothing`` > 0: see
-    :func:`smoothed_cross_entropy`.
+    (a rank's share of a loss whose count of positions is global), ``"none"`` returns the [T]
+    per-position losses (for a weighted mean: flexgr.train.graphs). ``label_smoothing`` > 0:
+    see :func:`smoothed_cross_entropy`.
     """
     _check(reduction, label_smoothing)
     pos_logit = (user_TD * item_table[targets_T]).sum(-1) / temperature  # [T]
@@ -209,8 +210,8 @@ def _full_ignoring_negatives(
 
 
 def _check(reduction: str, label_smoothing: float) -> None:
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
@@ -224,4 +225,6 @@ def _softmax_loss(
         per_position = smoothed_cross_entropy(logits_TK, pos_logit_T, label_smoothing)
     else:
         per_position = torch.logsumexp(logits_TK, dim=1) - pos_logit_T
+    if reduction == "none":
+        return per_position
     return per_position.mean() if reduction == "mean" else per_position.sum()
