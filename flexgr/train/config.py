@@ -114,6 +114,11 @@ class TrainConfig:
     # Opt-in: on the H100, a compiled ml-1m-hstu run had not finished its first epoch after 100 s
     # (a recompile per new packed length), while eager runs at ~18 ms a step.
     compile: bool = False  # torch.compile the model on CUDA; CPU runs stay eager
+    # Replay the whole step (forward, loss, backward, optimizer) from CUDA graphs, one per
+    # padded shape: T rounded up to graph_bucket tokens (flexgr/train/graphs.py). One process,
+    # retrieval, no compile/recompute/in-batch negatives; CPU runs stay eager.
+    cuda_graphs: bool = False
+    graph_bucket: int = 1024
     # "layers": run each layer under activation checkpointing (keep its input only, recompute
     # the rest in backward; docs/train.md); "selective" (HSTU only): keep the attention, recompute
     # the projections and the gated norm around it; "none": keep every activation.
@@ -489,6 +494,8 @@ def validate(cfg: Config) -> None:
             f"train.recompute = 'selective' needs HSTU layers; {cfg.model.arch} has none "
             f"(use train.recompute = 'layers')"
         )
+    if t.cuda_graphs:
+        _validate_graphs(cfg, spec.task)
     if spec.validate is not None:
         try:
             spec.validate(cfg.model_options())
@@ -517,6 +524,36 @@ def validate(cfg: Config) -> None:
             validate_ranking(cfg.ranking)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+
+def _validate_graphs(cfg: Config, task: str) -> None:
+    """train.cuda_graphs replays one process's whole retrieval step at fixed shapes; what would
+    change a step's shapes or sync with the host inside it is refused here, by name."""
+    t, p, options = cfg.train, cfg.parallel, cfg.model_options()
+    _require(t.graph_bucket >= 1, "train.graph_bucket must be >= 1")
+    # Dummy sequences hold the padding: up to max_seq_len tokens each, at least 2.
+    _require(cfg.data.max_seq_len >= 2, "train.cuda_graphs needs data.max_seq_len >= 2")
+    _require(task == "retrieval", "train.cuda_graphs is implemented for retrieval models only")
+    # Under torchrun parallel.dp = 1 still means "all ranks": train.parallel checks the launch.
+    _require(
+        p.dp == 1 and p.cp == 1, "train.cuda_graphs runs in one process (parallel.dp = cp = 1)"
+    )
+    _require(
+        cfg.data.source == "table",
+        "train.cuda_graphs needs data.source = table (versioned batches are not padded yet)",
+    )
+    refused = {
+        "train.compile": t.compile,
+        "train.recompute": t.recompute != "none",
+        # The padding's dummy targets would join the in-batch candidates.
+        "train.negatives = 'in_batch'": t.negatives == "in_batch",
+        # Truncation keeps a data-dependent row count (a host sync); a mixture of transducers
+        # splits the batch by stream, likewise.
+        "model.truncate_after": bool(options.get("truncate_after", 0)),
+        "model.mot_streams > 1": options.get("mot_streams", 1) > 1,
+    }
+    named = [name for name, on in refused.items() if on]
+    _require(not named, f"train.cuda_graphs does not combine with {', '.join(named)}")
 
 
 def _require(ok: bool, message: str) -> None:

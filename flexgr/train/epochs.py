@@ -304,12 +304,23 @@ class EpochTrainer:
 
     def _begin_step(self) -> contextlib.AbstractContextManager:
         """Set this step's learning rate; the autocast context of the forward."""
+        self._set_lr()
+        return self._autocast()
+
+    def _set_lr(self) -> None:
         lr = self.lr_at(self.state.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], Tensor):  # a captured step reads it at its address
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def _autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+        """The forward's autocast context; ``cache_enabled=False`` inside CUDA-graph capture
+        (the cast weights would otherwise be cached in the graph's memory)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache_enabled)
 
     def _descend(self, loss: Tensor) -> None:
         """Backward and one optimizer step. Under DDP the gradients are already summed over the

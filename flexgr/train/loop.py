@@ -32,6 +32,7 @@ from flexgr.train.epochs import (  # noqa: F401 (TIMING_KEYS, NonFiniteLoss: re-
     TrainError,
     TrainState,
 )
+from flexgr.train.graphs import GraphPadding, PaddedSequences, StepGraphs
 from flexgr.train.length_sampling import LengthSampler
 from flexgr.train.load_balance import balanced_sampler, load_ratio
 from flexgr.train.loss import loss_recipe, sample_negatives, training_loss
@@ -105,12 +106,15 @@ class Trainer(EpochTrainer):
         apply_recompute(self.model, t.recompute)
         self.spec = spec_of(self.model)
         self.backends = self._choose_backends()
+        graphed = t.cuda_graphs and self.device.type == "cuda"  # CPU runs stay eager
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
-            lr=t.lr,
+            # Captured steps read the learning rate and the step count on the device.
+            lr=torch.tensor(t.lr, device=self.device) if graphed else t.lr,
             betas=(t.beta1, t.beta2),
             weight_decay=t.weight_decay,
             fused=self.device.type == "cuda",
+            capturable=graphed,
         )
         self._start_state()
         # (item ids, prepared inputs) -> states: the model, or the compiled model. Evaluation
@@ -142,12 +146,19 @@ class Trainer(EpochTrainer):
                 f"no user of {self.data.name!r} has two training events; nothing to train on"
             )
         self.batches = epoch_batches(cfg, self.sequences)  # affinity order for versioned
+        # train.cuda_graphs: batches come padded to a few shapes, each step one graph replay.
+        self.graphs: StepGraphs | None = None
+        batch_source: Any = self.sequences
+        if graphed:
+            padding = GraphPadding.for_batches(t.batch_size, t.graph_bucket, cfg.data.max_seq_len)
+            batch_source = PaddedSequences(self.sequences, padding)
+            self.graphs = StepGraphs(self._padded_step, self.device, self._drop_graphs)
         # train.batch_size stays the global batch; each replica takes a contiguous part.
         replica_batches = ReplicaBatches(
             self.batches, self.sequences.lengths_in, ctx.dp_size, ctx.dp_rank
         )
         self.loader = train_loader(
-            self.sequences,
+            batch_source,
             replica_batches,
             num_workers=worker_count(t.num_workers, self.device),
             pin_memory=self.device.type == "cuda",
@@ -205,7 +216,57 @@ class Trainer(EpochTrainer):
         )
         return True
 
+    def _drop_graphs(self, reason: str) -> None:
+        """After a failed capture: the same padded steps run eagerly, said once."""
+        self.console.print(
+            f"warning: the training step cannot be captured as a CUDA graph ({reason}); "
+            "continuing eagerly (set train.cuda_graphs=false to skip the attempt)",
+            highlight=False,
+        )
+        self._write(
+            {"kind": "warning", "step": self.state.step, "message": f"capture failed: {reason}"}
+        )
+
+    def _padded_step(self, batch: TrainBatch, weights_T: Tensor) -> Tensor:
+        """The step on a padded batch (flexgr.train.graphs), with no host sync: the loss is
+        the weighted sum of the per-token losses (weight 1 / T_real on real tokens, 0 on the
+        dummies), and the gradients are zeroed in place so that they keep their addresses."""
+        t = self.cfg.train
+        autocast = self._autocast(cache_enabled=False)
+        states, targets, _ = self.parallel.outputs(batch, self.state.step, autocast, self.forward)
+        negatives = sample_negatives(
+            batch.row_total, self.negatives_per_position, self.num_items, self.device
+        )
+        per_token = self.loss_fn(
+            states.float(),
+            targets,
+            negatives,
+            self.model.item_embeddings().float(),
+            t.temperature,
+            reduction="none",
+        )
+        loss = (per_token * weights_T).sum()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def resume(self) -> None:
+        super().resume()
+        # The checkpoint's optimizer groups may come from a run with the other setting.
+        graphed = self.graphs is not None
+        for group in self.optimizer.param_groups:
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=self.device) if graphed else lr
+            if "capturable" in group:
+                group["capturable"] = graphed
+
     def train_step(self, batch: TrainBatch) -> Tensor:
+        if self.graphs is not None:  # batch: padded, on the CPU (copied into the graph's)
+            self._set_lr()
+            return self.graphs(batch)
         # A failure while compiling (forward or backward) happens before optimizer.step(), so
         # the step can simply be redone eagerly.
         try:
@@ -261,7 +322,10 @@ class Trainer(EpochTrainer):
         for cpu_batch in self.loader:
             if self.limit_reached() is not None:
                 return False
-            batch = cpu_batch.to(self.device, non_blocking=True)
+            if self.graphs is not None:
+                batch = cpu_batch  # copied straight into the graph's static inputs
+            else:
+                batch = cpu_batch.to(self.device, non_blocking=True)
             loss = self.train_step(batch)
             self._add_loss(loss)  # summed on the device: a host sync only at log intervals
             if self.load_meter is not None and self.ctx.dp_size > 1:
@@ -270,7 +334,9 @@ class Trainer(EpochTrainer):
                 self._load_ratios.append(load_ratio(loads))
             state.step += 1
             state.batch_in_epoch += 1
-            interval_tokens += cpu_batch.row_total  # the step's tokens, all replicas
+            # The step's tokens, all replicas; a padded batch counts its real ones only.
+            padded = cpu_batch.real_tokens >= 0
+            interval_tokens += cpu_batch.real_tokens if padded else cpu_batch.row_total
             progress.advance(loss)  # read only where shown, before the first record
             if state.step % t.log_every == 0:
                 elapsed = time.perf_counter() - interval_start

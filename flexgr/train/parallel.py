@@ -63,6 +63,11 @@ def check_parallel(cfg: Config, world_size: int) -> ParallelConfig:
                 "train.negatives = 'in_batch' runs in one process (its candidates would be each "
                 "rank's own targets); use 'uniform' or 'full' under torchrun"
             )
+        if cfg.train.cuda_graphs:
+            raise ParallelSetupError(
+                "train.cuda_graphs runs in one process (its padded step is one process's "
+                "whole batch); set train.cuda_graphs=false under torchrun"
+            )
         if cfg.model_options().get("drop_path", 0.0):
             raise ParallelSetupError(
                 "model.drop_path runs in one process (its per-sequence draws are not replicated "
