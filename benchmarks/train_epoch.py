@@ -4,6 +4,8 @@
     python benchmarks/train_epoch.py --preset ml-1m-hstu --full-epoch    # one whole epoch
     python benchmarks/train_epoch.py --preset ml-100k-hstu --set train.compile=false
     python benchmarks/train_epoch.py --preset ml-1m-hstu-large --profile --no-eval
+    python benchmarks/train_epoch.py --preset ml-1m-hstu-large --set train.cuda_graphs=true \
+        --warmup 100    # every shape bucket captured before the timing
 
 Runs the real training path (DataLoader workers, compiled model and bf16 autocast on CUDA, the
 loss, AdamW) in a throw-away run directory. Warm-up steps (compilation) are excluded from the
@@ -73,10 +75,14 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
             epoch += 1
 
     stream = batches()
+
+    def on_device(batch):  # a graphed step copies the pinned batch into its own buffers
+        return batch if trainer.graphs is not None else batch.to(device, non_blocking=True)
+
     start = time.perf_counter()
     warmup = 0 if args.full_epoch else args.warmup
     for _ in range(warmup):
-        trainer.train_step(next(stream).to(device, non_blocking=True))
+        trainer.train_step(on_device(next(stream)))
     synchronise(device)
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
@@ -87,8 +93,8 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
     start = time.perf_counter()
     for _ in range(steps):
         batch = next(stream)
-        tokens += batch.num_tokens
-        trainer.train_step(batch.to(device, non_blocking=True))
+        tokens += batch.num_real_tokens  # graph padding is not counted
+        trainer.train_step(on_device(batch))
     synchronise(device)
     train_s = time.perf_counter() - start
     result = {
@@ -106,10 +112,14 @@ def measure(trainer: Trainer, args: argparse.Namespace, console: Console) -> dic
         "epoch_tokens": epoch_tokens,
         "epoch_s_estimate": round(epoch_tokens / (tokens / train_s), 2),
     }
+    if trainer.graphs is not None:
+        result["graph_captures"] = trainer.graphs.captures
+        result["graph_replays"] = trainer.graphs.replays
+        result["graph_failed"] = trainer.graphs.failed
     if device.type == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if args.profile:
-        batch = next(stream).to(device, non_blocking=True)
+        batch = on_device(next(stream))
         prof = profile_calls(lambda: trainer.train_step(batch), max(steps // 4, 2), device)
         result.update(prof.summary())
     if not args.no_eval:
