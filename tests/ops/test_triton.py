@@ -361,6 +361,55 @@ def test_gpu_fp32_matches_fp64(name: str, mode: str, monkeypatch: pytest.MonkeyP
     check_fp32_against_fp64(CASES[name], with_rab=True, dqk=64, dv=32, seed=2)
 
 
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool):  # noqa: ANN202
+    # torch's flag is a module property that monkeypatch cannot set: restore it by hand.
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_fp32_dots_follow_the_tf32_matmul_flag() -> None:
+    """fp32 inputs take tensor-core (TF32) products exactly when torch's fp32 matmuls do: a
+    tf32 run paid scalar-FMA products (and ran ~30x slower on the GPU) before."""
+    with _tf32_matmuls(False):
+        assert launch.dot_precision(torch.float32) == "ieee"
+        assert launch.dot_precision(torch.bfloat16) == "tf32"  # ignored by 16-bit dots
+    with _tf32_matmuls(True):
+        assert launch.dot_precision(torch.float32) == "tf32"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, dqk, dv, with_rab, mode", GPU_CASES[1:5])
+def test_gpu_tf32_flash_rule(
+    name: str, dqk: int, dv: int, with_rab: bool, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 with TF32 products (``train.precision = "tf32"``) against fp64, within 2x / 5x of
+    the eager reference's error under the same flag (its matmuls are TF32 too)."""
+    _pin_backward(monkeypatch, mode)
+    monkeypatch.setattr(launch, "poison_outputs", True)
+    case = _gpu_case(name, seed=dqk + dv + 1)
+    h = 2
+    tensors = make_inputs(case, h, dqk, dv, torch.float32, with_rab, seed=dqk + 1)
+    T = tensors[1].shape[0]
+    grad_out = torch.randn(T, h, dv, generator=torch.Generator().manual_seed(2))
+    kw = dict(max_seq_len=1000, alpha=1.0 / dqk**0.5, grad_out=grad_out)
+    with _tf32_matmuls(True):
+        out, grads = run(case, tensors, torch.float32, backend="triton", **kw)
+        eager, eager_grads = run(case, tensors, torch.float32, backend="reference", **kw)
+    ref, ref_grads = run(case, tensors, torch.float64, backend="reference", **kw)
+    assert torch.isfinite(out).all(), "unwritten or NaN output"
+    assert max_err(eager, ref) > 0, "the eager reference is exact: the rule would prove nothing"
+    assert max_err(out, ref) <= 2 * max_err(eager, ref), (max_err(out, ref), max_err(eager, ref))
+    for gname, g, r, e in zip(["dq", "dk", "dv", "d_pos_w", "d_ts_w"], grads, ref_grads,
+                              eager_grads):
+        assert torch.isfinite(g).all(), f"{gname}: unwritten or NaN"
+        assert max_err(g, r) <= 5 * max_err(e, r), (gname, max_err(g, r), max_err(e, r))
+
+
 @cpu_only
 def test_custom_op_registration_and_compile_without_recompiles() -> None:
     """The kernels are torch.library ops with fakes: opcheck passes, and a compiled HSTU with

@@ -289,13 +289,23 @@ def _block_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """The products' precision: fp32 inputs follow torch's matmul flag, as cuBLAS does, so a
+    run with TF32 matmuls (``train.precision = "tf32"``) gets tensor-core products here too,
+    and full fp32 (``"ieee"``, scalar FMAs) only where fp32 matmuls were asked for; 16-bit
+    inputs ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
     dqk, dv = q.shape[2], v.shape[2]
     return dict(
         DQK=dqk, DV=dv,
         BLOCK_DQK=_block_dim(dqk),
         BLOCK_DV=_block_dim(dv),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
         FAST=q.dtype != torch.float32 and not tuning.interpreting()
         and kernel_options().fast_silu,
     )
@@ -308,7 +318,8 @@ def _key(
     best tile at 64 x 1024 tokens is not the best at 8 x 8192, so both lengths are bucketed by
     octave (max_seq_len is a host int: no device sync)."""
     return (
-        kind, tuning.device_tag(q.device), str(q.dtype), q.shape[1], q.shape[2], v.shape[2],
+        kind, tuning.device_tag(q.device), str(q.dtype), dot_precision(q.dtype),
+        q.shape[1], q.shape[2], v.shape[2],
         tab.padded_len.bit_length(), int(max_seq_len).bit_length(),
         tab.mask_block_q, tab.mask_block_kv, tuple(sorted(flags.items())),
     )
