@@ -12,7 +12,7 @@ kept in docs/results/:
 - **Validation (loo-val)**: the mean validation NDCG@10 over windows of ``--window`` epochs, per
   seed. A window mean is not a maximum, so a longer run cannot look better by having more
   epochs to pick from; it shows whether the model still improves.
-- **Caps**: what a run with ``train.max_epochs = C`` (and the run's own patience) would have
+- **Caps**: what a run with ``train.max_epochs = C`` and ``train.patience = --patience`` would have
   selected, replayed from the longer run's curve. With a constant learning rate a shorter run
   follows the same trajectory, so this is the shorter run's selection.
 - **Test at fixed epochs (gr-compatible)**: the protocol reports the last epoch, so reading

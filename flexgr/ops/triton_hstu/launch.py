@@ -294,9 +294,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     run with TF32 matmuls (``train.precision = "tf32"``) gets tensor-core products here too,
     and full fp32 (``"ieee"``, scalar FMAs) only where fp32 matmuls were asked for; 16-bit
     inputs ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    if dtype != torch.float32:
+        return "tf32"
+    flags = torch.backends.cuda.matmul
+    # The newer setting first: once it is set, reading the legacy allow_tf32 raises.
+    setting = getattr(flags, "fp32_precision", None)
+    tf32 = setting == "tf32" if setting is not None else bool(flags.allow_tf32)
+    return "tf32" if tf32 else "ieee"
 
 
 def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
