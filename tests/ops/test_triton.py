@@ -404,6 +404,10 @@ class _Tables:  # what _key reads of the mask tables
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason=(
+    "known: on an H100 (2026-12-05) the TF32 forward's error against fp64 was 5.7x the eager "
+    "TF32 reference's on every case here (targets: 1.36e-4 vs 2.37e-5), above the 2x rule; "
+    "strict, so the fix that meets the rule turns this red until the mark goes"))
 @pytest.mark.parametrize("name, dqk, dv, with_rab, mode", GPU_CASES[1:5])
 def test_gpu_tf32_flash_rule(
     name: str, dqk: int, dv: int, with_rab: bool, mode: str, monkeypatch: pytest.MonkeyPatch
