@@ -129,6 +129,21 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def assert_flash_rule(
+    out: torch.Tensor, grads: list[torch.Tensor | None], ref: torch.Tensor,
+    ref_grads: list[torch.Tensor | None], eager: torch.Tensor,
+    eager_grads: list[torch.Tensor | None],
+) -> None:
+    """The FlashAttention rule: the kernel's error against ``ref`` at most 2x (forward) and 5x
+    (every gradient) the same-dtype eager reference's; nothing unwritten or NaN."""
+    assert torch.isfinite(out).all(), "unwritten or NaN output"
+    assert max_err(out, ref) <= 2 * max_err(eager, ref), (max_err(out, ref), max_err(eager, ref))
+    for gname, g, r, e in zip(["dq", "dk", "dv", "d_pos_w", "d_ts_w"], grads, ref_grads,
+                              eager_grads):
+        assert torch.isfinite(g).all(), f"{gname}: unwritten or NaN"
+        assert max_err(g, r) <= 5 * max_err(e, r), (gname, max_err(g, r), max_err(e, r))
+
+
 def check_fp32_against_fp64(case: Case, *, with_rab: bool, dqk: int = 16, dv: int = 16,
                             seed: int = 0, use_positions: bool = False, heads: int = 2) -> None:
     tensors = make_inputs(case, heads, dqk, dv, torch.float32, with_rab, seed)
@@ -343,12 +358,7 @@ def test_gpu_bf16_flash_rule(
     out, grads = run(case, tensors, torch.bfloat16, backend="triton", **kw)
     ref, ref_grads = run(case, tensors, torch.float32, backend="reference", **kw)
     eager, eager_grads = run(case, tensors, torch.bfloat16, backend="reference", **kw)
-    assert torch.isfinite(out).all(), "unwritten or NaN output"
-    assert max_err(out, ref) <= 2 * max_err(eager, ref), (max_err(out, ref), max_err(eager, ref))
-    for gname, g, r, e in zip(["dq", "dk", "dv", "d_pos_w", "d_ts_w"], grads, ref_grads,
-                              eager_grads):
-        assert torch.isfinite(g).all(), f"{gname}: unwritten or NaN"
-        assert max_err(g, r) <= 5 * max_err(e, r), (gname, max_err(g, r), max_err(e, r))
+    assert_flash_rule(out, grads, ref, ref_grads, eager, eager_grads)
 
 
 @pytest.mark.gpu
@@ -426,12 +436,7 @@ def test_gpu_tf32_flash_rule(
         out, grads = run(case, tensors, torch.float32, backend="triton", **kw)
         eager, eager_grads = run(case, tensors, torch.float32, backend="reference", **kw)
     ref, ref_grads = run(case, tensors, torch.float64, backend="reference", **kw)
-    assert torch.isfinite(out).all(), "unwritten or NaN output"
-    assert max_err(out, ref) <= 2 * max_err(eager, ref), (max_err(out, ref), max_err(eager, ref))
-    for gname, g, r, e in zip(["dq", "dk", "dv", "d_pos_w", "d_ts_w"], grads, ref_grads,
-                              eager_grads):
-        assert torch.isfinite(g).all(), f"{gname}: unwritten or NaN"
-        assert max_err(g, r) <= 5 * max_err(e, r), (gname, max_err(g, r), max_err(e, r))
+    assert_flash_rule(out, grads, ref, ref_grads, eager, eager_grads)
 
 
 @cpu_only

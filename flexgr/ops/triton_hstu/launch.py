@@ -296,11 +296,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     inputs ignore it."""
     if dtype != torch.float32:
         return "tf32"
-    flags = torch.backends.cuda.matmul
-    # The newer setting first: once it is set, reading the legacy allow_tf32 raises.
-    setting = getattr(flags, "fp32_precision", None)
-    tf32 = setting == "tf32" if setting is not None else bool(flags.allow_tf32)
-    return "tf32" if tf32 else "ieee"
+    # fp32_precision (torch >= 2.9) also reflects the legacy allow_tf32 and
+    # set_float32_matmul_precision; reading allow_tf32 itself raises once fp32_precision is set.
+    return "tf32" if torch.backends.cuda.matmul.fp32_precision == "tf32" else "ieee"
 
 
 def _dims(q: Tensor, v: Tensor) -> dict[str, object]:
