@@ -118,17 +118,14 @@ def main() -> None:
             cells.append(resources(fn, consts, warps, stages))
         print(f"| {name} | {bm}, {bn}, {warps}, {stages} | {cells[0]} | {cells[1]} |", flush=True)
     # The bias-as-tiles kernels around them, with the constexprs their launches use.
-    print("\n| tile kernel | mask blocks, buckets | constexprs | resources |")
+    print("\n| tile kernel | mask blocks | constexprs | resources |")
     print("|---|---|---|---|")
-    for block, buckets in ((128, 128), (128, 32), (32, 128), (16, 32)):
+    for block in (128, 32, 16):
         for name, fn, meta in (("fill", rab_fill_kernel, rab_tiles.fill_meta(block, block)),
-                               ("reduce", rab_reduce_kernel,
-                                rab_tiles.reduce_meta(block, block, buckets))):
-            if name == "fill" and buckets != 128:
-                continue  # the fill does not depend on the buckets
+                               ("reduce", rab_reduce_kernel, rab_tiles.reduce_meta(block, block))):
             warps = meta.pop("num_warps")
             consts = ", ".join(f"{k}={v}" for k, v in meta.items() if not k.startswith("MASK"))
-            print(f"| {name} | {block}, {buckets} | {consts}, {warps} warps | "
+            print(f"| {name} | {block} | {consts}, {warps} warps | "
                   f"{resources(fn, meta, warps, 1)} |", flush=True)
 
 

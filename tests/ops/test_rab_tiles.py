@@ -169,24 +169,28 @@ def _along_diagonals(tab: launch.MaskTables, tiles: rab_tiles.RabTiles) -> torch
     return (shift == shift[:, :1]).all(dim=1)
 
 
-# (mask, N of pos_w, buckets, HSTU position ids): small N clamps rel at both ends inside the
-# visited blocks (keys up to a block past their query on the diagonal); 8 buckets, a power of
-# two, take the reduce kernel's separate clamp bin, 5 do not.
+# (mask, N of pos_w, buckets, HSTU position ids, timestamps out of order): small N clamps rel
+# at both ends inside the visited blocks (keys up to a block past their query on the
+# diagonal); 8 buckets and 5 (a power of two or not). Shuffled timestamps give the reduce
+# kernel's runs of equal buckets along a row their shortest lengths (often one pair).
 INDEX_CASES = {
-    "window_16_clamped": ("window_16", 12, 8, False),
-    "semi_local_16": ("semi_local_16", 0, 5, False),
-    "targets_32_positions": ("full_blocks_32", 12, 8, True),
+    "window_16_clamped": ("window_16", 12, 8, False, False),
+    "semi_local_16": ("semi_local_16", 0, 5, False, False),
+    "targets_32_positions": ("full_blocks_32", 12, 8, True, False),
+    "window_16_shuffled_times": ("window_16", 12, 8, False, True),
 }
 
 
 def _index_case(key: str, seed: int) -> tuple[launch.MaskTables, rab_tiles.RabTiles, RelativeBias]:
-    name, n, buckets, use_positions = INDEX_CASES[key]
+    name, n, buckets, use_positions, shuffled = INDEX_CASES[key]
     mask, offsets = KERNEL_MASKS[name]
     n = n or int((offsets[1:] - offsets[:-1]).max()) + 2
     g = torch.Generator().manual_seed(seed)
     T = int(offsets[-1])
     # Gaps of 0..40 units: neighbours in bucket 0 (|dt| <= 1), far pairs past the last bucket.
     ts = torch.cumsum(torch.randint(0, 40, (T,), generator=g), 0)
+    if shuffled:
+        ts = ts[torch.randperm(T, generator=g)]
     positions = mask.layout.pos_id[:T].long() if use_positions else None
     pos_w, ts_w = torch.randn(2 * n - 1, generator=g), torch.randn(buckets + 1, generator=g)
     rab = RelativeBias.from_timestamps(

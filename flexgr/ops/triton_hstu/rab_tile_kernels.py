@@ -49,16 +49,19 @@ def rab_reduce_kernel(
     DBias, SlotRow, SlotCol, Local, Ts, NextTs, DPosW, DTsW,
     T, rab_n, num_buckets, bucket_div,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, ROWS: tl.constexpr,
-    NB: tl.constexpr, DIAG: tl.constexpr, DIAG_ROWS: tl.constexpr,
+    DIAG: tl.constexpr, DIAG_ROWS: tl.constexpr,
 ):
-    """DPosW[rel] += DBias[s], DTsW[bucket] += DBias[s] (fp32 ``tl.atomic_add``, added in no fixed
-    order: not deterministic, exact up to fp32 rounding). DPosW and DTsW must start at zero.
+    """DPosW[rel] += DBias[s], DTsW[bucket] += DBias[s] (``tl.atomic_add``, added in no fixed order:
+    not deterministic, exact up to rounding; DPosW fp32, DTsW fp64). Both must start at zero.
 
-    Time buckets: a histogram private to the program, per chunk of ROWS rows a one-hot sum over
-    the NB bins (NB the power of two >= num_buckets; when num_buckets == NB its top bucket, the
-    clamp bin, has a sum of its own), then one atomic per bin and program. Per-element atomics
-    would hit ~100 addresses from every program (torch.bincount's kernel spent 30 ms a step in
-    that contention).
+    Time buckets: along a query row the keys of one sequence come in time order, so the bucket
+    of |next_ts[q] - ts[k]| changes only a few times (it is log-spaced): the row splits into
+    runs of equal buckets. With the row's running sum c (float64), the last element e of each
+    run adds +c[e] to its bucket and -c[e] to the next run's, so each bucket receives the sums
+    of its runs: two atomics a run instead of one a pair, and no one-hot histogram
+    (num_buckets operations a pair). That holds for any order (a shuffled history only has
+    shorter runs). DTsW is float64, so the telescoping terms cancel without fp32 rounding. The
+    next key's bucket is recomputed to find the ends.
 
     Positions: when ``local[t] - t`` is one value for all the slot's query and key tokens (the
     slot lies inside one sequence of consecutive positions, the common case), rel is constant
@@ -75,6 +78,9 @@ def rab_reduce_kernel(
     offs_n = col0 + offs_kv
     k_local = tl.load(Local + offs_n)
     k_ts = tl.load(Ts + offs_n, mask=offs_n < T, other=0)
+    # The next key's timestamp (the last column's is never used: a run ends there anyway).
+    has_next = offs_kv < MASK_BLOCK_KV - 1
+    k_next_ts = tl.load(Ts + offs_n + 1, mask=has_next & (offs_n + 1 < T), other=0)
     # The diagonal path's condition, as counts of tokens off the first query's shift (two
     # reductions: the interpreter's cost is per operation).
     shift = tl.load(Local + row0) - row0
@@ -83,9 +89,6 @@ def rab_reduce_kernel(
     diagonal = (q_off + k_off) == 0
     grad = DBias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV)
 
-    bins = tl.arange(0, NB)
-    ts_hist = tl.zeros([NB], dtype=tl.float32)
-    ts_top = tl.zeros([NB], dtype=tl.float32)  # the clamp bin's sum, in lane 0
     for r in range(0, MASK_BLOCK_Q, ROWS):
         rows = r + tl.arange(0, ROWS)
         offs_m = row0 + rows
@@ -94,19 +97,16 @@ def rab_reduce_kernel(
         rel, bucket = rab_index(
             q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
         )
+        _, next_bucket = rab_index(
+            q_local, q_next_ts, k_local, k_next_ts, rab_n, num_buckets, bucket_div, False
+        )
         g = tl.load(grad + rows[:, None] * MASK_BLOCK_KV + offs_kv[None, :])
         if not diagonal:
             tl.atomic_add(DPosW + rel, g, sem="relaxed")
-        # One-hot sums over the chunk's pairs, flattened so that one reduction gives every bin.
-        flat_bucket = tl.reshape(bucket, [ROWS * MASK_BLOCK_KV])
-        flat_g = tl.reshape(g, [ROWS * MASK_BLOCK_KV])
-        hit = flat_bucket[:, None] == bins[None, :]
-        ts_hist += tl.sum(tl.where(hit, flat_g[:, None], 0.0), axis=0)
-        # Buckets >= NB: only num_buckets itself, when it equals NB.
-        ts_top += tl.where(bins == 0, tl.sum(tl.where(flat_bucket >= NB, flat_g, 0.0), 0), 0.0)
-    tl.atomic_add(DTsW + bins, ts_hist, mask=bins <= num_buckets, sem="relaxed")
-    if num_buckets >= NB:
-        tl.atomic_add(DTsW + NB + bins, ts_top, mask=bins == 0, sem="relaxed")
+        running = tl.cumsum(g.to(tl.float64), axis=1)
+        ends = (bucket != next_bucket) | ~has_next[None, :]
+        tl.atomic_add(DTsW + bucket, running, mask=ends, sem="relaxed")
+        tl.atomic_add(DTsW + next_bucket, -running, mask=ends & has_next[None, :], sem="relaxed")
 
     if diagonal:
         # Diagonal d holds the pairs jj - ii = d - (MASK_BLOCK_Q - 1); its rel is

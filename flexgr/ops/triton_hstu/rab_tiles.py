@@ -37,14 +37,13 @@ if TYPE_CHECKING:  # launch imports this module
     from flexgr.ops.triton_hstu.launch import MaskTables
 
 # Elements of the kernels' per-iteration tiles: the fill's [ROWS, MBKV] values, the reduce's
-# [ROWS * MBKV, NB] one-hot sums (at least one row) and [DIAG_ROWS, DIAG] skewed loads. Not timed
-# on a GPU: chosen from ptxas's report for sm_90a (the compile of
-# benchmarks/kernel_registers.py), 4 warps: the fill takes 64 registers, the reduce at 128 x 128
-# blocks with 128 buckets ([128, 128] one-hot) 140, with 32 buckets 91, none spills (8 or 16
-# warps took more registers there, and a stack).
+# [ROWS, MBKV] gradients with their running sums and [DIAG_ROWS, DIAG] skewed loads. Not tuned
+# on a GPU: chosen from ptxas's report for sm_90a (benchmarks/kernel_registers.py
+# --tile-kernels), 4 warps at 128 x 128 blocks: the fill takes 64 registers, the reduce 114,
+# neither spills.
 _FILL_ELEMS = 4096
 _MAX_NUMEL = 1 << 20
-_HIST_ELEMS = 8192
+_SCAN_ELEMS = 2048
 _DIAG_ELEMS = 4096
 
 
@@ -175,13 +174,11 @@ def fill_meta(mbq: int, mbkv: int) -> dict[str, int]:
             "num_warps": 4}
 
 
-def reduce_meta(mbq: int, mbkv: int, num_buckets: int) -> dict[str, int]:
-    """The reduce kernel's constexprs and warps: NB >= num_buckets (only the clamp bin can lie
-    past it), DIAG >= the tile's MBQ + MBKV - 1 diagonals."""
-    nb = _pow2(max(2, num_buckets))
+def reduce_meta(mbq: int, mbkv: int) -> dict[str, int]:
+    """The reduce kernel's constexprs and warps: DIAG >= the tile's MBQ + MBKV - 1 diagonals."""
     diag = _pow2(mbq + mbkv - 1)
-    return {"MASK_BLOCK_Q": mbq, "MASK_BLOCK_KV": mbkv, "ROWS": _rows(mbq, mbkv * nb, _HIST_ELEMS),
-            "NB": nb, "DIAG": diag, "DIAG_ROWS": _rows(mbq, diag, _DIAG_ELEMS), "num_warps": 4}
+    return {"MASK_BLOCK_Q": mbq, "MASK_BLOCK_KV": mbkv, "ROWS": _rows(mbq, mbkv, _SCAN_ELEMS),
+            "DIAG": diag, "DIAG_ROWS": _rows(mbq, diag, _DIAG_ELEMS), "num_warps": 4}
 
 
 def table_grads(
@@ -196,10 +193,10 @@ def table_grads(
             f"{2 * tab.rab_n - 1} / {tab.num_buckets + 1}"
         )
     dpos = torch.zeros(n_pos, dtype=torch.float32, device=dbias.device)
-    dts = torch.zeros(n_ts, dtype=torch.float32, device=dbias.device)
+    dts = torch.zeros(n_ts, dtype=torch.float64, device=dbias.device)  # the kernel's telescoping
     if tiles.n_slots:
         rab_reduce_kernel[(tiles.n_slots,)](
             dbias, tiles.slot_row, tiles.slot_col, tab.local, tab.ts, tab.next_ts, dpos, dts,
-            *_scalars(tab), **reduce_meta(tab.mask_block_q, tab.mask_block_kv, tab.num_buckets),
+            *_scalars(tab), **reduce_meta(tab.mask_block_q, tab.mask_block_kv),
         )
-    return dpos, dts
+    return dpos, dts.float()
