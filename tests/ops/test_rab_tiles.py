@@ -160,13 +160,21 @@ def _pair_indices(
     return rel, time_bucket(dt, tab.num_buckets, rab.bucket_divisor)
 
 
-def _along_diagonals(tab: launch.MaskTables, tiles: rab_tiles.RabTiles) -> torch.Tensor:
-    """[S] bool: local[t] - t is one value over the slot's query and key tokens (the reduce
-    kernel's per-diagonal path; the others take per-element atomics)."""
+def _one_sequence(tab: launch.MaskTables, tiles: rab_tiles.RabTiles) -> torch.Tensor:
+    """[S, MBQ, MBKV] bool: the pairs of one (real) sequence, the only ones where the attention
+    kernels leave a nonzero bias gradient (the mask never holds across sequences)."""
+    i, j = _slot_tokens(tab, tiles)
+    seq = tab.seq_id.long().cpu()
+    return (seq[i][:, :, None] == seq[j][:, None, :]) & (seq[i] >= 0)[:, :, None]
+
+
+def _off_diagonal(tab: launch.MaskTables, tiles: rab_tiles.RabTiles) -> torch.Tensor:
+    """[S, MBQ, MBKV] bool: pairs of one sequence whose shifts local[t] - t differ (HSTU's shared
+    target ids), where rel is not N - 1 + key - query: the reduce kernel's per-element path."""
     i, j = _slot_tokens(tab, tiles)
     local = tab.local.long().cpu()
-    shift = torch.cat([local[i] - i, local[j] - j], dim=1)
-    return (shift == shift[:, :1]).all(dim=1)
+    differ = (local[i] - i)[:, :, None] != (local[j] - j)[:, None, :]
+    return _one_sequence(tab, tiles) & differ
 
 
 # (mask, N of pos_w, buckets, HSTU position ids, timestamps out of order): small N clamps rel
@@ -241,7 +249,8 @@ def check_reduce(key: str, seed: int = 2) -> None:
         assert (rel == 0).any() and (rel == 2 * n - 2).any()
     assert (bucket == 0).any() and (bucket == nb).any()
     g = torch.Generator().manual_seed(seed)
-    dbias = torch.randn(rel.shape, generator=g)
+    # Zero across sequences and on padding, as the attention kernels leave it.
+    dbias = torch.randn(rel.shape, generator=g) * _one_sequence(tab, tiles)
     dpos, dts = rab_tiles.table_grads(tiles, tab, dbias.to(DEVICE), 2 * n - 1, nb + 1)
     assert dpos.dtype == dts.dtype == torch.float32
     for got, index, size in ((dpos.cpu(), rel, 2 * n - 1), (dts.cpu(), bucket, nb + 1)):
@@ -268,8 +277,9 @@ def test_fill_kernel_equals_the_reference_bias(key: str, chunked: None) -> None:
 @pytest.mark.parametrize("key", list(INDEX_CASES))
 def test_reduce_kernel_equals_a_float64_scatter_add(key: str, chunked: None) -> None:
     tab, tiles, _ = _index_case(key, 2)
-    diagonal = _along_diagonals(tab, tiles)  # both of the kernel's position paths are taken
-    assert diagonal.any() and (~diagonal).any()
+    off = _off_diagonal(tab, tiles)  # the per-element path where target ids are shared
+    assert off.any() == INDEX_CASES[key][3]
+    assert (_one_sequence(tab, tiles) & ~off).any()
     check_reduce(key)
 
 
@@ -297,9 +307,9 @@ def test_an_index_off_by_one_fails(
 ) -> None:
     """The kernels' index helper shifted by one (clamped, in range; the interpreter looks the
     helper up at each run): the fill and reduce checks above must fail. In the reduce kernel
-    the shifted rel reaches the per-element path's slots (19 of 47 here, at sequence and
-    padding edges and the shared target ids); the per-diagonal path's own rel is checked by
-    the exact sums of ``test_reduce_kernel_equals_a_float64_scatter_add``."""
+    the shifted rel reaches the per-element path's pairs (those of the shared target ids); the
+    per-diagonal path's own rel is checked by the exact sums of
+    ``test_reduce_kernel_equals_a_float64_scatter_add``."""
     monkeypatch.setattr(rab_tile_kernels, "rab_index", shifted)
     with pytest.raises(AssertionError):
         check("targets_32_positions")

@@ -46,12 +46,12 @@ def rab_fill_kernel(
 
 @triton.jit
 def rab_reduce_kernel(
-    DBias, SlotRow, SlotCol, Local, Ts, NextTs, DPosW, DTsW,
+    DBias, SlotRow, SlotCol, SeqId, Local, Ts, NextTs, DPosW, DTsW,
     T, rab_n, num_buckets, bucket_div,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, ROWS: tl.constexpr,
     DIAG: tl.constexpr, DIAG_ROWS: tl.constexpr,
 ):
-    """DPosW[rel] += DBias[s], DTsW[bucket] += DBias[s] (``tl.atomic_add``, added in no fixed order:
+    """DPosW[rel] += DBias[s], DTsW[bucket] += DBias[s] (``tl.atomic_add``, in no fixed order:
     not deterministic, exact up to rounding; DPosW fp32, DTsW fp64). Both must start at zero.
 
     Time buckets: along a query row the keys of one sequence come in time order, so the bucket
@@ -63,17 +63,17 @@ def rab_reduce_kernel(
     shorter runs). DTsW is float64, so the telescoping terms cancel without fp32 rounding. The
     next key's bucket is recomputed to find the ends.
 
-    Positions: when ``local[t] - t`` is one value for all the slot's query and key tokens (the
-    slot lies inside one sequence of consecutive positions, the common case), rel is constant
-    along each diagonal jj - ii of the tile, clamp included: the program sums the tile's
-    MASK_BLOCK_Q + MASK_BLOCK_KV - 1 diagonals (a skewed load, DIAG_ROWS rows at a time) and
-    adds one atomic per diagonal. Otherwise (sequence or padding boundaries, shared HSTU
-    position ids) every element adds its own atomic: spread over up to 2N - 1 addresses, and
-    consecutive keys of one row hit different ones."""
+    Positions: DBias is zero on the pairs of two different sequences and on padding (the
+    kernels add dS only where the mask holds), so only pairs of one sequence count. Where the
+    query and the key have the same shift ``local[t] - t`` (consecutive positions inside one
+    sequence: every pair of a causal history), rel is ``N - 1 + key - query`` clamped, one
+    value along each diagonal of the tile: the program sums the tile's MASK_BLOCK_Q +
+    MASK_BLOCK_KV - 1 diagonals over those pairs (a skewed load, DIAG_ROWS rows at a time) and
+    adds one atomic per diagonal. Pairs of one sequence whose shifts differ (HSTU's shared
+    target ids) add their own atomic at their own rel."""
     slot = tl.program_id(0).to(tl.int64)
     row0 = tl.load(SlotRow + slot) * MASK_BLOCK_Q
     col0 = tl.load(SlotCol + slot) * MASK_BLOCK_KV
-    offs_q = tl.arange(0, MASK_BLOCK_Q)
     offs_kv = tl.arange(0, MASK_BLOCK_KV)
     offs_n = col0 + offs_kv
     k_local = tl.load(Local + offs_n)
@@ -81,12 +81,8 @@ def rab_reduce_kernel(
     # The next key's timestamp (the last column's is never used: a run ends there anyway).
     has_next = offs_kv < MASK_BLOCK_KV - 1
     k_next_ts = tl.load(Ts + offs_n + 1, mask=has_next & (offs_n + 1 < T), other=0)
-    # The diagonal path's condition, as counts of tokens off the first query's shift (two
-    # reductions: the interpreter's cost is per operation).
-    shift = tl.load(Local + row0) - row0
-    q_off = tl.sum((tl.load(Local + row0 + offs_q) - (row0 + offs_q) != shift).to(tl.int32), 0)
-    k_off = tl.sum((k_local - offs_n != shift).to(tl.int32), 0)
-    diagonal = (q_off + k_off) == 0
+    k_seq = tl.load(SeqId + offs_n)
+    k_shift = k_local - offs_n
     grad = DBias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV)
 
     for r in range(0, MASK_BLOCK_Q, ROWS):
@@ -94,6 +90,7 @@ def rab_reduce_kernel(
         offs_m = row0 + rows
         q_local = tl.load(Local + offs_m)
         q_next_ts = tl.load(NextTs + offs_m, mask=offs_m < T, other=0)
+        q_seq = tl.load(SeqId + offs_m)
         rel, bucket = rab_index(
             q_local, q_next_ts, k_local, k_ts, rab_n, num_buckets, bucket_div, False
         )
@@ -101,25 +98,31 @@ def rab_reduce_kernel(
             q_local, q_next_ts, k_local, k_next_ts, rab_n, num_buckets, bucket_div, False
         )
         g = tl.load(grad + rows[:, None] * MASK_BLOCK_KV + offs_kv[None, :])
-        if not diagonal:
-            tl.atomic_add(DPosW + rel, g, sem="relaxed")
+        same = (q_seq[:, None] == k_seq[None, :]) & (q_seq[:, None] >= 0)
+        off_diagonal = same & ((q_local - offs_m)[:, None] != k_shift[None, :])
+        tl.atomic_add(DPosW + rel, g, mask=off_diagonal, sem="relaxed")
         running = tl.cumsum(g.to(tl.float64), axis=1)
         ends = (bucket != next_bucket) | ~has_next[None, :]
         tl.atomic_add(DTsW + bucket, running, mask=ends, sem="relaxed")
         tl.atomic_add(DTsW + next_bucket, -running, mask=ends & has_next[None, :], sem="relaxed")
 
-    if diagonal:
-        # Diagonal d holds the pairs jj - ii = d - (MASK_BLOCK_Q - 1); its rel is
-        # N - 1 + (col0 + jj + shift) - (row0 + ii + shift), clamped as rab_index clamps.
-        n_diag = MASK_BLOCK_Q + MASK_BLOCK_KV - 1
-        d = tl.arange(0, DIAG)
-        diag_sum = tl.zeros([DIAG], dtype=tl.float32)
-        for r in range(0, MASK_BLOCK_Q, DIAG_ROWS):
-            rows = r + tl.arange(0, DIAG_ROWS)
-            jj = d[None, :] - (MASK_BLOCK_Q - 1) + rows[:, None]
-            on_tile = (jj >= 0) & (jj < MASK_BLOCK_KV)
-            at = grad + rows[:, None] * MASK_BLOCK_KV + jj
-            diag_sum += tl.sum(tl.load(at, mask=on_tile, other=0.0), axis=0)
-        rel_d = rab_n - 1 + col0 - row0 + d - (MASK_BLOCK_Q - 1)
-        rel_d = tl.minimum(tl.maximum(rel_d, 0), 2 * rab_n - 2)
-        tl.atomic_add(DPosW + rel_d, diag_sum, mask=d < n_diag, sem="relaxed")
+    # Diagonal d holds the pairs jj - ii = d - (MASK_BLOCK_Q - 1); those of one shift have rel
+    # N - 1 + (col0 + jj) - (row0 + ii), clamped as rab_index clamps. Pairs of two sequences
+    # may be summed too: their gradient is zero.
+    n_diag = MASK_BLOCK_Q + MASK_BLOCK_KV - 1
+    d = tl.arange(0, DIAG)
+    diag_sum = tl.zeros([DIAG], dtype=tl.float32)
+    for r in range(0, MASK_BLOCK_Q, DIAG_ROWS):
+        rows = r + tl.arange(0, DIAG_ROWS)
+        q_tok = row0 + rows
+        q_shift = tl.load(Local + q_tok) - q_tok
+        jj = d[None, :] - (MASK_BLOCK_Q - 1) + rows[:, None]
+        on_tile = (jj >= 0) & (jj < MASK_BLOCK_KV)
+        k_tok = col0 + jj
+        k_shift_d = tl.load(Local + k_tok, mask=on_tile, other=0) - k_tok
+        keep = on_tile & (q_shift[:, None] == k_shift_d)
+        at = grad + rows[:, None] * MASK_BLOCK_KV + jj
+        diag_sum += tl.sum(tl.load(at, mask=keep, other=0.0), axis=0)
+    rel_d = rab_n - 1 + col0 - row0 + d - (MASK_BLOCK_Q - 1)
+    rel_d = tl.minimum(tl.maximum(rel_d, 0), 2 * rab_n - 2)
+    tl.atomic_add(DPosW + rel_d, diag_sum, mask=d < n_diag, sem="relaxed")

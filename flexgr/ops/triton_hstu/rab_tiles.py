@@ -196,7 +196,8 @@ def table_grads(
     dts = torch.zeros(n_ts, dtype=torch.float64, device=dbias.device)  # the kernel's telescoping
     if tiles.n_slots:
         rab_reduce_kernel[(tiles.n_slots,)](
-            dbias, tiles.slot_row, tiles.slot_col, tab.local, tab.ts, tab.next_ts, dpos, dts,
+            dbias, tiles.slot_row, tiles.slot_col, tab.seq_id, tab.local, tab.ts, tab.next_ts,
+            dpos, dts,
             *_scalars(tab), **reduce_meta(tab.mask_block_q, tab.mask_block_kv),
         )
     return dpos, dts.float()
