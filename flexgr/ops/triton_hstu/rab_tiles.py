@@ -186,7 +186,10 @@ def table_grads(
 ) -> tuple[Tensor, Tensor]:
     """(dpos_w [n_pos], dts_w [n_ts]) in fp32 from the per-pair bias gradient ``dbias``
     ([S, MBQ, MBKV] fp32): every pair's value added at its rel and bucket (``rab_reduce_kernel``:
-    fp32 atomics, so not deterministic; exact up to fp32 rounding). One launch, no host sync."""
+    atomics, so not deterministic; exact up to rounding). One launch, no host sync. ``dbias``
+    must be zero on pairs of two different sequences and on padding, as the backward kernels
+    leave it (they add only where the mask holds): the positions are summed along diagonals,
+    where such pairs would land at the wrong rel."""
     if n_pos != 2 * tab.rab_n - 1 or n_ts != tab.num_buckets + 1:
         raise ValueError(
             f"bias tables of {n_pos} / {n_ts} entries, the kernel tables say "
