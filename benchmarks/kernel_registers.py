@@ -63,7 +63,9 @@ def resources(fn, constexprs: dict[str, object], warps: int, stages: int) -> str
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
             continue
-        kind = signature[name] = _arg_type(name)
+        # The reduce kernel accumulates the time-bucket gradient in float64.
+        fp64 = fn is rab_reduce_kernel and name == "DTsW"
+        kind = signature[name] = "*fp64" if fp64 else _arg_type(name)
         if kind.startswith("*") or "stride" in name:
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(

@@ -241,7 +241,7 @@ def check_fill(key: str, seed: int = 1) -> None:
     assert torch.equal(got.cpu(), rab.pos_w[rel] + rab.ts_w[bucket])
 
 
-def check_reduce(key: str, seed: int = 2) -> None:
+def check_reduce(key: str, seed: int = 2, loud_clamp: bool = False) -> None:
     tab, tiles, rab = _index_case(key, seed)
     rel, bucket = _pair_indices(tab, tiles, _cpu(rab))
     n, nb = tab.rab_n, tab.num_buckets
@@ -251,6 +251,8 @@ def check_reduce(key: str, seed: int = 2) -> None:
     g = torch.Generator().manual_seed(seed)
     # Zero across sequences and on padding, as the attention kernels leave it.
     dbias = torch.randn(rel.shape, generator=g) * _one_sequence(tab, tiles)
+    if loud_clamp:  # the far keys (a row's first run) a million times the near ones
+        dbias = torch.where(bucket == nb, dbias * 1e6, dbias)
     dpos, dts = rab_tiles.table_grads(tiles, tab, dbias.to(DEVICE), 2 * n - 1, nb + 1)
     assert dpos.dtype == dts.dtype == torch.float32
     for got, index, size in ((dpos.cpu(), rel, 2 * n - 1), (dts.cpu(), bucket, nb + 1)):
@@ -281,6 +283,13 @@ def test_reduce_kernel_equals_a_float64_scatter_add(key: str, chunked: None) -> 
     assert off.any() == INDEX_CASES[key][3]
     assert (_one_sequence(tab, tiles) & ~off).any()
     check_reduce(key)
+
+
+def test_reduce_keeps_small_buckets_beside_a_large_one(chunked: None) -> None:
+    """A row's running sum holds its far keys' large values when its near buckets' runs end,
+    so their sums are differences of large numbers: exact in float64, not in fp32 (an fp32
+    running sum or table fails this by orders of magnitude)."""
+    check_reduce("window_16_clamped", loud_clamp=True)
 
 
 @triton.jit

@@ -49,7 +49,7 @@ def rab_reduce_kernel(
     DBias, SlotRow, SlotCol, SeqId, Local, Ts, NextTs, DPosW, DTsW,
     T, rab_n, num_buckets, bucket_div,
     MASK_BLOCK_Q: tl.constexpr, MASK_BLOCK_KV: tl.constexpr, ROWS: tl.constexpr,
-    DIAG: tl.constexpr, DIAG_ROWS: tl.constexpr,
+    DIAG: tl.constexpr, DIAG_ROWS: tl.constexpr, TS_COPIES: tl.constexpr,
 ):
     """DPosW[rel] += DBias[s], DTsW[bucket] += DBias[s] (``tl.atomic_add``, in no fixed order:
     not deterministic, exact up to rounding; DPosW fp32, DTsW fp64). Both must start at zero.
@@ -61,7 +61,10 @@ def rab_reduce_kernel(
     of its runs: two atomics a run instead of one a pair, and no one-hot histogram
     (num_buckets operations a pair). That holds for any order (a shuffled history only has
     shorter runs). DTsW is float64, so the telescoping terms cancel without fp32 rounding. The
-    next key's bucket is recomputed to find the ends.
+    next key's bucket is recomputed to find the ends. Every row ends a run at its last column,
+    so each program adds at least MASK_BLOCK_Q times into the ~num_buckets addresses: DTsW
+    holds TS_COPIES copies of the table ([TS_COPIES, num_buckets + 1], slot s adds into copy
+    s % TS_COPIES), which the caller sums, so fewer programs contend for one address.
 
     Positions: DBias is zero on the pairs of two different sequences and on padding (the
     kernels add dS only where the mask holds), so only pairs of one sequence count. Where the
@@ -84,6 +87,7 @@ def rab_reduce_kernel(
     k_seq = tl.load(SeqId + offs_n)
     k_shift = k_local - offs_n
     grad = DBias + slot * (MASK_BLOCK_Q * MASK_BLOCK_KV)
+    DTsW += (slot % TS_COPIES) * (num_buckets + 1)
 
     for r in range(0, MASK_BLOCK_Q, ROWS):
         rows = r + tl.arange(0, ROWS)

@@ -39,11 +39,14 @@ if TYPE_CHECKING:  # launch imports this module
 # Elements of the kernels' per-iteration tiles: the fill's [ROWS, MBKV] values, the reduce's
 # [ROWS, MBKV] gradients with their running sums and [DIAG_ROWS, DIAG] skewed loads. Not tuned
 # on a GPU: chosen from ptxas's report for sm_90a (benchmarks/kernel_registers.py
-# --tile-kernels), 4 warps at 128 x 128 blocks: the fill takes 64 registers, the reduce 114,
-# neither spills.
+# --tile-kernels, triton 3.9), 4 warps at 128 x 128 blocks: the fill takes 64 registers, the
+# reduce 128; neither spills.
 _FILL_ELEMS = 4096
 _MAX_NUMEL = 1 << 20
 _SCAN_ELEMS = 2048
+# Copies of the time-bucket gradient the reduce programs spread their atomics over (slot mod
+# copies; summed after the launch). Not tuned on a GPU.
+_TS_COPIES = 16
 _DIAG_ELEMS = 4096
 
 
@@ -178,7 +181,8 @@ def reduce_meta(mbq: int, mbkv: int) -> dict[str, int]:
     """The reduce kernel's constexprs and warps: DIAG >= the tile's MBQ + MBKV - 1 diagonals."""
     diag = _pow2(mbq + mbkv - 1)
     return {"MASK_BLOCK_Q": mbq, "MASK_BLOCK_KV": mbkv, "ROWS": _rows(mbq, mbkv, _SCAN_ELEMS),
-            "DIAG": diag, "DIAG_ROWS": _rows(mbq, diag, _DIAG_ELEMS), "num_warps": 4}
+            "DIAG": diag, "DIAG_ROWS": _rows(mbq, diag, _DIAG_ELEMS), "TS_COPIES": _TS_COPIES,
+            "num_warps": 4}
 
 
 def table_grads(
@@ -196,11 +200,12 @@ def table_grads(
             f"{2 * tab.rab_n - 1} / {tab.num_buckets + 1}"
         )
     dpos = torch.zeros(n_pos, dtype=torch.float32, device=dbias.device)
-    dts = torch.zeros(n_ts, dtype=torch.float64, device=dbias.device)  # the kernel's telescoping
+    # float64 for the kernel's telescoping sums, in copies that spread its atomics
+    dts = torch.zeros(_TS_COPIES, n_ts, dtype=torch.float64, device=dbias.device)
     if tiles.n_slots:
         rab_reduce_kernel[(tiles.n_slots,)](
             dbias, tiles.slot_row, tiles.slot_col, tab.seq_id, tab.local, tab.ts, tab.next_ts,
             dpos, dts,
             *_scalars(tab), **reduce_meta(tab.mask_block_q, tab.mask_block_kv),
         )
-    return dpos, dts.float()
+    return dpos, dts.sum(0).float()
